@@ -1,0 +1,156 @@
+"""`python -m llava_gguf <command>`: the same library functions the notebooks call."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from . import toolchain, workspace
+
+log = logging.getLogger("llava_gguf")
+
+# step -> (module, function taking a Run): what each notebook's main cell calls.
+STEP_FUNCTIONS = {
+    "download": ("download", "run_download"),
+    "surgery": ("surgery", "run_surgery"),
+    "vision": ("vision", "run_vision"),
+    "text": ("text", "run_text"),
+    "quantize": ("quantize", "run_quantize"),
+    "evaluate": ("evaluation_report", "run_evaluate"),
+}
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import StepFailed, available_steps, run_steps
+
+    run = workspace.open_run(args.params)
+    targets = available_steps() if args.steps in ([], ["all"]) else args.steps
+    try:
+        done = run_steps(run, targets, force=bool(args.force))
+    except StepFailed as err:
+        log.error("%s", err)
+        return 1
+    for name, what in done:
+        log.info("%-9s %s", name, what)
+    log.info("reports: %s", run.dir / "reports" / "index.html")
+    return 0
+
+
+def _cmd_step(args) -> int:
+    run = workspace.open_run(args.params)
+    module, func = STEP_FUNCTIONS[args.name]
+    result = getattr(importlib.import_module(f"llava_gguf.{module}"), func)(run)
+    log.info("%s: %s", args.name, result)
+    return 0
+
+
+def _cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant)
+    return 0
+
+
+def _cmd_build(args) -> int:
+    if os.environ.get(toolchain.ENV_DIR):
+        info = toolchain.llama_cpp_info()
+        missing = [t for t in toolchain.TOOLS if not _has(t)]
+        log.info("using %s=%s (%s); not building", toolchain.ENV_DIR, info["bin_dir"], info["version"])
+        if missing:
+            log.warning("that build lacks %s; the steps that need them will say so", ", ".join(missing))
+        return 0
+    bin_dir = toolchain.build_llama_cpp(jobs=args.jobs, force=args.force)
+    log.info("llama.cpp tools in %s", bin_dir)
+    return 0
+
+
+def _has(tool: str) -> bool:
+    try:
+        toolchain.find_tool(tool)
+        return True
+    except toolchain.ToolNotFound:
+        return False
+
+
+def _cmd_timings(args) -> int:
+    from .timings import timings_command
+
+    sys.stdout.write(timings_command(args.logfile) + "\n")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report
+    from .pipeline import STEPS
+
+    run = workspace.open_run(args.params)
+    for step in STEPS.values():
+        report.render_notebook(run.dir / "notebooks" / step.notebook, run)
+    log.info("%s", report.render_index(run))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.params)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_gguf", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run steps' notebooks with papermill (skipping up-to-date ones)")
+    p.add_argument("steps", nargs="*", help="steps to run (default: all)")
+    p.add_argument("--params", default=None, help="params YAML (default: $LLAVA_GGUF_PARAMS or params/default.yaml)")
+    p.add_argument("--force", action="store_true", help="rerun the named steps even if up to date")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("step", help="call one step's library function directly (no notebook)")
+    p.add_argument("name", choices=list(STEP_FUNCTIONS))
+    p.add_argument("--params", default=None)
+    p.set_defaults(func=_cmd_step)
+
+    p = sub.add_parser("make-tiny", help="write a synthetic LLaVA 1.6 checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--size", choices=["tiny", "7b"], default="tiny")
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=["1.6", "1.5"], default="1.6")
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("build-llama-cpp", help="build the pinned, patched llama.cpp tools into the cache")
+    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("timings", help="parse a llama-mtmd-cli log and print its timings as JSON")
+    p.add_argument("logfile")
+    p.set_defaults(func=_cmd_timings)
+
+    p = sub.add_parser("report", help="re-render a run's HTML reports and index")
+    p.add_argument("--params", default=None)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("bench", help="conversion and inference benchmarks at the 7B scale")
+    p.add_argument("--params", default="params/bench.yaml")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workspace.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from .checkpoint import CheckpointError
+    from .params import ParamsError
+
+    try:
+        return args.func(args)
+    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2

@@ -1,0 +1,212 @@
+"""Step 01: get the model: a synthetic checkpoint, a local folder, or a hub snapshot.
+
+Sources (params `model.source`): `tiny` (made here, offline), `local` (`model.path`, used in place
+and never modified), `huggingface` and `modelscope` (`model.repo`, `model.revision`; resumable
+snapshot downloads with progress bars). With `model.format: gguf` the ready GGUF files
+(`model.text_file`, `model.mmproj_file`) are fetched instead of a checkpoint.
+
+What arrived is checked: every shard named by the index is present with its size, and its
+sha256 where the hub publishes one (LFS files). The hub clients are only called through
+`snapshot_download` and the file-listing functions below, so tests replace exactly those.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint
+from .workspace import Run, resolve, sha256_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+@dataclass
+class DownloadResult:
+    path: Path
+    source: str
+    format: str
+    files: pd.DataFrame
+    config: dict = field(default_factory=dict)
+    products: dict = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return bool(len(self.files)) and bool(self.files["ok"].all())
+
+
+# ----------------------------------------------------------------------------- hub access
+def _offline_hint(run: Run, err: Exception) -> DownloadError:
+    where = run.params_file or "your params file"
+    p = run.params.model
+    return DownloadError(
+        f"could not download {p.repo} from {p.source} ({type(err).__name__}: {err}). Without network, copy "
+        f"the files to this machine and set in {where}: `model.source: local` and `model.path: <folder>` "
+        f"(keeping model.format: {p.format}).")
+
+
+def _snapshot(run: Run, patterns: list[str] | None) -> Path:
+    p = run.params.model
+    try:
+        if p.source == "huggingface":
+            import huggingface_hub
+
+            path = huggingface_hub.snapshot_download(repo_id=p.repo, revision=p.revision, allow_patterns=patterns)
+        else:
+            import importlib
+
+            ms = importlib.import_module("modelscope.hub.snapshot_download")
+            path = ms.snapshot_download(model_id=p.repo, revision=p.revision, allow_patterns=patterns)
+    except Exception as err:  # the hub clients raise many types for "no network"
+        raise _offline_hint(run, err) from err
+    return Path(path)
+
+
+def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
+    """name -> (size, sha256) as the hub publishes them; empty when it cannot be asked."""
+    p = run.params.model
+    try:
+        if p.source == "huggingface":
+            import huggingface_hub
+
+            info = huggingface_hub.HfApi().model_info(p.repo, revision=p.revision, files_metadata=True)
+            return {s.rfilename: (s.size, getattr(s.lfs, "sha256", None) if s.lfs else None)
+                    for s in info.siblings or []}
+        from modelscope.hub.api import HubApi
+
+        files = HubApi().get_model_files(p.repo, revision=p.revision or "master", recursive=True)
+        return {f["Path"]: (f.get("Size"), f.get("Sha256") or None) for f in files if f.get("Type") != "tree"}
+    except Exception as err:
+        log.warning("could not list %s files on %s (%s); checking sizes against the index only",
+                    p.repo, p.source, err)
+        return {}
+
+
+# ----------------------------------------------------------------------------- checks
+def _expected_files(folder: Path) -> list[str]:
+    for index in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (folder / index).exists():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            return ["config.json", index, *shards]
+    return ["config.json"]
+
+
+def check_files(folder: Path, names: list[str], remote: dict[str, tuple[int | None, str | None]]) -> pd.DataFrame:
+    """One row per expected file: present, size, and size/sha256 agreement with the hub."""
+    rows = []
+    for name in tqdm(names, desc="verify files", unit="file", disable=len(names) < 3):
+        path = folder / name
+        size = path.stat().st_size if path.exists() else None
+        want_size, want_sha = remote.get(name, (None, None))
+        sha = sha256_file(path) if (path.exists() and want_sha) else None
+        problems = []
+        if size is None:
+            problems.append("missing")
+        elif want_size is not None and size != want_size:
+            problems.append(f"size {size} != {want_size} on the hub")
+        if want_sha and sha and sha != want_sha:
+            problems.append("sha256 differs from the hub")
+        rows.append({"file": name, "bytes": size, "hub_bytes": want_size, "sha256_checked": bool(sha),
+                     "ok": not problems, "problem": "; ".join(problems)})
+    return pd.DataFrame(rows)
+
+
+def _fail_on(table: pd.DataFrame, folder: Path) -> None:
+    bad = table[~table["ok"]]
+    if len(bad):
+        lines = [f"{folder / r.file}: {r.problem}" for r in bad.itertuples()]
+        raise DownloadError("downloaded files do not check out (rerun `make download` to resume):\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- sources
+def _tiny(run: Run) -> Path:
+    from .tiny import make_tiny
+
+    t = run.params.model.tiny
+    folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
+    if (folder / "config.json").exists():
+        log.info("reusing synthetic checkpoint %s", folder)
+        return folder
+    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+
+
+def _gguf_products(folder: Path, run: Run) -> dict:
+    p = run.params.model
+    if not p.text_file or not p.mmproj_file:
+        raise DownloadError(f"{run.params_file}: model.format gguf needs model.text_file and model.mmproj_file")
+    text, mmproj = folder / p.text_file, folder / p.mmproj_file
+    for f, key in ((text, "model.text_file"), (mmproj, "model.mmproj_file")):
+        if not f.is_file():
+            raise DownloadError(f"{f}: not found (params key {key} in {run.params_file})")
+    return {"mmproj": mmproj, "quantized": {quant_type_of(text): text}}
+
+
+def quant_type_of(path: Path) -> str:
+    """The quant type of a GGUF, from its file_type metadata, else from its file name."""
+    try:
+        import gguf
+
+        ftype = gguf.GGUFReader(path).get_field("general.file_type")
+        if ftype is not None:
+            name = gguf.LlamaFileType(int(ftype.contents())).name  # e.g. MOSTLY_Q5_K_M
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except Exception as err:  # a partial or foreign file: fall back to the name
+        log.debug("no file_type in %s: %s", path, err)
+    m = re.search(r"(I?Q\d_[A-Z0-9_]+|F16|BF16|F32)", path.stem.upper())
+    return m.group(1) if m else path.stem
+
+
+def run_download(run: Run) -> DownloadResult:
+    """Make, locate or download the model named by the params; record what later steps need."""
+    p = run.params.model
+    if p.source == "tiny":
+        if p.format == "gguf":
+            raise DownloadError(f"{run.params_file}: model.source tiny makes a checkpoint; use model.format checkpoint")
+        folder, remote = _tiny(run), {}
+    elif p.source == "local":
+        if not p.path:
+            raise DownloadError(f"{run.params_file}: model.source local needs model.path (the checkpoint folder)")
+        folder, remote = resolve(p.path), {}
+        if not folder.is_dir():
+            raise DownloadError(f"{folder}: not a folder (params key model.path in {run.params_file})")
+    else:
+        if p.format == "gguf":
+            patterns = p.allow_patterns or [f for f in (p.text_file, p.mmproj_file) if f]
+        else:
+            patterns = p.allow_patterns or CHECKPOINT_PATTERNS
+        folder = _snapshot(run, patterns)
+        remote = {k: v for k, v in remote_files(run).items()
+                  if any(fnmatch.fnmatch(k, pat) for pat in patterns)}
+
+    if p.format == "gguf":
+        products = _gguf_products(folder, run)
+        names = [p.text_file, p.mmproj_file]
+        table = check_files(folder, names, remote)
+        _fail_on(table, folder)
+        result = DownloadResult(folder, p.source, "gguf", table, {}, products)
+    else:
+        table = check_files(folder, _expected_files(folder), remote)
+        _fail_on(table, folder)
+        ckpt = Checkpoint.open(folder)  # headers: completeness, truncation, duplicates
+        result = DownloadResult(folder, p.source, "checkpoint", table, ckpt.config, {"checkpoint": folder})
+    for name, value in result.products.items():
+        run.record(name, value)
+    return result
+
+
+def config_table(config: dict) -> pd.DataFrame:
+    """config.json as a two-column table for display."""
+    return pd.DataFrame([{"key": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
+                         for k, v in config.items()])

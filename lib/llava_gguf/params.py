@@ -1,0 +1,171 @@
+"""Run parameters: one YAML file per run, validated on load.
+
+The keys are a contract shared with other tools that write params files, so every key is
+declared here, unknown keys are refused, and errors name the key and the file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARAMS = "params/default.yaml"
+QUANT_TYPES = (
+    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "F16", "BF16",
+)
+
+
+class ParamsError(ValueError):
+    """A params file is unreadable or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModel(_Strict):
+    size: Literal["tiny", "7b"] = "tiny"
+    format: Literal["safetensors", "bin"] = "safetensors"
+    shards: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class ModelParams(_Strict):
+    source: Literal["tiny", "local", "huggingface", "modelscope"] = "tiny"
+    repo: str = "liuhaotian/llava-v1.6-vicuna-7b"
+    revision: str | None = None
+    path: str | None = None
+    format: Literal["checkpoint", "gguf"] = "checkpoint"
+    # For format=gguf: file names inside the repo (or path) of the ready text model and mmproj.
+    text_file: str | None = None
+    mmproj_file: str | None = None
+    # Glob patterns restricting what is downloaded (hub sources); None means everything.
+    allow_patterns: list[str] | None = None
+    tiny: TinyModel = TinyModel()
+
+
+class LlamaCppParams(_Strict):
+    # A directory holding an existing llama.cpp build (its bin/ or the folder with the tools).
+    # The environment variable LLAMA_CPP_DIR takes precedence over this key.
+    dir: str | None = None
+
+
+class ConvertParams(_Strict):
+    outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    mmproj_outtype: Literal["f16", "f32"] = "f16"
+    # Compare llama.cpp's outputs with a PyTorch reference (the 7B text reference needs ~14 GB RAM).
+    verify: bool = True
+    verify_prompt: str = "The capital of France is"
+    threads: int | None = None
+
+
+class QuantizeParams(_Strict):
+    types: list[str] = ["Q5_K_M"]
+    imatrix: bool = False
+    imatrix_chunks: int = 10
+    threads: int | None = None
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        unknown = [t for t in types if t.upper() not in QUANT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown quant type(s) {unknown}; known: {', '.join(QUANT_TYPES)}")
+        return [t.upper() for t in types]
+
+
+class EvalCase(_Strict):
+    image: str | None = None  # None: tools/mtmd/test-1.jpeg of the llama.cpp source
+    prompt: str
+
+
+class EvaluateParams(_Strict):
+    cases: list[EvalCase] = [
+        EvalCase(prompt="Describe this image."),
+        EvalCase(prompt="What is this picture about?"),
+    ]
+    n_predict: int = 32
+    seed: int = 42
+    temperature: float = 0.0
+    threads: int | None = None
+    threads_batch: int | None = None
+    batch_size: int | None = None
+    ubatch_size: int | None = None
+    ctx_size: int = 4096
+    flash_attn: Literal["on", "off", "auto"] | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    # Evaluate the unquantized text GGUF too (the quality baseline).
+    include_unquantized: bool = True
+    perplexity: bool = True
+    perplexity_ctx: int = 128
+    perplexity_chunks: int = 4
+    # KL-divergence budget for the report's "fastest variant within budget" summary.
+    kld_budget: float = 0.05
+    timeout_s: int = 3600
+
+
+class Params(_Strict):
+    run: str
+    model: ModelParams = ModelParams()
+    llama_cpp: LlamaCppParams = LlamaCppParams()
+    convert: ConvertParams = ConvertParams()
+    quantize: QuantizeParams = QuantizeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @field_validator("run")
+    @classmethod
+    def _plain_name(cls, run: str) -> str:
+        if not run or "/" in run or run.startswith(".") or run.strip() != run:
+            raise ValueError("must be a plain folder name (no '/', no leading '.')")
+        return run
+
+    # Where the file came from; not a key of the file.
+    _source_file: Path | None = None
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key '{key}' (remove it or fix its spelling; "
+                         "the README lists every key)")
+        else:
+            got = e.get("input")
+            lines.append(f"{where}: key '{key}': {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def parse_params(data: object, where: str = "<params>") -> Params:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, where)) from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Load and validate a params YAML file; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (pass PARAMS=params/<name>.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    params = parse_params(data, str(path))
+    params._source_file = path.resolve()
+    log.info("params: %s (run %s, model source %s)", path, params.run, params.model.source)
+    return params

@@ -1,0 +1,281 @@
+"""The pinned llama.cpp toolchain: fetch its source, patch it, build it, find its tools.
+
+The source is llama.cpp at commit 0c1e570 as vendored in the `llama-cpp-python==0.3.36` sdist on
+PyPI (the one registry reachable everywhere this project runs). The sdist's sha256 is checked
+before anything is extracted. Builds live in a cache outside the clone, keyed by the commit and
+the hash of the project's patches, so other clones and CI reuse them.
+
+`LLAMA_CPP_DIR` (or the params key `llama_cpp.dir`) points at an existing build instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .workspace import cache_dir, repo_root
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_COMMIT = "0c1e570"
+SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
+SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+TOOLS = ("llama-quantize", "llama-mtmd-cli", "llama-perplexity", "llama-bench", "llama-debug",
+         "llama-mtmd-debug", "llama-imatrix", "llama-tokenize")
+ENV_DIR = "LLAMA_CPP_DIR"
+# Directories within a llama.cpp folder where its tools may sit, in order of preference.
+_BIN_SUBDIRS = ("", "bin", "build/bin", "build")
+
+
+class ToolNotFound(FileNotFoundError):
+    pass
+
+
+def patches_dir() -> Path:
+    return repo_root() / "patches" / "llama.cpp"
+
+
+def patch_files() -> list[Path]:
+    return sorted(patches_dir().glob("*.patch"))
+
+
+def build_key() -> str:
+    """Commit plus a hash of the patches applied to it: a changed patch means a new build."""
+    h = hashlib.sha256()
+    for p in patch_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return f"{LLAMA_CPP_COMMIT}-{h.hexdigest()[:10]}"
+
+
+def default_build_dir() -> Path:
+    return cache_dir() / f"llama.cpp-{build_key()}"
+
+
+# ----------------------------------------------------------------------------- source
+def fetch_sdist() -> Path:
+    """The sdist in the cache, downloaded with pip when absent, its sha256 verified."""
+    target = cache_dir() / SDIST_NAME
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            log.info("downloading %s (sdist, ~77 MB) with pip", SDIST_REQUIREMENT)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            "--no-build-isolation", SDIST_REQUIREMENT, "-d", tmp], check=True,
+                           stdout=subprocess.DEVNULL)
+            os.replace(Path(tmp) / SDIST_NAME, target)
+    digest = _sha256(target)
+    if digest != SDIST_SHA256:
+        raise RuntimeError(f"{target}: sha256 {digest} != pinned {SDIST_SHA256}; delete the file and "
+                           "rerun `make llama-cpp` (a corrupted or substituted download)")
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_dir() -> Path:
+    """The unpatched, pristine llama.cpp tree (read-only use: assets, legacy scripts, gguf vocab)."""
+    target = cache_dir() / f"llama.cpp-{LLAMA_CPP_COMMIT}-src"
+    if (target / "CMakeLists.txt").exists():
+        return target
+    sdist = fetch_sdist()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        log.info("extracting llama.cpp %s from %s", LLAMA_CPP_COMMIT, sdist.name)
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(SDIST_PREFIX):
+                    m.name = m.name[len(SDIST_PREFIX):]
+                    members.append(m)
+            tar.extractall(tmp, members=members, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty folder
+    return target
+
+
+def source_asset(rel: str) -> Path:
+    path = source_dir() / rel
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not in the pinned llama.cpp source tree")
+    return path
+
+
+# ----------------------------------------------------------------------------- build
+def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
+    """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent."""
+    build_dir = build_dir or default_build_dir()
+    bin_dir = build_dir / "bin"
+    src = build_dir / "src"
+    marker = src / ".patched"
+    # The marker's first line is the build key the tree was patched for: a build folder given
+    # explicitly (to rebuild incrementally after editing a patch) is re-patched when it differs.
+    patched_for = marker.read_text().split("\n", 1)[0] if marker.exists() else None
+    if not force and patched_for == build_key() and all((bin_dir / t).exists() for t in TOOLS):
+        log.info("llama.cpp build up to date: %s", bin_dir)
+        return bin_dir
+    if force or patched_for != build_key():
+        # Files an earlier patch set changed, to be recompiled even where the new set leaves them pristine.
+        previously = _patched_paths(src) if src.exists() else []
+        if src.exists():
+            shutil.rmtree(src)
+        # copytree keeps modification times, so cmake recompiles only what a patch touched.
+        shutil.copytree(source_dir(), src, symlinks=True)
+        for patch in patch_files():
+            log.info("applying %s", patch.name)
+            subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], cwd=src, check=True,
+                           stdout=subprocess.DEVNULL)
+        for rel in previously:
+            if (src / rel).exists():
+                os.utime(src / rel)
+        marker.write_text("\n".join([build_key(), *(p.name for p in patch_files())]) + "\n")
+    cmake_dir = build_dir / "cmake"
+    log_file = build_dir / "build.log"
+    configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                 "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                 f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={bin_dir}"]
+    jobs = jobs or os.cpu_count() or 2
+    build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]
+    with open(log_file, "w") as logf:
+        log.info("configuring llama.cpp (log: %s)", log_file)
+        subprocess.run(configure, stdout=logf, stderr=subprocess.STDOUT, check=True)
+        log.info("building %s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS), jobs)
+        _run_with_progress(build, logf)
+    missing = [t for t in TOOLS if not (bin_dir / t).exists()]
+    if missing:
+        raise RuntimeError(f"llama.cpp build finished without {missing}; see {log_file}")
+    return bin_dir
+
+
+def _patched_paths(src: Path) -> list[Path]:
+    """Files of a patched copy whose modification time differs from the pristine source's."""
+    pristine, out = source_dir(), []
+    for root, _dirs, files in os.walk(src):
+        for name in files:
+            rel = Path(root, name).relative_to(src)
+            orig = pristine / rel
+            if orig.is_file() and orig.stat().st_mtime_ns != (src / rel).stat().st_mtime_ns:
+                out.append(rel)
+    return out
+
+
+def _run_with_progress(cmd: list[str], logf) -> None:
+    percent = re.compile(r"^\[\s*(\d+)%\]")
+    bar = tqdm(total=100, desc="llama.cpp build", unit="%")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        logf.write(line)
+        m = percent.match(line)
+        if m and int(m.group(1)) > bar.n:
+            bar.update(int(m.group(1)) - bar.n)
+    bar.close()
+    if proc.wait() != 0:
+        logf.flush()
+        raise RuntimeError(f"llama.cpp build failed (exit {proc.returncode}); see {logf.name}")
+
+
+# ----------------------------------------------------------------------------- locate
+def candidate_dirs(configured: str | None = None) -> list[tuple[str, Path]]:
+    """Where tools are looked for, in order: $LLAMA_CPP_DIR, params llama_cpp.dir, the cache build."""
+    out: list[tuple[str, Path]] = []
+    if os.environ.get(ENV_DIR):
+        out.append((f"${ENV_DIR}", Path(os.environ[ENV_DIR]).expanduser()))
+    elif configured:
+        out.append(("params llama_cpp.dir", Path(configured).expanduser()))
+    else:
+        out.append(("project build", default_build_dir()))
+    return out
+
+
+def find_tool(name: str, configured: str | None = None) -> Path:
+    """The path of a llama.cpp tool, or an error naming the tool, where it looked and the fix."""
+    looked = []
+    for label, base in candidate_dirs(configured):
+        for sub in _BIN_SUBDIRS:
+            path = base / sub / name
+            looked.append(str(path))
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    raise ToolNotFound(
+        f"llama.cpp tool '{name}' not found; looked in: {', '.join(looked)}. "
+        f"Run `make llama-cpp` to build the pinned toolchain, or set {ENV_DIR} (or params "
+        "llama_cpp.dir) to a llama.cpp build that has it.")
+
+
+def tool_version(tool: Path) -> str:
+    """The build string a tool prints with --version, e.g. '0.5.0-dev (build 1, commit 0c1e570)'."""
+    try:
+        proc = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"unknown ({err})"
+    text = proc.stdout + proc.stderr
+    m = re.search(r"^version:\s*(.+)$", text, re.M)
+    return m.group(1) if m else (text.strip().splitlines() or ["unknown"])[0]
+
+
+def llama_cpp_info(configured: str | None = None) -> dict[str, str]:
+    """What artifacts.json records as `llama_cpp`: the bin folder and the build's version."""
+    # llama-quantize has no --version; the common-argument tools do.
+    tool = find_tool("llama-mtmd-cli", configured)
+    return {"bin_dir": str(tool.parent), "version": tool_version(tool)}
+
+
+# ----------------------------------------------------------------------------- run
+class ToolFailed(RuntimeError):
+    """A llama.cpp tool exited non-zero, crashed or timed out; its log is kept."""
+
+    def __init__(self, message: str, log_file: Path):
+        super().__init__(message)
+        self.log_file = log_file
+
+
+def run_tool(cmd: list, log_file: Path, timeout: float | None = None, what: str = "") -> str:
+    """Run a tool with stdout+stderr into `log_file` (kept, also on failure); return the log text.
+
+    Raises ToolFailed naming the command, how it ended (exit status or signal) and the log's tail.
+    """
+    import signal
+
+    cmd = [str(c) for c in cmd]
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    what = what or Path(cmd[0]).name
+    log.debug("running %s (log %s)", " ".join(cmd), log_file)
+    with open(log_file, "w", encoding="utf-8", errors="replace") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    if rc == 0:
+        return text
+    if rc is None:
+        how = f"timed out after {timeout} s"
+    elif rc < 0:
+        how = f"crashed ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else f"killed ({rc})"
+    else:
+        how = f"exited with status {rc}"
+    tail = "\n".join(text.strip().splitlines()[-8:])
+    raise ToolFailed(f"{what} {how}; full log kept at {log_file}\ncommand: {' '.join(cmd)}\n"
+                     f"last lines:\n{tail}", log_file)

@@ -1,0 +1,180 @@
+"""Where things live: the repo root, the per-run output folder, the cache, artifacts.json.
+
+A run folder `outputs/<run>/` holds everything one params file produced: executed notebooks,
+HTML reports, logs, plots, metrics, the GGUF files and `artifacts.json` (product name -> path,
+relative to the repo root when inside it). Files are written under a temporary name and renamed,
+so an interrupted step never leaves a complete-looking product behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .params import DEFAULT_PARAMS, Params, load_params
+
+log = logging.getLogger(__name__)
+
+PARAMS_ENV = "LLAVA_GGUF_PARAMS"
+CACHE_ENV = "LLAVA_GGUF_CACHE"
+OUTPUTS_ENV = "LLAVA_GGUF_OUTPUTS"
+
+
+def repo_root() -> Path:
+    """The project checkout: LLAVA_GGUF_ROOT, else the folder above lib/ (the package is editable)."""
+    env = os.environ.get("LLAVA_GGUF_ROOT")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+def outputs_dir() -> Path:
+    """Where run folders go: $LLAVA_GGUF_OUTPUTS (tests use a temp folder), else outputs/."""
+    env = os.environ.get(OUTPUTS_ENV)
+    return Path(env).resolve() if env else repo_root() / "outputs"
+
+
+def cache_dir() -> Path:
+    """Shared across clones and runs: the llama.cpp source and builds, the 7B benchmark checkpoint."""
+    env = os.environ.get(CACHE_ENV)
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-gguf"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def rel_to_root(path: Path | str) -> str:
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(repo_root()))
+    except ValueError:
+        return str(path)
+
+
+def resolve(path: Path | str) -> Path:
+    """Paths in params and artifacts are absolute or relative to the repo root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".partial", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: Path | str, data: Any) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Run:
+    """One params file's run: its folder layout and its artifacts.json."""
+
+    params: Params
+    root: Path
+
+    @property
+    def dir(self) -> Path:
+        return outputs_dir() / self.params.run
+
+    def sub(self, name: str) -> Path:
+        path = self.dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def params_file(self) -> Path | None:
+        return self.params.source_file
+
+    # artifacts.json ---------------------------------------------------------------------------
+    @property
+    def artifacts_file(self) -> Path:
+        return self.dir / "artifacts.json"
+
+    def artifacts(self) -> dict[str, Any]:
+        if not self.artifacts_file.exists():
+            return {}
+        return json.loads(self.artifacts_file.read_text())
+
+    def record(self, name: str, value: Any) -> None:
+        """Record a product (a path, a mapping of paths, or plain data) in artifacts.json."""
+        data = self.artifacts()
+        data[name] = _relativize(value)
+        write_json(self.artifacts_file, data)
+        log.info("artifact %s -> %s", name, data[name])
+
+    def forget(self, *names: str) -> None:
+        data = self.artifacts()
+        if any(n in data for n in names):
+            write_json(self.artifacts_file, {k: v for k, v in data.items() if k not in names})
+
+    def artifact(self, name: str) -> Any:
+        data = self.artifacts()
+        if name not in data:
+            raise FileNotFoundError(
+                f"{self.artifacts_file}: no '{name}' recorded yet; run the step that makes it "
+                f"(e.g. `make {_PRODUCER.get(name, 'all')} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
+        return data[name]
+
+    def artifact_path(self, name: str) -> Path:
+        path = resolve(self.artifact(name))
+        if not path.exists():
+            raise FileNotFoundError(f"artifact '{name}' points at {path}, which does not exist; "
+                                    f"rerun `make {_PRODUCER.get(name, 'all')} FORCE=1`")
+        return path
+
+
+_PRODUCER = {"checkpoint": "download", "surgery": "surgery", "mmproj": "vision", "text_gguf": "text",
+             "quantized": "quantize", "metrics": "evaluate", "llama_cpp": "all"}
+
+
+def _relativize(value: Any) -> Any:
+    if isinstance(value, Path):
+        return rel_to_root(value)
+    if isinstance(value, dict):
+        return {k: _relativize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relativize(v) for v in value]
+    return value
+
+
+def open_run(params_file: str | Path | None = None) -> Run:
+    """The run for a params file: the argument, else $LLAVA_GGUF_PARAMS, else params/default.yaml."""
+    chosen = params_file or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS
+    params = load_params(resolve(chosen))
+    run = Run(params=params, root=repo_root())
+    run.dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Library messages to stderr (shown in notebooks and in papermill's log)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")

@@ -1,0 +1,84 @@
+"""Shared fixtures: synthetic checkpoints, params files and the llama.cpp tools.
+
+Run folders go to a temporary outputs folder ($LLAVA_GGUF_OUTPUTS), never into outputs/.
+Tests that need llama.cpp tools skip when they are missing, except under CI (CI=true), where
+`make test` has built them and a missing tool is a failure.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_gguf import toolchain, workspace
+from llava_gguf.tiny import make_tiny
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outputs_in_tmp(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    old = os.environ.get(workspace.OUTPUTS_ENV)
+    os.environ[workspace.OUTPUTS_ENV] = str(outputs)
+    yield outputs
+    if old is None:
+        os.environ.pop(workspace.OUTPUTS_ENV, None)
+    else:
+        os.environ[workspace.OUTPUTS_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny LLaVA 1.6 checkpoint (safetensors, 2 shards). Read-only for tests."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "llava-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bin_checkpoint(tmp_path_factory) -> Path:
+    """The same tensors as `tiny_checkpoint`, as 3 .bin shards."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "llava-tiny-bin", fmt="bin", shards=3)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below a folder (to prove a source was not modified)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    """Write a params YAML into tmp_path and return its path."""
+    def _write(data: dict, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+    return _write
+
+
+@pytest.fixture
+def local_run(tiny_checkpoint, write_params, request):
+    """A Run over the tiny checkpoint used in place (model.source: local), with a unique run name."""
+    def _make(**sections):
+        data = {"run": f"t-{request.node.name[:40]}".replace("[", "-").replace("]", ""),
+                "model": {"source": "local", "path": str(tiny_checkpoint)}}
+        for key, value in sections.items():
+            data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+        return workspace.open_run(write_params(data))
+    return _make
+
+
+def _tool_or_skip(name: str) -> Path:
+    try:
+        return toolchain.find_tool(name)
+    except toolchain.ToolNotFound as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{err}")
+
+
+@pytest.fixture(scope="session")
+def llama_tool():
+    """llama_tool('llama-mtmd-cli') -> path; skips locally (fails under CI) when not built."""
+    return _tool_or_skip
