@@ -190,7 +190,7 @@ def execute_notebook(step: Step, run: Run) -> Path:
     """papermill the step's notebook into the run folder; HTML report even on failure."""
     import papermill
 
-    out = run.sub("notebooks") / step.notebook
+    out = run.sub("notebooks") / step.source.name
     params_file = run.params_file
     try:
         papermill.execute_notebook(

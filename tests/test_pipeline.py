@@ -1,0 +1,89 @@
+"""Orchestration: step order, skip when up to date, FORCE, failures leave the notebook behind."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+from nbformat import v4
+
+from llava_gguf import cli, pipeline, workspace
+from llava_gguf.pipeline import STEPS, Step, StepFailed
+
+
+def _notebook(path, *sources):
+    nb = v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = v4.new_code_cell("params_file = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_plan_orders_dependencies_and_skips_checkpoint_steps_for_gguf(write_params):
+    run = workspace.open_run(write_params({"run": "plan", "model": {"source": "tiny"}}))
+    assert [s.name for s in pipeline.plan(["evaluate"], run)] == \
+        ["download", "surgery", "vision", "text", "quantize", "evaluate"]
+    assert [s.name for s in pipeline.plan(["text"], run)] == ["download", "surgery", "text"]
+    gguf_run = workspace.open_run(write_params({"run": "plan-g", "model": {
+        "source": "local", "path": "/x", "format": "gguf", "text_file": "a", "mmproj_file": "b"}}, "g.yaml"))
+    assert [s.name for s in pipeline.plan(["evaluate"], gguf_run)] == ["download", "evaluate"]
+    with pytest.raises(KeyError, match="unknown step 'nope'"):
+        pipeline.plan(["nope"], run)
+
+
+def test_code_closure_follows_package_imports():
+    names = {p.name for p in pipeline.code_closure({"download"})}
+    assert {"download.py", "checkpoint.py", "workspace.py", "params.py", "tiny.py"} <= names
+    assert "pipeline.py" not in names
+
+
+def test_download_step_runs_then_skips_then_reruns_on_change(write_params):
+    data = {"run": "pm-download", "model": {"source": "tiny"}}
+    run = workspace.open_run(write_params(data))
+    assert pipeline.run_steps(run, ["download"]) == [("download", "ran")]
+    executed = run.dir / "notebooks" / "01_download.ipynb"
+    nb = nbformat.read(executed, as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert (run.dir / "reports" / "01_download.html").exists()
+    index = (run.dir / "reports" / "index.html").read_text()
+    assert "01_download.html" in index and "checkpoint" in index
+    assert pipeline.run_steps(run, ["download"]) == [("download", "skipped")]
+    assert pipeline.run_steps(run, ["download"], force=True) == [("download", "ran")]
+    data["model"]["tiny"] = {"seed": 1}
+    run2 = workspace.open_run(write_params(data))
+    assert pipeline.run_steps(run2, ["download"]) == [("download", "ran")]
+    assert "seed1" in run2.artifacts()["checkpoint"]
+    # The source notebook was not executed in place.
+    src = nbformat.read(STEPS["download"].source, as_version=4)
+    assert all(not c.get("outputs") for c in src.cells if c.cell_type == "code")
+
+
+def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(tmp_path, monkeypatch, write_params):
+    nb = _notebook(tmp_path / "99_boom.ipynb", "x = 41 + 1", "raise RuntimeError('boom in cell')", "y = 1")
+    monkeypatch.setitem(STEPS, "boom", Step("boom", str(nb), (), ("thing",), ("model",)))
+    path = write_params({"run": "pm-boom", "model": {"source": "tiny"}})
+    run = workspace.open_run(path)
+    with pytest.raises(StepFailed, match="boom in cell"):
+        pipeline.run_steps(run, ["boom"])
+    kept = nbformat.read(run.dir / "notebooks" / "99_boom.ipynb", as_version=4)
+    errors = [o for c in kept.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors and errors[0]["evalue"] == "boom in cell"
+    assert (run.dir / "reports" / "99_boom.html").exists()
+    assert "boom" not in json.loads((run.dir / "steps.json").read_text())
+    assert cli.main(["run", "boom", "--params", str(path)]) == 1
+
+
+def test_step_that_records_nothing_fails(tmp_path, monkeypatch, write_params):
+    nb = _notebook(tmp_path / "98_quiet.ipynb", "print('did nothing')")
+    monkeypatch.setitem(STEPS, "quiet", Step("quiet", str(nb), (), ("thing",), ("model",)))
+    run = workspace.open_run(write_params({"run": "pm-quiet", "model": {"source": "tiny"}}))
+    with pytest.raises(StepFailed, match="without recording \\['thing'\\]"):
+        pipeline.run_steps(run, ["quiet"])
+
+
+def test_unknown_params_key_stops_the_cli(write_params, caplog):
+    path = write_params({"run": "x", "modle": {"source": "tiny"}})
+    assert cli.main(["run", "download", "--params", str(path)]) == 2
+    assert "unknown key 'modle'" in caplog.text
