@@ -41,6 +41,20 @@ def tiny_bin_checkpoint(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "llava-tiny-bin", fmt="bin", shards=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_variant(tmp_path_factory, tiny_checkpoint, tiny_bin_checkpoint):
+    """tiny_variant(fmt, shards, variant) -> a tiny checkpoint, made once per session. Read-only."""
+    made = {("safetensors", 2, "1.6"): tiny_checkpoint, ("bin", 3, "1.6"): tiny_bin_checkpoint}
+
+    def _get(fmt: str = "safetensors", shards: int = 2, variant: str = "1.6") -> Path:
+        key = (fmt, shards, variant)
+        if key not in made:
+            made[key] = make_tiny(tmp_path_factory.mktemp("ckpt") / f"llava-tiny-{fmt}-{shards}-{variant}",
+                                  fmt=fmt, shards=shards, variant=variant)
+        return made[key]
+    return _get
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below a folder (to prove a source was not modified)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

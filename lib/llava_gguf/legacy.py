@@ -1,0 +1,224 @@
+"""llama.cpp's legacy LLaVA recipe, run as documented, for reference outputs and benchmarks.
+
+docs/multimodal/llava.md (LLaVA 1.6):
+
+    python tools/mtmd/legacy-models/llava_surgery_v2.py -C -m <model>
+    mkdir vit && cp <model>/llava.clip vit/pytorch_model.bin && cp <model>/llava.projector vit/
+    curl .../cmp-nct/llava-1.6-gguf/raw/main/config_vit.json -o vit/config.json
+    python tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py -m vit \\
+        --llava-projector vit/llava.projector --output-dir vit --clip-model-is-vision
+    python examples/convert_legacy_llama.py <model> --skip-unknown
+
+Differences, all forced by running offline and never writing into the source:
+- The surgery script writes llava.clip / llava.projector INTO the model folder, so it runs on a
+  copy made of symlinks to the source's files (`legacy_surgery`); the copy holds no llava.*
+  link, so nothing is ever written through a link into the source.
+- config_vit.json cannot be downloaded: it is derived as `vision.vision_config` does (from
+  config.json, the tower's shapes in llava.clip and CLIP ViT-L/14-336's constants).
+- vit/ holds symlinks to llava.clip / llava.projector instead of copies (the same bytes are read).
+
+The image-encoder script needs transformers < 5 (`CLIPVisionModel.from_pretrained` of a .bin
+with the 4.x loading path); the project runs transformers 5. `legacy_env()` makes, once, a venv
+under `cache_dir()/legacy-env` holding only the pinned packages below, with a .pth file that
+appends the project venv's site-packages (found from sys.prefix), so torch, numpy and safetensors
+are reused. The scripts import gguf-py from the pinned llama.cpp source (PYTHONPATH). Every
+function returns paths and sends the scripts' output to a log file in the work folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .toolchain import source_dir
+from .workspace import cache_dir, write_json
+
+log = logging.getLogger(__name__)
+
+# transformers==4.57.6 is what llama.cpp's requirements-convert_legacy_llama.txt pins at 0c1e570;
+# the other two are the versions pip resolves for it (transformers 4.57 wants hub < 1.0, tokenizers <= 0.23.0).
+LEGACY_PINS = ("transformers==4.57.6", "huggingface-hub==0.36.2", "tokenizers==0.22.2")
+ENV_NAME = "legacy-env"
+STAMP = "llava-gguf-legacy-env.json"
+SURGERY_SCRIPT = "tools/mtmd/legacy-models/llava_surgery_v2.py"
+IMAGE_ENCODER_SCRIPT = "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"
+TEXT_SCRIPT = "examples/convert_legacy_llama.py"
+# Files the surgery script writes into the model folder: never linked into the copy.
+SURGERY_OUTPUTS = ("llava.clip", "llava.projector")
+
+
+class LegacyError(RuntimeError):
+    """A legacy script failed; the message names its log file."""
+
+
+@dataclass(frozen=True)
+class LegacySurgery:
+    model_dir: Path  # the symlink copy of the checkpoint, now also holding llava.clip / llava.projector
+    clip: Path
+    projector: Path
+    log: Path
+
+
+# ----------------------------------------------------------------------------- environment
+def _main_site_packages() -> list[str]:
+    paths = sysconfig.get_paths()  # of the running interpreter, i.e. below sys.prefix
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
+def _env_python(root: Path) -> Path:
+    return root / "bin" / "python"
+
+
+def _env_site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def legacy_env(force: bool = False) -> Path:
+    """The python of the legacy venv (made once, ~10 s with network to the package index)."""
+    root = cache_dir() / ENV_NAME
+    want = {"pins": list(LEGACY_PINS), "site_packages": _main_site_packages(),
+            "python": sys.version.split()[0]}
+    stamp = root / STAMP
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == want and _env_python(root).exists():
+        return _env_python(root)
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ENV_NAME}.", suffix=".partial", dir=cache_dir()))
+    log_file = cache_dir() / f"{ENV_NAME}.log"
+    log.info("creating the legacy-script venv %s (%s; log %s)", root, ", ".join(LEGACY_PINS), log_file)
+    with open(log_file, "w") as logf:
+        _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], logf, log_file)
+        python = _env_python(tmp)
+        _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-input",
+              "--disable-pip-version-check", *LEGACY_PINS], logf, log_file)
+        # Appended after the venv's own site-packages: its transformers 4.x wins, torch & co. come from .venv.
+        (_env_site_packages(python) / "zz_llava_gguf_main_venv.pth").write_text("\n".join(want["site_packages"]) + "\n")
+        _run([str(python), "-c", "import transformers, torch, numpy; assert transformers.__version__ == "
+              f"{LEGACY_PINS[0].split('==')[1]!r}, transformers.__version__"], logf, log_file)
+    write_json(tmp / STAMP, want)
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _env_python(root)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    log.info("legacy venv ready in %.0f s", time.monotonic() - t0)
+    return _env_python(root)
+
+
+def _script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    gguf_py = str(source_dir() / "gguf-py")
+    env["PYTHONPATH"] = os.pathsep.join([gguf_py, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _run(cmd: list[str], logf, log_file: Path, cwd: Path | None = None, env: dict | None = None) -> None:
+    logf.write(f"$ {' '.join(cmd)}\n")
+    logf.flush()
+    proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    logf.flush()
+    if proc.returncode != 0:
+        tail = "".join(Path(log_file).read_text().splitlines(keepends=True)[-15:])
+        raise LegacyError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {proc.returncode}); "
+                          f"log: {log_file}\n{tail}")
+
+
+def _run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as logf:
+        _run(cmd, logf, log_file, cwd=cwd, env=_script_env())
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- the recipe
+def link_copy(ckpt_dir: str | Path, dest: str | Path) -> Path:
+    """A folder of symlinks to the checkpoint's top-level files (minus the surgery's outputs)."""
+    ckpt_dir, dest = Path(ckpt_dir).resolve(), _fresh_dir(Path(dest))
+    for f in sorted(ckpt_dir.iterdir()):
+        if f.is_file() and f.name not in SURGERY_OUTPUTS:
+            (dest / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path) -> LegacySurgery:
+    """`llava_surgery_v2.py -C -m <copy>` on a symlink copy of the checkpoint in work_dir/model."""
+    work_dir = Path(work_dir)
+    python = legacy_env()
+    model = link_copy(ckpt_dir, work_dir / "model")
+    log_file = work_dir / "legacy-surgery.log"
+    _run_logged([str(python), str(source_dir() / SURGERY_SCRIPT), "-C", "-m", str(model)], log_file, work_dir)
+    clip, projector = (model / n for n in SURGERY_OUTPUTS)
+    for f in (clip, projector):
+        if not f.is_file() or f.is_symlink():
+            raise LegacyError(f"{SURGERY_SCRIPT} wrote no {f.name} in {model} (not a LLaVA checkpoint?); "
+                              f"log: {log_file}")
+    return LegacySurgery(model, clip, projector, log_file)
+
+
+def derived_config_vit(model_dir: str | Path) -> dict:
+    """config_vit.json for the checkpoint in model_dir, from config.json, llava.clip and llava.projector."""
+    from .vision import vision_config
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    clip = torch.load(model_dir / "llava.clip", map_location="cpu", weights_only=True, mmap=True)
+    tensors = {name: {"shape": list(t.shape)} for name, t in clip.items()}
+    projector = torch.load(model_dir / "llava.projector", map_location="cpu", weights_only=True)
+    if any(n.endswith("image_newline") for n in projector):
+        tensors["image_newline"] = {"shape": [1]}
+    return vision_config(config, tensors, str(model_dir / "config.json"))
+
+
+def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16") -> Path:
+    """The recipe's vit/ folder and `convert_image_encoder_to_gguf.py --clip-model-is-vision`.
+
+    model_dir: `legacy_surgery(...).model_dir`. Returns vit/mmproj-model-{outtype}.gguf."""
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    python = legacy_env()
+    vit = _fresh_dir(work_dir / "vit")
+    (vit / "pytorch_model.bin").symlink_to((model_dir / "llava.clip").resolve())
+    (vit / "llava.projector").symlink_to((model_dir / "llava.projector").resolve())
+    write_json(vit / "config.json", derived_config_vit(model_dir))
+    cmd = [str(python), str(source_dir() / IMAGE_ENCODER_SCRIPT), "-m", str(vit), "--llava-projector",
+           str(vit / "llava.projector"), "--output-dir", str(vit), "--clip-model-is-vision"]
+    if outtype == "f32":
+        cmd.append("--use-f32")
+    _run_logged(cmd, work_dir / "legacy-vision.log", work_dir)
+    out = vit / f"mmproj-model-{outtype}.gguf"
+    if not out.is_file():
+        raise LegacyError(f"{IMAGE_ENCODER_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-vision.log'}")
+    return out
+
+
+def legacy_text_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16") -> Path:
+    """`examples/convert_legacy_llama.py <model> --outtype <t> --skip-unknown` (project venv python).
+
+    model_dir: the symlink copy from `legacy_surgery` (or any folder it may read). Returns the GGUF."""
+    work_dir = Path(work_dir)
+    out = work_dir / f"ggml-model-{outtype}.gguf"
+    cmd = [sys.executable, str(source_dir() / TEXT_SCRIPT), str(model_dir), "--outtype", outtype, "--skip-unknown",
+           "--outfile", str(out)]
+    _run_logged(cmd, work_dir / "legacy-text.log", work_dir)
+    if not out.is_file():
+        raise LegacyError(f"{TEXT_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-text.log'}")
+    return out

@@ -1,0 +1,183 @@
+"""Step 02: split a LLaVA checkpoint into its text model, vision tower and projector.
+
+llama.cpp's recipe (`llava_surgery_v2.py -C`) copies the vision tower into `llava.clip` and the
+projector into `llava.projector` inside the model folder. Here nothing is copied and nothing is
+written into the source folder: every tensor is classified from the shard headers alone (the
+tensors stay where they are, in whichever shard holds them) and the result is a manifest,
+`outputs/<run>/surgery/manifest.json`, that the exporters read:
+
+    {"manifest_version": 1, "source": <folder>, "layout": "llava", "format": "safetensors",
+     "index_file": ..., "llava_version": "1.6", "config": {config.json},
+     "shards": {file: {"bytes": n}}, "parts": {part: {"tensors", "parameters", "bytes"}},
+     "tensors": {stored name: {"shard", "dtype", "shape", "part", "canonical"}}}
+
+Every check (index vs shards, truncation, duplicates, pickles that are not plain tensors, layout,
+projector type) runs before the manifest is written; see `checkpoint.py` and `layout.py`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .checkpoint import Checkpoint, DTYPE_SIZES
+from .layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
+from .workspace import Run, rel_to_root, resolve, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+PARTS = (TEXT, VISION, PROJECTOR, IGNORED)
+
+
+class ManifestError(ValueError):
+    """The manifest no longer matches its checkpoint (or is not a manifest); rerun the surgery step."""
+
+
+@dataclass
+class SurgeryResult:
+    path: Path  # the manifest
+    manifest: dict
+
+    @property
+    def layout(self) -> str:
+        return self.manifest["layout"]
+
+    @property
+    def source(self) -> Path:
+        return resolve(self.manifest["source"])
+
+    def table(self) -> pd.DataFrame:
+        return parts_table(self.manifest)
+
+    def tensors(self, part: str | None = None) -> pd.DataFrame:
+        return tensor_table(self.manifest, part)
+
+
+# ----------------------------------------------------------------------------- building
+def build_manifest(ckpt: Checkpoint, split: Split) -> dict:
+    """The manifest of a validated checkpoint and its split (pure: writes nothing)."""
+    tensors = {}
+    for part in PARTS:
+        for t in split.parts.get(part, []):
+            tensors[t.stored] = {"shard": t.shard, "dtype": t.dtype, "shape": list(t.shape), "part": part,
+                                 "canonical": t.canonical}
+    # Keep the checkpoint's own order (shard by shard), which is also the order exporters stream in.
+    order = {name: i for i, name in enumerate(ckpt.tensors)}
+    tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[0]]))
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "source": rel_to_root(ckpt.path),
+        "layout": split.layout,
+        "format": ckpt.format,
+        "index_file": ckpt.index_file,
+        "llava_version": split.llava_version,
+        "config": ckpt.config,
+        "shards": {s: {"bytes": (ckpt.path / s).stat().st_size} for s in ckpt.shards},
+        "parts": {},
+        "tensors": tensors,
+    }
+    manifest["parts"] = _part_totals(manifest)
+    return manifest
+
+
+def _part_totals(manifest: dict) -> dict:
+    totals = {p: {"tensors": 0, "parameters": 0, "bytes": 0} for p in PARTS}
+    for t in manifest["tensors"].values():
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        entry = totals[t["part"]]
+        entry["tensors"] += 1
+        entry["parameters"] += n
+        entry["bytes"] += n * DTYPE_SIZES.get(t["dtype"], 4)
+    return totals
+
+
+def analyze(folder: str | Path) -> dict:
+    """Open, validate and classify a checkpoint folder; the manifest, nothing written."""
+    with Checkpoint.open(folder) as ckpt:
+        split = split_checkpoint(ckpt)
+        manifest = build_manifest(ckpt, split)
+    parts = manifest["parts"]
+    log.info("layout %s (LLaVA %s, %s): %s", manifest["layout"], manifest["llava_version"], manifest["format"],
+             ", ".join(f"{p} {parts[p]['tensors']} tensors" for p in PARTS if parts[p]["tensors"]))
+    return manifest
+
+
+def run_surgery(run: Run) -> SurgeryResult:
+    """Classify the downloaded checkpoint and record the manifest (artifact `surgery`)."""
+    folder = run.artifact_path("checkpoint")
+    manifest = analyze(folder)
+    path = run.dir / "surgery" / "manifest.json"
+    if path.resolve().is_relative_to(Path(folder).resolve()):
+        raise ManifestError(f"{path}: the run folder is inside the source checkpoint {folder}; "
+                            "the source is never written to, choose another outputs folder")
+    write_json(path, manifest)
+    run.record("surgery", path)
+    return SurgeryResult(path, manifest)
+
+
+# ----------------------------------------------------------------------------- reading
+def load_manifest(path_or_run: Run | str | Path) -> dict:
+    """The manifest of a run (its `surgery` artifact) or at a path."""
+    path = path_or_run.artifact_path("surgery") if isinstance(path_or_run, Run) else Path(path_or_run)
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: unreadable surgery manifest ({err}); rerun `make surgery`") from None
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')} != {MANIFEST_VERSION}; "
+                            "rerun `make surgery`")
+    return manifest
+
+
+def open_checked(manifest: dict) -> Checkpoint:
+    """Open the manifest's checkpoint and check it still holds what the manifest says."""
+    ckpt = Checkpoint.open(resolve(manifest["source"]))
+    changed = []
+    for name, t in manifest["tensors"].items():
+        info = ckpt.tensors.get(name)
+        if info is None or info.shard != t["shard"] or info.dtype != t["dtype"] or list(info.shape) != t["shape"]:
+            changed.append(name)
+    changed += [n for n in ckpt.tensors if n not in manifest["tensors"]]
+    if changed:
+        ckpt.close()
+        raise ManifestError(f"{ckpt.path}: changed since the surgery step ({len(changed)} tensor(s) differ, e.g. "
+                            f"{changed[0]}); rerun `make surgery`")
+    return ckpt
+
+
+def part_tensors(manifest: dict, part: str) -> dict[str, dict]:
+    """canonical name -> manifest entry (with 'stored' added), for one part."""
+    return {t["canonical"]: {**t, "stored": name} for name, t in manifest["tensors"].items() if t["part"] == part}
+
+
+# ----------------------------------------------------------------------------- tables
+def parts_table(manifest: dict) -> pd.DataFrame:
+    """One row per part: tensors, parameters, bytes (and MiB), with the layout as a column."""
+    rows = [{"part": p, **manifest["parts"][p]} for p in PARTS]
+    df = pd.DataFrame(rows).set_index("part")
+    df["MiB"] = (df["bytes"] / 2**20).round(1)
+    df["layout"] = manifest["layout"]
+    df["format"] = manifest["format"]
+    df.loc["total", ["tensors", "parameters", "bytes", "MiB"]] = df[["tensors", "parameters", "bytes", "MiB"]].sum()
+    df.loc["total", ["layout", "format"]] = [manifest["layout"], manifest["format"]]
+    df[["tensors", "parameters", "bytes"]] = df[["tensors", "parameters", "bytes"]].astype("int64")
+    return df
+
+
+def tensor_table(manifest: dict, part: str | None = None) -> pd.DataFrame:
+    """One row per stored tensor: shard, dtype, shape, part and canonical name."""
+    rows = [{"tensor": name, **t, "shape": tuple(t["shape"])} for name, t in manifest["tensors"].items()
+            if part is None or t["part"] == part]
+    return pd.DataFrame(rows, columns=["tensor", "part", "canonical", "shard", "dtype", "shape"])
+
+
+def shard_table(manifest: dict) -> pd.DataFrame:
+    """Tensors of each part per shard: where the parts lie in the files."""
+    df = tensor_table(manifest)
+    return df.pivot_table(index="shard", columns="part", values="tensor", aggfunc="count", fill_value=0)

@@ -1,0 +1,384 @@
+"""Step 03: the vision tower and projector as llama.cpp's `mmproj-model-f16.gguf`.
+
+Written straight from the checkpoint's tensors with gguf-py's `GGUFWriter`, one tensor at a time
+(tensor infos first, then each tensor loaded, converted and written), without building a
+transformers model. The file is meant to be equivalent to what llama.cpp's recipe writes:
+
+    llava_surgery_v2.py -C -m <model>                       # llava.clip + llava.projector
+    convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector \\
+        --output-dir vit --clip-model-is-vision             # vit/config.json = config_vit.json
+
+i.e. the same metadata keys and values, tensor names, shapes, types and values (`legacy.py` runs
+that recipe; the tests compare both files key by key and tensor by tensor).
+
+Where the vision configuration comes from
+-----------------------------------------
+The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf), a CLIPVisionConfig for the
+tower LLaVA fine-tuned. `vision_config()` derives the same dictionary offline:
+
+- from the tensor shapes: `hidden_size` (class_embedding), `patch_size` and `num_channels`
+  (patch_embedding, [hidden, 3, p, p]), `image_size` (p * sqrt(positions - 1), position_embedding),
+  `intermediate_size` (mlp.fc1), the number of layers (encoder.layers.N).
+- from the checkpoint's config.json: `mm_vision_select_layer` (-2: the penultimate layer's
+  output feeds the projector, so layers after it and post_layernorm are dropped), and the LLaVA
+  keys copied as they are when present: image_grid_pinpoints, image_aspect_ratio,
+  image_crop_resolution, image_split_resolution, mm_patch_merge_type, mm_projector_type
+  (LLaVA 1.5 has only the last three).
+- constants of OpenAI's CLIP ViT-L/14-336, the tower every LLaVA 1.5/1.6 release names in
+  `mm_vision_tower`: head_dim 64 (ViT-L: 1024 / 16 heads; other widths keep head_dim 64),
+  layer_norm_eps 1e-5, hidden_act quick_gelu (so `clip.use_gelu` is false), projection_dim 768
+  (CLIP's joint embedding width; written as metadata, unused by LLaVA), image_mean
+  [0.48145466, 0.4578275, 0.40821073] and image_std [0.26862954, 0.26130258, 0.27577711] (the
+  script's defaults with --clip-model-is-vision, equal to CLIP's preprocessor config).
+- `_name_or_path` is config_vit.json's, "vit-large336-custom"; the script writes it as general.name.
+
+`num_hidden_layers` is the number of layers kept plus one: the script always drops the last layer
+of the model it loads when the config names no feature layer (config_vit.json names none), so for
+select layer -2 it equals the checkpoint's layer count (24 for the 7B, 23 kept, block_count 23).
+
+Types (as the script writes them): the patch convolution f16 (ggml's convolution wants an f16
+kernel), the projector's matrices f16 (also with `convert.mmproj_outtype: f32`, like the script's
+--use-f32), the tower's 2-D `.weight` matrices f16 for f16 and f32 for f32, everything else f32.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from gguf import (GGUFReader, GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_EPS, KEY_BLOCK_COUNT,
+                  KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
+from tqdm.auto import tqdm
+
+from .layout import PROJECTOR, VISION
+from .surgery import load_manifest, open_checked, part_tensors
+from .workspace import Run, atomic_path
+
+log = logging.getLogger(__name__)
+
+ARCH = "clip"
+VISION_PREFIX = "clip.vision"
+VIT_NAME = "vit-large336-custom"
+DESCRIPTION = "image encoder for LLaVA"
+PROJECTOR_TYPE = "mlp"  # the script's --projector-type default: LLaVA's 2-layer MLP
+CLIP_HEAD_DIM = 64
+CLIP_LAYER_NORM_EPS = 1e-5
+CLIP_HIDDEN_ACT = "quick_gelu"
+CLIP_PROJECTION_DIM = 768
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
+              "mm_patch_merge_type", "mm_projector_type")
+OUTTYPES = ("f16", "f32")
+FILE_TYPES = {"f32": 0, "f16": 1}  # general.file_type as the script writes it (its ftype)
+
+# Canonical name (see layout.py) -> GGUF name, in the order the script writes them; None: dropped.
+# The legacy names are the script's string replacements: mlp.fc1 (hidden -> intermediate) becomes
+# `ffn_down` and fc2 `ffn_up`, the reverse of llama.cpp's usual meaning; clip.cpp knows and swaps.
+TENSOR_NAMES: list[tuple[str, str | None]] = [
+    (r"mm_projector\.(\d+)\.(weight|bias)", r"mm.\1.\2"),
+    (r"image_newline", "model.image_newline"),
+    (r"vision_model\.embeddings\.class_embedding", "v.class_embd"),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "v.patch_embd.weight"),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "v.position_embd.weight"),
+    (r"vision_model\.pre_layrnorm\.(weight|bias)", r"v.pre_ln.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"v.blk.\1.attn_k.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"v.blk.\1.attn_v.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"v.blk.\1.attn_q.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"v.blk.\1.ln1.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_down.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"v.blk.\1.ln2.\2"),
+    # LLaVA feeds the projector the penultimate layer's output, never post_layernorm's.
+    (r"vision_model\.post_layernorm\.(weight|bias)", None),
+]
+_RULES = [(re.compile(p + "$"), repl) for p, repl in TENSOR_NAMES]
+_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
+# What each layer of the tower must hold (canonical suffixes after encoder.layers.N.).
+LAYER_TENSORS = tuple(f"{m}.{wb}" for m in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
+                                            "self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2")
+                      for wb in ("weight", "bias"))
+EMBEDDING_TENSORS = ("vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+                     "vision_model.embeddings.position_embedding.weight", "vision_model.pre_layrnorm.weight",
+                     "vision_model.pre_layrnorm.bias")
+
+
+class VisionExportError(ValueError):
+    """The checkpoint's vision tower or config cannot be exported; names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    stored: str  # name in the checkpoint
+    canonical: str
+    gguf: str
+    shape: tuple[int, ...]  # numpy order, after the script's squeeze()
+    dtype: str  # "float16" | "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class VisionResult:
+    path: Path
+    n_tensors: int
+    size_bytes: int
+    outtype: str
+    config: dict = field(default_factory=dict)  # the derived config_vit.json
+
+    @property
+    def size_mib(self) -> float:
+        return self.size_bytes / 2**20
+
+    def table(self) -> pd.DataFrame:
+        return tensor_table(self.path)
+
+    def metadata(self) -> pd.DataFrame:
+        return metadata_table(self.path)
+
+
+# ----------------------------------------------------------------------------- names
+def gguf_name(canonical: str) -> str | None:
+    """The GGUF name of a canonical tensor name; None when the export drops it."""
+    for pattern, repl in _RULES:
+        if pattern.match(canonical):
+            return pattern.sub(repl, canonical) if repl else None
+    raise VisionExportError(f"no GGUF name for tensor '{canonical}' (not a CLIP vision tower / LLaVA projector "
+                            "tensor); extend vision.TENSOR_NAMES if llama.cpp supports it")
+
+
+def _order_key(canonical: str) -> tuple:
+    """The script's order: the projector as llava.projector lists it (sorted by name, as safetensors'
+    keys() gives them), then image_newline, then the tower in CLIPVisionModel.state_dict() order."""
+    row = next(i for i, (p, _) in enumerate(_RULES) if p.match(canonical))
+    layer = _LAYER.match(canonical)
+    if canonical.startswith("mm_projector."):
+        return (0, row, canonical)
+    return (int(layer.group(1)) + 1 if layer else 0, row, "", canonical.endswith(".bias"))
+
+
+def name_map_table() -> pd.DataFrame:
+    """The canonical -> GGUF name rules as a table (None: dropped)."""
+    return pd.DataFrame(TENSOR_NAMES, columns=["canonical (regex)", "gguf"])
+
+
+# ----------------------------------------------------------------------------- configuration
+def _layers(vision: dict[str, dict], where: str) -> int:
+    found = {int(m.group(1)) for name in vision if (m := _LAYER.match(name))}
+    if not found or found != set(range(len(found))):
+        raise VisionExportError(f"{where}: vision tower layers {sorted(found)} are not 0..N-1; incomplete checkpoint")
+    missing = [n for n in EMBEDDING_TENSORS if n not in vision]
+    missing += [f"vision_model.encoder.layers.{i}.{s}" for i in range(len(found)) for s in LAYER_TENSORS
+                if f"vision_model.encoder.layers.{i}.{s}" not in vision]
+    if missing:
+        raise VisionExportError(f"{where}: vision tower tensors missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+                                "; re-download the checkpoint")
+    return len(found)
+
+
+def vision_config(config: dict, vision: dict[str, dict], where: str = "config.json") -> dict:
+    """The config_vit.json of the recipe, from config.json, the tower's shapes and CLIP's constants.
+
+    `vision`: canonical name -> anything with a "shape" (manifest entries)."""
+    n_layers = _layers(vision, where)
+    shape = {name: tuple(t["shape"]) for name, t in vision.items()}
+    hidden = shape["vision_model.embeddings.class_embedding"][0]
+    _, channels, patch, patch_w = shape["vision_model.embeddings.patch_embedding.weight"]
+    n_pos = shape["vision_model.embeddings.position_embedding.weight"][0]
+    grid = math.isqrt(n_pos - 1)
+    if patch != patch_w or grid * grid != n_pos - 1:
+        raise VisionExportError(f"{where}: a square ViT expected (patch {patch}x{patch_w}, {n_pos} positions)")
+    if hidden % CLIP_HEAD_DIM:
+        raise VisionExportError(f"{where}: vision width {hidden} is not a multiple of CLIP's head size {CLIP_HEAD_DIM}")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature != "patch":
+        raise VisionExportError(f"{where}: mm_vision_select_feature {feature!r} is not supported; llama.cpp's llava "
+                                "graph feeds the projector the patch tokens only ('patch')")
+    select = config.get("mm_vision_select_layer", -2)
+    keep = n_layers + select + 1 if select < 0 else select
+    if not isinstance(select, int) or not 1 <= keep <= n_layers:
+        raise VisionExportError(f"{where}: mm_vision_select_layer {select!r} is outside the tower's {n_layers} layers")
+    if config.get("mm_hidden_size", hidden) != hidden:
+        raise VisionExportError(f"{where}: mm_hidden_size {config['mm_hidden_size']} != vision width {hidden} "
+                                "of the tower's tensors; config.json and weights disagree")
+    if config.get("mm_patch_merge_type") == "spatial_unpad" and "image_newline" not in vision:
+        raise VisionExportError(f"{where}: mm_patch_merge_type spatial_unpad (LLaVA 1.6) needs the image_newline "
+                                "tensor, which the checkpoint lacks; incomplete download?")
+    tower = config.get("mm_vision_tower", "")
+    if tower and "clip-vit" not in tower:
+        log.warning("%s: mm_vision_tower %s is not an OpenAI CLIP ViT; CLIP's constants (quick_gelu, mean/std) "
+                    "are assumed", where, tower)
+    cfg = {
+        "_name_or_path": VIT_NAME,
+        "architectures": ["CLIPVisionModel"],
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "hidden_act": CLIP_HIDDEN_ACT,
+        "hidden_size": hidden,
+        "image_size": grid * patch,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": shape["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
+        "layer_norm_eps": CLIP_LAYER_NORM_EPS,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": hidden // CLIP_HEAD_DIM,
+        "num_channels": channels,
+        "num_hidden_layers": keep + 1,
+        "patch_size": patch,
+        "projection_dim": CLIP_PROJECTION_DIM,
+        "torch_dtype": "float32",
+    }
+    cfg.update({k: config[k] for k in LLAVA_KEYS if k in config})
+    return cfg
+
+
+def block_count(vcfg: dict) -> int:
+    """The layers written: all but the last of the derived config (see the module docstring)."""
+    return vcfg["num_hidden_layers"] - 1
+
+
+def metadata(vcfg: dict, outtype: str = "f16") -> list[tuple[str, str, object]]:
+    """(key, GGUFWriter method, value) in the script's order, after general.architecture."""
+    v = VISION_PREFIX
+    kv: list[tuple[str, str, object]] = [
+        ("clip.has_text_encoder", "add_bool", False),
+        ("clip.has_vision_encoder", "add_bool", True),
+        ("clip.has_llava_projector", "add_bool", True),
+        ("general.file_type", "add_uint32", FILE_TYPES[outtype]),
+        ("general.name", "add_string", vcfg["_name_or_path"]),
+        ("general.description", "add_string", DESCRIPTION),
+        ("clip.projector_type", "add_string", PROJECTOR_TYPE),
+        (f"{v}.image_size", "add_uint32", vcfg["image_size"]),
+        (f"{v}.patch_size", "add_uint32", vcfg["patch_size"]),
+        (KEY_EMBEDDING_LENGTH.format(arch=v), "add_uint32", vcfg["hidden_size"]),
+        (KEY_FEED_FORWARD_LENGTH.format(arch=v), "add_uint32", vcfg["intermediate_size"]),
+        (f"{v}.projection_dim", "add_uint32", vcfg["projection_dim"]),
+        (KEY_ATTENTION_HEAD_COUNT.format(arch=v), "add_uint32", vcfg["num_attention_heads"]),
+        (KEY_ATTENTION_LAYERNORM_EPS.format(arch=v), "add_float32", vcfg["layer_norm_eps"]),
+        (KEY_BLOCK_COUNT.format(arch=v), "add_uint32", block_count(vcfg)),
+    ]
+    if "image_grid_pinpoints" in vcfg:
+        kv.append((f"{v}.image_grid_pinpoints", "add_array", [p for pair in vcfg["image_grid_pinpoints"] for p in pair]))
+    for key, method in (("image_crop_resolution", "add_uint32"), ("image_aspect_ratio", "add_string"),
+                        ("image_split_resolution", "add_uint32"), ("mm_patch_merge_type", "add_string"),
+                        ("mm_projector_type", "add_string")):
+        if key in vcfg:
+            kv.append((f"{v}.{key}", method, vcfg[key]))
+    kv += [
+        (f"{v}.image_mean", "add_array", list(CLIP_IMAGE_MEAN)),
+        (f"{v}.image_std", "add_array", list(CLIP_IMAGE_STD)),
+        ("clip.use_gelu", "add_bool", vcfg["hidden_act"] == "gelu"),
+    ]
+    return kv
+
+
+# ----------------------------------------------------------------------------- tensors
+def out_dtype(part: str, ndim: int, gguf: str, outtype: str) -> str:
+    if ndim == 4:
+        return "float16"  # the patch convolution: ggml's conv wants an f16 kernel
+    if part == PROJECTOR:
+        return "float16" if ndim == 2 else "float32"  # as the script: f16 matrices even with --use-f32
+    if outtype == "f16" and ndim == 2 and gguf.endswith(".weight"):
+        return "float16"
+    return "float32"
+
+
+def tensor_plan(manifest: dict, vcfg: dict, outtype: str = "f16") -> list[PlannedTensor]:
+    """Every tensor of the mmproj file, in writing order, from the manifest (no tensor read)."""
+    keep = block_count(vcfg)
+    plan = []
+    for part in (PROJECTOR, VISION):
+        for canonical, t in part_tensors(manifest, part).items():
+            layer = _LAYER.match(canonical)
+            name = gguf_name(canonical)
+            if name is None or (layer and int(layer.group(1)) >= keep):
+                continue
+            shape = tuple(d for d in t["shape"] if d != 1)  # the script squeeze()s every tensor
+            plan.append(PlannedTensor(t["stored"], canonical, name, shape, out_dtype(part, len(shape), name, outtype)))
+    return sorted(plan, key=lambda p: _order_key(p.canonical))
+
+
+def mmproj_name(outtype: str) -> str:
+    return f"mmproj-model-{outtype}.gguf"
+
+
+def export_plan(manifest: dict, outtype: str = "f16") -> tuple[dict, list[PlannedTensor]]:
+    """The derived vision config and the tensors to write; every check, nothing read or written."""
+    if outtype not in OUTTYPES:
+        raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
+    where = str(Path(manifest["source"]) / "config.json")
+    tensors = {**part_tensors(manifest, VISION), **part_tensors(manifest, PROJECTOR)}
+    vcfg = vision_config(manifest["config"], tensors, where)
+    proj_in = tuple(tensors["mm_projector.0.weight"]["shape"])[1]
+    if proj_in != vcfg["hidden_size"]:
+        raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
+                                f"{vcfg['hidden_size']}; the projector belongs to another tower")
+    return vcfg, tensor_plan(manifest, vcfg, outtype)
+
+
+def plan_table(plan: list[PlannedTensor]) -> pd.DataFrame:
+    """The planned tensors: checkpoint name -> GGUF name, shape, type, MiB."""
+    return pd.DataFrame([{"stored": t.stored, "gguf": t.gguf, "shape": t.shape, "dtype": t.dtype,
+                          "MiB": t.nbytes / 2**20} for t in plan])
+
+
+def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16") -> VisionResult:
+    """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
+    vcfg, plan = export_plan(manifest, outtype)
+    out_path = Path(out_path)
+    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp:
+        writer = GGUFWriter(path=None, arch=ARCH)
+        try:
+            for key, method, value in metadata(vcfg, outtype):
+                getattr(writer, method)(key, value)
+            for t in plan:
+                writer.add_tensor_info(t.gguf, t.shape, np.dtype(t.dtype), t.nbytes)
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tqdm(plan, desc="mmproj", unit="tensor"):
+                # bf16 -> f32 is exact; f32 -> f16 rounds as the script's numpy astype does.
+                data = ckpt.load(t.stored).float().numpy().reshape(t.shape).astype(t.dtype)
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
+    size = out_path.stat().st_size
+    log.info("%s: %d tensors, %.1f MiB (%s)", out_path, len(plan), size / 2**20, outtype)
+    return VisionResult(out_path, len(plan), size, outtype, vcfg)
+
+
+def run_vision(run: Run) -> VisionResult:
+    """Export the run's vision tower + projector (artifact `mmproj`)."""
+    manifest = load_manifest(run)
+    outtype = run.params.convert.mmproj_outtype
+    result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype)
+    run.record("mmproj", result.path)
+    return result
+
+
+# ----------------------------------------------------------------------------- reading back
+def tensor_table(path: str | Path) -> pd.DataFrame:
+    """The tensors of a GGUF file: name, type, shape (numpy order), elements, MiB."""
+    reader = GGUFReader(str(path))
+    rows = [{"name": t.name, "type": t.tensor_type.name, "shape": tuple(int(d) for d in reversed(t.shape)),
+             "elements": int(t.n_elements), "MiB": t.n_bytes / 2**20} for t in reader.tensors]
+    return pd.DataFrame(rows, columns=["name", "type", "shape", "elements", "MiB"])
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    """Every key/value of a GGUF file except the GGUF. header fields, decoded to Python values."""
+    reader = GGUFReader(str(path))
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def metadata_table(path: str | Path) -> pd.DataFrame:
+    rows = [{"key": k, "value": v if not isinstance(v, list) or len(v) <= 12 else f"{v[:12]} ... ({len(v)})"}
+            for k, v in read_metadata(path).items()]
+    return pd.DataFrame(rows, columns=["key", "value"])
