@@ -69,6 +69,8 @@ class QuantizeParams(_Strict):
     types: list[str] = ["Q5_K_M"]
     imatrix: bool = False
     imatrix_chunks: int = 10
+    # Tokens per imatrix chunk (llama-imatrix -c) over the calibration corpus.
+    imatrix_ctx: int = Field(512, ge=16)
     threads: int | None = None
 
     @field_validator("types")
@@ -101,6 +103,8 @@ class EvaluateParams(_Strict):
     flash_attn: Literal["on", "off", "auto"] | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    # Passed as --chat-template; GGUFs from the legacy scripts carry none (None: the GGUF's own).
+    chat_template: str | None = "vicuna"
     # Evaluate the unquantized text GGUF too (the quality baseline).
     include_unquantized: bool = True
     perplexity: bool = True
@@ -111,6 +115,41 @@ class EvaluateParams(_Strict):
     timeout_s: int = 3600
 
 
+class BenchParams(_Strict):
+    """`make bench` (params/bench.yaml): conversion costs side by side, then inference speed."""
+
+    # Quant types timed with llama-bench (made from the f16 export; F16 means that file itself).
+    # The end-to-end comparison with the legacy recipe uses quantize.types[0].
+    quant_types: list[str] = ["Q4_K_M", "Q5_K_M", "Q8_0"]
+    # llama-bench thread counts; None: 1, 2, 4, ... up to the usable cores, and the core count itself.
+    threads: list[int] | None = None
+    repetitions: int = Field(2, ge=1)
+    n_prompt: int = Field(512, ge=0)  # pp<n_prompt>
+    n_gen: int = Field(128, ge=0)  # tg<n_gen>
+    # One llama-mtmd-cli image run per quant type (evaluate.cases[0]; minutes per type on 2 cores).
+    mtmd: bool = False
+    # llama.cpp's legacy recipe on the same checkpoint (needs a transformers<5 venv, made once).
+    legacy: bool = True
+    # llama-bench / llama-mtmd-cli after the conversion benchmark.
+    inference: bool = True
+    # Keep the GGUF files made (the legacy F32 file alone is 27 GB at 7B); tables and logs are always kept.
+    keep_outputs: bool = False
+    # Per measured step; a step running longer is killed and the benchmark stops.
+    timeout_s: int = Field(3 * 3600, ge=1)
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        return QuantizeParams._known_types(types)
+
+    @field_validator("threads")
+    @classmethod
+    def _positive(cls, threads: list[int] | None) -> list[int] | None:
+        if threads is not None and (not threads or min(threads) < 1):
+            raise ValueError("list thread counts >= 1, or leave it out (null) for 1, 2, 4, ... up to the cores")
+        return threads
+
+
 class Params(_Strict):
     run: str
     model: ModelParams = ModelParams()
@@ -118,6 +157,7 @@ class Params(_Strict):
     convert: ConvertParams = ConvertParams()
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    bench: BenchParams = BenchParams()
 
     @field_validator("run")
     @classmethod

@@ -1,0 +1,425 @@
+"""Run `llama-mtmd-cli` on every variant x image/prompt case, with per-token timings.
+
+How the tool writes (pinned build, and upstream since mtmd-cli exists): generated pieces go to
+stdout, one `fprintf` + `fflush` per token, from the log thread; everything else goes to stderr.
+The stdout stream of a single-turn run is
+
+    "\\n"  (end of prompt processing)  piece_1 ... piece_k  ["\\n" if stopped by end-of-generation]  "\\n\\n"
+
+so reading the stdout pipe in small unbuffered reads, each read is one token piece (a read
+holding several pieces only happens if this reader falls behind by a whole token; it is
+detected by the count check below). Each piece is stamped with `time.perf_counter()`.
+
+Count check: the tool's `eval time = ... / N runs` counts decodes that a later sampling
+synchronized. The last generated token is decoded, but when generation stops at `n_predict`
+nothing synchronizes that decode before the perf print, so N = pieces - 1; when it stops at
+end-of-generation the EOG sample synchronizes it, so N = pieces. The first piece is sampled
+from the prompt-eval logits (no eval run of its own); the inter-token latencies (pieces - 1 of
+them) each cover one eval run plus sampling.
+
+Peak memory is the child's `ru_maxrss` from `wait4` (the kernel's high-water mark of resident
+memory, including the mapped model pages that were touched; child processes included).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .timings import Timings, parse_timings, timings_command  # noqa: F401  (re-exported for the CLI)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "tools/mtmd/test-1.jpeg"
+_READ_SIZE = 65536
+
+
+class EvaluationError(RuntimeError):
+    """A `llama-mtmd-cli` run failed; the message names the run's log, which is kept."""
+
+
+@dataclass
+class MtmdOptions:
+    """Runtime options passed through to llama-mtmd-cli; None means the tool's default."""
+
+    n_predict: int = 32
+    seed: int = 42
+    temperature: float = 0.0
+    threads: int | None = None
+    threads_batch: int | None = None
+    batch_size: int | None = None
+    ubatch_size: int | None = None
+    ctx_size: int | None = 4096
+    flash_attn: str | None = None  # on | off | auto
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    # LLaVA 1.6 Vicuna GGUFs made by the legacy scripts carry no chat template.
+    chat_template: str | None = "vicuna"
+    # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode
+    # times and the final perf block. At its default (3) neither is printed.
+    log_verbosity: int | None = 4
+    timeout_s: float | None = 3600
+    extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_params(cls, evaluate: Any, **overrides: Any) -> "MtmdOptions":
+        """From `run.params.evaluate` (keys that exist on both are taken)."""
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in (evaluate.model_dump() if hasattr(evaluate, "model_dump") else dict(evaluate)).items()
+                if k in names}
+        data.update(overrides)
+        return cls(**data)
+
+    def args(self) -> list[str]:
+        pairs = [("-n", self.n_predict), ("--seed", self.seed), ("--temp", self.temperature),
+                 ("-c", self.ctx_size), ("-t", self.threads), ("-tb", self.threads_batch),
+                 ("-b", self.batch_size), ("-ub", self.ubatch_size), ("-fa", self.flash_attn),
+                 ("-ctk", self.cache_type_k), ("-ctv", self.cache_type_v),
+                 ("--chat-template", self.chat_template), ("-lv", self.log_verbosity)]
+        out: list[str] = []
+        for flag, value in pairs:
+            if value is not None:
+                out += [flag, str(value)]
+        return out + list(self.extra_args)
+
+
+@dataclass
+class EvalRun:
+    """One llama-mtmd-cli run: its answer, the tool's timings and the stream's token timings."""
+
+    command: list[str]
+    log_path: str
+    returncode: int
+    answer: str
+    timings: Timings
+    wall_s: float
+    peak_rss_mib: float | None
+    # Arrival of each generated piece, seconds since the process was started.
+    token_times_s: list[float]
+    pieces: list[str]
+    # Spawn -> first generated piece (model load, image encode, prompt eval, first sample).
+    ttft_ms: float | None
+    # The tool's "main: loading model" line (printed once both models are loaded) -> first piece.
+    ttft_after_load_ms: float | None
+    itl_ms: list[float]
+    stop: str  # "n_predict" | "eog" | "unknown"
+    token_check: str
+    token_check_ok: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.pieces)
+
+    def itl_stats(self) -> dict[str, float | None]:
+        if not self.itl_ms:
+            return {"itl_mean_ms": None, "itl_median_ms": None, "itl_p90_ms": None, "itl_max_ms": None}
+        s = sorted(self.itl_ms)
+        return {"itl_mean_ms": statistics.fmean(s), "itl_median_ms": statistics.median(s),
+                "itl_p90_ms": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], "itl_max_ms": s[-1]}
+
+    def summary(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"answer": self.answer, "n_tokens": self.n_tokens, "stop": self.stop,
+                               "ttft_ms": self.ttft_ms, "ttft_after_load_ms": self.ttft_after_load_ms}
+        row.update(self.itl_stats())
+        row["stream_tokens_per_s"] = (1000.0 / row["itl_mean_ms"]) if row["itl_mean_ms"] else None
+        row.update(self.timings.summary())
+        row.update({"peak_rss_mib": self.peak_rss_mib, "wall_s": self.wall_s,
+                    "token_check_ok": self.token_check_ok, "log": self.log_path})
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timings"] = self.timings.to_dict()
+        data["n_tokens"] = self.n_tokens
+        data.update(self.itl_stats())
+        return data
+
+
+# ----------------------------------------------------------------------------- one run
+def _check_input(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, image: str | Path,
+             prompt: str, opts: MtmdOptions | None = None, log_path: str | Path = "mtmd.log") -> EvalRun:
+    """Run llama-mtmd-cli once; the full log (stdout and stderr as they arrived) goes to log_path."""
+    opts = opts or MtmdOptions()
+    _check_input(Path(image), "image (params evaluate.cases[].image)")
+    _check_input(Path(text_gguf), "text GGUF")
+    _check_input(Path(mmproj), "mmproj GGUF")
+    _check_input(Path(cli_path), "llama-mtmd-cli")
+    cmd = [str(cli_path), "-m", str(text_gguf), "--mmproj", str(mmproj), "--image", str(image),
+           "-p", prompt, *opts.args()]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("llama-mtmd-cli %s on %s (log %s)", Path(text_gguf).name, Path(image).name, log_path)
+
+    out_chunks: list[tuple[float, bytes]] = []
+    loaded_at: float | None = None
+    timed_out = False
+    with open(log_path, "wb") as logf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                bufsize=0, start_new_session=True)
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        err_partial = b""
+        open_streams = 2
+        try:
+            while open_streams:
+                for key, _ in sel.select(timeout=0.5):
+                    data = os.read(key.fd, _READ_SIZE)
+                    now = time.perf_counter() - t0
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        open_streams -= 1
+                        if key.data == "err" and err_partial:
+                            logf.write(err_partial)
+                            err_partial = b""
+                        continue
+                    if key.data == "out":
+                        out_chunks.append((now, data))
+                        logf.write(data)
+                    else:
+                        # Whole stderr lines only, so a token piece never lands inside one.
+                        err_partial += data
+                        cut = err_partial.rfind(b"\n") + 1
+                        if cut:
+                            lines, err_partial = err_partial[:cut], err_partial[cut:]
+                            if loaded_at is None and b"main: loading model" in lines:
+                                loaded_at = now
+                            logf.write(lines)
+                logf.flush()
+                if opts.timeout_s and time.perf_counter() - t0 > opts.timeout_s and not timed_out:
+                    timed_out = True
+                    log.error("llama-mtmd-cli ran past %ss; killing it", opts.timeout_s)
+                    _kill(proc)
+        except BaseException:  # an interrupted notebook must not leave the tool running
+            _kill(proc)
+            proc.wait()
+            raise
+        finally:
+            sel.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+    proc.stdout.close()
+    proc.stderr.close()
+
+    # ru_maxrss: kilobytes on Linux, bytes on macOS.
+    peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    if timed_out:
+        raise EvaluationError(f"llama-mtmd-cli ran past evaluate.timeout_s={opts.timeout_s}s and was killed; "
+                              f"log kept at {log_path}")
+    _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)})
+
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    timings = parse_timings(text)
+    for u in timings.unparsed:
+        log.warning("%s:%d: looks like a timing but did not parse: %s", log_path, u["line"], u["text"])
+    pieces, times, stop = _split_pieces(out_chunks, opts.n_predict,
+                                        timings.eval["runs"] if timings.eval else None)
+    answer = b"".join(pieces).decode("utf-8", errors="replace").strip()
+    ok, check = _check_count(len(pieces), stop, timings, opts.n_predict)
+    if not ok:
+        log.warning("%s: %s", log_path, check)
+    itl = [1000.0 * (b - a) for a, b in zip(times, times[1:])]
+    return EvalRun(
+        command=cmd, log_path=str(log_path), returncode=proc.returncode, answer=answer, timings=timings,
+        wall_s=wall, peak_rss_mib=peak, token_times_s=times,
+        pieces=[p.decode("utf-8", errors="replace") for p in pieces],
+        ttft_ms=1000.0 * times[0] if times else None,
+        ttft_after_load_ms=1000.0 * (times[0] - loaded_at) if times and loaded_at is not None else None,
+        itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _error_lines(log_path: Path, n: int = 6) -> str:
+    lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    picked = [ln for ln in lines if re.search(r"(?:^|\s)E\s|(?i:\b(?:error|failed|abort|exception)\b)", ln)]
+    return "\n    ".join((picked or lines)[-n:])
+
+
+def _gguf_problems(files: dict[str, Path]) -> list[str]:
+    """Why a GGUF the tool could not load is unreadable (read with gguf-py; only after a failure)."""
+    from gguf import GGUFReader
+
+    problems = []
+    for label, path in files.items():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            problems.append(f"{label} {path} is not a readable GGUF (it starts with {magic!r}, not b'GGUF')")
+            continue
+        try:
+            GGUFReader(path, "r")
+        except Exception as err:  # noqa: BLE001 - any reader failure is the diagnosis
+            problems.append(f"{label} {path} is not a readable GGUF ({type(err).__name__}: {err}; "
+                            "truncated or damaged?)")
+    return problems
+
+
+def _raise_for_status(rc: int, cmd: list[str], log_path: Path, inputs: dict[str, Path]) -> None:
+    if rc == 0:
+        return
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        what = f"crashed ({name})"
+    else:
+        what = f"failed (exit status {rc})"
+    tail = _error_lines(log_path)
+    # This build can exit(1) before its log thread has written anything.
+    shown = f"Last error lines:\n    {tail}" if tail else "The tool wrote nothing to its log."
+    problems = _gguf_problems(inputs) if rc > 0 else []
+    hint = ("\n  " + "\n  ".join(problems) + "\n  (re-export it, or point the params at a complete file)"
+            if problems else "")
+    raise EvaluationError(f"llama-mtmd-cli {what}; full log kept at {log_path}. {shown}{hint}\n"
+                          f"  command: {' '.join(cmd)}")
+
+
+def _split_pieces(chunks: list[tuple[float, bytes]], n_predict: int,
+                  eval_runs: int | None = None) -> tuple[list[bytes], list[float], str]:
+    """The generated pieces and their arrival times, from the stdout reads (see module doc).
+
+    How generation stopped decides whether a newline before the final "\\n\\n" is the tool's
+    end-of-generation newline: with the log's eval run count, eval_runs = n_predict - 1 means the
+    n_predict stop (an EOG sampled exactly at the last step is told apart by timing, below);
+    fewer runs mean EOG. Without the count (a log without the perf block), a lone newline read
+    with fewer pieces than n_predict is taken as the EOG newline.
+    """
+    chunks = [(t, b) for t, b in chunks if b]
+    end_t = chunks[-1][0] if chunks else 0.0
+    # The newline that ends prompt processing.
+    if chunks and chunks[0][1].startswith(b"\n"):
+        chunks[0] = (chunks[0][0], chunks[0][1][1:])
+        chunks = [(t, b) for t, b in chunks if b]
+    # The "\n\n" printed before the perf block (may share a read with the last piece).
+    chunks = _strip_trailing_newlines(chunks, 2)
+    n = len(chunks)
+    lone_newline_last = n > 0 and chunks[-1][1] == b"\n"
+    if n_predict < 0:  # no limit: only end-of-generation (or a full context) stops it
+        stop = "eog"
+    elif eval_runs is not None and eval_runs + 1 < n_predict:
+        stop = "eog"
+    elif eval_runs is not None or n == n_predict:
+        stop = "n_predict"
+        if lone_newline_last and n > 2:
+            # n_predict - 1 pieces + the EOG newline, or n_predict pieces of which the last is a
+            # newline token? The EOG newline is written right before "\n\n" (no decode in
+            # between); a last token is followed by one more decode before "\n\n".
+            gaps = sorted(b[0] - a[0] for a, b in zip(chunks[:-1], chunks[1:-1]))
+            if end_t - chunks[-1][0] < 0.25 * gaps[len(gaps) // 2]:
+                stop = "eog"
+    else:
+        stop = "eog" if n < n_predict else "unknown"
+    if stop == "eog" and (lone_newline_last or eval_runs is not None):
+        chunks = _strip_trailing_newlines(chunks, 1)
+    return [b for _, b in chunks], [t for t, _ in chunks], stop
+
+
+def _strip_trailing_newlines(chunks: list[tuple[float, bytes]], count: int) -> list[tuple[float, bytes]]:
+    chunks = list(chunks)
+    while count and chunks:
+        t, b = chunks[-1]
+        cut = min(count, len(b) - len(b.rstrip(b"\n")))
+        if cut == 0:
+            break
+        count -= cut
+        chunks[-1] = (t, b[:len(b) - cut])
+        if not chunks[-1][1]:
+            chunks.pop()
+    return chunks
+
+
+def _check_count(n_pieces: int, stop: str, timings: Timings, n_predict: int) -> tuple[bool, str]:
+    if timings.eval is None:
+        return False, (f"{n_pieces} pieces streamed; the log has no 'eval time' line to check them against "
+                       "(run with -lv 4 or -v)")
+    runs = timings.eval["runs"]
+    expected = runs + 1 if stop == "n_predict" else runs
+    if n_pieces == expected:
+        return True, (f"{n_pieces} pieces = eval runs {runs}" + (" + 1 (the n_predict-th token's decode is "
+                      "never synchronized before the perf print)" if stop == "n_predict" else ""))
+    if n_pieces < expected:
+        return False, (f"{n_pieces} pieces but {expected} tokens expected from eval runs {runs} (stop: {stop}): "
+                       "some reads held more than one token; per-token times are approximate")
+    return False, f"{n_pieces} pieces but only {expected} expected from eval runs {runs} (stop: {stop})"
+
+
+# ----------------------------------------------------------------------------- the step
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", name)
+
+
+def case_inputs(run) -> list[tuple[Path, str]]:
+    """(image, prompt) per params case; errors name the case before anything runs."""
+    from . import toolchain
+    from .workspace import resolve
+
+    out = []
+    for i, case in enumerate(run.params.evaluate.cases):
+        if case.image is None:
+            image = toolchain.source_asset(DEFAULT_IMAGE)
+        else:
+            image = resolve(case.image)
+            if not image.is_file():
+                raise FileNotFoundError(f"{run.params_file}: evaluate.cases[{i}].image: {image} not found "
+                                        "(paths are absolute or relative to the repo root)")
+        out.append((image, case.prompt))
+    return out
+
+
+def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
+    """Every variant x every params case; returns one row per run (also written to metrics/)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import toolchain
+    from .workspace import write_json
+
+    cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
+    cases = case_inputs(run)
+    for name, path in variants.items():
+        _check_input(Path(path), f"text GGUF of variant '{name}'")
+    _check_input(Path(mmproj), "mmproj GGUF")
+    opts = MtmdOptions.from_params(run.params.evaluate)
+    version = toolchain.tool_version(cli)
+    logs, metrics = run.sub("logs"), run.sub("metrics")
+    rows = []
+    jobs = [(name, Path(path), i, image, prompt) for name, path in variants.items()
+            for i, (image, prompt) in enumerate(cases)]
+    for name, gguf, i, image, prompt in tqdm(jobs, desc="llama-mtmd-cli", unit="run"):
+        stem = f"{_safe(name)}__{i}"
+        result = run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
+        record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
+                  "mmproj": str(mmproj), "llama_cpp": version, "options": asdict(opts), **result.to_dict()}
+        write_json(metrics / f"{stem}.json", record)
+        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
+        log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,
+                 result.n_tokens, result.ttft_ms or float("nan"),
+                 f"{rows[-1]['stream_tokens_per_s']:.2f}" if rows[-1]["stream_tokens_per_s"] else "n/a",
+                 result.peak_rss_mib or float("nan"))
+    return pd.DataFrame(rows)
