@@ -149,8 +149,7 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     log_file = build_dir / "build.log"
     configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                 "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-                 f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={bin_dir}"]
+                 "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     jobs = jobs or os.cpu_count() or 2
     build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]
     with open(log_file, "w") as logf:
@@ -158,6 +157,12 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
         subprocess.run(configure, stdout=logf, stderr=subprocess.STDOUT, check=True)
         log.info("building %s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS), jobs)
         _run_with_progress(build, logf)
+    # llama.cpp's CMakeLists sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <cmake dir>/bin itself (a -D
+    # value is overridden), so the tools are copied from there.
+    bin_dir.mkdir(exist_ok=True)
+    for tool in TOOLS:
+        if (cmake_dir / "bin" / tool).exists():
+            shutil.copy2(cmake_dir / "bin" / tool, bin_dir / tool)
     missing = [t for t in TOOLS if not (bin_dir / t).exists()]
     if missing:
         raise RuntimeError(f"llama.cpp build finished without {missing}; see {log_file}")

@@ -1,0 +1,196 @@
+"""Step 06 around `evaluate.run_evaluations`: which variants, quality, plots and the metrics folder.
+
+`run_evaluate(run)` is the whole step (what the CLI calls); the notebook calls its parts to show
+each table. Everything lands in `outputs/<run>/metrics/` (CSV + JSON per table, `summary.json`
+for the report's summary) and `outputs/<run>/plots/`; `metrics` is recorded in artifacts.json.
+
+Variants: the unquantized text GGUF (`text_gguf`, when `evaluate.include_unquantized` and the run
+made one) and every `quantized` file. Ready-made GGUF runs (`model.format: gguf`) have no
+`text_gguf`: the downloaded files are the variants.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import corpus, plots, quality, quantize, summary
+from .workspace import Run, resolve, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    runs: pd.DataFrame                 # one row per llama-mtmd-cli run (evaluate.run_evaluations)
+    tokens: pd.DataFrame               # one row per generated token: variant, case, token, piece, itl_ms
+    variants: pd.DataFrame             # one row per variant: size, quality and mean timings
+    quant: pd.DataFrame                # quantize.quant_table of every file involved
+    kld: pd.DataFrame | None           # quality.kld_table, None when not measured
+    agreement: pd.DataFrame            # quality.answer_agreement
+    summary: dict                      # what summary.json holds
+    figures: dict = field(default_factory=dict)
+    metrics_dir: Path | None = None
+
+    def __str__(self) -> str:
+        return (f"EvalReport({len(self.runs)} runs, variants {list(self.variants['variant'])}, "
+                f"chosen {self.summary.get('chosen', {}).get('variant')}, metrics {self.metrics_dir})")
+
+
+# ----------------------------------------------------------------------------- inputs
+def variants_for_run(run: Run) -> dict[str, Path]:
+    """name -> text GGUF of every variant to evaluate, most precise first."""
+    artifacts = run.artifacts()
+    out: dict[str, Path] = {}
+    quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
+    if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
+        text = run.artifact_path("text_gguf")
+        name = quantize.gguf_summary(text)["file_type"]
+        if name in quantized:
+            log.info("the unquantized %s is also a quantize.types entry; evaluated once", name)
+        else:
+            out[name] = text
+    out.update(quantized)
+    if not out:
+        raise FileNotFoundError(
+            f"{run.artifacts_file}: nothing to evaluate (no 'quantized' and no 'text_gguf'); run "
+            f"`make quantize PARAMS={run.params_file}` first")
+    for name, path in out.items():
+        quantize.open_gguf(path, f"text GGUF of variant '{name}'")
+    return {n: out[n] for n in plots._order(out)}
+
+
+def reference(run: Run, variants: dict[str, Path]) -> tuple[str | None, Path | None]:
+    """The quality reference: the unquantized text GGUF, else the most precise of several variants."""
+    if "text_gguf" in run.artifacts():
+        path = run.artifact_path("text_gguf")
+        for name, p in variants.items():
+            if Path(p).resolve() == path.resolve():
+                return name, path
+        return quantize.gguf_summary(path)["file_type"], path
+    if len(variants) < 2:
+        return None, None
+    name = quality.reference_variant(variants)
+    return name, Path(variants[name])
+
+
+def token_table(run: Run, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per generated token: variant, case, token index, piece, arrival (s) and the gap before it (ms).
+
+    Read from the per-run JSON records `evaluate.run_evaluations` writes next to the runs' logs.
+    """
+    rows = []
+    for _, r in runs.iterrows():
+        record_file = run.sub("metrics") / f"{Path(str(r['log'])).stem}.json"
+        if not record_file.exists():
+            log.warning("no per-token record %s for %s case %s", record_file, r["variant"], r["case"])
+            continue
+        rec = json.loads(record_file.read_text())
+        times, pieces, itl = rec.get("token_times_s") or [], rec.get("pieces") or [], rec.get("itl_ms") or []
+        for i, t in enumerate(times):
+            rows.append({"variant": r["variant"], "case": r["case"], "token": i,
+                         "piece": pieces[i] if i < len(pieces) else None, "t_s": t,
+                         "itl_ms": itl[i - 1] if 0 < i <= len(itl) else None})
+    return pd.DataFrame(rows, columns=["variant", "case", "token", "piece", "t_s", "itl_ms"])
+
+
+# ----------------------------------------------------------------------------- tables
+TIMING_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "text_prompt_ms", "prompt_eval_ms",
+                  "prompt_tokens", "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s",
+                  "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib"]
+
+
+def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | None,
+                  agreement: pd.DataFrame, n_predict: int) -> pd.DataFrame:
+    """One row per variant: size, quality, mean timings over cases and the normalised answer time.
+
+    `answer_ms` = image encode + prompt eval (image decode included) + (n_predict - 1) x the
+    generation ms/token: the time to a full-length answer, not counting the one-time model load,
+    so a variant that stops early does not look faster.
+    """
+    staged = plots.with_stages(runs)
+    cols = [c for c in TIMING_COLUMNS if c in staged]
+    table = staged.groupby("variant", sort=False)[cols].mean().reset_index()
+    table["cases"] = staged.groupby("variant", sort=False).size().to_numpy()
+    # Rates from the mean times (a mean of per-run rates would weight short runs up).
+    if {"prompt_tokens", "prompt_eval_ms"} <= set(table):
+        table["prompt_tokens_per_s"] = 1000.0 * table["prompt_tokens"] / table["prompt_eval_ms"]
+    if "eval_ms_per_token" in table:
+        table["eval_tokens_per_s"] = 1000.0 / table["eval_ms_per_token"]
+    # NaN (not 0) when a log lacked a figure: an incomplete row must not look fastest.
+    table["answer_ms"] = (table.get("image_encode_ms", 0.0).fillna(0.0) + table["prompt_eval_ms"]
+                          + table["eval_ms_per_token"] * max(n_predict - 1, 0))
+    keep = ["variant", "file", "file_type", "size_mib", "params", "bpw", "imatrix"]
+    table = table.merge(quant[[c for c in keep if c in quant]], on="variant", how="left")
+    if kld is not None and len(kld):
+        table = table.merge(kld[["variant", "ppl", "kld", "kld_p99", "same_top_pct"]], on="variant", how="left")
+    else:
+        table["kld"] = float("nan")
+    if len(agreement):
+        agree = agreement.groupby("variant").agg(same_answer=("same_answer", "mean"),
+                                                 prefix_tokens=("prefix_tokens", "mean"))
+        table = table.merge(agree.reset_index(), on="variant", how="left")
+    order = plots._order(table["variant"])
+    return table.set_index("variant").loc[order].reset_index()
+
+
+# ----------------------------------------------------------------------------- the step
+def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> EvalReport:
+    """Quality, tables, plots and the summary for the evaluation `runs`; writes metrics/, records it."""
+    if runs.empty:
+        raise ValueError("no evaluation runs to report (evaluate.cases empty?)")
+    metrics = run.sub("metrics")
+    e = run.params.evaluate
+    ref_name, ref_path = reference(run, variants)
+    files = dict(variants)
+    if ref_name and ref_name not in files:
+        files = {ref_name: ref_path, **files}
+    quant = quantize.quant_table(files)
+    notes: list[str] = []
+    kld = None
+    if not e.perplexity:
+        notes.append("KL divergence not measured (evaluate.perplexity is false)")
+    elif ref_path is None:
+        notes.append("KL divergence not measured: no unquantized model and a single variant")
+    else:
+        kld = quality.kld_table(ref_path, dict(variants), corpus.corpus_path("eval"), run, base_name=ref_name)
+    tokens = token_table(run, runs)
+    baseline = ref_name if ref_name in set(runs["variant"]) else None
+    # Every variant shares the reference's vocabulary; any of the files tokenizes for all.
+    tokenize = quality.llama_tokenizer(ref_path or next(iter(variants.values())), run)
+    agreement = quality.answer_agreement(runs, tokenize, baseline=baseline)
+    table = variant_table(runs, quant, kld, agreement, e.n_predict)
+    info = summary.build_summary(run, table, quant, ref_name, notes)
+    figures = {"latency_breakdown": plots.latency_breakdown(runs, run),
+               "token_latency": plots.token_latency(tokens, run),
+               "size_kld_speed": plots.size_kld_speed(table, run)}
+    for name, df in [("runs", runs), ("tokens", tokens), ("variants", table), ("quant", quant), ("kld", kld),
+                     ("agreement", agreement)]:
+        if df is not None:
+            write_table(df, metrics / name)
+    write_json(metrics / "summary.json", info)
+    run.record("metrics", metrics)
+    return EvalReport(runs, tokens, table, quant, kld, agreement, info, figures, metrics)
+
+
+def write_table(df: pd.DataFrame, stem: Path) -> None:
+    """<stem>.csv and <stem>.json (records)."""
+    from .workspace import atomic_path
+
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(stem.with_suffix(".json")) as tmp:
+        df.to_json(tmp, orient="records", indent=1)
+
+
+def run_evaluate(run: Run) -> EvalReport:
+    """Step 06: evaluate every variant on every case, then `report_metrics`."""
+    from . import evaluate
+
+    variants = variants_for_run(run)
+    mmproj = run.artifact_path("mmproj")
+    runs = evaluate.run_evaluations(run, variants, mmproj)
+    return report_metrics(run, runs, variants)
