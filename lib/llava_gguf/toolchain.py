@@ -131,19 +131,17 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
         log.info("llama.cpp build up to date: %s", bin_dir)
         return bin_dir
     if force or patched_for != build_key():
-        # Files an earlier patch set changed, to be recompiled even where the new set leaves them pristine.
-        previously = _patched_paths(src) if src.exists() else []
-        if src.exists():
-            shutil.rmtree(src)
-        # copytree keeps modification times, so cmake recompiles only what a patch touched.
+        # A tree patched for another key (an explicit build_dir after a patch edit) is rebuilt
+        # from scratch: copied sources keep their old times, so cmake would miss un-patched files.
+        for stale in (src, build_dir / "cmake"):
+            if stale.exists():
+                shutil.rmtree(stale)
         shutil.copytree(source_dir(), src, symlinks=True)
         for patch in patch_files():
             log.info("applying %s", patch.name)
             subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], cwd=src, check=True,
                            stdout=subprocess.DEVNULL)
-        for rel in previously:
-            if (src / rel).exists():
-                os.utime(src / rel)
+        _stamp_build_info(src)
         marker.write_text("\n".join([build_key(), *(p.name for p in patch_files())]) + "\n")
     cmake_dir = build_dir / "cmake"
     log_file = build_dir / "build.log"
@@ -169,16 +167,16 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     return bin_dir
 
 
-def _patched_paths(src: Path) -> list[Path]:
-    """Files of a patched copy whose modification time differs from the pristine source's."""
-    pristine, out = source_dir(), []
-    for root, _dirs, files in os.walk(src):
-        for name in files:
-            rel = Path(root, name).relative_to(src)
-            orig = pristine / rel
-            if orig.is_file() and orig.stat().st_mtime_ns != (src / rel).stat().st_mtime_ns:
-                out.append(rel)
-    return out
+def _stamp_build_info(src: Path) -> None:
+    """Let `--version` name the pinned commit and the patch set.
+
+    llama.cpp asks git for its commit; the sdist's tree has a dangling `.git` file instead of a
+    repository, so the tools would say "commit unknown".
+    """
+    info = src / "cmake" / "build-info.cmake"
+    text = info.read_text()
+    info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{build_key()}")', 1))
+    (src / ".git").unlink(missing_ok=True)
 
 
 def _run_with_progress(cmd: list[str], logf) -> None:
