@@ -1,0 +1,519 @@
+"""Step 04: the Llama text model of a LLaVA checkpoint as a llama.cpp GGUF, written natively.
+
+llama.cpp's manual recipe (`examples/convert_legacy_llama.py <model> --skip-unknown`) writes a
+27 GB F32 file for the 7B and leaves the chat template out. Here the text part of the split
+(`layout.split_checkpoint(...).part("text")`) is written with gguf-py's `GGUFWriter` in the
+requested precision (`convert.outtype`), one tensor at a time: the header and the tensor table
+are written first (`add_tensor_info`), then each tensor is read from its shard, converted in row
+chunks and appended, so peak memory is one source tensor plus a chunk, whatever the model size.
+
+What is written matches the legacy script (tensor names, shapes, types and values, the `llama.*`,
+`general.*` and `tokenizer.*` keys; see `text_check.compare_ggufs`), plus
+`tokenizer.ggml.unknown_token_id` and the Vicuna chat template, which llama.cpp recognises as its
+built-in "vicuna" template, so `llama-mtmd-cli` needs no `--chat-template`. One deliberate
+difference: Q8_0 blocks come from gguf-py's port of ggml's reference quantizer (byte-identical to
+`llama-quantize`), where the legacy script's own numpy shortcut rounds about 0.1% of the quants one
+step the other way (same block scales). Everything is checked before a byte is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .layout import TEXT, SplitTensor, split_checkpoint
+from .workspace import Run, atomic_path
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+
+# convert.outtype -> (type of 2-D tensors, general.file_type, file name suffix). 1-D tensors (the
+# norms) are always F32, as in convert_legacy_llama.py: llama.cpp's kernels for them expect F32.
+OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType, str]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32, "F32"),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16, "F16"),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16, "BF16"),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+}
+
+# Canonical (Hugging Face Llama) name -> llama.cpp name, the rotary permutation it needs (the
+# hyper-parameter giving its head count) and its expected shape in hyper-parameter names.
+# "{bid}" is the block index.
+TENSOR_MAP: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
+    ("model.embed_tokens.weight", "token_embd.weight", None, ("n_vocab", "n_embd")),
+    ("model.layers.{bid}.self_attn.q_proj.weight", "blk.{bid}.attn_q.weight", "n_head", ("n_embd", "n_embd")),
+    ("model.layers.{bid}.self_attn.k_proj.weight", "blk.{bid}.attn_k.weight", "n_head_kv", ("n_embd_kv", "n_embd")),
+    ("model.layers.{bid}.self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", None, ("n_embd_kv", "n_embd")),
+    ("model.layers.{bid}.self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", None, ("n_embd", "n_embd")),
+    ("model.layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight", None, ("n_ff", "n_embd")),
+    ("model.layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight", None, ("n_ff", "n_embd")),
+    ("model.layers.{bid}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight", None, ("n_embd", "n_ff")),
+    ("model.layers.{bid}.input_layernorm.weight", "blk.{bid}.attn_norm.weight", None, ("n_embd",)),
+    ("model.layers.{bid}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight", None, ("n_embd",)),
+    ("model.norm.weight", "output_norm.weight", None, ("n_embd",)),
+    ("lm_head.weight", "output.weight", None, ("n_vocab", "n_embd")),
+)
+
+# Vicuna v1.1 as llama.cpp formats it (src/llama-chat.cpp, LLM_CHAT_TEMPLATE_VICUNA): a system
+# message then a blank line, "USER: ...\n", "ASSISTANT: ...</s>\n", and "ASSISTANT:" to answer.
+# llama-mtmd-cli (no --jinja) picks the built-in "vicuna" formatter from the literal "USER: " and
+# "ASSISTANT: " in the template (and no "SYSTEM: ", which would select vicuna-orca); with --jinja the
+# template itself renders the same text. No bos_token: llama.cpp adds BOS when tokenizing.
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+SUPPORTED_SOURCE_DTYPES = ("BF16", "F16", "F32")
+# Rows converted at once: bounds the F32 working copies (16 MiB) for any tensor size.
+CHUNK_ELEMENTS = 1 << 22
+# Names convert_legacy_llama.py leaves out of its parameter count (general.size_label).
+_UNCOUNTED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+class TextExportError(ValueError):
+    """The checkpoint's text model cannot be exported; the message names the file or key and the fix."""
+
+
+# ---------------------------------------------------------------------------- hyper-parameters
+@dataclass(frozen=True)
+class TextHParams:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ctx: int
+    norm_eps: float
+    rope_theta: float | None
+    rope_scale: float | None  # linear RoPE scaling factor, None when unscaled
+    tie_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+    def dims(self) -> dict[str, int]:
+        return {"n_vocab": self.n_vocab, "n_embd": self.n_embd, "n_ff": self.n_ff, "n_embd_kv": self.n_embd_kv,
+                "n_head": self.n_head, "n_head_kv": self.n_head_kv}
+
+
+def read_hparams(config: dict, config_file: Path) -> TextHParams:
+    """The Llama hyper-parameters of config.json (or its `text_config`), validated."""
+    cfg = config.get("text_config") or config
+    where = f"{config_file}" + (" (text_config)" if cfg is not config else "")
+
+    def need(key: str):
+        if key not in cfg or cfg[key] is None:
+            raise TextExportError(f"{where}: key '{key}' is missing; the text model's hyper-parameters need it")
+        return cfg[key]
+
+    n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
+    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+    if n_head <= 0 or n_embd % n_head:
+        raise TextExportError(f"{where}: num_attention_heads {n_head} does not divide hidden_size {n_embd}; "
+                              "the head size must be a whole number (a corrupted config.json?)")
+    if (n_embd // n_head) % 2:
+        raise TextExportError(f"{where}: head size hidden_size/num_attention_heads = {n_embd // n_head} is odd; "
+                              "rotary embeddings need an even head size")
+    if n_head_kv <= 0 or n_head % n_head_kv:
+        raise TextExportError(f"{where}: num_key_value_heads {n_head_kv} does not divide num_attention_heads "
+                              f"{n_head}")
+    if cfg.get("head_dim") not in (None, n_embd // n_head):
+        raise TextExportError(f"{where}: head_dim {cfg['head_dim']} != hidden_size/num_attention_heads "
+                              f"({n_embd // n_head}); Llama layouts with a separate head size are not supported")
+    n_ctx = cfg.get("max_sequence_length", cfg.get("max_position_embeddings"))
+    if n_ctx is None:
+        raise TextExportError(f"{where}: key 'max_position_embeddings' is missing (the training context)")
+    return TextHParams(
+        n_vocab=int(need("vocab_size")), n_embd=n_embd, n_ff=int(need("intermediate_size")),
+        n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv, n_ctx=int(n_ctx),
+        norm_eps=float(need("rms_norm_eps")), rope_theta=cfg.get("rope_theta"),
+        rope_scale=_rope_scale(cfg.get("rope_scaling"), where),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _rope_scale(scaling, where: str) -> float | None:
+    if not scaling:
+        return None
+    # "type" in older config.json files, "rope_type" since transformers 4.45.
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    if kind == "default":
+        return None
+    if kind == "linear" and isinstance(scaling.get("factor"), (int, float)):
+        return float(scaling["factor"])
+    raise TextExportError(f"{where}: rope_scaling {json.dumps(scaling)} is not supported (supported: null or "
+                          "{\"type\": \"linear\", \"factor\": F}); this export handles the plain Llama RoPE")
+
+
+# ---------------------------------------------------------------------------- vocabulary
+@dataclass
+class Vocab:
+    tokens: list[bytes]
+    scores: np.ndarray
+    types: np.ndarray
+    special: gguf.SpecialVocab
+    source: Path
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def read_vocab(folder: Path) -> Vocab:
+    """The SentencePiece vocabulary of `tokenizer.model`, and the special ids and add-BOS/EOS flags
+    from the tokenizer and config files (as convert_legacy_llama.py reads them)."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from .tokenizer import token_arrays
+
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise TextExportError(f"{model_file}: missing; the text GGUF's vocabulary comes from the SentencePiece "
+                              "tokenizer.model (download it with the checkpoint: make download)")
+    try:
+        tokens, scores, types = token_arrays(model_file)
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(model_file.read_bytes())
+    except DecodeError as err:
+        raise TextExportError(f"{model_file}: not a SentencePiece model ({err}); re-download it") from None
+    if not tokens:
+        raise TextExportError(f"{model_file}: holds no pieces; re-download it")
+    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+    # tokenizer.model is the authority for ids the JSON files leave out (Llama's unk is only there).
+    trainer = proto.trainer_spec
+    for kind, tok_id in (("unk", trainer.unk_id), ("bos", trainer.bos_id), ("eos", trainer.eos_id)):
+        if 0 <= tok_id < len(tokens):
+            special.special_token_ids.setdefault(kind, tok_id)
+    special.add_special_token.setdefault("bos", True)
+    special.add_special_token.setdefault("eos", False)
+    if special.chat_template is not None:
+        log.info("%s: replacing the checkpoint's chat template with the Vicuna one", folder)
+    special.chat_template = VICUNA_CHAT_TEMPLATE
+    return Vocab(tokens, scores, types, special, model_file)
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # llama.cpp name
+    canonical: str
+    stored: str
+    shard: str
+    src_dtype: str
+    shape: tuple[int, ...]  # PyTorch order (rows, columns), as GGUFWriter takes it
+    qtype: gguf.GGMLQuantizationType
+    permute_heads: int | None  # Q and K: head count for the rotary re-ordering
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+
+@dataclass
+class TextPlan:
+    checkpoint: Path
+    hparams: TextHParams
+    vocab: Vocab
+    outtype: str
+    tensors: list[PlannedTensor]
+    total_params: tuple[int, int, int]  # whole checkpoint (total, shared, expert), for general.size_label
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([{
+            "gguf name": t.name, "source": t.canonical, "source dtype": t.src_dtype, "type": t.qtype.name,
+            "shape": "x".join(map(str, t.shape)), "rotary permute": "yes" if t.permute_heads else "",
+            "MiB": round(t.nbytes / 2**20, 2)} for t in self.tensors])
+
+
+def _name_patterns() -> list[tuple[re.Pattern, str, str | None, tuple[str, ...]]]:
+    out = []
+    for src, dst, heads, dims in TENSOR_MAP:
+        pattern = re.compile("^" + re.escape(src).replace(r"\{bid\}", r"(?P<bid>\d+)") + "$")
+        out.append((pattern, dst, heads, dims))
+    return out
+
+
+_PATTERNS = _name_patterns()
+
+
+def map_name(canonical: str) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """(llama.cpp name, head-count key of its rotary permutation, shape keys) of a canonical name."""
+    for pattern, dst, heads, dims in _PATTERNS:
+        m = pattern.match(canonical)
+        if m:
+            return dst.format(**m.groupdict()), heads, dims
+    return None
+
+
+def expected_names(hp: TextHParams) -> list[str]:
+    """The canonical names of a Llama with these hyper-parameters, in llama.cpp's order."""
+    head = [src for src, *_ in TENSOR_MAP if "{bid}" not in src]
+    blocks = [src for src, *_ in TENSOR_MAP if "{bid}" in src]
+    return [head[0]] + [b.format(bid=i) for i in range(hp.n_layer) for b in blocks] + head[1:]
+
+
+def plan_text(checkpoint: Path | str, outtype: str = "f16") -> TextPlan:
+    """Validate the checkpoint's text model and decide every tensor's name, shape and type. Reads
+    only headers and the tokenizer files; raises `TextExportError` naming the file or key."""
+    if outtype not in OUTTYPES:
+        raise TextExportError(f"convert.outtype {outtype!r} is not supported (choose one of {', '.join(OUTTYPES)})")
+    with Checkpoint.open(checkpoint) as ckpt:
+        text = split_checkpoint(ckpt).part(TEXT)
+        config_file = ckpt.path / "config.json"
+        hp = read_hparams(ckpt.config, config_file)
+        vocab = read_vocab(ckpt.path)
+        if len(vocab) != hp.n_vocab:
+            raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "
+                                  f"({len(vocab)} pieces); added tokens are not supported, the two must match")
+        planned = plan_tensors(text, hp, outtype, ckpt.path)
+        return TextPlan(ckpt.path, hp, vocab, outtype, planned, _parameter_count(ckpt))
+
+
+def plan_tensors(text: dict[str, SplitTensor], hp: TextHParams, outtype: str, folder: Path) -> list[PlannedTensor]:
+    """The llama.cpp tensors for the text part of a split (canonical name -> tensor), checked against
+    the hyper-parameters; errors name the tensor, its shard and the config keys."""
+    config_file = folder / "config.json"
+    qtype_2d, dims = OUTTYPES[outtype][0], hp.dims()
+    unmapped = [f"{t.stored} ({t.shard})" for name, t in text.items() if map_name(name) is None]
+    if unmapped:
+        raise TextExportError(f"{folder}: {len(unmapped)} text tensor(s) have no llama.cpp name: "
+                              f"{', '.join(unmapped[:5])}{' ...' if len(unmapped) > 5 else ''}. This export "
+                              "handles the plain Llama architecture (no biases, no extra norms)")
+    wanted = expected_names(hp)
+    if hp.tie_embeddings and "lm_head.weight" not in text:
+        wanted.remove("lm_head.weight")  # llama.cpp then uses token_embd as the output matrix
+    missing = [n for n in wanted if n not in text]
+    if missing:
+        raise TextExportError(f"{folder}: text tensor(s) {', '.join(missing[:5])} missing for "
+                              f"num_hidden_layers={hp.n_layer} in {config_file}; a shard is missing or "
+                              "config.json does not belong to these weights")
+    extra = [f"{text[n].stored} ({text[n].shard})" for n in text if n not in wanted]
+    if extra:
+        raise TextExportError(f"{folder}: tensor(s) {', '.join(extra[:5])} do not fit num_hidden_layers="
+                              f"{hp.n_layer} / tie_word_embeddings={hp.tie_embeddings} of {config_file}")
+    planned = []
+    for name in wanted:
+        t = text[name]
+        gguf_name, heads_key, shape_keys = map_name(name)
+        shape = tuple(dims[k] for k in shape_keys)
+        if tuple(t.shape) != shape:
+            what = "rows of the embedding/output disagree with vocab_size" if shape_keys[0] == "n_vocab" \
+                else "shape disagrees with the hyper-parameters"
+            raise TextExportError(f"{folder / t.shard}: '{t.stored}' has shape {list(t.shape)}, expected "
+                                  f"{list(shape)} from {config_file} ({what}: "
+                                  f"{', '.join(f'{k}={dims[k]}' for k in dict.fromkeys(shape_keys))})")
+        if t.dtype not in SUPPORTED_SOURCE_DTYPES:
+            raise TextExportError(f"{folder / t.shard}: '{t.stored}' is {t.dtype}; only "
+                                  f"{', '.join(SUPPORTED_SOURCE_DTYPES)} weights can be converted")
+        qtype = qtype_2d if len(shape) > 1 else Q.F32
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if shape[-1] % block:
+            raise TextExportError(f"{folder / t.shard}: '{t.stored}' rows of {shape[-1]} values do not split "
+                                  f"into {qtype.name} blocks of {block}; choose convert.outtype f16")
+        planned.append(PlannedTensor(gguf_name, name, t.stored, t.shard, t.dtype, shape, qtype,
+                                     dims[heads_key] if heads_key else None))
+    return planned
+
+
+def _parameter_count(ckpt: Checkpoint) -> tuple[int, int, int]:
+    # convert_legacy_llama.py labels the file with the size of everything in the checkpoint folder
+    # (vision tower and projector included); the same count keeps general.size_label identical.
+    n = sum(t.numel for t in ckpt if not t.name.endswith(_UNCOUNTED_SUFFIXES))
+    return n, n, 0
+
+
+# ---------------------------------------------------------------------------- metadata
+def model_name(run: Run) -> str:
+    """The model's name: the repo's for hub downloads, else the checkpoint folder's."""
+    p = run.params.model
+    if p.source in ("huggingface", "modelscope"):
+        return p.repo.rstrip("/").rsplit("/", 1)[-1]
+    if p.source == "tiny":
+        return f"llava-synthetic-{p.tiny.size}"
+    # The folder as named in the params (the recorded artifact may be a resolved symlink).
+    return Path(p.path).name if p.path else run.artifact_path("checkpoint").name
+
+
+def general_metadata(checkpoint: Path, name: str, total_params: tuple[int, int, int]) -> gguf.Metadata:
+    """`general.*` as convert_legacy_llama.py derives it (model card front matter, config.json,
+    then a name heuristic), with `name` standing in for the folder name: a hub snapshot's folder is
+    a commit hash."""
+    meta = gguf.Metadata.load(None, checkpoint, None, 0)
+    card = gguf.Metadata.load_model_card(checkpoint)
+    hf = gguf.Metadata.load_hf_parameters(checkpoint)
+    named = gguf.Metadata.apply_metadata_heuristic(gguf.Metadata(), card, hf, Path(name), 0)
+    for key in ("name", "organization", "basename", "finetune", "version"):
+        setattr(meta, key, getattr(named, key))
+    meta.name = meta.name or name
+    meta.size_label = gguf.size_label(*total_params, expert_count=0)
+    return meta
+
+
+def _add_metadata(writer: gguf.GGUFWriter, plan: TextPlan, name: str) -> None:
+    hp = plan.hparams
+    general_metadata(plan.checkpoint, name, plan.total_params).set_gguf_meta_model(writer)
+    writer.add_vocab_size(hp.n_vocab)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.norm_eps)
+    if hp.rope_theta is not None:
+        writer.add_rope_freq_base(hp.rope_theta)
+    if hp.rope_scale is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(hp.rope_scale)
+    writer.add_file_type(OUTTYPES[plan.outtype][1])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(plan.vocab.tokens)
+    writer.add_token_scores(plan.vocab.scores.tolist())
+    writer.add_token_types(plan.vocab.types.tolist())
+    plan.vocab.special.add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------------------- tensors
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Hugging Face stores Q/K rows rotate-half ordered per head; llama.cpp's RoPE wants the two
+    halves interleaved (the inverse of transformers' convert_llama_weights_to_hf permutation)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+class _StreamedTensor:
+    """Stands in for an ndarray in `GGUFWriter.write_tensor_data`, which only asks for `nbytes`
+    and calls `tofile(fout)` (as gguf-py's chunked lazy tensors do): the tensor is read when its
+    turn comes and converted a few rows at a time, so no whole F32 copy ever exists."""
+
+    def __init__(self, ckpt: Checkpoint, t: PlannedTensor):
+        self.ckpt, self.t = ckpt, t
+        self.nbytes = t.nbytes
+
+    def tofile(self, fout) -> None:
+        t = self.t
+        w = self.ckpt.load(t.stored)
+        if t.permute_heads:
+            w = permute_rotary(w, t.permute_heads)
+        row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        step = max(1, CHUNK_ELEMENTS // row)
+        written = 0
+        for start in range(0, t.shape[0], step):
+            # Through F32 as the legacy script does: bf16/f16 -> f32 is exact, then one rounding.
+            chunk = w[start:start + step].to(torch.float32).numpy()
+            out = gguf.quants.quantize(chunk, t.qtype)
+            out.tofile(fout)
+            written += out.nbytes
+        del w
+        if written != self.nbytes:
+            raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {self.nbytes}")
+
+
+@dataclass
+class TextResult:
+    path: Path
+    n_tensors: int
+    size: int  # bytes
+    outtype: str
+    seconds: float = 0.0
+    plan: TextPlan | None = field(default=None, repr=False)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"file": self.path.name, "tensors": self.n_tensors, "outtype": self.outtype,
+                              "GiB": round(self.size / 2**30, 3), "seconds": round(self.seconds, 1)}])
+
+
+def write_text_gguf(checkpoint: Path | str, out_path: Path | str, outtype: str = "f16",
+                    name: str | None = None, plan: TextPlan | None = None) -> TextResult:
+    """Write the text GGUF of a checkpoint folder to `out_path` (atomically); the folder is only read."""
+    t0 = time.monotonic()
+    out_path = Path(out_path)
+    plan = plan or plan_text(checkpoint, outtype)
+    name = name or plan.checkpoint.name
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_metadata(writer, plan, name)
+    for t in plan.tensors:
+        writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, t.qtype), np.dtype(np.uint8),
+                               t.nbytes, raw_dtype=t.qtype)
+    log.info("writing %s: %d tensors, %.2f GiB (%s)", out_path.name, len(plan.tensors), plan.nbytes / 2**30,
+             plan.outtype)
+    with Checkpoint.open(plan.checkpoint) as ckpt, atomic_path(out_path) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"text {plan.outtype}") as bar:
+                for t in plan.tensors:
+                    writer.write_tensor_data(_StreamedTensor(ckpt, t))
+                    bar.update(t.nbytes)
+        finally:
+            writer.close()
+    size = out_path.stat().st_size
+    log.info("wrote %s (%.2f GiB) in %.1f s", out_path, size / 2**30, time.monotonic() - t0)
+    return TextResult(out_path, len(plan.tensors), size, plan.outtype, time.monotonic() - t0, plan)
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True, eos_token: str = "</s>") -> str:
+    """The Vicuna template rendered as Jinja (what llama.cpp's --jinja mode and transformers do)."""
+    import jinja2
+
+    return jinja2.Environment().from_string(VICUNA_CHAT_TEMPLATE).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
+
+
+def metadata_table(path: Path | str) -> pd.DataFrame:
+    """The key/value metadata of a GGUF file (long arrays shortened), for display."""
+    from .gguf_io import read_gguf
+
+    rows = []
+    for key, (types, value) in read_gguf(path).fields.items():
+        if isinstance(value, list) and len(value) > 6:
+            value = f"[{', '.join(map(repr, value[:5]))}, ...] ({len(value)} items)"
+        rows.append({"key": key, "type": "/".join(t.name for t in types), "value": value})
+    return pd.DataFrame(rows)
+
+
+def output_path(run: Run) -> Path:
+    suffix = OUTTYPES[run.params.convert.outtype][2]
+    return run.dir / "models" / f"{model_name(run)}-{suffix}.gguf"
+
+
+def text_plan(run: Run) -> pd.DataFrame:
+    """The tensor plan of this run's export (name, source dtype -> type, shape), for display."""
+    return plan_text(run.artifact_path("checkpoint"), run.params.convert.outtype).table()
+
+
+def run_text(run: Run) -> TextResult:
+    """Step 04: write `outputs/<run>/models/<name>-<OUTTYPE>.gguf`, record it as `text_gguf`."""
+    checkpoint = run.artifact_path("checkpoint")
+    plan = plan_text(checkpoint, run.params.convert.outtype)
+    result = write_text_gguf(checkpoint, output_path(run), plan.outtype, model_name(run), plan)
+    run.record("text_gguf", result.path)
+    return result

@@ -1,0 +1,390 @@
+"""Proof that the text GGUF is the original model: logits, tokenizer, and the legacy converter.
+
+`verify_text(run)` follows llama.cpp's `examples/model-conversion` check: `llama-debug
+--save-logits` writes the last-token logits of a fixed prompt (`convert.verify_prompt`) and the
+token ids it fed; the same prompt goes through transformers' `LlamaForCausalLM` built from the
+checkpoint's text part. The token ids must be identical and the normalized MSE of the logits
+(MSE / variance of the reference, as `check-nmse.py` computes it) within the bound of the
+precision (`NMSE_BOUNDS`). llama.cpp's tokenization of its own SentencePiece test strings
+(`models/ggml-vocab-llama-spm.gguf.inp`) must equal SentencePiece's on `tokenizer.model`.
+
+Cost: the reference holds the text model in memory: F32 when it fits (tiny: ~0.1 GB, seconds),
+else the checkpoint's BF16 (the real 7B: ~14 GB RAM, a few minutes). `convert.verify: false` skips it.
+
+`compare_ggufs` puts the native export beside what llama.cpp's `examples/convert_legacy_llama.py
+--skip-unknown` writes (`legacy.legacy_text_export`; used by the tests).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoint import Checkpoint
+from .gguf_io import GGUFTensor, read_gguf
+from .layout import TEXT, split_checkpoint
+from .text import OUTTYPES, TextExportError, read_hparams
+from .tokenizer import VOCAB_GGUF, read_test_vectors
+from .toolchain import find_tool, source_dir
+from .workspace import Run
+
+log = logging.getLogger(__name__)
+
+# Last-token logits NMSE a correct conversion stays under, per convert.outtype, against an F32
+# reference. Measured on the synthetic tiny checkpoint (bf16 values exactly representable in f16),
+# two prompts each:
+#   f32  3.6e-7, 3.9e-7: weights identical; what is left is llama.cpp's own arithmetic (summation
+#        order, F16 KV cache). llama.cpp's legacy F32 conversion gives the same 3.9e-7.
+#   f16  6.2e-7, 6.3e-7: weights identical too (bf16 -> f16 is exact here), but llama.cpp rounds
+#        activations to F16 for F16 matrix products.
+#   bf16 1.4e-5, 2.7e-5: weights identical, activations rounded to BF16 (8-bit mantissa).
+#   q8_0 5.6e-4, 8.4e-4: 8-bit weights and 8-bit activations (the Q8_0 dot product).
+# At the 7B's widths (hidden 4096, 32 heads of 128, ffn 11008, 2 layers) the same: 3-4e-7, 6-7e-7,
+# 2.1e-5, 5.5e-4.
+# Bounds sit about 10x over the worst measurement (6x for q8_0); a wrong name, permutation or
+# vocabulary gives NMSE near 1 or more (and different top tokens).
+NMSE_BOUNDS = {"f32": 5e-6, "f16": 5e-6, "bf16": 3e-4, "q8_0": 5e-3}
+# A BF16 reference (models too big for an F32 copy) rounds its own activations: measured 6e-5 to
+# 1e-4 against every outtype above (q8_0 1e-3); the bound is at least this.
+NMSE_BOUNDS_BF16_REFERENCE = 1e-3
+
+
+# ---------------------------------------------------------------------------- reference model
+def reference_dtype(n_params: int) -> torch.dtype:
+    """F32 when the model fits in half the available memory, else BF16 (the 7B: ~14 GB)."""
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover
+        available = 8 << 30
+    return torch.float32 if 4 * n_params < available / 2 else torch.bfloat16
+
+
+def reference_model(checkpoint: Path, dtype: torch.dtype | None = None):
+    """transformers' LlamaForCausalLM with the checkpoint's text weights (canonical names)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    ckpt = Checkpoint.open(checkpoint)
+    hp = read_hparams(ckpt.config, ckpt.path / "config.json")
+    text = split_checkpoint(ckpt).part(TEXT)
+    n_params = sum(int(np.prod(t.shape)) for t in text.values())
+    dtype = dtype or reference_dtype(n_params)
+    rope = {"rope_type": "linear", "factor": hp.rope_scale} if hp.rope_scale else None
+    config = LlamaConfig(
+        vocab_size=hp.n_vocab, hidden_size=hp.n_embd, intermediate_size=hp.n_ff,
+        num_hidden_layers=hp.n_layer, num_attention_heads=hp.n_head, num_key_value_heads=hp.n_head_kv,
+        max_position_embeddings=hp.n_ctx, rms_norm_eps=hp.norm_eps, rope_theta=hp.rope_theta or 10000.0,
+        rope_scaling=rope, tie_word_embeddings=hp.tie_embeddings, attention_bias=False, mlp_bias=False)
+    config._attn_implementation = "eager"
+    log.info("PyTorch reference: %d text tensors, %.2f B parameters in %s", len(text), n_params / 1e9, dtype)
+    # Built on the meta device (no random init of a 7B), then the weights are assigned one by one.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = {name: ckpt.load(t.stored).to(dtype) for name, t in text.items()}
+    if hp.tie_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True, assign=True)
+    # The rotary frequencies are a buffer computed at init, which happened on meta.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    ckpt.close()
+    return model.eval()
+
+
+def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -> list[int]:
+    """SentencePiece's ids for the prompt, BOS first (Llama's tokenizer adds it; so does llama.cpp)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    return ([sp.bos_id()] if add_bos else []) + sp.encode(prompt)
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def nmse(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean squared error over the reference's variance (llama.cpp's check-nmse.py)."""
+    mse = float(np.mean((test.astype(np.float64) - reference) ** 2))
+    var = float(np.var(reference.astype(np.float64)))
+    return mse / var if var else (0.0 if mse == 0 else float("inf"))
+
+
+# ---------------------------------------------------------------------------- llama.cpp side
+def llama_logits(gguf_path: Path, prompt: str, llama_debug: Path, threads: int | None = None,
+                 timeout: int = 1800) -> tuple[np.ndarray, list[int]]:
+    """Last-token logits and token ids from `llama-debug --save-logits`."""
+    with tempfile.TemporaryDirectory(prefix="llama-debug-") as out:
+        cmd = [str(llama_debug), "-m", str(gguf_path), "-p", prompt, "--save-logits", "--logits-output-dir", out,
+               "-c", "512", "--no-warmup", "-t", str(threads or max(1, os.cpu_count() or 1))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        base = Path(out) / f"llamacpp-{gguf_path.stem}"
+        logits_file, tokens_file = Path(f"{base}.bin"), Path(f"{base}-tokens.bin")
+        if proc.returncode != 0 or not logits_file.exists():
+            raise RuntimeError(f"{llama_debug.name} failed on {gguf_path} (exit {proc.returncode}): "
+                               f"{proc.stderr[-2000:]}")
+        return np.fromfile(logits_file, dtype=np.float32), np.fromfile(tokens_file, dtype=np.int32).tolist()
+
+
+def tokenizer_parity(gguf_path: Path, tokenizer_model: Path, llama_tokenize: Path,
+                     vocab_gguf: Path | None = None) -> pd.DataFrame:
+    """llama.cpp's tokenization (`llama-tokenize`, no BOS) of its SentencePiece test strings next to
+    SentencePiece's on `tokenizer.model`; one row per string, `match` True when identical."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    texts = [text for text, _ in read_test_vectors(vocab_gguf or source_dir() / VOCAB_GGUF)]
+    with tempfile.TemporaryDirectory(prefix="tokenize-") as tmp:
+        def run(i: int) -> list[int]:
+            # From a file, read verbatim (-p would process escapes and lose trailing newlines).
+            f = Path(tmp) / f"{i}.txt"
+            f.write_bytes(texts[i].encode("utf-8"))
+            proc = subprocess.run([str(llama_tokenize), "-m", str(gguf_path), "-f", str(f), "--ids", "--no-bos",
+                                   "--no-escape", "--log-disable"], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{llama_tokenize.name} failed on {gguf_path}: {proc.stderr[-1000:]}")
+            out = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"
+            return [int(x) for x in out.strip("[]").split(",") if x.strip()]
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            got = list(pool.map(run, range(len(texts))))
+    rows = [{"text": t, "llama.cpp": g, "sentencepiece": sp.encode(t)} for t, g in zip(texts, got)]
+    for row in rows:
+        row["match"] = row["llama.cpp"] == row["sentencepiece"]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- the check
+@dataclass
+class TextCheck:
+    gguf: Path
+    outtype: str
+    prompt: str
+    llama_tokens: list[int] = field(default_factory=list)
+    reference_tokens: list[int] = field(default_factory=list)
+    nmse: float = float("nan")
+    bound: float = float("nan")
+    max_abs_diff: float = float("nan")
+    top1_llama: int = -1
+    top1_reference: int = -1
+    reference_dtype: str = ""
+    tokenizer: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["text", "llama.cpp", "sentencepiece", "match"]), repr=False)
+    skipped: bool = False  # convert.verify: false
+
+    @property
+    def tokens_match(self) -> bool:
+        return bool(self.llama_tokens) and self.llama_tokens == self.reference_tokens
+
+    @property
+    def tokenizer_match(self) -> bool:
+        return len(self.tokenizer) > 0 and bool(self.tokenizer["match"].all())
+
+    @property
+    def passed(self) -> bool:
+        """Every check ran and held."""
+        return not self.skipped and self.tokens_match and self.tokenizer_match and self.nmse <= self.bound
+
+    @property
+    def ok(self) -> bool:
+        """Passed, or skipped on purpose (convert.verify: false)."""
+        return self.skipped or self.passed
+
+    @property
+    def message(self) -> str:
+        if self.skipped:
+            return (f"{self.gguf.name}: verification skipped (convert.verify: false); it needs the text model "
+                    "in memory (~14 GB for the 7B)")
+        if self.passed:
+            return (f"{self.gguf.name}: tokens identical, logits NMSE {self.nmse:.2e} <= {self.bound:.0e} "
+                    f"({self.outtype} vs {self.reference_dtype} PyTorch), tokenizer parity on "
+                    f"{len(self.tokenizer)} strings")
+        problems = []
+        if not self.tokens_match:
+            problems.append(f"token ids differ: llama.cpp {self.llama_tokens} vs reference {self.reference_tokens}")
+        if not self.nmse <= self.bound:
+            problems.append(f"logits NMSE {self.nmse:.3e} over the {self.outtype} bound {self.bound:.0e}")
+        if not self.tokenizer_match:
+            bad = self.tokenizer[~self.tokenizer["match"].astype(bool)]
+            example = f", e.g. {bad.iloc[0]['text']!r}" if len(bad) else ""
+            problems.append(f"tokenizer differs on {len(bad)} string(s){example}")
+        return f"{self.gguf.name}: " + "; ".join(problems)
+
+    def table(self) -> pd.DataFrame:
+        if self.skipped:
+            return pd.DataFrame([("verification", self.message)], columns=["check", "value"])
+        rows = [
+            ("prompt", repr(self.prompt)),
+            ("token ids (llama.cpp)", str(self.llama_tokens)),
+            ("token ids (reference)", str(self.reference_tokens)),
+            ("tokens identical", self.tokens_match),
+            ("logits NMSE", f"{self.nmse:.3e}"),
+            (f"NMSE bound ({self.outtype})", f"{self.bound:.0e}"),
+            ("max |logit diff|", f"{self.max_abs_diff:.4g}"),
+            ("top-1 token (llama.cpp / reference)", f"{self.top1_llama} / {self.top1_reference}"),
+            ("reference dtype", self.reference_dtype),
+            ("tokenizer strings identical", f"{int(self.tokenizer['match'].sum())}/{len(self.tokenizer)}"),
+            ("passed", self.passed),
+        ]
+        return pd.DataFrame(rows, columns=["check", "value"])
+
+
+def check_text_gguf(gguf_path: Path, checkpoint: Path, prompt: str, outtype: str,
+                    llama_debug: Path, llama_tokenize: Path, threads: int | None = None,
+                    dtype: torch.dtype | None = None) -> TextCheck:
+    gguf_path, checkpoint = Path(gguf_path), Path(checkpoint)
+    llama, llama_ids = llama_logits(gguf_path, prompt, llama_debug, threads)
+    model = reference_model(checkpoint, dtype)
+    ref_dtype = next(model.parameters()).dtype
+    ref_ids = reference_tokens(checkpoint / "tokenizer.model", prompt)
+    ref = reference_logits(model, ref_ids)
+    del model
+    if ref.shape != llama.shape:
+        raise TextExportError(f"{gguf_path}: llama.cpp returned {llama.shape[0]} logits, the reference "
+                              f"{ref.shape[0]}; the vocabularies differ")
+    bound = NMSE_BOUNDS[outtype] if ref_dtype == torch.float32 else max(NMSE_BOUNDS[outtype],
+                                                                        NMSE_BOUNDS_BF16_REFERENCE)
+    parity = tokenizer_parity(gguf_path, checkpoint / "tokenizer.model", llama_tokenize)
+    check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(ref, llama), bound,
+                      float(np.max(np.abs(llama - ref))), int(llama.argmax()), int(ref.argmax()),
+                      str(ref_dtype).removeprefix("torch."), parity)
+    (log.info if check.passed else log.warning)("%s", check.message)
+    return check
+
+
+def verify_text(run: Run) -> TextCheck:
+    """Compare the run's text GGUF with the PyTorch model of its checkpoint (see the module doc);
+    a skipped result when `convert.verify` is false."""
+    configured = run.params.llama_cpp.dir
+    if not run.params.convert.verify:
+        check = TextCheck(run.artifact_path("text_gguf"), run.params.convert.outtype,
+                          run.params.convert.verify_prompt, skipped=True)
+        log.info("%s", check.message)
+        return check
+    path = run.artifact_path("text_gguf")
+    return check_text_gguf(path, run.artifact_path("checkpoint"), run.params.convert.verify_prompt, outtype_of(path),
+                           find_tool("llama-debug", configured), find_tool("llama-tokenize", configured),
+                           run.params.convert.threads)
+
+
+def outtype_of(path: Path) -> str:
+    """The convert.outtype a text GGUF was written with (from general.file_type)."""
+    ftype = read_gguf(path).fields.get("general.file_type", (None, None))[1]
+    for name, (_, file_type, _) in OUTTYPES.items():
+        if ftype == int(file_type):
+            return name
+    raise TextExportError(f"{path}: general.file_type {ftype} is none of the export's types ({', '.join(OUTTYPES)})")
+
+
+_LOG_LINE = re.compile(r"^\d+(?:\.\d+)+ [A-Z] ")
+
+
+def mtmd_chat_format(model: Path, mmproj: Path, mtmd_cli: Path, *args: str, message: str = "Describe this image.",
+                     timeout: int = 600) -> dict[str, str]:
+    """How llama-mtmd-cli formats chats with the template it picked (pass e.g. '--chat-template',
+    'vicuna'): the 'chat template example' it logs (a system message and two turns), and the prompt
+    it builds for `message` typed in chat mode (its verbose log). No image: seconds on the tiny model."""
+    cmd = [str(mtmd_cli), "-m", str(model), "--mmproj", str(mmproj), "-n", "1", "--temp", "0", "-v",
+           "-t", str(os.cpu_count() or 1), *args]
+    proc = subprocess.run(cmd, input=f"{message}\n/quit\n", capture_output=True, text=True, timeout=timeout)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    found = {}
+    for key, marker in (("example", "chat template example:"), ("prompt", "formatted_chat.prompt:")):
+        start = next((i for i, line in enumerate(lines) if marker in line), None)
+        if start is None:
+            raise RuntimeError(f"{mtmd_cli.name} logged no '{marker}' (exit {proc.returncode}): "
+                               f"{(proc.stdout + proc.stderr)[-1500:]}")
+        block = [lines[start].split(marker, 1)[1].lstrip()]
+        for line in lines[start + 1:]:
+            if _LOG_LINE.match(line):
+                break
+            block.append(line)
+        found[key] = "\n".join(block).strip("\n")
+    return found
+
+
+# ---------------------------------------------------------------------------- legacy converter
+@dataclass
+class GGUFComparison:
+    metadata: pd.DataFrame  # key, status (same / different / only ours / only reference), values
+    tensors: pd.DataFrame  # name, types, shapes, exact, differing fraction, max abs diff, Q8_0 details
+
+    @property
+    def missing_keys(self) -> list[str]:
+        return self.metadata.loc[self.metadata.status == "only reference", "key"].tolist()
+
+    @property
+    def different_keys(self) -> list[str]:
+        return self.metadata.loc[self.metadata.status == "different", "key"].tolist()
+
+    @property
+    def added_keys(self) -> list[str]:
+        return self.metadata.loc[self.metadata.status == "only ours", "key"].tolist()
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def compare_ggufs(ours: Path, reference: Path) -> GGUFComparison:
+    """Key by key (value and GGUF type) and tensor by tensor. Tensors of different types (our BF16
+    against the legacy F32) are compared after casting the reference to our type."""
+    a, b = read_gguf(ours), read_gguf(reference)
+    fa, fb = a.fields, b.fields
+    meta = []
+    for key in list(fb) + [k for k in fa if k not in fb]:
+        if key not in fa or key not in fb:
+            status = "only reference" if key not in fa else "only ours"
+        else:
+            same = fa[key] == fb[key]
+            status = "same" if same else "different"
+        meta.append({"key": key, "status": status,
+                     "ours": _short(fa[key][1]) if key in fa else None,
+                     "reference": _short(fb[key][1]) if key in fb else None})
+    ta, tb = a.tensors, b.tensors
+    rows = []
+    for name in list(ta) + [n for n in tb if n not in ta]:
+        row = {"name": name, "ours": ta[name].qtype.name if name in ta else None,
+               "reference": tb[name].qtype.name if name in tb else None}
+        if name in ta and name in tb:
+            rows.append({**row, **_compare_tensor(ta[name], tb[name])})
+        else:
+            rows.append(row)
+    return GGUFComparison(pd.DataFrame(meta), pd.DataFrame(rows))
+
+
+def _compare_tensor(x: GGUFTensor, y: GGUFTensor) -> dict:
+    out = {"shape ours": list(x.shape), "shape reference": list(y.shape)}
+    if x.shape != y.shape:
+        return {**out, "exact": False}
+    xb = np.asarray(x.data)
+    if x.qtype == y.qtype:
+        yb = np.asarray(y.data)
+    else:
+        yb = gguf.quants.quantize(y.values(), x.qtype).view(np.uint8).reshape(-1)
+    if np.array_equal(xb, yb):
+        out.update({"exact": True, "differing": 0.0, "max abs diff": 0.0})
+    else:
+        xv = gguf.quants.dequantize(xb, x.qtype).reshape(-1)
+        yv = gguf.quants.dequantize(yb, x.qtype).reshape(-1)
+        out.update({"exact": False, "differing": float(np.mean(xv != yv)),
+                    "max abs diff": float(np.max(np.abs(xv - yv)))})
+    if x.qtype == gguf.GGMLQuantizationType.Q8_0:
+        xq, yq = xb.reshape(-1, 34), yb.reshape(-1, 34)
+        out["scales equal"] = bool(np.array_equal(xq[:, :2], yq[:, :2]))
+        out["max quant diff"] = int(np.max(np.abs(xq[:, 2:].view(np.int8).astype(np.int16)
+                                                  - yq[:, 2:].view(np.int8).astype(np.int16))))
+    return out
