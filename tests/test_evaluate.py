@@ -74,8 +74,8 @@ def test_count_check_against_eval_runs():
 
 def test_options_from_params_pass_through():
     ev = EvaluateParams(n_predict=64, seed=7, threads=3, threads_batch=4, batch_size=256, ubatch_size=128,
-                        ctx_size=2048, flash_attn="on", cache_type_k="q8_0", cache_type_v="f16")
-    args = MtmdOptions.from_params(ev).args()
+                        ctx_size=2048, flash_attn="on", cache_type_k="q8_0", cache_type_v="f16", chat_template="vicuna")
+    args = MtmdOptions(ev).args()
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs == {"-n": "64", "--seed": "7", "--temp": "0.0", "-c": "2048", "-t": "3", "-tb": "4",
                      "-b": "256", "-ub": "128", "-fa": "on", "-ctk": "q8_0", "-ctv": "f16",
@@ -151,7 +151,7 @@ def test_unreadable_gguf(tmp_path, llama_tool, tiny_ggufs, test_image):
     bad.write_bytes(tiny_ggufs["text"].read_bytes()[:100_000])
     log = tmp_path / "bad.log"
     with pytest.raises(EvaluationError) as err:
-        run_mtmd(cli, bad, tiny_ggufs["mmproj"], test_image, PROMPT, MtmdOptions(n_predict=2), log)
+        run_mtmd(cli, bad, tiny_ggufs["mmproj"], test_image, PROMPT, MtmdOptions(EvaluateParams(n_predict=2)), log)
     msg = str(err.value)
     assert "exit status 1" in msg and str(log) in msg
     assert f"text GGUF {bad} is not a readable GGUF" in msg and "mmproj" not in msg.split("command:")[0]
@@ -163,7 +163,7 @@ def test_run_mtmd_end_to_end(tmp_path, llama_tool, tiny_ggufs, test_image):
     cli = llama_tool("llama-mtmd-cli")
     log = tmp_path / "e2e.log"
     r = run_mtmd(cli, tiny_ggufs["text"], tiny_ggufs["mmproj"], test_image, PROMPT,
-                 MtmdOptions(n_predict=4, threads=2, ctx_size=4096), log)
+                 MtmdOptions(EvaluateParams(n_predict=4, threads=2, ctx_size=4096)), log)
     assert r.returncode == 0 and r.answer
     t = r.timings
     assert t.format == "current" and t.unparsed == []

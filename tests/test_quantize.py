@@ -43,7 +43,7 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     header = quantize.open_gguf(path)
     reader = gguf.GGUFReader(path)
     assert [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors] == \
-        [(t.name, t.type, t.n_elements, t.n_bytes) for t in header.tensors]
+        [(t.name, t.qtype.name, t.n_elements, t.n_bytes) for t in header.tensors.values()]
     assert header.fields["general.name"] == "ünï" and header.fields["llama.block_count"] == 3
     assert header.fields["tokenizer.ggml.tokens"] == 150  # arrays: their length
     s = quantize.gguf_summary(path)

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint
+from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,10 @@ def _gguf_products(folder: Path, run: Run) -> dict:
 def quant_type_of(path: Path) -> str:
     """The quant type of a GGUF, from its file_type metadata, else from its file name."""
     try:
-        import gguf
-
-        ftype = gguf.GGUFReader(path).get_field("general.file_type")
-        if ftype is not None:
-            name = gguf.LlamaFileType(int(ftype.contents())).name  # e.g. MOSTLY_Q5_K_M
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except Exception as err:  # a partial or foreign file: fall back to the name
+        ftype = open_gguf(path).file_type
+        if ftype:
+            return ftype
+    except GGUFError as err:  # a partial or foreign file: fall back to the name
         log.debug("no file_type in %s: %s", path, err)
     m = re.search(r"(I?Q\d_[A-Z0-9_]+|F16|BF16|F32)", path.stem.upper())
     return m.group(1) if m else path.stem

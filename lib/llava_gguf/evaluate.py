@@ -32,10 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .params import EvaluateParams
 from .timings import Timings, parse_timings, timings_command  # noqa: F401  (re-exported for the CLI)
 
 log = logging.getLogger(__name__)
@@ -48,49 +49,35 @@ class EvaluationError(RuntimeError):
     """A `llama-mtmd-cli` run failed; the message names the run's log, which is kept."""
 
 
+# The llama-mtmd-cli flag of each `evaluate` params key passed through; None means the tool's default.
+MTMD_FLAGS = {"n_predict": "-n", "seed": "--seed", "temperature": "--temp", "ctx_size": "-c", "threads": "-t",
+              "threads_batch": "-tb", "batch_size": "-b", "ubatch_size": "-ub", "flash_attn": "-fa",
+              "cache_type_k": "-ctk", "cache_type_v": "-ctv", "chat_template": "--chat-template"}
+
+
 @dataclass
 class MtmdOptions:
-    """Runtime options passed through to llama-mtmd-cli; None means the tool's default."""
+    """How llama-mtmd-cli is run: the `evaluate` params (override keys with
+    `evaluate.model_copy(update=...)`) plus the options that are no params keys."""
 
-    n_predict: int = 32
-    seed: int = 42
-    temperature: float = 0.0
-    threads: int | None = None
-    threads_batch: int | None = None
-    batch_size: int | None = None
-    ubatch_size: int | None = None
-    ctx_size: int | None = 4096
-    flash_attn: str | None = None  # on | off | auto
-    cache_type_k: str | None = None
-    cache_type_v: str | None = None
-    # LLaVA 1.6 Vicuna GGUFs made by the legacy scripts carry no chat template.
-    chat_template: str | None = "vicuna"
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode
     # times and the final perf block. At its default (3) neither is printed.
     log_verbosity: int | None = 4
-    timeout_s: float | None = 3600
     extra_args: list[str] = field(default_factory=list)
 
-    @classmethod
-    def from_params(cls, evaluate: Any, **overrides: Any) -> "MtmdOptions":
-        """From `run.params.evaluate` (keys that exist on both are taken)."""
-        names = {f.name for f in fields(cls)}
-        data = {k: v for k, v in (evaluate.model_dump() if hasattr(evaluate, "model_dump") else dict(evaluate)).items()
-                if k in names}
-        data.update(overrides)
-        return cls(**data)
-
     def args(self) -> list[str]:
-        pairs = [("-n", self.n_predict), ("--seed", self.seed), ("--temp", self.temperature),
-                 ("-c", self.ctx_size), ("-t", self.threads), ("-tb", self.threads_batch),
-                 ("-b", self.batch_size), ("-ub", self.ubatch_size), ("-fa", self.flash_attn),
-                 ("-ctk", self.cache_type_k), ("-ctv", self.cache_type_v),
-                 ("--chat-template", self.chat_template), ("-lv", self.log_verbosity)]
+        pairs = [(flag, getattr(self.evaluate, key)) for key, flag in MTMD_FLAGS.items()]
         out: list[str] = []
-        for flag, value in pairs:
+        for flag, value in pairs + [("-lv", self.log_verbosity)]:
             if value is not None:
                 out += [flag, str(value)]
         return out + list(self.extra_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a run used, for its metrics record."""
+        return {**{k: getattr(self.evaluate, k) for k in MTMD_FLAGS}, "timeout_s": self.evaluate.timeout_s,
+                "log_verbosity": self.log_verbosity, "extra_args": list(self.extra_args)}
 
 
 @dataclass
@@ -157,6 +144,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
              prompt: str, opts: MtmdOptions | None = None, log_path: str | Path = "mtmd.log") -> EvalRun:
     """Run llama-mtmd-cli once; the full log (stdout and stderr as they arrived) goes to log_path."""
     opts = opts or MtmdOptions()
+    n_predict, timeout_s = opts.evaluate.n_predict, opts.evaluate.timeout_s
     _check_input(Path(image), "image (params evaluate.cases[].image)")
     _check_input(Path(text_gguf), "text GGUF")
     _check_input(Path(mmproj), "mmproj GGUF")
@@ -204,9 +192,9 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
                                 loaded_at = now
                             logf.write(lines)
                 logf.flush()
-                if opts.timeout_s and time.perf_counter() - t0 > opts.timeout_s and not timed_out:
+                if timeout_s and time.perf_counter() - t0 > timeout_s and not timed_out:
                     timed_out = True
-                    log.error("llama-mtmd-cli ran past %ss; killing it", opts.timeout_s)
+                    log.error("llama-mtmd-cli ran past %ss; killing it", timeout_s)
                     _kill(proc)
         except BaseException:  # an interrupted notebook must not leave the tool running
             _kill(proc)
@@ -223,7 +211,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     # ru_maxrss: kilobytes on Linux, bytes on macOS.
     peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     if timed_out:
-        raise EvaluationError(f"llama-mtmd-cli ran past evaluate.timeout_s={opts.timeout_s}s and was killed; "
+        raise EvaluationError(f"llama-mtmd-cli ran past evaluate.timeout_s={timeout_s}s and was killed; "
                               f"log kept at {log_path}")
     _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)})
 
@@ -231,10 +219,10 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     timings = parse_timings(text)
     for u in timings.unparsed:
         log.warning("%s:%d: looks like a timing but did not parse: %s", log_path, u["line"], u["text"])
-    pieces, times, stop = _split_pieces(out_chunks, opts.n_predict,
+    pieces, times, stop = _split_pieces(out_chunks, n_predict,
                                         timings.eval["runs"] if timings.eval else None)
     answer = b"".join(pieces).decode("utf-8", errors="replace").strip()
-    ok, check = _check_count(len(pieces), stop, timings, opts.n_predict)
+    ok, check = _check_count(len(pieces), stop, timings, n_predict)
     if not ok:
         log.warning("%s: %s", log_path, check)
     itl = [1000.0 * (b - a) for a, b in zip(times, times[1:])]
@@ -261,21 +249,15 @@ def _error_lines(log_path: Path, n: int = 6) -> str:
 
 
 def _gguf_problems(files: dict[str, Path]) -> list[str]:
-    """Why a GGUF the tool could not load is unreadable (read with gguf-py; only after a failure)."""
-    from gguf import GGUFReader
+    """Why a GGUF the tool could not load is unreadable (only read after a failure)."""
+    from .gguf_io import GGUFError, open_gguf
 
     problems = []
     for label, path in files.items():
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            problems.append(f"{label} {path} is not a readable GGUF (it starts with {magic!r}, not b'GGUF')")
-            continue
         try:
-            GGUFReader(path, "r")
-        except Exception as err:  # noqa: BLE001 - any reader failure is the diagnosis
-            problems.append(f"{label} {path} is not a readable GGUF ({type(err).__name__}: {err}; "
-                            "truncated or damaged?)")
+            open_gguf(path, label)
+        except GGUFError as err:
+            problems.append(f"{label} {path} is not a readable GGUF: it {err.problem}")
     return problems
 
 
@@ -405,7 +387,7 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
     for name, path in variants.items():
         _check_input(Path(path), f"text GGUF of variant '{name}'")
     _check_input(Path(mmproj), "mmproj GGUF")
-    opts = MtmdOptions.from_params(run.params.evaluate)
+    opts = MtmdOptions(run.params.evaluate)
     version = toolchain.tool_version(cli)
     logs, metrics = run.sub("logs"), run.sub("metrics")
     rows = []
@@ -415,7 +397,7 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
         stem = f"{_safe(name)}__{i}"
         result = run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
         record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
-                  "mmproj": str(mmproj), "llama_cpp": version, "options": asdict(opts), **result.to_dict()}
+                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict()}
         write_json(metrics / f"{stem}.json", record)
         rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
         log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import corpus, plots, quality, quantize, summary
+from .gguf_io import open_gguf
 from .workspace import Run, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
             f"{run.artifacts_file}: nothing to evaluate (no 'quantized' and no 'text_gguf'); run "
             f"`make quantize PARAMS={run.params_file}` first")
     for name, path in out.items():
-        quantize.open_gguf(path, f"text GGUF of variant '{name}'")
+        open_gguf(path, f"text GGUF of variant '{name}'")
     return {n: out[n] for n in plots._order(out)}
 
 

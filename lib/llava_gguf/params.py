@@ -104,7 +104,7 @@ class EvaluateParams(_Strict):
     cache_type_k: str | None = None
     cache_type_v: str | None = None
     # Passed as --chat-template; GGUFs from the legacy scripts carry none (None: the GGUF's own).
-    chat_template: str | None = "vicuna"
+    chat_template: str | None = None
     # Evaluate the unquantized text GGUF too (the quality baseline).
     include_unquantized: bool = True
     perplexity: bool = True

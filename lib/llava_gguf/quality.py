@@ -23,6 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import toolchain
+from .gguf_io import open_gguf
 from .workspace import Run, atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,6 @@ def kld_table(base_gguf: Path | str, variants: dict[str, Path | str], corpus: Pa
             [(Path(p), f"GGUF of variant '{n}'") for n, p in variants.items()]:
         if not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
-    from .quantize import open_gguf
-
     for name, path in variants.items():
         open_gguf(path, f"GGUF of variant '{name}'")
     base_file, meta = base_logits(run, base_gguf, corpus)

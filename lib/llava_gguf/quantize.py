@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import corpus, toolchain
 from .download import quant_type_of
+from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, atomic_path, resolve
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 _FLOAT_SUFFIX = re.compile(r"[-_.](f16|bf16|f32|q8_0)$", re.I)
 # Metadata key llama-quantize writes when it used an importance matrix.
 IMATRIX_KEY = "quantize.imatrix.file"
-
-
-class GGUFError(ValueError):
-    """A file that should be a GGUF cannot be read as one."""
 
 
 @dataclass
@@ -52,109 +48,6 @@ class QuantizeResult:
     def __str__(self) -> str:
         return (f"QuantizeResult({', '.join(f'{k}: {Path(v).name}' for k, v in self.quantized.items())}; "
                 f"imatrix {self.imatrix}; reused {self.reused})")
-
-
-def open_gguf(path: Path | str, what: str = "GGUF file") -> "GGUFHeader":
-    """The header of a GGUF (metadata and tensor table), or a GGUFError naming the file and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path}: {what} not found")
-    try:
-        return _read_header(path)
-    except GGUFError as err:
-        raise GGUFError(f"{path}: {what} {err}; re-create it (rerun the step that made it with FORCE=1)") from None
-    except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError) as err:
-        raise GGUFError(f"{path}: {what} is damaged and cannot be read ({type(err).__name__}: {err}); "
-                        "re-create it (rerun the step that made it with FORCE=1)") from None
-
-
-@dataclass
-class GGUFTensor:
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    n_elements: int
-    n_bytes: int
-
-
-@dataclass
-class GGUFHeader:
-    """What a GGUF says about itself, without its data. Array values are kept as their length only."""
-
-    version: int
-    fields: dict[str, object]
-    tensors: list[GGUFTensor]
-
-
-# GGUF value types -> struct format; 8 is a string, 9 an array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _read_header(path: Path) -> GGUFHeader:
-    """A minimal GGUF header parser: gguf-py's reader takes seconds on a 32000-entry vocab."""
-    import gguf
-
-    with open(path, "rb") as f:
-        def unpack(fmt: str):
-            size = struct.calcsize("<" + fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise GGUFError("is truncated (the header ends early)")
-            return struct.unpack("<" + fmt, data)[0]
-
-        def string() -> str:
-            n = unpack("Q")
-            if n > 1 << 24:
-                raise GGUFError(f"has an implausible string length {n} in its header")
-            return f.read(n).decode("utf-8")
-
-        def value(vtype: int):
-            if vtype in _SCALARS:
-                return unpack(_SCALARS[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                item, n = unpack("I"), unpack("Q")
-                if item == 8:
-                    for _ in range(n):
-                        f.seek(unpack("Q"), 1)
-                elif item in _SCALARS:
-                    f.seek(n * struct.calcsize(_SCALARS[item]), 1)
-                else:
-                    for _ in range(n):
-                        value(item)
-                return n
-            raise GGUFError(f"has an unknown metadata value type {vtype}")
-
-        magic = f.read(4)
-        if magic != b"GGUF":
-            raise GGUFError(f"is not a GGUF file (starts with {magic!r}, expected b'GGUF'; truncated, "
-                            "an HTML error page or another format)")
-        version = unpack("I")
-        if version not in (2, 3):
-            raise GGUFError(f"has GGUF version {version} (only 2 and 3, little-endian, are read here)")
-        n_tensors, n_kv = unpack("Q"), unpack("Q")
-        fields = {}
-        for _ in range(n_kv):
-            key = string()
-            fields[key] = value(unpack("I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            shape = tuple(unpack("Q") for _ in range(unpack("I")))
-            ttype = gguf.GGMLQuantizationType(unpack("I"))
-            unpack("Q")  # data offset: not needed
-            n = 1
-            for d in shape:
-                n *= d
-            block, type_size = gguf.GGML_QUANT_SIZES[ttype]
-            tensors.append(GGUFTensor(name, ttype.name, shape, n, n // block * type_size))
-        data_start = f.tell()
-    needed = sum(t.n_bytes for t in tensors)
-    if path.stat().st_size < data_start + needed:
-        raise GGUFError(f"is truncated ({path.stat().st_size} bytes, its tensors need at least "
-                        f"{data_start + needed})")
-    return GGUFHeader(version, fields, tensors)
 
 
 def output_stem(text_gguf: Path) -> str:
@@ -171,16 +64,16 @@ def gguf_summary(path: Path | str) -> dict:
     path = Path(path)
     header = open_gguf(path)
     size = path.stat().st_size
-    params = sum(t.n_elements for t in header.tensors)
+    params = sum(t.n_elements for t in header.tensors.values())
     counts: Counter = Counter()
     by_bytes: Counter = Counter()
-    for t in header.tensors:
-        counts[t.type] += 1
-        by_bytes[t.type] += t.n_bytes
+    for t in header.tensors.values():
+        counts[t.qtype.name] += 1
+        by_bytes[t.qtype.name] += t.n_bytes
     arch = header.fields.get("general.architecture", "")
     return {
         "file": path.name,
-        "file_type": file_type(header) or quant_type_of(path),
+        "file_type": header.file_type or quant_type_of(path),
         "size_bytes": size,
         "size_mib": round(size / 2**20, 2),
         "params": params,
@@ -195,17 +88,6 @@ def gguf_summary(path: Path | str) -> dict:
         "tensor_types": dict(sorted(counts.items())),
         "tensor_mib": {k: round(v / 2**20, 2) for k, v in sorted(by_bytes.items())},
     }
-
-
-def file_type(header: GGUFHeader) -> str | None:
-    """The llama file type (Q5_K_M, F16, ...) from `general.file_type`, None when absent."""
-    import gguf
-
-    try:
-        return gguf.LlamaFileType(int(header.fields["general.file_type"])).name \
-            .removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (KeyError, ValueError):
-        return None
 
 
 def quant_table(paths: dict[str, Path | str] | list[Path | str]) -> pd.DataFrame:

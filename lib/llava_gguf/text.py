@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
+from .gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
 from .layout import TEXT, SplitTensor, split_checkpoint
 from .workspace import Run, atomic_path
 
@@ -486,18 +487,6 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Tr
 
     return jinja2.Environment().from_string(VICUNA_CHAT_TEMPLATE).render(
         messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
-
-
-def metadata_table(path: Path | str) -> pd.DataFrame:
-    """The key/value metadata of a GGUF file (long arrays shortened), for display."""
-    from .gguf_io import read_gguf
-
-    rows = []
-    for key, (types, value) in read_gguf(path).fields.items():
-        if isinstance(value, list) and len(value) > 6:
-            value = f"[{', '.join(map(repr, value[:5]))}, ...] ({len(value)} items)"
-        rows.append({"key": key, "type": "/".join(t.name for t in types), "value": value})
-    return pd.DataFrame(rows)
 
 
 def output_path(run: Run) -> Path:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import Checkpoint
-from .gguf_io import GGUFTensor, read_gguf
+from .gguf_io import GGUFTensor, open_gguf, read_gguf
 from .layout import TEXT, split_checkpoint
 from .text import OUTTYPES, TextExportError, read_hparams
 from .tokenizer import VOCAB_GGUF, read_test_vectors
@@ -281,7 +281,7 @@ def verify_text(run: Run) -> TextCheck:
 
 def outtype_of(path: Path) -> str:
     """The convert.outtype a text GGUF was written with (from general.file_type)."""
-    ftype = read_gguf(path).fields.get("general.file_type", (None, None))[1]
+    ftype = open_gguf(path, "text GGUF").fields.get("general.file_type")
     for name, (_, file_type, _) in OUTTYPES.items():
         if ftype == int(file_type):
             return name
@@ -342,18 +342,18 @@ def _short(value) -> str:
 def compare_ggufs(ours: Path, reference: Path) -> GGUFComparison:
     """Key by key (value and GGUF type) and tensor by tensor. Tensors of different types (our BF16
     against the legacy F32) are compared after casting the reference to our type."""
-    a, b = read_gguf(ours), read_gguf(reference)
+    a, b = read_gguf(ours, "exported GGUF"), read_gguf(reference, "reference GGUF")
     fa, fb = a.fields, b.fields
     meta = []
     for key in list(fb) + [k for k in fa if k not in fb]:
         if key not in fa or key not in fb:
             status = "only reference" if key not in fa else "only ours"
         else:
-            same = fa[key] == fb[key]
+            same = (a.types[key], fa[key]) == (b.types[key], fb[key])
             status = "same" if same else "different"
         meta.append({"key": key, "status": status,
-                     "ours": _short(fa[key][1]) if key in fa else None,
-                     "reference": _short(fb[key][1]) if key in fb else None})
+                     "ours": _short(fa[key]) if key in fa else None,
+                     "reference": _short(fb[key]) if key in fb else None})
     ta, tb = a.tensors, b.tensors
     rows = []
     for name in list(ta) + [n for n in tb if n not in ta]:

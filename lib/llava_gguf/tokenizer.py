@@ -10,30 +10,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import gguf
 import numpy as np
+
+from .gguf_io import read_gguf
 
 log = logging.getLogger(__name__)
 
 VOCAB_GGUF = "models/ggml-vocab-llama-spm.gguf"
 TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
-
-
-def _field(reader: gguf.GGUFReader, key: str):
-    field = reader.get_field(key)
-    if field is None:
-        raise KeyError(f"{key} missing from the vocabulary file")
-    return field
+_VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
 
 def build_tokenizer_model(vocab_gguf: Path) -> bytes:
     """Serialize a SentencePiece ModelProto equal in behaviour to Llama's tokenizer.model."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-    reader = gguf.GGUFReader(vocab_gguf)
-    tokens = _field(reader, "tokenizer.ggml.tokens").contents()
-    scores = _field(reader, "tokenizer.ggml.scores").contents()
-    types = _field(reader, "tokenizer.ggml.token_type").contents()
+    fields = read_gguf(vocab_gguf, "llama.cpp vocabulary").fields
+    missing = [k for k in _VOCAB_KEYS if k not in fields]
+    if missing:
+        raise KeyError(f"{vocab_gguf}: {', '.join(missing)} missing from the vocabulary file")
+    tokens, scores, types = (fields[k] for k in _VOCAB_KEYS)
 
     proto = sp_pb2.ModelProto()
     for text, score, ttype in zip(tokens, scores, types):

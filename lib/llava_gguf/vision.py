@@ -50,10 +50,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from gguf import (GGUFReader, GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_EPS, KEY_BLOCK_COUNT,
+from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_EPS, KEY_BLOCK_COUNT,
                   KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
 from tqdm.auto import tqdm
 
+from .gguf_io import metadata_table, read_gguf, tensor_table
 from .layout import PROJECTOR, VISION
 from .surgery import load_manifest, open_checked, part_tensors
 from .workspace import Run, atomic_path
@@ -364,21 +365,6 @@ def run_vision(run: Run) -> VisionResult:
 
 
 # ----------------------------------------------------------------------------- reading back
-def tensor_table(path: str | Path) -> pd.DataFrame:
-    """The tensors of a GGUF file: name, type, shape (numpy order), elements, MiB."""
-    reader = GGUFReader(str(path))
-    rows = [{"name": t.name, "type": t.tensor_type.name, "shape": tuple(int(d) for d in reversed(t.shape)),
-             "elements": int(t.n_elements), "MiB": t.n_bytes / 2**20} for t in reader.tensors]
-    return pd.DataFrame(rows, columns=["name", "type", "shape", "elements", "MiB"])
-
-
 def read_metadata(path: str | Path) -> dict[str, object]:
-    """Every key/value of a GGUF file except the GGUF. header fields, decoded to Python values."""
-    reader = GGUFReader(str(path))
-    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def metadata_table(path: str | Path) -> pd.DataFrame:
-    rows = [{"key": k, "value": v if not isinstance(v, list) or len(v) <= 12 else f"{v[:12]} ... ({len(v)})"}
-            for k, v in read_metadata(path).items()]
-    return pd.DataFrame(rows, columns=["key", "value"])
+    """Every key/value of a GGUF file, decoded to Python values."""
+    return read_gguf(path, "mmproj").fields

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import toolchain
 from .checkpoint import Checkpoint
+from .gguf_io import open_gguf
 from .layout import PROJECTOR, VISION, split_checkpoint
 from .workspace import Run, atomic_path, rel_to_root, write_json
 
@@ -237,21 +238,15 @@ def reference_embeddings(checkpoint: str | Path | Checkpoint, image: str | torch
 # ----------------------------------------------------------------------------- llama.cpp side
 def gguf_info(mmproj: Path) -> dict:
     """What the check needs from an mmproj: the image size and the projector's output width."""
-    reader = gguf.GGUFReader(str(mmproj))
-
-    def value(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
-    out_w = shapes.get("mm.2.weight") or shapes.get("mm.0.weight")
+    g = open_gguf(mmproj, "mmproj")
+    out_w = g.tensors.get("mm.2.weight") or g.tensors.get("mm.0.weight")
     if out_w is None:
         raise VisionCheckError(f"{mmproj}: no mm.0/mm.2 projector tensors; not a LLaVA mlp mmproj")
-    if value("clip.projector_type") != "mlp":
-        raise VisionCheckError(f"{mmproj}: projector type {value('clip.projector_type')!r}; the check covers "
-                               "LLaVA's 'mlp' projector only")
-    # GGUF shapes are in ggml order: [input width, output width].
-    return {"image_size": int(value("clip.vision.image_size")), "n_embd": out_w[1]}
+    if g.fields.get("clip.projector_type") != "mlp":
+        raise VisionCheckError(f"{mmproj}: projector type {g.fields.get('clip.projector_type')!r}; the check "
+                               "covers LLaVA's 'mlp' projector only")
+    # numpy order: [output width, input width].
+    return {"image_size": int(g.fields.get("clip.vision.image_size")), "n_embd": out_w.shape[0]}
 
 
 # The placeholder's tensors (numpy order [rows = ne1, cols = ne0]); "E" is the width, 32 the head size.

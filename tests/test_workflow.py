@@ -1,0 +1,29 @@
+"""`make all` on the tiny model: every implemented step through papermill, then all skipped."""
+from __future__ import annotations
+
+import pytest
+
+from llava_gguf import pipeline, workspace
+
+
+@pytest.mark.llama_cpp
+def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
+    llama_tool("llama-mtmd-cli")
+    run = workspace.open_run(write_params({
+        "run": "e2e", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M"]},
+        "evaluate": {"n_predict": 8, "threads": 2, "cases": [{"prompt": "Describe this image."}]}}))
+    steps = pipeline.available_steps()
+    assert steps[0] == "download"
+    done = pipeline.run_steps(run, steps)
+    assert [name for name, _ in done] == steps and {what for _, what in done} == {"ran"}
+    artifacts = run.artifacts()
+    expected = {s for name in steps for s in pipeline.STEPS[name].products} | {"llama_cpp"}
+    assert expected <= set(artifacts)
+    for name in expected - {"llama_cpp"}:
+        value = artifacts[name]
+        for path in (value.values() if isinstance(value, dict) else [value]):
+            assert workspace.resolve(path).exists(), (name, path)
+    index = (run.dir / "reports" / "index.html").read_text()
+    for name in steps:
+        assert pipeline.STEPS[name].notebook.replace(".ipynb", ".html") in index
+    assert {what for _, what in pipeline.run_steps(run, steps)} == {"skipped"}
