@@ -409,6 +409,9 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+_TORCH_CASTS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+
+
 class _StreamedTensor:
     """Stands in for an ndarray in `GGUFWriter.write_tensor_data`, which only asks for `nbytes`
     and calls `tofile(fout)` (as gguf-py's chunked lazy tensors do): the tensor is read when its
@@ -426,10 +429,15 @@ class _StreamedTensor:
         row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
         step = max(1, CHUNK_ELEMENTS // row)
         written = 0
+        torch_dtype = _TORCH_CASTS.get(t.qtype)
         for start in range(0, t.shape[0], step):
-            # Through F32 as the legacy script does: bf16/f16 -> f32 is exact, then one rounding.
-            chunk = w[start:start + step].to(torch.float32).numpy()
-            out = gguf.quants.quantize(chunk, t.qtype)
+            if torch_dtype is not None:
+                # torch casts round to nearest even like gguf-py's numpy code, in several threads;
+                # from bf16/f16 the result is the same single rounding as going through F32.
+                out = w[start:start + step].to(torch_dtype).contiguous().view(torch.uint8).numpy()
+            else:
+                # Through F32 as the legacy script does: bf16/f16 -> f32 is exact, then one rounding.
+                out = gguf.quants.quantize(w[start:start + step].to(torch.float32).numpy(), t.qtype)
             out.tofile(fout)
             written += out.nbytes
         del w
