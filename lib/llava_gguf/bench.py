@@ -183,6 +183,18 @@ def _loadavg() -> str:
         return "?"
 
 
+def _read_through(files: list[Path], chunk: int = 16 * MiB) -> float:
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(chunk):
+                pass
+    took = time.perf_counter() - t0
+    log.info("read the source once (untimed): %.1f s, %.0f MiB/s", took,
+             sum(f.stat().st_size for f in files) / MiB / took if took else 0)
+    return took
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -364,6 +376,9 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     t_start = time.perf_counter()
 
     # -- references --------------------------------------------------------------------------
+    # One untimed read first, so the copy and the conversions find the source equally cached
+    # (all of it where RAM allows, as on a machine that just downloaded it).
+    info["source_read_s"] = round(_read_through(shards), 1)
     copy_dir = run.sub("copy")
     bench.command(REFERENCE, "cp shards", ["cp", "--", *shards, copy_dir], "copy.log",
                   outputs=lambda: copy_dir.iterdir(), note="the disk's own limit: the same bytes, no conversion")
@@ -450,29 +465,21 @@ def _project(bench: _Bench, quant_types: list[str], main_type: str) -> tuple[dic
     return left, quant_files, run.artifact_path("mmproj")
 
 
-@contextlib.contextmanager
-def _measured_legacy_scripts(bench: _Bench, steps: dict[str, str]):
-    """Measure each script legacy.py runs, and only the script.
+def _measured_runner(bench: _Bench, steps: dict[str, str]):
+    """A legacy.py `runner` that measures each script, and only the script.
 
-    legacy.py runs every script through `_run_logged(cmd, log_file, cwd)`; replacing that one call
-    times the script's own process tree, not the Python that launches it nor legacy.py's untimed
-    setup around it (the venv, the symlink copy, config_vit.json derived in place of a download).
-    `steps` maps the script's file name to the step name in the table.
+    It times the script's own process tree, not the Python that launches it nor legacy.py's
+    untimed setup around it (the venv, the symlink copy, config_vit.json derived in place of a
+    download). `steps` maps the script's file name to the step name in the table.
     """
     from . import legacy
-
-    original = legacy._run_logged
 
     def measured(cmd: list[str], log_file: Path, cwd: Path) -> None:
         step = steps.get(Path(cmd[1]).name, Path(cmd[1]).name)
         bench.measure(LEGACY, step, procmon.measure_command, cmd, log_file=log_file, cwd=cwd,
                       env=legacy._script_env(), note=Path(cmd[1]).name)
 
-    legacy._run_logged = measured
-    try:
-        yield
-    finally:
-        legacy._run_logged = original
+    return measured
 
 
 def _legacy(bench: _Bench, ckpt: Path, quantize_tool: Path, qtype: str) -> tuple[dict[str, int], Path]:
@@ -484,13 +491,13 @@ def _legacy(bench: _Bench, ckpt: Path, quantize_tool: Path, qtype: str) -> tuple
     legacy.legacy_env()  # made once (pip); not part of the recipe's cost
     steps = {Path(legacy.SURGERY_SCRIPT).name: "surgery", Path(legacy.IMAGE_ENCODER_SCRIPT).name: "vision",
              Path(legacy.TEXT_SCRIPT).name: "text"}
-    with _measured_legacy_scripts(bench, steps):
-        surgery = legacy.legacy_surgery(ckpt, work)
-        bench.record(LEGACY, "surgery").outputs = {str(f): f.stat().st_size for f in (surgery.clip, surgery.projector)}
-        mmproj = legacy.legacy_vision_export(surgery.model_dir, work, "f16")
-        bench.record(LEGACY, "vision").outputs = {str(mmproj): mmproj.stat().st_size}
-        f32 = legacy.legacy_text_export(surgery.model_dir, work, "f32")
-        bench.record(LEGACY, "text").outputs = {str(f32): f32.stat().st_size}
+    runner = _measured_runner(bench, steps)
+    surgery = legacy.legacy_surgery(ckpt, work, runner=runner)
+    bench.record(LEGACY, "surgery").outputs = {str(f): f.stat().st_size for f in (surgery.clip, surgery.projector)}
+    mmproj = legacy.legacy_vision_export(surgery.model_dir, work, "f16", runner=runner)
+    bench.record(LEGACY, "vision").outputs = {str(mmproj): mmproj.stat().st_size}
+    f32 = legacy.legacy_text_export(surgery.model_dir, work, "f32", runner=runner)
+    bench.record(LEGACY, "text").outputs = {str(f32): f32.stat().st_size}
     left = _files(work)
     out = work / f"ggml-model-{qtype}.gguf"
     threads = str(quantize.threads(run))
@@ -646,14 +653,18 @@ def targets_table(records: list[StepRecord], totals: pd.DataFrame, project_left:
     project_conv = total(PROJECT, "conversion")
     legacy_conv = total(LEGACY, "conversion")
     bound = _bound(records, PROJECT, list(CONVERT_STEPS), cores, copy_rate)
+    written = sum(r.m.write_bytes for r in conv)
+    same_bytes = copy.m.wall_s * written / copy.m.write_bytes if copy and copy.m.write_bytes else None
     if legacy_conv is not None:
+        limit = TARGET_VS_LEGACY * legacy_conv
+        # The output has to be written whatever converts it: a copy of as many bytes is the floor.
+        floor_note = (f"; a plain copy of the same {written / GiB:.2f} GiB takes {same_bytes:.1f} s here "
+                      f"({same_bytes / limit:.2f}x this limit)") if same_bytes else ""
         rows.append({"target": "conversion time vs the legacy recipe",
-                     "limit": f"<= {TARGET_VS_LEGACY} x {legacy_conv:.1f} s = {TARGET_VS_LEGACY * legacy_conv:.1f} s",
+                     "limit": f"<= {TARGET_VS_LEGACY} x {legacy_conv:.1f} s = {limit:.1f} s",
                      "measured": f"{project_conv:.1f} s ({project_conv / legacy_conv:.2f}x)",
-                     "met": project_conv <= TARGET_VS_LEGACY * legacy_conv, "bound": bound})
-    if copy and copy.m.write_bytes:
-        written = sum(r.m.write_bytes for r in conv)
-        same_bytes = copy.m.wall_s * written / copy.m.write_bytes
+                     "met": project_conv <= limit, "bound": bound + floor_note})
+    if same_bytes:
         rows.append({"target": "conversion time vs a plain copy of the same bytes",
                      "limit": f"<= {TARGET_VS_COPY} x {same_bytes:.1f} s = {TARGET_VS_COPY * same_bytes:.1f} s "
                               f"({written / GiB:.2f} GiB at the copy's {copy_rate:.0f} MiB/s)",
@@ -667,10 +678,19 @@ def targets_table(records: list[StepRecord], totals: pd.DataFrame, project_left:
                      "limit": f"< {legacy_e2e:.1f} s",
                      "measured": f"{project_e2e:.1f} s ({project_e2e / legacy_e2e:.2f}x)",
                      "met": project_e2e < legacy_e2e,
-                     "bound": f"llama-quantize: {pq.m.wall_s:.1f} s from f16 ({pq.m.cpu_s:.0f} s CPU) vs "
-                              f"{lq.m.wall_s:.1f} s from F32 ({lq.m.cpu_s:.0f} s CPU); "
+                     # Both recipes end in the same llama-quantize work: equal CPU seconds with unequal
+                     # wall seconds mean other load on the machine, not a difference between the recipes.
+                     "bound": f"llama-quantize: {pq.m.wall_s:.1f} s from f16 ({pq.m.cpu_s:.0f} s CPU, "
+                              f"{pq.m.cpu_s / pq.m.wall_s:.2f} cores busy) vs {lq.m.wall_s:.1f} s from F32 "
+                              f"({lq.m.cpu_s:.0f} s CPU, {lq.m.cpu_s / lq.m.wall_s:.2f} cores busy); CPU end to end "
+                              f"{_cpu_total(records, PROJECT, pq.step):.0f} s vs "
+                              f"{_cpu_total(records, LEGACY, lq.step):.0f} s; "
                               + _bound(records, PROJECT, [*CONVERT_STEPS, pq.step], cores, copy_rate)})
     return pd.DataFrame(rows)
+
+
+def _cpu_total(records: list[StepRecord], recipe: str, quant_step: str) -> float:
+    return sum(r.m.cpu_s for r in records if r.recipe == recipe and r.step in (*CONVERT_STEPS, quant_step))
 
 
 def _quant_files_table(files: dict[str, Path]) -> pd.DataFrame:
@@ -809,7 +829,8 @@ def write_report(run: Run, info: dict, conversion: pd.DataFrame, totals: pd.Data
              f"{info.get('started', '')}, {info.get('cpu', info['machine'])}, {info['cores']} usable cores, "
              f"{info.get('memory_GiB', '?')} GiB RAM, {info['disk_free_GiB']} GiB free at the start; "
              f"llama.cpp {info.get('llama_cpp', {}).get('version', '?')}.", "",
-             f"Checkpoint: `{info['checkpoint']}` ({info['checkpoint_GiB']} GiB, {info['parameters']:,} parameters); "
+             f"Checkpoint: `{info['checkpoint']}` ({info['checkpoint_GiB']} GiB, {info['parameters']:,} parameters), "
+             f"read once before the first step in {info.get('source_read_s', '?')} s; "
              f"left unchanged: {'yes' if info.get('source_untouched') else '**no**'}. "
              f"The whole benchmark took {info.get('total_s', '?')} s; load average (1/5/15 min) "
              f"{info.get('load_average_start', '?')} at the start, {info.get('load_average_end', '?')} at the end "

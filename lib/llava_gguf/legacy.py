@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -44,6 +45,9 @@ from .toolchain import source_dir
 from .workspace import cache_dir, write_json
 
 log = logging.getLogger(__name__)
+
+# runner(cmd, log_file, cwd): how a legacy script is run (see run_logged).
+Runner = Callable[[list[str], Path, Path], None]
 
 # transformers==4.57.6 is what llama.cpp's requirements-convert_legacy_llama.txt pins at 0c1e570;
 # the other two are the versions pip resolves for it (transformers 4.57 wants hub < 1.0, tokenizers <= 0.23.0).
@@ -135,7 +139,9 @@ def _run(cmd: list[str], logf, log_file: Path, cwd: Path | None = None, env: dic
                           f"log: {log_file}\n{tail}")
 
 
-def _run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
+def run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
+    """The default way a legacy script runs: its output to log_file. The benchmark passes its
+    own `runner` with this signature to measure each script's process tree."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as logf:
         _run(cmd, logf, log_file, cwd=cwd, env=_script_env())
@@ -160,13 +166,13 @@ def link_copy(ckpt_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path) -> LegacySurgery:
+def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path, runner: Runner = run_logged) -> LegacySurgery:
     """`llava_surgery_v2.py -C -m <copy>` on a symlink copy of the checkpoint in work_dir/model."""
     work_dir = Path(work_dir)
     python = legacy_env()
     model = link_copy(ckpt_dir, work_dir / "model")
     log_file = work_dir / "legacy-surgery.log"
-    _run_logged([str(python), str(source_dir() / SURGERY_SCRIPT), "-C", "-m", str(model)], log_file, work_dir)
+    runner([str(python), str(source_dir() / SURGERY_SCRIPT), "-C", "-m", str(model)], log_file, work_dir)
     clip, projector = (model / n for n in SURGERY_OUTPUTS)
     for f in (clip, projector):
         if not f.is_file() or f.is_symlink():
@@ -189,7 +195,8 @@ def derived_config_vit(model_dir: str | Path) -> dict:
     return vision_config(config, tensors, str(model_dir / "config.json"))
 
 
-def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16") -> Path:
+def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16",
+                         runner: Runner = run_logged) -> Path:
     """The recipe's vit/ folder and `convert_image_encoder_to_gguf.py --clip-model-is-vision`.
 
     model_dir: `legacy_surgery(...).model_dir`. Returns vit/mmproj-model-{outtype}.gguf."""
@@ -203,14 +210,15 @@ def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: s
            str(vit / "llava.projector"), "--output-dir", str(vit), "--clip-model-is-vision"]
     if outtype == "f32":
         cmd.append("--use-f32")
-    _run_logged(cmd, work_dir / "legacy-vision.log", work_dir)
+    runner(cmd, work_dir / "legacy-vision.log", work_dir)
     out = vit / f"mmproj-model-{outtype}.gguf"
     if not out.is_file():
         raise LegacyError(f"{IMAGE_ENCODER_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-vision.log'}")
     return out
 
 
-def legacy_text_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16") -> Path:
+def legacy_text_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16",
+                       runner: Runner = run_logged) -> Path:
     """`examples/convert_legacy_llama.py <model> --outtype <t> --skip-unknown` (project venv python).
 
     model_dir: the symlink copy from `legacy_surgery` (or any folder it may read). Returns the GGUF."""
@@ -218,7 +226,7 @@ def legacy_text_export(model_dir: str | Path, work_dir: str | Path, outtype: str
     out = work_dir / f"ggml-model-{outtype}.gguf"
     cmd = [sys.executable, str(source_dir() / TEXT_SCRIPT), str(model_dir), "--outtype", outtype, "--skip-unknown",
            "--outfile", str(out)]
-    _run_logged(cmd, work_dir / "legacy-text.log", work_dir)
+    runner(cmd, work_dir / "legacy-text.log", work_dir)
     if not out.is_file():
         raise LegacyError(f"{TEXT_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-text.log'}")
     return out
