@@ -27,3 +27,26 @@ def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
     for name in steps:
         assert pipeline.STEPS[name].notebook.replace(".ipynb", ".html") in index
     assert {what for _, what in pipeline.run_steps(run, steps)} == {"skipped"}
+
+
+@pytest.mark.llama_cpp
+def test_ready_gguf_path_skips_conversion_and_evaluates(write_params, llama_tool, tmp_path):
+    """model.format gguf (as params/radxa-prebuilt.yaml): download + evaluate only."""
+    llama_tool("llama-mtmd-cli")
+    source = workspace.open_run(write_params({"run": "gguf-src", "model": {"source": "tiny"},
+                                              "quantize": {"types": ["Q4_K_M"]}}, "src.yaml"))
+    pipeline.run_steps(source, ["vision", "quantize"])
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    (ready / "llava-tiny-Q4_K_M.gguf").symlink_to(workspace.resolve(source.artifacts()["quantized"]["Q4_K_M"]))
+    (ready / "mmproj-model-f16.gguf").symlink_to(source.artifact_path("mmproj"))
+    run = workspace.open_run(write_params({
+        "run": "gguf-ready", "model": {"source": "local", "path": str(ready), "format": "gguf",
+                                       "text_file": "llava-tiny-Q4_K_M.gguf", "mmproj_file": "mmproj-model-f16.gguf"},
+        "evaluate": {"n_predict": 4, "threads": 2, "perplexity": False, "include_unquantized": False,
+                     "cases": [{"prompt": "Describe this image."}]}}, "ready.yaml"))
+    done = pipeline.run_steps(run, ["evaluate"])
+    assert done == [("download", "ran"), ("evaluate", "ran")]
+    artifacts = run.artifacts()
+    assert set(artifacts["quantized"]) == {"Q4_K_M"} and "text_gguf" not in artifacts
+    assert workspace.resolve(artifacts["metrics"]).is_dir()
