@@ -148,3 +148,13 @@ def test_missing_shard_is_reported(tiny_checkpoint, tmp_path, write_params):
     run = workspace.open_run(write_params({"run": "dl-partial", "model": {"source": "local", "path": str(copy)}}))
     with pytest.raises(DownloadError, match="model-00002-of-00002.safetensors: missing"):
         download.run_download(run)
+
+
+def test_cut_off_index_names_the_file(tiny_checkpoint, tmp_path, write_params):
+    copy = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, copy)
+    index = copy / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:100])
+    run = workspace.open_run(write_params({"run": "dl-cut", "model": {"source": "local", "path": str(copy)}}))
+    with pytest.raises(DownloadError, match="model.safetensors.index.json: not a valid index"):
+        download.run_download(run)

@@ -87,3 +87,13 @@ def test_unknown_params_key_stops_the_cli(write_params, caplog):
     path = write_params({"run": "x", "modle": {"source": "tiny"}})
     assert cli.main(["run", "download", "--params", str(path)]) == 2
     assert "unknown key 'modle'" in caplog.text
+
+
+def test_dead_kernel_is_a_step_failure_with_the_notebook_kept(tmp_path, monkeypatch, write_params):
+    nb = _notebook(tmp_path / "97_dies.ipynb", "import os", "os._exit(9)")
+    monkeypatch.setitem(STEPS, "dies", Step("dies", str(nb), (), ("thing",), ("model",)))
+    run = workspace.open_run(write_params({"run": "pm-dies", "model": {"source": "tiny"}}))
+    with pytest.raises(StepFailed, match="step 'dies' stopped"):
+        pipeline.run_steps(run, ["dies"])
+    assert (run.dir / "notebooks" / "97_dies.ipynb").exists()
+    assert (run.dir / "reports" / "97_dies.html").exists()

@@ -1,6 +1,7 @@
 """Step 05: llama-quantize per type, the size / bpw / tensor-type table, atomic outputs, clear errors."""
 from __future__ import annotations
 
+import shutil
 import stat
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_crashing_tool_keeps_log_and_leaves_no_output(local_run, tiny_text_gguf,
 
 # ----------------------------------------------------------------------------- with llama.cpp
 @pytest.mark.llama_cpp
-def test_quantize_types_table_and_reuse(local_run, tiny_text_gguf, llama_tool):
+def test_quantize_types_table_and_reuse(local_run, tiny_text_gguf, llama_tool, monkeypatch):
     llama_tool("llama-quantize")
     run = local_run(quantize={"types": ["Q8_0", "Q4_K_M"]})
     run.record("text_gguf", tiny_text_gguf)
@@ -118,6 +119,26 @@ def test_quantize_types_table_and_reuse(local_run, tiny_text_gguf, llama_tool):
     again = quantize.run_quantize(run)
     assert sorted(again.reused) == ["Q4_K_M", "Q8_0"]
     assert {t: p.stat().st_mtime_ns for t, p in again.quantized.items()} == mtimes
+    assert oct(result.quantized["Q8_0"].stat().st_mode & 0o044) != "0o0"  # not owner-only
+
+    # Another llama.cpp build (here: a copy of the tool in another folder) makes them again.
+    other = run.dir / "other-build" / "bin"
+    other.mkdir(parents=True)
+    shutil.copy2(toolchain.find_tool("llama-quantize"), other / "llama-quantize")
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(other.parent))
+    third = quantize.run_quantize(run)
+    assert third.reused == []
+
+
+def test_quantized_text_gguf_is_refused_naming_the_keys(local_run, tiny_checkpoint, tmp_path):
+    from llava_gguf import text
+
+    text.write_text_gguf(tiny_checkpoint, tmp_path / "llava-tiny-Q8_0.gguf", "q8_0")
+    run = local_run(quantize={"types": ["Q4_K_M"]})
+    run.record("text_gguf", tmp_path / "llava-tiny-Q8_0.gguf")
+    with pytest.raises(ValueError, match="convert.outtype.*quantize.types"):
+        quantize.run_quantize(run)
+    assert not (run.dir / "models").exists() or not list((run.dir / "models").glob("*Q4_K_M*"))
 
 
 @pytest.mark.llama_cpp

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, resolve, sha256_file
 
@@ -97,11 +97,17 @@ def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
 
 # ----------------------------------------------------------------------------- checks
 def _expected_files(folder: Path) -> list[str]:
+    extra = ["tokenizer.model"] if (folder / "tokenizer.model").exists() else []
     for index in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index).exists():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            return ["config.json", index, *shards]
-    return ["config.json"]
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise DownloadError(f"{folder / index}: not a valid index ({err}); the download was cut "
+                                    "short: rerun `make download` to resume") from None
+            return ["config.json", index, *shards, *extra]
+    singles = [f for f in SINGLE_FILES if (folder / f).exists()]
+    return ["config.json", *singles, *extra]
 
 
 def check_files(folder: Path, names: list[str], remote: dict[str, tuple[int | None, str | None]]) -> pd.DataFrame:

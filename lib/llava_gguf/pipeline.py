@@ -201,6 +201,10 @@ def execute_notebook(step: Step, run: Run) -> Path:
         report.render_notebook(out, run)
         raise StepFailed(f"step '{step.name}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                          f"partly executed notebook: {out}") from None
+    except Exception as err:  # the kernel died (e.g. killed for memory) or could not start
+        report.render_notebook(out, run)
+        raise StepFailed(f"step '{step.name}' stopped: {type(err).__name__}: {err}\n"
+                         f"partly executed notebook: {out}") from None
     report.render_notebook(out, run)
     return out
 

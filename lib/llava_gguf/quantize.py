@@ -113,25 +113,27 @@ def compute_imatrix(run: Run, text_gguf: Path) -> Path:
     ctx = q.imatrix_ctx
     calib = corpus.corpus_path("calibration")
     out = run.sub("models") / f"{output_stem(text_gguf)}-imatrix-c{ctx}x{q.imatrix_chunks}.gguf"
-    if out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime):
+    tool = toolchain.find_tool("llama-imatrix", run.params.llama_cpp.dir)
+    if out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime) \
+            and _made_by(out) == _tool_stamp(tool):
         log.info("reusing importance matrix %s", out)
         return out
-    tool = toolchain.find_tool("llama-imatrix", run.params.llama_cpp.dir)
     with atomic_path(out, suffix=".gguf") as tmp:
         log.info("computing importance matrix over %d chunks of %d tokens of %s", q.imatrix_chunks, ctx, calib.name)
         toolchain.run_tool([tool, "-m", text_gguf, "-f", calib, "-o", tmp, "-c", ctx, "--chunks",
                             q.imatrix_chunks, "-t", threads(run)], run.sub("logs") / "imatrix.log",
                            what="llama-imatrix")
         open_gguf(tmp, "importance matrix")
+    _stamp(out, tool)
     return out
 
 
 def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None) -> tuple[Path, bool]:
     """Quantize `text_gguf` to `qtype`; returns (path, reused)."""
     out = run.sub("models") / f"{output_stem(text_gguf)}-{qtype}.gguf"
-    if _up_to_date(out, text_gguf, qtype, imatrix):
-        return out, True
     tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
+    if _up_to_date(out, text_gguf, qtype, imatrix) and _made_by(out) == _tool_stamp(tool):
+        return out, True
     extra = ["--imatrix", imatrix] if imatrix else []
     with atomic_path(out, suffix=".gguf") as tmp:
         toolchain.run_tool([tool, *extra, text_gguf, tmp, qtype, threads(run)],
@@ -140,7 +142,27 @@ def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = 
         if got != qtype:
             raise GGUFError(f"{tmp}: llama-quantize wrote file type {got}, asked for {qtype}; "
                             f"see {run.sub('logs') / f'quantize-{qtype}.log'}")
+    _stamp(out, tool)
     return out, False
+
+
+def _tool_stamp(tool: Path) -> str:
+    """Which build made a file: another LLAMA_CPP_DIR or a rebuilt tool means make it again."""
+    st = tool.resolve().stat()
+    return f"{tool.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _stamp_file(out: Path) -> Path:
+    return out.with_name(out.name + ".made-by")
+
+
+def _stamp(out: Path, tool: Path) -> None:
+    _stamp_file(out).write_text(_tool_stamp(tool))
+
+
+def _made_by(out: Path) -> str | None:
+    f = _stamp_file(out)
+    return f.read_text() if f.exists() else None
 
 
 def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
@@ -168,6 +190,10 @@ def run_quantize(run: Run) -> QuantizeResult:
     types = run.params.quantize.types
     if not types:
         raise ValueError(f"{run.params_file}: quantize.types is empty; list at least one type, e.g. [Q5_K_M]")
+    source_type = gguf_summary(text_gguf)["file_type"]
+    if source_type not in ("F32", "F16", "BF16"):
+        raise ValueError(f"{run.params_file}: convert.outtype made a {source_type} text GGUF, which llama-quantize "
+                         f"will not requantize to {types}; set convert.outtype: f16 (or bf16/f32) for quantize.types")
     imatrix = compute_imatrix(run, text_gguf) if run.params.quantize.imatrix else None
     quantized: dict[str, Path] = {}
     reused: list[str] = []
@@ -182,6 +208,6 @@ def run_quantize(run: Run) -> QuantizeResult:
     run.record("quantized", quantized)
     logs = {t: run.sub("logs") / f"quantize-{t}.log" for t in types}
     # The source as the table's first row, for comparison (named by its type, e.g. F16).
-    source = {gguf_summary(text_gguf)["file_type"]: text_gguf}
+    source = {source_type: text_gguf}
     table = quant_table({**source, **{k: v for k, v in quantized.items() if k not in source}})
     return QuantizeResult(quantized, table, imatrix, logs, reused)

@@ -70,7 +70,7 @@ def fetch_sdist() -> Path:
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             log.info("downloading %s (sdist, ~77 MB) with pip", SDIST_REQUIREMENT)
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            "--no-build-isolation", SDIST_REQUIREMENT, "-d", tmp], check=True,
+                            SDIST_REQUIREMENT, "-d", tmp], check=True,
                            stdout=subprocess.DEVNULL)
             os.replace(Path(tmp) / SDIST_NAME, target)
     digest = _sha256(target)

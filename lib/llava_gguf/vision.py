@@ -203,8 +203,8 @@ def vision_config(config: dict, vision: dict[str, dict], where: str = "config.js
         raise VisionExportError(f"{where}: mm_vision_select_feature {feature!r} is not supported; llama.cpp's llava "
                                 "graph feeds the projector the patch tokens only ('patch')")
     select = config.get("mm_vision_select_layer", -2)
-    keep = n_layers + select + 1 if select < 0 else select
-    if not isinstance(select, int) or not 1 <= keep <= n_layers:
+    keep = (n_layers + select + 1 if select < 0 else select) if isinstance(select, int) else 0
+    if not 1 <= keep <= n_layers:
         raise VisionExportError(f"{where}: mm_vision_select_layer {select!r} is outside the tower's {n_layers} layers")
     if config.get("mm_hidden_size", hidden) != hidden:
         raise VisionExportError(f"{where}: mm_hidden_size {config['mm_hidden_size']} != vision width {hidden} "
