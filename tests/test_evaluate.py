@@ -138,20 +138,20 @@ def tiny_ggufs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def test_image():
+def jpeg():
     from llava_gguf import toolchain
 
     return toolchain.source_asset(evaluate.DEFAULT_IMAGE)
 
 
 @pytest.mark.llama_cpp
-def test_unreadable_gguf(tmp_path, llama_tool, tiny_ggufs, test_image):
+def test_unreadable_gguf(tmp_path, llama_tool, tiny_ggufs, jpeg):
     cli = llama_tool("llama-mtmd-cli")
     bad = tmp_path / "truncated.gguf"
     bad.write_bytes(tiny_ggufs["text"].read_bytes()[:100_000])
     log = tmp_path / "bad.log"
     with pytest.raises(EvaluationError) as err:
-        run_mtmd(cli, bad, tiny_ggufs["mmproj"], test_image, PROMPT, MtmdOptions(EvaluateParams(n_predict=2)), log)
+        run_mtmd(cli, bad, tiny_ggufs["mmproj"], jpeg, PROMPT, MtmdOptions(EvaluateParams(n_predict=2)), log)
     msg = str(err.value)
     assert "exit status 1" in msg and str(log) in msg
     assert f"text GGUF {bad} is not a readable GGUF" in msg and "mmproj" not in msg.split("command:")[0]
@@ -159,10 +159,10 @@ def test_unreadable_gguf(tmp_path, llama_tool, tiny_ggufs, test_image):
 
 
 @pytest.mark.llama_cpp
-def test_run_mtmd_end_to_end(tmp_path, llama_tool, tiny_ggufs, test_image):
+def test_run_mtmd_end_to_end(tmp_path, llama_tool, tiny_ggufs, jpeg):
     cli = llama_tool("llama-mtmd-cli")
     log = tmp_path / "e2e.log"
-    r = run_mtmd(cli, tiny_ggufs["text"], tiny_ggufs["mmproj"], test_image, PROMPT,
+    r = run_mtmd(cli, tiny_ggufs["text"], tiny_ggufs["mmproj"], jpeg, PROMPT,
                  MtmdOptions(EvaluateParams(n_predict=4, threads=2, ctx_size=4096)), log)
     assert r.returncode == 0 and r.answer
     t = r.timings

@@ -140,7 +140,8 @@ def code_closure(modules: set[str]) -> list[Path]:
     return [seen[m] for m in sorted(seen)]
 
 
-def fingerprint(step: Step, run: Run, upstream: dict[str, str]) -> str:
+def fingerprint(step: Step, run: Run, upstream: dict[str, str], llama_cpp: dict | None = None) -> str:
+    """`llama_cpp`: the build's info (toolchain.llama_cpp_info), for steps that run its tools."""
     h = hashlib.sha256()
     params = run.params.model_dump(mode="json")
     h.update(json.dumps({k: params[k] for k in step.params}, sort_keys=True).encode())
@@ -149,11 +150,8 @@ def fingerprint(step: Step, run: Run, upstream: dict[str, str]) -> str:
         h.update(path.name.encode() + path.read_bytes())
     for need in _needs(step, run):
         h.update(upstream.get(need, "").encode())
-    if step.uses_llama_cpp:
-        try:
-            h.update(json.dumps(toolchain.llama_cpp_info(run.params.llama_cpp.dir), sort_keys=True).encode())
-        except toolchain.ToolNotFound:
-            pass  # the step itself will report the missing tool
+    if step.uses_llama_cpp and llama_cpp:
+        h.update(json.dumps(llama_cpp, sort_keys=True).encode())
     if step.name == "download" and run.params.model.source == "local" and run.params.model.path:
         folder = resolve(run.params.model.path)
         for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
@@ -216,20 +214,23 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
     state = load_state(run)
     done: list[tuple[str, str]] = []
     fingerprints = {k: v.get("fingerprint", "") for k, v in state.items()}
+    llama_cpp = None
+    if any(s.uses_llama_cpp for s in steps):
+        try:
+            llama_cpp = toolchain.llama_cpp_info(run.params.llama_cpp.dir)
+        except toolchain.ToolNotFound as err:
+            log.warning("%s", err)  # the steps that need the tools will report it
     try:
         for step in steps:
-            fp = fingerprint(step, run, fingerprints)
+            fp = fingerprint(step, run, fingerprints, llama_cpp)
             prev = state.get(step.name, {})
             if step.name not in forced and prev.get("fingerprint") == fp and _products_exist(step, run):
                 log.info("step %s: up to date, skipped", step.name)
                 done.append((step.name, "skipped"))
                 fingerprints[step.name] = fp
                 continue
-            if step.uses_llama_cpp:
-                try:
-                    run.record("llama_cpp", toolchain.llama_cpp_info(run.params.llama_cpp.dir))
-                except toolchain.ToolNotFound as err:
-                    log.warning("%s", err)
+            if step.uses_llama_cpp and llama_cpp:
+                run.record("llama_cpp", llama_cpp)
             log.info("step %s: running %s", step.name, step.notebook)
             state.pop(step.name, None)
             write_json(_state_file(run), state)

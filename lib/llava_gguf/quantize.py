@@ -186,11 +186,11 @@ def run_quantize(run: Run) -> QuantizeResult:
         log.info("model.format gguf: using the downloaded files %s", quantized)
         return QuantizeResult(quantized, quant_table(quantized))
     text_gguf = run.artifact_path("text_gguf")
-    open_gguf(text_gguf, "text GGUF (artifact text_gguf)")  # fail before the tools do, with a clearer message
+    # Read before the tools run, for a clearer message than theirs on a broken file.
+    source_type = open_gguf(text_gguf, "text GGUF (artifact text_gguf)").file_type
     types = run.params.quantize.types
     if not types:
         raise ValueError(f"{run.params_file}: quantize.types is empty; list at least one type, e.g. [Q5_K_M]")
-    source_type = gguf_summary(text_gguf)["file_type"]
     if source_type not in ("F32", "F16", "BF16"):
         raise ValueError(f"{run.params_file}: convert.outtype made a {source_type} text GGUF, which llama-quantize "
                          f"will not requantize to {types}; set convert.outtype: f16 (or bf16/f32) for quantize.types")
