@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import corpus, plots, quality, quantize, summary
+from . import corpus, machine, plots, quality, quantize, summary
 from .gguf_io import open_gguf
-from .workspace import Run, resolve, write_json
+from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
     """name -> text GGUF of every variant to evaluate, most precise first."""
     artifacts = run.artifacts()
     out: dict[str, Path] = {}
-    quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
+    quantized = {k: run.resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
         text = run.artifact_path("text_gguf")
         name = quantize.gguf_summary(text)["file_type"]
@@ -173,6 +173,7 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
         if df is not None:
             write_table(df, metrics / name)
     write_json(metrics / "summary.json", info)
+    machine.record_machine(run)  # the board and llama.cpp build these timings belong to
     run.record("metrics", metrics)
     return EvalReport(runs, tokens, table, quant, kld, agreement, info, figures, metrics)
 

@@ -178,7 +178,7 @@ def _products_exist(step: Step, run: Run) -> bool:
         if value is None:
             return False
         paths = value.values() if isinstance(value, dict) else [value]
-        if not all(resolve(p).exists() for p in paths if isinstance(p, str)):
+        if not all(run.resolve(p).exists() for p in paths if isinstance(p, str)):
             return False
     return True
 

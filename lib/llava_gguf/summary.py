@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from .workspace import Run, resolve
+from .workspace import Run
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _fmt(value, fmt: str) -> str:
 
 def summary_html(run: Run) -> str | None:
     """The summary block for index.html, None when the run has no evaluation metrics yet."""
-    folder = resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
     summary_file, table_file = folder / "summary.json", folder / "variants.csv"
     if not summary_file.exists() or not table_file.exists():
         return None
