@@ -115,30 +115,30 @@ def test_tuned_configuration_is_shown_when_present(write_params, tmp_path):
 
 
 @pytest.mark.llama_cpp
-def test_pipeline_runs_moved_elsewhere_compare_and_publish(write_params, llama_tool, tmp_path, monkeypatch):
-    """Two real runs of every step on the tiny model (two thread counts), moved, then compared and carded."""
+def test_pipeline_run_moved_elsewhere_compares_and_publishes(write_params, llama_tool, tmp_path, monkeypatch):
+    """A real run of every step on the tiny model, moved beside a synthetic one, compared and carded."""
     from llava_gguf import pipeline, publish
 
     llama_tool("llama-mtmd-cli")
-    dirs = []
-    for name, threads in (("real-t1", 1), ("real-t2", 2)):
-        run = workspace.open_run(write_params({
-            "run": name, "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M"]},
-            "evaluate": {"n_predict": 4, "threads": threads, "cases": [{"prompt": "Describe this image."}]}},
-            f"{name}.yaml"))
-        pipeline.run_steps(run, ["evaluate"])
-        recorded = json.loads((run.dir / "machine.json").read_text())
-        assert recorded["llama_cpp"]["version"] and recorded["llama_cpp"]["system_info"]["backends"]["CPU"]
-        assert all(not Path(v).is_absolute() for v in run.artifacts()["quantized"].values())
-        dirs.append(move(run.dir, tmp_path / "boards" / name))
+    run = workspace.open_run(write_params({
+        "run": "real", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M"]},
+        "evaluate": {"n_predict": 4, "threads": 2, "cases": [{"prompt": "Describe this image."}]}}, "real.yaml"))
+    pipeline.run_steps(run, ["evaluate"])
+    recorded = json.loads((run.dir / "machine.json").read_text())
+    assert recorded["llama_cpp"]["version"] and recorded["llama_cpp"]["system_info"]["backends"]["CPU"]
+    assert recorded["llama_cpp"]["cmake_options"]["CMAKE_BUILD_TYPE"] == "Release"
+    assert all(not Path(v).is_absolute() for v in run.artifacts()["quantized"].values())
+    other = make_evaluated_run(write_params, "synthetic-board")
+    dirs = [move(run.dir, tmp_path / "boards" / "a"), move(other.dir, tmp_path / "boards" / "b")]
     page = compare.render_comparison(dirs, tmp_path / "boards" / "index.html")
     text = page.read_text()
     for d in dirs:
         assert f"{summary_of(d)['chosen']['variant']} ★" in text
+    assert recorded["llama_cpp"]["version"] in text
     for link in _links(page):
         assert (page.parent / unquote(link)).exists(), link
     # The moved run still resolves its own files: the card is written from the new place.
     monkeypatch.setenv(workspace.OUTPUTS_ENV, str(dirs[0].parent))
-    moved = workspace.open_run(tmp_path / "real-t1.yaml")
-    card = publish.publish(moved)
+    card = publish.publish(workspace.open_run(tmp_path / "real.yaml"))
     assert card.folder == dirs[0] / "publish" and (card.folder / "mmproj-model-f16.gguf").exists()
+    assert recorded["llama_cpp"]["version"] in card.card.read_text()

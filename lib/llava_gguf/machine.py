@@ -45,7 +45,13 @@ ARM_PARTS = {
 }
 ARM_IMPLEMENTERS = {0x41: "Arm", 0x48: "HiSilicon", 0x51: "Qualcomm", 0x61: "Apple", 0xc0: "Ampere"}
 
-_CMAKE_OPTION = re.compile(r"^((?:GGML|LLAMA)_[A-Z0-9_]+|CMAKE_BUILD_TYPE):(?:BOOL|STRING)=(.*)$")
+_CMAKE_OPTION = re.compile(r"^([A-Z0-9_]+):(?:BOOL|STRING)=(.*)$")
+# The build options that change what runs on a CPU board (CMakeCache also lists every backend's
+# sub-options with their defaults, which would only bury these).
+RELEVANT_CMAKE = re.compile(
+    r"^(CMAKE_BUILD_TYPE|BUILD_SHARED_LIBS|GGML_(NATIVE|CPU|CPU_ARM_ARCH|CPU_KLEIDIAI|CPU_REPACK|CPU_ALL_VARIANTS"
+    r"|AVX\w*|AMX\w*|F16C|FMA|BMI2|SSE42|OPENMP|LLAMAFILE|BLAS|BLAS_VENDOR|CUDA|HIP|METAL|VULKAN|OPENCL|SYCL"
+    r"|RPC|CANN|MUSA|WEBGPU))$")
 
 
 def _read(path: str | Path) -> str:
@@ -190,7 +196,7 @@ def _system_info_from_logs(folder: Path) -> tuple[dict | None, str | None]:
 
 
 def cmake_options(bin_dir: Path) -> dict[str, str] | None:
-    """GGML_*/LLAMA_* options set (ON or non-empty) in the build's CMakeCache.txt, when it is found."""
+    """The CPU-relevant options set (ON or a value) in the build's CMakeCache.txt, when it is found."""
     base = bin_dir.parent
     for cache in (base / "CMakeCache.txt", base / "cmake" / "CMakeCache.txt", base / "build" / "CMakeCache.txt",
                   base.parent / "CMakeCache.txt"):
@@ -198,8 +204,10 @@ def cmake_options(bin_dir: Path) -> dict[str, str] | None:
             opts = {}
             for line in _read(cache).splitlines():
                 m = _CMAKE_OPTION.match(line)
-                if m and m.group(2) not in ("", "OFF"):
+                if m and RELEVANT_CMAKE.match(m.group(1)) and m.group(2) not in ("", "OFF"):
                     opts[m.group(1)] = m.group(2)
+            if opts.get("GGML_BLAS") != "ON":
+                opts.pop("GGML_BLAS_VENDOR", None)
             return opts
     return None
 
