@@ -166,6 +166,8 @@ def model_card(run: Run, files: pd.DataFrame, mmproj_name: str) -> str:
                f"{summary.get('perplexity_ctx')} tokens of an English prose corpus (llama-perplexity "
                "`--kl-divergence`)." if measured else
                "KL divergence was not measured in this run (" + "; ".join(summary.get("notes") or []) + ").")
+    made = ("ready-made GGUF files evaluated" if p.model.format == "gguf"
+            else "converted, checked against PyTorch, quantized and measured")
     checks = _checks(run)
     check_rows = [[c["check"], str(c["status"]), f"{c['measure']} {_num(c['value'], '{:.2e}')}",
                    _num(c["bound"], "{:.0e}")] for c in checks]
@@ -190,8 +192,8 @@ def model_card(run: Run, files: pd.DataFrame, mmproj_name: str) -> str:
 # {title}
 {synthetic}
 GGUF files of {f"[{base}]({_hub_url(base, p.model.source)})" if base else f"run `{p.run}`"} for llama.cpp: the
-Vicuna-7B text model and the vision encoder + projector (`{mmproj_name}`), converted, checked against PyTorch,
-quantized and measured with the llava-gguf workflow (run `{p.run}`). Recommended: **{chosen or '–'}**
+Vicuna-7B text model and the vision encoder + projector (`{mmproj_name}`), {made} with the llava-gguf
+workflow (run `{p.run}`). Recommended: **{chosen or '–'}**
 ({summary.get('chosen_how', '')}).
 
 ## Files
