@@ -19,6 +19,7 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
+from .. import machine
 from ..checks import quality
 from ..gguf_io import gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, mtmd, toolchain
@@ -50,7 +51,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
     """name -> text GGUF of every variant to evaluate, most precise first."""
     artifacts = run.artifacts()
     out: dict[str, Path] = {}
-    quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
+    quantized = {k: run.resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
         text = run.artifact_path("text_gguf")
         name = gguf_summary(text)["file_type"]
@@ -177,6 +178,7 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
         if df is not None:
             write_table(df, metrics / name)
     write_json(metrics / "summary.json", info)
+    machine.record_machine(run)  # the board and llama.cpp build these timings belong to
     run.record("metrics", metrics)
     return EvalReport(runs, tokens, table, quant, kld, agreement, info, figures, metrics)
 
