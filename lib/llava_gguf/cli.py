@@ -80,10 +80,9 @@ def _cmd_timings(args) -> int:
 
 def _cmd_report(args) -> int:
     from .reports import html as report
-    from .pipeline import STEPS
 
     run = workspace.open_run(args.params)
-    for step in STEPS.values():
+    for step in registry.steps().values():
         report.render_notebook(run.dir / "notebooks" / step.notebook, run)
     log.info("%s", report.render_index(run))
     return 0
