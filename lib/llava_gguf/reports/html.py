@@ -26,13 +26,15 @@ from . import summary
 log = logging.getLogger(__name__)
 
 ASSETS = "assets"
-# The lab template, with an alt text on every PNG: the output's own ("alt" in its image/png
+# The lab template, with an alt text on every PNG/JPEG: the output's own ("alt" in its image
 # metadata, which plots.PlotFigure sets to the figure's titles), else a generic one.
 TEMPLATE = """{%- extends 'index.html.j2' -%}
-{% block data_png scoped %}
-{%- set alt = output | get_metadata('alt', 'image/png') or 'plot or image output of this cell' -%}
-{{ super() | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}
-{%- endblock data_png %}
+{% macro with_alt(img_html, output, mime) -%}
+{%- set alt = output | get_metadata('alt', mime) or 'plot or image output of this cell' -%}
+{{ img_html | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}
+{%- endmacro %}
+{% block data_png scoped %}{{ with_alt(super(), output, 'image/png') }}{% endblock data_png %}
+{% block data_jpg scoped %}{{ with_alt(super(), output, 'image/jpeg') }}{% endblock data_jpg %}
 """
 _HEAD_STYLE = re.compile(r"<style[^>]*>(.*?)</style>\s*", re.S | re.I)
 _ASSET_LINK = re.compile(r"""href=["'](assets/[^"'/]+)["']""")
