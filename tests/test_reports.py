@@ -86,7 +86,7 @@ def test_rounding_rules():
                        "eval_tokens_per_s": [4.56789, 10.0], "size_mib": [1234.56789, 0.0029296875],
                        "kld": [0.0, 0.000123456], "kld_p99": [1.23456, np.nan], "nmse": [2.3456e-7, 0.5],
                        "same_top_pct": [99.456, 100.0], "cases": [2, 2], "wall_s": [1.23456, 2.0],
-                       "unnamed_ratio": [0.123456, 1.0]})
+                       "rms_dp_pct": [0.001, 2.345678], "unnamed_ratio": [0.123456, 1.0]})
     out = tables.rounded(df)
     assert out["eval_ms"].tolist() == [123.5, 0.0]
     assert out["eval_tokens_per_s"].tolist() == [4.57, 10.0]
@@ -95,6 +95,7 @@ def test_rounding_rules():
     assert out["kld_p99"][0] == 1.23 and math.isnan(out["kld_p99"][1])
     assert out["nmse"].tolist() == [2.35e-7, 0.5]
     assert out["same_top_pct"].tolist() == [99.5, 100.0]
+    assert out["rms_dp_pct"].tolist() == [0.001, 2.35]  # a divergence in %, not a plain percentage
     assert out["wall_s"].tolist() == [1.235, 2.0]
     assert out["cases"].dtype == df["cases"].dtype and out["variant"].tolist() == ["F16", "Q4_K_M"]
     assert out["unnamed_ratio"].tolist() == df["unnamed_ratio"].tolist()  # no rule names it: untouched

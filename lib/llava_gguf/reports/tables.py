@@ -4,8 +4,8 @@
 matches the column's name (lower-cased, whole name). It is for display only: the CSV/JSON
 metrics are written from the unrounded frames and keep full precision.
 
-Times, sizes and rates have a fixed useful resolution (0.1 ms, 0.01 MiB, 0.01 tokens/s), so they
-are rounded to decimals; errors and divergences (NMSE, KLD) span decades, so they keep
+Times, sizes and rates have a fixed useful resolution (0.1 ms, 0.001 MiB, 0.01 tokens/s), so they
+are rounded to decimals; errors and divergences (NMSE, KLD, RMS delta-p) span decades, so they keep
 significant digits instead (a KLD of 0.000123 must not become 0.0). Integer and text columns,
 and float columns no rule names, are left as they are.
 """
@@ -23,10 +23,11 @@ ROUNDING: list[tuple[str, str, int]] = [
     (r"(.*_)?(s|seconds)", "decimals", 3),             # seconds: to the millisecond
     (r"(.*_)?mib", "decimals", 3),                     # MiB: ~1 KiB (small tensors stay visible)
     (r"(.*_)?gib", "decimals", 3),                     # GiB: ~1 MiB
+    # errors and divergences (also RMS delta-p %, ln PPL ratio): small values must stay visible
+    (r".*(nmse|mse|kld|_err|rms_dp|ln_ppl_ratio)(_.*)?", "significant", 3),
     (r".*_pct", "decimals", 1),                        # percentages
     (r"bpw", "decimals", 2),                           # bits per weight
     (r"ppl(_base)?", "decimals", 3),                   # perplexity
-    (r".*(nmse|mse|kld|rel_err|abs_err|_err)(_.*)?", "significant", 3),  # errors, divergences
     (r"same_answer", "decimals", 2),                   # share of cases
     (r".*tokens", "decimals", 1),                      # means of token counts
 ]
