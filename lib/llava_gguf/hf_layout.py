@@ -53,7 +53,7 @@ CLIP_VISION_DEFAULTS = {
 LLAVA_NEXT_DEFAULTS = {
     "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
     "vision_feature_layer": -2, "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-    "multimodal_projector_bias": True, "use_image_newline_parameter": True,
+    "multimodal_projector_bias": True,
 }
 LLAVA_NEXT_VISION_DEFAULTS = {**CLIP_VISION_DEFAULTS, "intermediate_size": 4096, "hidden_size": 1024, "patch_size": 14,
                               "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -150,7 +150,8 @@ def llava_config(config: dict) -> dict:
     if act not in PROJECTOR_TYPES or not top["multimodal_projector_bias"]:
         raise HFLayoutError(f"config.json: projector_hidden_act {act!r} (bias {top['multimodal_projector_bias']}) "
                             "is not LLaVA's mlp2x_gelu projector, the only one llama.cpp's llava graph has")
-    if not top["use_image_newline_parameter"]:
+    # Written by the llava-hf conversion script; transformers' model always has image_newline.
+    if not top.get("use_image_newline_parameter", True):
         raise HFLayoutError("config.json: use_image_newline_parameter false is not LLaVA 1.6 (spatial_unpad with "
                             "image_newline); not supported")
     flat = {
