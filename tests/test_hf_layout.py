@@ -120,6 +120,32 @@ def test_transformers5_rope_parameters_are_read():
     assert (hp.rope_theta, hp.rope_scale) == (500000.0, 2.0)
 
 
+def test_7b_plans_equal_from_the_real_hf_config():
+    """llava-hf/llava-v1.6-vicuna-7b-hf's config.json (defaults left out) and the 7B's shapes give the
+    original layout's mmproj plan and metadata, and its text hyper-parameters (nothing is read)."""
+    from llava_gguf.layout import place
+    from llava_gguf.tiny import SIZES, llava_config, tensor_plan
+
+    s = SIZES["7b"]
+    plans = {}
+    for layout, config in (("llava", llava_config(s)), ("llava-hf", REAL_HF_CONFIG)):
+        tensors = {}
+        for name, shape in tensor_plan(s):
+            stored = hf_layout.hf_name(name) if layout == "llava-hf" else name
+            p = place(stored, layout)
+            tensors[stored] = {"shard": "-", "dtype": "F16", "shape": list(shape), "part": p.part,
+                               "canonical": p.canonical}
+        vcfg, plan = vision.export_plan({"source": "7b", "layout": layout, "config": config, "tensors": tensors})
+        plans[layout] = ([(t.gguf, t.shape, t.dtype) for t in plan], vision.metadata(vcfg))
+    assert plans["llava-hf"][0] == plans["llava"][0] and len(plans["llava"][0]) == 378
+    dropped = {k for k, _, _ in plans["llava"][1]} - {k for k, _, _ in plans["llava-hf"][1]}
+    assert dropped == ORIGINAL_ONLY_MMPROJ_KEYS
+    assert [kv for kv in plans["llava"][1] if kv[0] not in dropped] == plans["llava-hf"][1]
+    a = text.read_hparams(llava_config(s), Path("config.json"))
+    b = text.read_hparams(REAL_HF_CONFIG, Path("config.json"))
+    assert b == a.__class__(**{**a.__dict__, "n_vocab": 32064})
+
+
 # ----------------------------------------------------------------------------- the synthetic checkpoint
 def test_tiny_hf_is_the_same_weights_renamed(tiny_checkpoint, tiny_hf):
     cfg = json.loads((tiny_hf / "config.json").read_text())
@@ -259,6 +285,28 @@ def test_added_token_past_the_embedding_rows_is_refused(tiny_hf, tmp_path):
     with pytest.raises(TextExportError, match=r"added_tokens.json|'<x>' has id 32070, past vocab_size 32064"):
         text.write_text_gguf(folder, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists() and tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("case", ["short-tokenizer", "nothing-added"])
+def test_vocabulary_that_does_not_fit_is_refused(case, tiny_hf, tmp_path):
+    """A tokenizer.model of fewer pieces is not padded over: added tokens follow the pieces directly
+    and the padding stays under 64 rows."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf, folder)
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    if case == "short-tokenizer":  # 31990 pieces + 2 added + 72 rows: the added ids don't follow
+        del proto.pieces[31990:]
+        words = "added tokens follow the pieces"
+    else:  # a vocabulary that names nothing past the pieces: 64 unnamed rows
+        for f in ("added_tokens.json", "tokenizer_config.json"):
+            (folder / f).unlink()
+        words = "leaves 64 rows unnamed"
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(TextExportError, match=words):
+        text.plan_text(folder)
 
 
 def test_tokenizer_files_that_disagree_are_refused(tiny_hf, tmp_path):

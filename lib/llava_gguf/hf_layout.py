@@ -251,15 +251,21 @@ def extend_vocab(tokens: list[bytes], scores: np.ndarray, types: np.ndarray, fol
             raise HFLayoutError(f"{folder}: added token {text!r} has id {tok_id}, past vocab_size {n_vocab} of "
                                 f"{config_file}; the model has no embedding row for it")
         extra[tok_id] = (text, ADDED_TOKEN_SCORE, TOKEN_CONTROL if special else TOKEN_USER_DEFINED)
+    added = sorted(i for i in extra if extra[i][2] != TOKEN_UNUSED)
+    if added != list(range(n_pieces, n_pieces + len(added))):
+        raise HFLayoutError(f"{folder}: the added tokens have ids {added}, tokenizer.model {n_pieces} pieces; added "
+                            f"tokens follow the pieces (ids {n_pieces}...), so tokenizer.model is not this model's")
+    if n_vocab - n_pieces - len(added) >= HF_VOCAB_MULTIPLE:
+        raise HFLayoutError(f"{config_file}: vocab_size {n_vocab} leaves {n_vocab - n_pieces - len(added)} rows "
+                            f"unnamed after tokenizer.model's {n_pieces} pieces and {len(added)} added token(s); "
+                            f"padding is under {HF_VOCAB_MULTIPLE} rows, so the tokenizer files are not this model's")
     for i in range(n_pieces, n_vocab):
         text, score, ttype = extra[i]
         tokens.append(text.encode("utf-8"))
         scores.append(score)
         types.append(ttype)
-    if n_vocab > n_pieces:
-        log.info("vocabulary: %d pieces + %d added token(s) + %d padding row(s) = %d", n_pieces,
-                 sum(1 for i in extra if extra[i][2] != TOKEN_UNUSED), sum(1 for i in extra if extra[i][2] == TOKEN_UNUSED),
-                 n_vocab)
+    log.info("vocabulary: %d pieces + %d added token(s) + %d padding row(s) = %d", n_pieces, len(added),
+             n_vocab - n_pieces - len(added), n_vocab)
     return tokens, np.array(scores, dtype=np.float32), np.array(types, dtype=np.int32)
 
 

@@ -299,10 +299,13 @@ def plan_text(checkpoint: Path | str, outtype: str = "f16") -> TextPlan:
         text = split_checkpoint(ckpt).part(TEXT)
         config_file = ckpt.path / "config.json"
         hp = read_hparams(ckpt.config, config_file)
-        vocab = read_vocab(ckpt.path, hp.n_vocab)
+        # llava-hf pads its vocabulary with added tokens and spare rows (hf_layout.extend_vocab).
+        from .hf_layout import is_hf_config
+
+        vocab = read_vocab(ckpt.path, hp.n_vocab if is_hf_config(ckpt.config) else None)
         if len(vocab) != hp.n_vocab:
-            raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} is smaller than {vocab.source}'s "
-                                  f"{len(vocab)} pieces; config.json and the tokenizer do not belong together")
+            raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "
+                                  f"({len(vocab)} pieces); added tokens are not supported, the two must match")
         planned = plan_tensors(text, hp, outtype, ckpt.path)
         return TextPlan(ckpt.path, hp, vocab, outtype, planned, _parameter_count(ckpt))
 

@@ -316,7 +316,7 @@ def export_plan(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Planne
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
     where = str(Path(manifest["source"]) / "config.json")
     tensors = {**part_tensors(manifest, VISION), **part_tensors(manifest, PROJECTOR)}
-    if manifest["layout"] == "llava-hf":  # nested config.json: see hf_layout
+    if manifest.get("layout") == "llava-hf":  # nested config.json: see hf_layout
         from .hf_layout import apply_vision_config, llava_config
 
         vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where),
