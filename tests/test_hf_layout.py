@@ -25,7 +25,8 @@ from llava_gguf.tiny import make_tiny, random_tensor
 from conftest import tree_digest
 
 # What the vocabulary additions change in the text GGUF (everything else must be identical).
-VOCAB_KEYS = {"llama.vocab_size", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
+VOCAB_KEYS = {"llama.vocab_size", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+              "tokenizer.ggml.padding_token_id"}  # <pad> (32001) in llava-hf, <unk> (0) in the original
 VOCAB_TENSORS = {"token_embd.weight", "output.weight"}
 # mmproj keys the original config.json holds and llava-hf's does not (training-time crop settings,
 # not read by llama.cpp): left out rather than invented.
@@ -153,6 +154,8 @@ def test_tiny_hf_is_the_same_weights_renamed(tiny_checkpoint, tiny_hf):
     assert {"text_config", "vision_config", "image_grid_pinpoints", "vision_feature_layer",
             "vision_feature_select_strategy", "image_token_index"} <= set(cfg)
     assert json.loads((tiny_hf / "added_tokens.json").read_text()) == {"<image>": 32000, "<pad>": 32001}
+    added = json.loads((tiny_hf / "tokenizer.json").read_text())["added_tokens"]
+    assert {a["content"]: a["id"] for a in added if a["id"] >= 32000} == {"<image>": 32000, "<pad>": 32001}
     with Checkpoint.open(tiny_checkpoint) as o, Checkpoint.open(tiny_hf) as h:
         assert len(o.tensors) == len(h.tensors)
         assert {t.dtype for t in h} == {"F16"}
@@ -257,7 +260,9 @@ def test_same_mmproj_from_both_layouts(both_exports):
 def test_same_text_gguf_but_the_vocabulary(both_exports):
     ours_path, ref_path = both_exports["hf"][1], both_exports["llava"][1]
     cmp = text_check.compare_ggufs(ours_path, ref_path)
-    assert set(cmp.different_keys) == VOCAB_KEYS and cmp.missing_keys == [] and cmp.added_keys == []
+    # tokenizer.json's post-processor (BOS only) gives gguf-py's SpecialVocab an explicit add_sep false.
+    assert set(cmp.different_keys) == VOCAB_KEYS and cmp.missing_keys == []
+    assert cmp.added_keys == ["tokenizer.ggml.add_sep_token"]
     t = cmp.tensors.set_index("name")
     assert t.drop(index=list(VOCAB_TENSORS))["exact"].astype(bool).all()
     ours, ref = read_gguf(ours_path, "hf"), read_gguf(ref_path, "llava")
@@ -275,6 +280,8 @@ def test_same_text_gguf_but_the_vocabulary(both_exports):
     assert list(f["tokenizer.ggml.token_type"][32000:32003]) == [T.CONTROL, T.CONTROL, T.UNUSED]
     assert list(f["tokenizer.ggml.scores"][32000:32003]) == [-1000.0, -1000.0, -10000.0]
     assert f["llama.vocab_size"] == 32064
+    assert (f["tokenizer.ggml.padding_token_id"], g["tokenizer.ggml.padding_token_id"]) == (32001, 0)
+    assert f["tokenizer.ggml.add_sep_token"] is False
 
 
 def test_added_token_past_the_embedding_rows_is_refused(tiny_hf, tmp_path):
@@ -301,7 +308,7 @@ def test_vocabulary_that_does_not_fit_is_refused(case, tiny_hf, tmp_path):
         del proto.pieces[31990:]
         words = "added tokens follow the pieces"
     else:  # a vocabulary that names nothing past the pieces: 64 unnamed rows
-        for f in ("added_tokens.json", "tokenizer_config.json"):
+        for f in ("added_tokens.json", "tokenizer_config.json", "tokenizer.json"):
             (folder / f).unlink()
         words = "leaves 64 rows unnamed"
     (folder / "tokenizer.model").write_bytes(proto.SerializeToString())

@@ -358,7 +358,8 @@ def hf_vision_config(hidden: int, intermediate: int, layers: int, image: int, pa
 
 
 def write_hf_tokenizer_files(folder: Path) -> None:
-    """The added-token files of llava-hf beside tokenizer.model (written by tiny._write_tokenizer_files)."""
+    """The added-token files of llava-hf beside tokenizer.model (written by tiny._write_tokenizer_files),
+    and tokenizer.json as transformers converts them (the llava-hf repos ship it too)."""
     (folder / "added_tokens.json").write_text(json.dumps(HF_ADDED_TOKENS, indent=2) + "\n")
     cfg_file = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -373,3 +374,10 @@ def write_hf_tokenizer_files(folder: Path) -> None:
     special["pad_token"] = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False,
                             "single_word": False}
     special_file.write_text(json.dumps(special, indent=2) + "\n")
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+        (folder / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
