@@ -362,8 +362,21 @@ def test_hf_run_passes_every_check(write_params, llama_tool):
     assert report.passed, report.message
     tcheck = text_check.verify_text(run)
     assert tcheck.passed, tcheck.message
-    hcheck = hf_check.verify_hf(run)
-    assert hcheck.ok, hcheck.message
-    assert set(hcheck.vision) == set(vision_check.IMAGES) and hcheck.n_vocab == 32064
-    recorded = json.loads(run.artifact_path("hf_check").read_text())
-    assert recorded["status"] == "passed" and recorded["text_nmse"] <= recorded["text_bound"]
+    vis, txt = hf_check.verify_hf(run, "vision"), hf_check.verify_hf(run, "text")
+    assert vis.ok and txt.ok, (vis.message, txt.message)
+    assert set(vis.vision) == set(vision_check.IMAGES) and txt.vision == {}
+    assert txt.n_vocab == 32064 and txt.llama_tokens == txt.reference_tokens
+    recorded = {k: json.loads(workspace.resolve(v).read_text()) for k, v in run.artifacts()["hf_check"].items()}
+    assert set(recorded) == {"vision", "text"} and {r["status"] for r in recorded.values()} == {"passed"}
+    assert recorded["text"]["text_nmse"] <= recorded["text"]["text_bound"]
+    assert max(recorded["vision"]["vision_nmse"].values()) <= vision_check.NMSE_TOL
+
+
+@pytest.mark.llama_cpp
+def test_a_wrong_mmproj_fails_the_transformers_check(tiny_checkpoint, tiny_hf, tmp_path, llama_tool):
+    """The check is not vacuous: an mmproj of other weights (seed 1) is caught."""
+    llama_tool("llama-mtmd-debug")
+    other = make_tiny(tmp_path / "other", seed=1, shards=1)
+    mmproj = vision.export_mmproj(surgery.analyze(other), tmp_path / "other-mmproj.gguf").path
+    res = hf_check.check_hf(tiny_hf, mmproj, None, "", images=("pattern",), workdir=tmp_path / "w")
+    assert res.status == "failed" and res.vision["pattern"] > 0.1 and "image features (pattern)" in res.message

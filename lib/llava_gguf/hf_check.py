@@ -118,79 +118,101 @@ class HFCheck:
                 "reference_dtype": self.reference_dtype}
 
 
-def check_hf(checkpoint: str | Path, mmproj: Path, text_gguf: Path, prompt: str, outtype: str | None = None,
-             images: tuple[str, ...] = tuple(IMAGES), configured: str | None = None, workdir: Path | None = None,
-             threads: int | None = None, dtype: torch.dtype | None = None) -> HFCheck:
-    """Both GGUF files of a llava-hf checkpoint against transformers' LlavaNext (see the module doc)."""
-    checkpoint, mmproj, text_gguf = Path(checkpoint), Path(mmproj), Path(text_gguf)
-    outtype = outtype or outtype_of(text_gguf)
+def check_hf(checkpoint: str | Path, mmproj: Path | None, text_gguf: Path | None, prompt: str,
+             outtype: str | None = None, images: tuple[str, ...] = tuple(IMAGES), configured: str | None = None,
+             workdir: Path | None = None, threads: int | None = None, dtype: torch.dtype | None = None) -> HFCheck:
+    """The mmproj and/or the text GGUF of a llava-hf checkpoint against transformers' LlavaNext (see the
+    module doc); None skips that half."""
+    if mmproj is None and text_gguf is None:
+        raise ValueError("check_hf needs an mmproj, a text GGUF or both")
+    checkpoint = Path(checkpoint)
     try:
-        mtmd_debug = toolchain.find_tool("llama-mtmd-debug", configured)
-        llama_debug = toolchain.find_tool("llama-debug", configured)
+        mtmd_debug = toolchain.find_tool("llama-mtmd-debug", configured) if mmproj else None
+        llama_debug = toolchain.find_tool("llama-debug", configured) if text_gguf else None
     except toolchain.ToolNotFound as err:
         return HFCheck("skipped", f"transformers cross-check skipped, not passed: {err}")
-    size = gguf_info(mmproj)["image_size"]
-    emb = {image: mtmd_embeddings(mmproj, image, tool=mtmd_debug, workdir=workdir, threads=threads)
-           for image in images}
-    llama, llama_ids = llama_logits(text_gguf, prompt, llama_debug, threads)
+    emb, llama, llama_ids = {}, None, []
+    if mmproj is not None:
+        mmproj = Path(mmproj)
+        size = gguf_info(mmproj)["image_size"]
+        emb = {image: mtmd_embeddings(mmproj, image, tool=mtmd_debug, workdir=workdir, threads=threads)
+               for image in images}
+    if text_gguf is not None:
+        text_gguf = Path(text_gguf)
+        outtype = outtype or outtype_of(text_gguf)
+        llama, llama_ids = llama_logits(text_gguf, prompt, llama_debug, threads)
 
     model = reference_model(checkpoint, dtype)
     ref_dtype = next(model.parameters()).dtype
     res = HFCheck("failed", reference_dtype=str(ref_dtype).removeprefix("torch."))
+    problems = []
     for image, got in emb.items():
         ref = slice_features(model, synthetic_image(image, size))
         res.vision_tokens[image] = (got.shape[0], ref.shape[0])
         res.vision[image] = embeddings_nmse(got, ref) if got.shape == ref.shape else float("inf")
-    ids = reference_tokens(checkpoint / "tokenizer.model", prompt)
-    ref_logits = text_logits(model, ids)
+        if not res.vision[image] <= NMSE_TOL:
+            problems.append(f"image features ({image}) NMSE {res.vision[image]:.2e} > {NMSE_TOL:.0e}"
+                            + ("" if got.shape == ref.shape else f", {got.shape[0]} vs {ref.shape[0]} tokens"))
+    if llama is not None:
+        ids = reference_tokens(checkpoint / "tokenizer.model", prompt)
+        ref_logits = text_logits(model, ids)
+        res.llama_tokens, res.reference_tokens = llama_ids, ids
+        res.n_vocab = int(ref_logits.shape[0])
+        res.text_bound = NMSE_BOUNDS[outtype] if ref_dtype == torch.float32 else max(NMSE_BOUNDS[outtype],
+                                                                                       NMSE_BOUNDS_BF16_REFERENCE)
+        if llama.shape != ref_logits.shape:
+            problems.append(f"llama.cpp returned {llama.shape[0]} logits, transformers {ref_logits.shape[0]}; "
+                            "the vocabularies differ")
+        else:
+            res.text_nmse = logits_nmse(ref_logits, llama)
+            res.top1 = (int(llama.argmax()), int(ref_logits.argmax()))
+            if not res.text_nmse <= res.text_bound:
+                problems.append(f"logits NMSE {res.text_nmse:.2e} > {res.text_bound:.0e} ({outtype})")
+        if llama_ids != ids:
+            problems.append(f"token ids differ: llama.cpp {llama_ids} vs reference {ids}")
     del model
-    res.llama_tokens, res.reference_tokens = llama_ids, ids
-    res.n_vocab = int(ref_logits.shape[0])
-    res.text_bound = NMSE_BOUNDS[outtype] if ref_dtype == torch.float32 else max(NMSE_BOUNDS[outtype],
-                                                                                   NMSE_BOUNDS_BF16_REFERENCE)
-    if llama.shape != ref_logits.shape:
-        res.message = (f"{text_gguf.name}: llama.cpp returned {llama.shape[0]} logits, transformers "
-                       f"{ref_logits.shape[0]}; the vocabularies differ")
-        log.warning("%s", res.message)
-        return res
-    res.text_nmse = logits_nmse(ref_logits, llama)
-    res.top1 = (int(llama.argmax()), int(ref_logits.argmax()))
-    problems = [f"image features ({image}) NMSE {v:.2e} > {NMSE_TOL:.0e}" + (
-                    f", {res.vision_tokens[image][0]} vs {res.vision_tokens[image][1]} tokens"
-                    if res.vision_tokens[image][0] != res.vision_tokens[image][1] else "")
-                for image, v in res.vision.items() if not v <= NMSE_TOL]
-    if llama_ids != ids:
-        problems.append(f"token ids differ: llama.cpp {llama_ids} vs reference {ids}")
-    if not res.text_nmse <= res.text_bound:
-        problems.append(f"logits NMSE {res.text_nmse:.2e} > {res.text_bound:.0e} ({outtype})")
+    files = " / ".join(p.name for p in (mmproj, text_gguf) if p is not None)
     if problems:
-        res.message = f"{mmproj.name} / {text_gguf.name} vs transformers LlavaNext: " + "; ".join(problems)
+        res.message = f"{files} vs transformers LlavaNext: " + "; ".join(problems)
     else:
         res.status = "passed"
-        res.message = (f"transformers LlavaNext agrees: image features NMSE "
-                       f"{', '.join(f'{k} {v:.1e}' for k, v in res.vision.items())} <= {NMSE_TOL:.0e}; "
-                       f"logits NMSE {res.text_nmse:.1e} <= {res.text_bound:.0e} over {res.n_vocab} tokens "
-                       f"({outtype} vs {res.reference_dtype})")
+        done = []
+        if res.vision:
+            done.append("image features NMSE " + ", ".join(f"{k} {v:.1e}" for k, v in res.vision.items())
+                        + f" <= {NMSE_TOL:.0e}")
+        if llama is not None:
+            done.append(f"logits NMSE {res.text_nmse:.1e} <= {res.text_bound:.0e} over {res.n_vocab} tokens "
+                        f"({outtype} vs {res.reference_dtype})")
+        res.message = f"{files}: transformers LlavaNext agrees: " + "; ".join(done)
     (log.info if res.ok else log.warning)("%s", res.message)
     return res
 
 
-def verify_hf(run: Run) -> HFCheck:
-    """`check_hf` on a run's checkpoint, mmproj and text GGUF when the checkpoint is in the llava-hf layout
-    (writes `outputs/<run>/hf_check/result.json`, artifact `hf_check`); skipped otherwise, or with
-    `convert.verify: false`."""
+PARTS = {"vision": "mmproj", "text": "text_gguf"}  # part -> the run artifact it checks
+
+
+def verify_hf(run: Run, part: str | None = None) -> HFCheck:
+    """`check_hf` on a run's checkpoint and its mmproj (`part="vision"`, notebook 03), text GGUF
+    (`part="text"`, notebook 04) or both (None), when the checkpoint is in the llava-hf layout; skipped
+    otherwise, or with `convert.verify: false`. Writes `outputs/<run>/hf_check/<part>.json` and records
+    artifact `hf_check` (part -> that file)."""
     from .surgery import load_manifest
 
+    if part not in (None, *PARTS):
+        raise ValueError(f"part must be one of {sorted(PARTS)} or None, not {part!r}")
     layout = load_manifest(run)["layout"]
     if layout != "llava-hf":
         res = HFCheck("skipped", f"transformers LlavaNext cross-check: layout {layout!r} is not llava-hf")
     elif not run.params.convert.verify:
         res = HFCheck("skipped", "transformers cross-check skipped, not passed: params convert.verify is false")
     else:
-        res = check_hf(run.artifact_path("checkpoint"), run.artifact_path("mmproj"), run.artifact_path("text_gguf"),
+        files = {p: run.artifact_path(a) if part in (None, p) else None for p, a in PARTS.items()}
+        res = check_hf(run.artifact_path("checkpoint"), files["vision"], files["text"],
                        run.params.convert.verify_prompt, configured=run.params.llama_cpp.dir,
                        workdir=run.sub("hf_check"), threads=run.params.convert.threads)
     if res.status == "skipped":
         log.info("%s", res.message)
-    run.record("hf_check", write_json(run.sub("hf_check") / "result.json", res.to_json()))
+    key = part or "all"
+    path = write_json(run.sub("hf_check") / f"{key}.json", res.to_json())
+    run.record("hf_check", {**(run.artifacts().get("hf_check") or {}), key: path})
     return res
