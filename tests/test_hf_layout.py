@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from llava_gguf import download, hf_check, hf_layout, surgery, text, text_check, vision, vision_check, workspace
 from llava_gguf.checkpoint import Checkpoint
 from llava_gguf.gguf_io import read_gguf
-from llava_gguf.layout import LayoutError, split_checkpoint
+from llava_gguf.layout import LayoutError
 from llava_gguf.text import TextExportError
-from llava_gguf.tiny import make_tiny, random_tensor
+from llava_gguf.tiny import make_tiny
 
 from conftest import tree_digest
 
@@ -168,7 +168,7 @@ def test_tiny_hf_is_the_same_weights_renamed(tiny_checkpoint, tiny_hf):
             orig = o.load(info.name)
             assert torch.equal(ours[: orig.shape[0]].float(), orig.float()), info.name
             if info.name in hf_layout.VOCAB_ROWS:
-                assert ours.shape[0] == 32064 and not torch.equal(ours[32000:].float(), torch.zeros_like(ours[32000:].float()))
+                assert ours.shape[0] == 32064 and bool(ours[32000:].abs().sum() > 0)
 
 
 def test_make_tiny_cli_layout_hf(tmp_path):

@@ -115,7 +115,8 @@ class HFCheck:
             return None if x != x else x
 
         return {"status": self.status, "message": self.message, "vision_nmse": self.vision,
-                "vision_tokens": self.vision_tokens, "vision_bound": self.vision_bound, "text_nmse": num(self.text_nmse),
+                "vision_tokens": self.vision_tokens, "vision_bound": self.vision_bound,
+                "text_nmse": num(self.text_nmse),
                 "text_bound": num(self.text_bound), "llama_tokens": self.llama_tokens,
                 "reference_tokens": self.reference_tokens, "top1": list(self.top1), "n_vocab": self.n_vocab,
                 "reference_dtype": self.reference_dtype}

@@ -17,7 +17,7 @@
   32064 rows and so lists 32064 tokens, as `convert_hf_to_gguf.py` does for padded vocabularies: the
   32000 pieces, the added tokens (CONTROL when special, else USER_DEFINED; score -1000), and
   `[PAD{id}]` for the rest (UNUSED, score -10000). See `extend_vocab`.
-- `make-tiny --layout hf` (`tiny_hf_layout`): the synthetic checkpoint of the same seed, renamed and
+- `make-tiny --layout hf` (`tiny_source`, `hf_config`): the synthetic checkpoint of the same seed, renamed and
   laid out as llava-hf, in F16 as the llava-hf repos are, with 64 more embedding/output rows.
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -244,10 +245,7 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors",
     s = SIZES[size]
     plan = tensor_plan(s, variant)
     config, dtype = llava_config(s, variant), "BF16"
-
-    def values(name, shape):
-        return random_tensor(name, shape, seed)
-
+    values = partial(random_tensor, seed=seed)
     if layout == "hf":
         from . import hf_layout
 
