@@ -15,11 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llava_gguf import download, hf_check, hf_layout, surgery, text, text_check, vision, vision_check, workspace
+from llava_gguf import hf_check, hf_layout, text_model, workspace
 from llava_gguf.checkpoint import Checkpoint
+from llava_gguf.checks import text as text_check, vision as vision_check
+from llava_gguf.checks.numeric import nmse
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.layout import LayoutError
-from llava_gguf.text import TextExportError
+from llava_gguf.steps import download, surgery, text_export as text, vision_export as vision
+from llava_gguf.text_model import TextExportError
 from llava_gguf.tiny import make_tiny
 
 from conftest import tree_digest
@@ -109,7 +112,7 @@ def test_resolved_config_equals_transformers(source, tiny_hf):
     assert flat["image_grid_pinpoints"] == theirs.image_grid_pinpoints
     assert (flat["mm_projector_type"], flat["mm_patch_merge_type"], flat["mm_vision_select_feature"]) == \
         ("mlp2x_gelu", "spatial_unpad", "patch")
-    hp = text.read_hparams(cfg, Path("config.json"))
+    hp = text_model.read_hparams(cfg, Path("config.json"))
     assert (hp.n_vocab, hp.n_ctx, hp.norm_eps, hp.rope_theta) == (tc.vocab_size, tc.max_position_embeddings,
                                                                   tc.rms_norm_eps, 10000.0)
 
@@ -117,7 +120,7 @@ def test_resolved_config_equals_transformers(source, tiny_hf):
 def test_transformers5_rope_parameters_are_read():
     cfg = json.loads(json.dumps(REAL_HF_CONFIG))
     cfg["text_config"]["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "linear", "factor": 2.0}
-    hp = text.read_hparams(cfg, Path("config.json"))
+    hp = text_model.read_hparams(cfg, Path("config.json"))
     assert (hp.rope_theta, hp.rope_scale) == (500000.0, 2.0)
 
 
@@ -125,25 +128,25 @@ def test_7b_plans_equal_from_the_real_hf_config():
     """llava-hf/llava-v1.6-vicuna-7b-hf's config.json (defaults left out) and the 7B's shapes give the
     original layout's mmproj plan and metadata, and its text hyper-parameters (nothing is read)."""
     from llava_gguf.layout import place
-    from llava_gguf.tiny import SIZES, llava_config, tensor_plan
+    from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors
 
     s = SIZES["7b"]
     plans = {}
     for layout, config in (("llava", llava_config(s)), ("llava-hf", REAL_HF_CONFIG)):
         tensors = {}
-        for name, shape in tensor_plan(s):
+        for name, shape in synthetic_tensors(s):
             stored = hf_layout.hf_name(name) if layout == "llava-hf" else name
             p = place(stored, layout)
             tensors[stored] = {"shard": "-", "dtype": "F16", "shape": list(shape), "part": p.part,
                                "canonical": p.canonical}
-        vcfg, plan = vision.export_plan({"source": "7b", "layout": layout, "config": config, "tensors": tensors})
+        vcfg, plan = vision.plan_mmproj({"source": "7b", "layout": layout, "config": config, "tensors": tensors})
         plans[layout] = ([(t.gguf, t.shape, t.dtype) for t in plan], vision.metadata(vcfg))
     assert plans["llava-hf"][0] == plans["llava"][0] and len(plans["llava"][0]) == 378
     dropped = {k for k, _, _ in plans["llava"][1]} - {k for k, _, _ in plans["llava-hf"][1]}
     assert dropped == ORIGINAL_ONLY_MMPROJ_KEYS
     assert [kv for kv in plans["llava"][1] if kv[0] not in dropped] == plans["llava-hf"][1]
-    a = text.read_hparams(llava_config(s), Path("config.json"))
-    b = text.read_hparams(REAL_HF_CONFIG, Path("config.json"))
+    a = text_model.read_hparams(llava_config(s), Path("config.json"))
+    b = text_model.read_hparams(REAL_HF_CONFIG, Path("config.json"))
     assert b == a.__class__(**{**a.__dict__, "n_vocab": 32064})
 
 
@@ -224,7 +227,7 @@ def test_transformers_naming_is_accepted(tiny_checkpoint, tiny_hf, tmp_path):
     orig = _canonical(tiny_checkpoint)
     for folder in (saved, memory):
         assert _vocab_rows_equalized(_canonical(folder)) == orig, folder.name
-        vision.export_plan(surgery.analyze(folder))  # the exporter's checks pass too
+        vision.plan_mmproj(surgery.analyze(folder))  # the exporter's checks pass too
 
 
 def test_llava15_transformers_layout_is_refused(tiny_hf, tmp_path):
@@ -331,7 +334,7 @@ def test_vision_config_that_contradicts_the_tensors_is_refused(tiny_hf, tmp_path
     cfg["vision_config"]["intermediate_size"] = 999
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"vision_config disagrees.*intermediate_size 999"):
-        vision.export_plan(surgery.analyze(folder))
+        vision.plan_mmproj(surgery.analyze(folder))
 
 
 # ----------------------------------------------------------------------------- transformers' LlavaNext
@@ -340,11 +343,11 @@ def test_transformers_reference_equals_the_original_layouts(tiny_checkpoint, tin
     model = hf_check.reference_model(tiny_hf, torch.float32)
     for image in vision_check.IMAGES:
         ours = hf_check.slice_features(model, vision_check.synthetic_image(image, 336))
-        assert vision_check.nmse(ours, vision_check.reference_embeddings(tiny_checkpoint, image)) < 1e-10
+        assert nmse(ours, vision_check.reference_embeddings(tiny_checkpoint, image)) < 1e-10
     ids = text_check.reference_tokens(tiny_checkpoint / "tokenizer.model", "The capital of France is")
     logits = hf_check.text_logits(model, ids)
     ref = text_check.reference_logits(text_check.reference_model(tiny_checkpoint, torch.float32), ids)
-    assert logits.shape == (32064,) and text_check.nmse(ref, logits[:32000]) < 1e-10
+    assert logits.shape == (32064,) and nmse(logits[:32000], ref) < 1e-10
 
 
 @pytest.mark.llama_cpp
@@ -356,17 +359,13 @@ def test_hf_run_passes_every_check(write_params, llama_tool):
     run = workspace.open_run(write_params({"run": "hf-layout", "model": {"source": "tiny", "tiny": {"layout": "hf"}}}))
     download.run_download(run)
     surgery.run_surgery(run)
-    vision.run_vision(run)
-    text.run_text(run)
-    report = vision_check.verify_run(run)
-    assert report.passed, report.message
-    tcheck = text_check.verify_text(run)
-    assert tcheck.passed, tcheck.message
-    vis, txt = hf_check.verify_hf(run, "vision"), hf_check.verify_hf(run, "text")
-    assert vis.ok and txt.ok, (vis.message, txt.message)
+    vres, tres = vision.run_vision(run), text.run_text(run)
+    assert vres.check.passed and tres.check.passed, (vres.message, tres.message)
+    vis, txt = vres.hf_check, tres.hf_check  # run by the step entry points
+    assert vis.ok and txt.ok and vres.ok and tres.ok, (vis.message, txt.message)
     assert set(vis.vision) == set(vision_check.IMAGES) and txt.vision == {}
     assert txt.n_vocab == 32064 and txt.llama_tokens == txt.reference_tokens
-    recorded = {k: json.loads(workspace.resolve(v).read_text()) for k, v in run.artifacts()["hf_check"].items()}
+    recorded = {k: json.loads(run.resolve(v).read_text()) for k, v in run.artifacts()["hf_check"].items()}
     assert set(recorded) == {"vision", "text"} and {r["status"] for r in recorded.values()} == {"passed"}
     assert recorded["text"]["text_nmse"] <= recorded["text"]["text_bound"]
     assert max(recorded["vision"]["vision_nmse"].values()) <= vision_check.NMSE_TOL

@@ -1,19 +1,19 @@
 """Cross-check of a llava-hf conversion against transformers' own `LlavaNextForConditionalGeneration`.
 
 For a checkpoint in the llava-hf layout (see hf_layout.py) the reference is not rebuilt from tensors
-(as vision_check.ReferenceModel and text_check.reference_model do) but is transformers' model class,
+(as checks.vision.ReferenceModel and checks.text.reference_model do) but is transformers' model class,
 loaded from the checkpoint folder with `from_pretrained`: its own name mapping, config defaults,
 feature-layer selection and projector. Both GGUF files are compared with it:
 
-- image features, per 336 px slice: the synthetic images of vision_check (`gray` / `rainbow`, already in
+- image features, per 336 px slice: the synthetic images of checks.vision (`gray` / `rainbow`, already in
   the model's input space) through `model.model.vision_tower` (hidden state at
   `vision_feature_layer`, the class token dropped for strategy "default") and
   `model.model.multi_modal_projector`, as `LlavaNextModel.get_image_features` does for each tile before
-  packing; against `llama-mtmd-debug -p encode` on the mmproj (vision_check.mtmd_embeddings). Bound:
-  vision_check.NMSE_TOL.
+  packing; against `llama-mtmd-debug -p encode` on the mmproj (checks.vision.mtmd_embeddings). Bound:
+  checks.vision.NMSE_TOL.
 - text: the last-token logits of `convert.verify_prompt` from `model(input_ids)` (no image, so the
   language model alone, all 32064 vocabulary rows) against `llama-debug --save-logits` on the text GGUF
-  (text_check.llama_logits); token ids identical, NMSE within text_check's bound for the outtype.
+  (checks.text.llama_logits); token ids identical, NMSE within checks.text's bound for the outtype.
 
 Cost: the whole model in memory in F32 when it fits in half the RAM, else BF16 (the 7B: ~15 GB).
 """
@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import toolchain
 from .checkpoint import Checkpoint
-from .text_check import (NMSE_BOUNDS, NMSE_BOUNDS_BF16_REFERENCE, llama_logits, nmse as logits_nmse, outtype_of,
-                         reference_dtype, reference_tokens)
-from .vision_check import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, nmse as embeddings_nmse, synthetic_image
+from .checks.numeric import nmse
+from .checks.text import (NMSE_BOUNDS, NMSE_BOUNDS_BF16_REFERENCE, llama_logits, outtype_of, reference_dtype,
+                          reference_tokens)
+from .checks.vision import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, synthetic_image
+from .llama_cpp import toolchain
 from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def check_hf(checkpoint: str | Path, mmproj: Path | None, text_gguf: Path | None
     for image, got in emb.items():
         ref = slice_features(model, synthetic_image(image, size))
         res.vision_tokens[image] = (got.shape[0], ref.shape[0])
-        res.vision[image] = embeddings_nmse(got, ref) if got.shape == ref.shape else float("inf")
+        res.vision[image] = nmse(got, ref) if got.shape == ref.shape else float("inf")
         if not res.vision[image] <= NMSE_TOL:
             problems.append(f"image features ({image}) NMSE {res.vision[image]:.2e} > {NMSE_TOL:.0e}"
                             + ("" if got.shape == ref.shape else f", {got.shape[0]} vs {ref.shape[0]} tokens"))
@@ -168,7 +169,7 @@ def check_hf(checkpoint: str | Path, mmproj: Path | None, text_gguf: Path | None
             problems.append(f"llama.cpp returned {llama.shape[0]} logits, transformers {ref_logits.shape[0]}; "
                             "the vocabularies differ")
         else:
-            res.text_nmse = logits_nmse(ref_logits, llama)
+            res.text_nmse = nmse(llama, ref_logits)
             res.top1 = (int(llama.argmax()), int(ref_logits.argmax()))
             if not res.text_nmse <= res.text_bound:
                 problems.append(f"logits NMSE {res.text_nmse:.2e} > {res.text_bound:.0e} ({outtype})")
@@ -200,7 +201,7 @@ def verify_hf(run: Run, part: str | None = None) -> HFCheck:
     (`part="text"`, notebook 04) or both (None), when the checkpoint is in the llava-hf layout; skipped
     otherwise, or with `convert.verify: false`. Writes `outputs/<run>/hf_check/<part>.json` and records
     artifact `hf_check` (part -> that file)."""
-    from .surgery import load_manifest
+    from .manifest import load_manifest
 
     if part not in (None, *PARTS):
         raise ValueError(f"part must be one of {sorted(PARTS)} or None, not {part!r}")

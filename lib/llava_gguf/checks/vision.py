@@ -36,11 +36,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import toolchain
-from .checkpoint import Checkpoint
-from .gguf_io import open_gguf
-from .layout import PROJECTOR, VISION, split_checkpoint
-from .workspace import Run, atomic_path, rel_to_root, write_json
+from ..llama_cpp import toolchain
+from ..checkpoint import Checkpoint
+from ..gguf_io import open_gguf
+from ..layout import PROJECTOR, VISION, split_checkpoint
+from ..workspace import Run, atomic_path, rel_to_root, write_json
+from .numeric import nmse
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]]) ->
     n_pos = vision["vision_model.embeddings.position_embedding.weight"][0]
     image_size = math.isqrt(n_pos - 1) * patch
     if layout == "llava-hf":
-        from .hf_layout import vision_config
+        from ..hf_layout import vision_config
 
         vc = vision_config(config)  # transformers' CLIPVisionConfig defaults filled in
         n_head, act, eps = vc["num_attention_heads"], vc["hidden_act"], vc["layer_norm_eps"]
@@ -346,11 +347,6 @@ def mtmd_embeddings(mmproj: Path, image: str = "uniform", tool: Path | None = No
 
 
 # ----------------------------------------------------------------------------- the check
-def nmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float(((x - ref) ** 2).sum() / (ref ** 2).sum())
-
-
 @dataclass
 class VisionCheck:
     """The outcome for one image: status 'passed', 'failed' or 'skipped' (never ok unless passed)."""
