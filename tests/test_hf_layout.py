@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llava_gguf import hf_check, hf_layout, text_model, workspace
+from llava_gguf import hf_layout, text_model, workspace
+from llava_gguf.checks import hf as hf_check
 from llava_gguf.checkpoint import Checkpoint
 from llava_gguf.checks import text as text_check, vision as vision_check
 from llava_gguf.checks.numeric import nmse

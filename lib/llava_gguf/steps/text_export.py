@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..checks import text as text_check
 from ..gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
-from ..hf_check import HFCheck, verify_hf
+from ..checks.hf import HFCheck, verify_hf
 from ..manifest import load_manifest, open_checked
 from ..text_model import OUTTYPES, VICUNA_CHAT_TEMPLATE, Q, TextPlan, TextTensor, plan_from_manifest
 from ..workspace import Run, atomic_path

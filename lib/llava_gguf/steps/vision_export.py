@@ -55,7 +55,7 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
 from tqdm.auto import tqdm
 
 from ..gguf_io import metadata_table, read_gguf, tensor_table
-from ..hf_check import HFCheck, verify_hf
+from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
 from ..checks import vision as vision_check
 from ..params import MMPROJ_OUTTYPES

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoint import Checkpoint
-from .checks.numeric import nmse
-from .checks.text import (NMSE_BOUNDS, NMSE_BOUNDS_BF16_REFERENCE, llama_logits, outtype_of, reference_dtype,
+from ..checkpoint import Checkpoint
+from .numeric import nmse
+from .text import (NMSE_BOUNDS, NMSE_BOUNDS_BF16_REFERENCE, llama_logits, outtype_of, reference_dtype,
                           reference_tokens)
-from .checks.vision import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, synthetic_image
-from .llama_cpp import toolchain
-from .workspace import Run, write_json
+from .vision import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, synthetic_image
+from ..llama_cpp import toolchain
+from ..workspace import Run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def verify_hf(run: Run, part: str | None = None) -> HFCheck:
     (`part="text"`, notebook 04) or both (None), when the checkpoint is in the llava-hf layout; skipped
     otherwise, or with `convert.verify: false`. Writes `outputs/<run>/hf_check/<part>.json` and records
     artifact `hf_check` (part -> that file)."""
-    from .manifest import load_manifest
+    from ..manifest import load_manifest
 
     if part not in (None, *PARTS):
         raise ValueError(f"part must be one of {sorted(PARTS)} or None, not {part!r}")
