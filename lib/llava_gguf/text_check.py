@@ -2,14 +2,15 @@
 
 `verify_text(run)` follows llama.cpp's `examples/model-conversion` check: `llama-debug
 --save-logits` writes the last-token logits of a fixed prompt (`convert.verify_prompt`) and the
-token ids it fed; the same prompt goes through transformers' `LlamaForCausalLM` built from the
-checkpoint's text part. The token ids must be identical and the normalized MSE of the logits
-(MSE / variance of the reference, as `check-nmse.py` computes it) within the bound of the
-precision (`NMSE_BOUNDS`). llama.cpp's tokenization of its own SentencePiece test strings
+token ids it fed; the same prompt goes through a float32 Llama forward pass over the checkpoint's
+text part (`text_reference`; the tests hold it to transformers' `LlamaForCausalLM`). The token ids
+must be identical and the normalized MSE of the logits (MSE / variance of the reference, as
+`check-nmse.py` computes it) within the bound of the precision (`NMSE_BOUNDS`). llama.cpp's tokenization of its own SentencePiece test strings
 (`models/ggml-vocab-llama-spm.gguf.inp`) must equal SentencePiece's on `tokenizer.model`.
 
-Cost: the reference holds the text model in memory: F32 when it fits (tiny: ~0.1 GB, seconds),
-else the checkpoint's BF16 (the real 7B: ~14 GB RAM, a few minutes). `convert.verify: false` skips it.
+Cost: the reference reads one decoder layer at a time from the shards, so it needs about one
+layer's f32 weights in memory beside the page cache, at every size (tiny: seconds; 7B: see
+README, "Verification cost"). `convert.verify: false` skips it.
 
 `compare_ggufs` puts the native export beside what llama.cpp's `examples/convert_legacy_llama.py
 --skip-unknown` writes (`legacy.legacy_text_export`; used by the tests).
@@ -28,12 +29,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pandas as pd
-import torch
 
-from .checkpoint import Checkpoint
 from .gguf_io import GGUFTensor, open_gguf, read_gguf
-from .layout import TEXT, split_checkpoint
-from .text import OUTTYPES, TextExportError, read_hparams
+from .text import OUTTYPES, TextExportError
+from .text_reference import reference_logits
 from .tokenizer import VOCAB_GGUF, read_test_vectors
 from .toolchain import find_tool, source_dir
 from .workspace import Run
@@ -59,60 +58,13 @@ NMSE_BOUNDS = {"f32": 5e-6, "f16": 5e-6, "bf16": 3e-4, "q8_0": 5e-3}
 NMSE_BOUNDS_BF16_REFERENCE = 1e-3
 
 
-# ---------------------------------------------------------------------------- reference model
-def reference_dtype(n_params: int) -> torch.dtype:
-    """F32 when the model fits in half the available memory, else BF16 (the 7B: ~14 GB)."""
-    try:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    except ImportError:  # pragma: no cover
-        available = 8 << 30
-    return torch.float32 if 4 * n_params < available / 2 else torch.bfloat16
-
-
-def reference_model(checkpoint: Path, dtype: torch.dtype | None = None):
-    """transformers' LlamaForCausalLM with the checkpoint's text weights (canonical names)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    ckpt = Checkpoint.open(checkpoint)
-    hp = read_hparams(ckpt.config, ckpt.path / "config.json")
-    text = split_checkpoint(ckpt).part(TEXT)
-    n_params = sum(int(np.prod(t.shape)) for t in text.values())
-    dtype = dtype or reference_dtype(n_params)
-    rope = {"rope_type": "linear", "factor": hp.rope_scale} if hp.rope_scale else None
-    config = LlamaConfig(
-        vocab_size=hp.n_vocab, hidden_size=hp.n_embd, intermediate_size=hp.n_ff,
-        num_hidden_layers=hp.n_layer, num_attention_heads=hp.n_head, num_key_value_heads=hp.n_head_kv,
-        max_position_embeddings=hp.n_ctx, rms_norm_eps=hp.norm_eps, rope_theta=hp.rope_theta or 10000.0,
-        rope_scaling=rope, tie_word_embeddings=hp.tie_embeddings, attention_bias=False, mlp_bias=False)
-    config._attn_implementation = "eager"
-    log.info("PyTorch reference: %d text tensors, %.2f B parameters in %s", len(text), n_params / 1e9, dtype)
-    # Built on the meta device (no random init of a 7B), then the weights are assigned one by one.
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    state = {name: ckpt.load(t.stored).to(dtype) for name, t in text.items()}
-    if hp.tie_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=True, assign=True)
-    # The rotary frequencies are a buffer computed at init, which happened on meta.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    ckpt.close()
-    return model.eval()
-
-
+# ---------------------------------------------------------------------------- reference side
 def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -> list[int]:
     """SentencePiece's ids for the prompt, BOS first (Llama's tokenizer adds it; so does llama.cpp)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     return ([sp.bos_id()] if add_bos else []) + sp.encode(prompt)
-
-
-def reference_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
 
 
 def nmse(reference: np.ndarray, test: np.ndarray) -> float:
@@ -205,11 +157,10 @@ class TextCheck:
     @property
     def message(self) -> str:
         if self.skipped:
-            return (f"{self.gguf.name}: verification skipped (convert.verify: false); it needs the text model "
-                    "in memory (~14 GB for the 7B)")
+            return f"{self.gguf.name}: verification skipped (convert.verify: false)"
         if self.passed:
             return (f"{self.gguf.name}: tokens identical, logits NMSE {self.nmse:.2e} <= {self.bound:.0e} "
-                    f"({self.outtype} vs {self.reference_dtype} PyTorch), tokenizer parity on "
+                    f"({self.outtype} vs {self.reference_dtype} reference), tokenizer parity on "
                     f"{len(self.tokenizer)} strings")
         problems = []
         if not self.tokens_match:
@@ -242,24 +193,19 @@ class TextCheck:
 
 
 def check_text_gguf(gguf_path: Path, checkpoint: Path, prompt: str, outtype: str,
-                    llama_debug: Path, llama_tokenize: Path, threads: int | None = None,
-                    dtype: torch.dtype | None = None) -> TextCheck:
+                    llama_debug: Path, llama_tokenize: Path, threads: int | None = None) -> TextCheck:
     gguf_path, checkpoint = Path(gguf_path), Path(checkpoint)
     llama, llama_ids = llama_logits(gguf_path, prompt, llama_debug, threads)
-    model = reference_model(checkpoint, dtype)
-    ref_dtype = next(model.parameters()).dtype
     ref_ids = reference_tokens(checkpoint / "tokenizer.model", prompt)
-    ref = reference_logits(model, ref_ids)
-    del model
+    ref = reference_logits(checkpoint, ref_ids)
     if ref.shape != llama.shape:
         raise TextExportError(f"{gguf_path}: llama.cpp returned {llama.shape[0]} logits, the reference "
                               f"{ref.shape[0]}; the vocabularies differ")
-    bound = NMSE_BOUNDS[outtype] if ref_dtype == torch.float32 else max(NMSE_BOUNDS[outtype],
-                                                                        NMSE_BOUNDS_BF16_REFERENCE)
+    bound = NMSE_BOUNDS[outtype]
     parity = tokenizer_parity(gguf_path, checkpoint / "tokenizer.model", llama_tokenize)
     check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(ref, llama), bound,
                       float(np.max(np.abs(llama - ref))), int(llama.argmax()), int(ref.argmax()),
-                      str(ref_dtype).removeprefix("torch."), parity)
+                      "float32", parity)
     (log.info if check.passed else log.warning)("%s", check.message)
     return check
 

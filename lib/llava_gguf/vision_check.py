@@ -23,7 +23,6 @@ encode pass never runs it, so a placeholder with zero weights is written next to
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ from . import toolchain
 from .checkpoint import Checkpoint
 from .gguf_io import open_gguf
 from .layout import PROJECTOR, VISION, split_checkpoint
+from .vision_config import params_vision_config, resolve_vision_config
 from .workspace import Run, atomic_path, rel_to_root, write_json
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,6 @@ HYPOTHESES = {
     "one layer short (#25817)": (False, 1),
     "both defects (#25814 + #25817)": (True, 1),
 }
-# CLIP ViT-L/14-336 (`mm_vision_tower` of every LLaVA 1.5/1.6 checkpoint): the original LLaVA
-# config names the tower instead of describing it, so these are its hyperparameters.
-CLIP_DEFAULTS = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "head_dim": 64}
 
 
 class VisionCheckError(RuntimeError):
@@ -114,38 +111,34 @@ class TowerSpec:
         return self.select_layer if self.select_layer >= 0 else self.n_layer + 1 + self.select_layer
 
 
-def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]]) -> TowerSpec:
-    """The spec for a checkpoint; `vision` maps canonical vision tensor names to shapes."""
-    n_layer = 1 + max(int(name.split(".")[3]) for name in vision if ".encoder.layers." in name)
-    hidden, _, patch, _ = vision["vision_model.embeddings.patch_embedding.weight"]
-    n_pos = vision["vision_model.embeddings.position_embedding.weight"][0]
-    image_size = math.isqrt(n_pos - 1) * patch
+def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]], where: str = "config.json",
+               vision_config_file: str | Path | None = None) -> TowerSpec:
+    """The spec for a checkpoint; `vision` maps canonical vision tensor names to shapes. The head
+    count, activation and epsilon come from the config the export uses (`resolve_vision_config`,
+    `vision_config_file` = params convert.vision_config)."""
+    tower = resolve_vision_config(config, vision, where, vision_config_file)
     if layout == "llava-hf":
-        vc = config.get("vision_config") or {}
-        n_head = vc.get("num_attention_heads", hidden // CLIP_DEFAULTS["head_dim"])
-        act = vc.get("hidden_act", CLIP_DEFAULTS["hidden_act"])
-        eps = vc.get("layer_norm_eps", CLIP_DEFAULTS["layer_norm_eps"])
         select_layer = config.get("vision_feature_layer", -2)
         feature = "cls_patch" if config.get("vision_feature_select_strategy", "default") == "full" else "patch"
     else:
-        n_head = hidden // CLIP_DEFAULTS["head_dim"]
-        act, eps = CLIP_DEFAULTS["hidden_act"], CLIP_DEFAULTS["layer_norm_eps"]
         select_layer = config.get("mm_vision_select_layer", -2)
         feature = config.get("mm_vision_select_feature", "patch")
     if isinstance(select_layer, list):
         raise VisionCheckError(f"config.json: several vision feature layers {select_layer} are not supported")
-    return TowerSpec(n_layer, n_head, float(eps), act, int(select_layer), feature, patch, image_size)
+    return TowerSpec(tower["num_hidden_layers"], tower["num_attention_heads"], tower["layer_norm_eps"],
+                     tower["hidden_act"], int(select_layer), feature, tower["patch_size"], tower["image_size"])
 
 
 class ReferenceModel:
     """LLaVA's image path in f32 PyTorch, from a checkpoint's tensors (loaded one at a time)."""
 
-    def __init__(self, checkpoint: str | Path | Checkpoint):
+    def __init__(self, checkpoint: str | Path | Checkpoint, vision_config_file: str | Path | None = None):
         self._own = not isinstance(checkpoint, Checkpoint)
         self.ckpt = Checkpoint.open(checkpoint) if self._own else checkpoint
         split = split_checkpoint(self.ckpt)
         self._vision, self._projector = split.part(VISION), split.part(PROJECTOR)
-        self.spec = tower_spec(self.ckpt.config, split.layout, {k: t.shape for k, t in self._vision.items()})
+        self.spec = tower_spec(self.ckpt.config, split.layout, {k: t.shape for k, t in self._vision.items()},
+                               str(self.ckpt.path / "config.json"), vision_config_file)
 
     def close(self) -> None:
         if self._own:
@@ -229,9 +222,10 @@ class ReferenceModel:
         return out
 
 
-def reference_embeddings(checkpoint: str | Path | Checkpoint, image: str | torch.Tensor = "uniform") -> torch.Tensor:
+def reference_embeddings(checkpoint: str | Path | Checkpoint, image: str | torch.Tensor = "uniform",
+                         vision_config_file: str | Path | None = None) -> torch.Tensor:
     """LLaVA's projected image embeddings [tokens, n_embd] in f32 for one preprocessed image."""
-    with ReferenceModel(checkpoint) as ref:
+    with ReferenceModel(checkpoint, vision_config_file) as ref:
         return ref.embeddings(image)
 
 
@@ -446,8 +440,9 @@ def compare(ref: ReferenceModel, image: str, emb: torch.Tensor, tolerance: float
 
 def check_mmproj(checkpoint: str | Path | Checkpoint, mmproj: Path, image: str = "uniform",
                  tool: Path | None = None, workdir: Path | None = None, threads: int | None = None,
-                 tolerance: float = NMSE_TOL) -> VisionCheck:
-    """The whole check for one mmproj file and one synthetic image, outside any run."""
+                 tolerance: float = NMSE_TOL, vision_config_file: str | Path | None = None) -> VisionCheck:
+    """The whole check for one mmproj file and one synthetic image, outside any run
+    (`vision_config_file`: params convert.vision_config, as the export used it)."""
     if image not in IMAGES:
         raise ValueError(f"image must be one of {sorted(IMAGES)}, not {image!r}")
     mmproj = Path(mmproj)
@@ -459,7 +454,7 @@ def check_mmproj(checkpoint: str | Path | Checkpoint, mmproj: Path, image: str =
         emb = mtmd_embeddings(mmproj, image, tool=tool, workdir=workdir, threads=threads)
     except DumpMissing as err:
         return VisionCheck("skipped", f"vision check skipped, not passed: {err}. {FIX_HINT}", image, mmproj, tool)
-    with ReferenceModel(checkpoint) as ref:
+    with ReferenceModel(checkpoint, vision_config_file) as ref:
         res = compare(ref, image, emb, tolerance)
     res.mmproj, res.tool = mmproj, tool
     (log.info if res.ok else log.warning)("vision check (%s image): %s", image, res.message)
@@ -486,7 +481,8 @@ def verify_mmproj(run: Run, image: str = "uniform", mmproj: Path | None = None) 
         res = VisionCheck("skipped", f"vision check skipped, not passed: {err}", image, Path(mmproj))
         log.warning("%s", res.message)
     else:
-        res = check_mmproj(checkpoint, mmproj, image, tool=tool, workdir=workdir, threads=run.params.convert.threads)
+        res = check_mmproj(checkpoint, mmproj, image, tool=tool, workdir=workdir, threads=run.params.convert.threads,
+                           vision_config_file=params_vision_config(run.params))
     path = write_json(workdir / f"{image}.json", res.to_json())
     recorded = run.artifacts().get("vision_check") or {}
     run.record("vision_check", {**recorded, image: path})
