@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import tree_digest
-from llava_gguf import legacy, surgery, text, text_check, vision, workspace
+from llava_gguf import legacy, surgery, text, text_check, text_reference, vision, workspace
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.layout import place
 from llava_gguf.params import ConvertParams
@@ -91,11 +91,10 @@ def legacy_files(tmp_path_factory, vicuna_ckpt):
 
 @pytest.fixture(scope="module")
 def reference(vicuna_ckpt):
-    """(token ids, F32 PyTorch last-token logits) of the verify prompt."""
+    """(token ids, F32 last-token logits of the streamed reference) of the verify prompt."""
     prompt = ConvertParams().verify_prompt
     ids = text_check.reference_tokens(vicuna_ckpt / "tokenizer.model", prompt)
-    model = text_check.reference_model(vicuna_ckpt, torch.float32)
-    return prompt, ids, text_check.reference_logits(model, ids)
+    return prompt, ids, text_reference.reference_logits(vicuna_ckpt, ids)
 
 
 # ---------------------------------------------------------------------------- the plan
