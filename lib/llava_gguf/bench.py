@@ -123,6 +123,16 @@ def quantize_one(params_file: str, qtype: str) -> str:
     return str(path)
 
 
+def check_text(params_file: str) -> dict[str, Any]:
+    """Step 04's check (`text_check.verify_text`: llama-debug and the streamed f32 reference)."""
+    from . import text_check
+
+    check = text_check.verify_text(open_run(params_file))
+    if not check.passed:
+        raise RuntimeError(check.message)
+    return {"nmse": check.nmse, "bound": check.bound}
+
+
 def import_stages() -> None:
     """The floor: an interpreter holding the stage modules (torch, numpy, gguf) and nothing else."""
     for name in ("surgery", "vision", "text", "quantize"):
@@ -371,7 +381,7 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
 
     bench = _Bench(run)
     bench.state["machine"] = info
-    bench.total = 2 + 3 + len(quant_types) + (4 if b.legacy else 0) + (
+    bench.total = 2 + 3 + int(run.params.convert.verify) + len(quant_types) + (4 if b.legacy else 0) + (
         len(bench_types) * (1 + int(b.mtmd)) if b.inference else 0)
     t_start = time.perf_counter()
 
@@ -455,6 +465,11 @@ def _project(bench: _Bench, quant_types: list[str], main_type: str) -> tuple[dic
         artifact = {"surgery": "surgery", "vision": "mmproj", "text": "text_gguf"}[step]
         bench.call(PROJECT, step, call_step, bench.params_file, step,
                    outputs=lambda a=artifact: [run.artifact_path(a)])
+    if run.params.convert.verify:
+        rec = bench.call(PROJECT, "text check", check_text, bench.params_file,
+                         note="llama-debug + the streamed f32 reference; not in the conversion total")
+        rec.note += f" (NMSE {rec.m.result['nmse']:.1e} <= {rec.m.result['bound']:.0e})"
+        bench.save_raw()
     left = {**_files(run.dir / "models"), **_files(run.dir / "surgery")}
     quant_files: dict[str, Path] = {}
     for qtype in quant_types:
