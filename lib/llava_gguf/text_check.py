@@ -5,8 +5,9 @@
 token ids it fed; the same prompt goes through a float32 Llama forward pass over the checkpoint's
 text part (`text_reference`; the tests hold it to transformers' `LlamaForCausalLM`). The token ids
 must be identical and the normalized MSE of the logits (MSE / variance of the reference, as
-`check-nmse.py` computes it) within the bound of the precision (`NMSE_BOUNDS`). llama.cpp's tokenization of its own SentencePiece test strings
-(`models/ggml-vocab-llama-spm.gguf.inp`) must equal SentencePiece's on `tokenizer.model`.
+`check-nmse.py` computes it) within the bound of the precision (`NMSE_BOUNDS`). llama.cpp's
+tokenization of its own SentencePiece test strings (`models/ggml-vocab-llama-spm.gguf.inp`) must
+equal SentencePiece's on `tokenizer.model`.
 
 Cost: the reference reads one decoder layer at a time from the shards, so it needs about one
 layer's f32 weights in memory beside the page cache, at every size (tiny: seconds; 7B: see
@@ -39,23 +40,21 @@ from .workspace import Run
 
 log = logging.getLogger(__name__)
 
-# Last-token logits NMSE a correct conversion stays under, per convert.outtype, against an F32
-# reference. Measured on the synthetic tiny checkpoint (bf16 values exactly representable in f16),
-# two prompts each:
-#   f32  3.6e-7, 3.9e-7: weights identical; what is left is llama.cpp's own arithmetic (summation
-#        order, F16 KV cache). llama.cpp's legacy F32 conversion gives the same 3.9e-7.
-#   f16  6.2e-7, 6.3e-7: weights identical too (bf16 -> f16 is exact here), but llama.cpp rounds
-#        activations to F16 for F16 matrix products.
-#   bf16 1.4e-5, 2.7e-5: weights identical, activations rounded to BF16 (8-bit mantissa).
-#   q8_0 5.6e-4, 8.4e-4: 8-bit weights and 8-bit activations (the Q8_0 dot product).
-# At the 7B's widths (hidden 4096, 32 heads of 128, ffn 11008, 2 layers) the same: 3-4e-7, 6-7e-7,
-# 2.1e-5, 5.5e-4.
-# Bounds sit about 10x over the worst measurement (6x for q8_0); a wrong name, permutation or
-# vocabulary gives NMSE near 1 or more (and different top tokens).
-NMSE_BOUNDS = {"f32": 5e-6, "f16": 5e-6, "bf16": 3e-4, "q8_0": 5e-3}
-# A BF16 reference (models too big for an F32 copy) rounds its own activations: measured 6e-5 to
-# 1e-4 against every outtype above (q8_0 1e-3); the bound is at least this.
-NMSE_BOUNDS_BF16_REFERENCE = 1e-3
+# Last-token logits NMSE a correct conversion stays under, per convert.outtype, against the streamed
+# F32 reference (`text_reference`). Measured on the synthetic checkpoints (bf16 values exactly
+# representable in f16), prompts of 6 and 25 tokens, llama.cpp 0c1e570 on x86-64 (AVX-512), 2 threads:
+#          tiny (2 layers)     7B shapes (32 layers)
+#   f32    3.9e-7, 4.2e-7      not measured (its 27 GB GGUF); f32 <= f16 wherever both were measured
+#   f16    6.2e-7, 8.5e-7      1.4e-6, 2.3e-6   weights identical (bf16 -> f16 is exact here); llama.cpp
+#                                               rounds activations (and the KV cache) to F16
+#   bf16   2.7e-5, 2.0e-5      4.6e-5, 5.7e-5   activations rounded to BF16 (8-bit mantissa)
+#   q8_0   8.4e-4, 4.7e-4      1.3e-3, 1.8e-3   8-bit weights and 8-bit activations
+# Identical token ids and top-1 token in every case. Issue 12 reported f16 at 7B at 3.9e-5 on its
+# machine, 17x the value here; other CPUs (e.g. aarch64 builds whose F16 dot products may accumulate
+# in F16; not measured here) can round more, so the f32/f16 bounds leave room: f16 5x over 3.9e-5,
+# f32 below f16; bf16 9x and q8_0 5.6x over the worst 7B measurement. A wrong name, permutation or vocabulary gives NMSE near 1 or more (and different
+# top tokens).
+NMSE_BOUNDS = {"f32": 5e-5, "f16": 2e-4, "bf16": 5e-4, "q8_0": 1e-2}
 
 
 # ---------------------------------------------------------------------------- reference side
