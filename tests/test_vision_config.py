@@ -219,3 +219,19 @@ def test_llama_cpp_and_the_pytorch_check_agree_on_a_given_head_count(tiny_checkp
     # The check is not vacuous: the same file against the checkpoint's own 2-head config fails.
     wrong = vision_check.check_mmproj(tiny_checkpoint, path, "pattern", tool=tool, workdir=tmp_path / "w")
     assert wrong.status == "failed"
+
+
+def test_a_synthetic_checkpoint_from_an_older_make_tiny_is_made_again(write_params):
+    """One made before the tiny model described its tower (config.json without vision_config) would
+    be refused at step 02; step 01 makes it again instead of reusing it."""
+    from llava_gguf import download
+
+    run = workspace.open_run(write_params({"run": "dl-old-tiny", "model": {"source": "tiny"}}))
+    folder = download.run_download(run).path
+    config = json.loads((folder / "config.json").read_text())
+    old = {k: v for k, v in config.items() if k != "vision_config"}
+    old["mm_vision_tower"] = NAMED
+    _write(folder / "config.json", old)
+    again = download.run_download(run).path
+    assert again == folder and json.loads((folder / "config.json").read_text()) == config
+    surgery.run_surgery(run)  # not refused

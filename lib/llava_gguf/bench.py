@@ -45,6 +45,7 @@ import pandas as pd
 
 from . import procmon
 from .procmon import GiB, Measurement
+from .tiny import is_current
 from .workspace import Run, atomic_path, cache_dir, open_run, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,14 @@ def benchmark_checkpoint(run: Run) -> Path:
                          "(`make download`) and point model.source: local / model.path at the folder")
     t = p.tiny
     folder = synthetic_dir(t.size, t.format, t.shards, t.seed)
-    if (folder / "config.json").exists():
+    from .tiny import make_tiny
+
+    if is_current(folder, t.size):
         log.info("reusing the synthetic checkpoint %s", folder)
         return folder
-    from .tiny import make_tiny
+    if folder.exists():  # made by an older version of make-tiny: our own product, made again
+        log.info("remaking the synthetic checkpoint %s (its config.json is not the current one)", folder)
+        shutil.rmtree(folder)
 
     log.info("making a synthetic %s checkpoint in %s (once; reused by later runs)", t.size, folder)
     return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
@@ -353,8 +358,8 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     bench_tool = toolchain.find_tool("llama-bench", run.params.llama_cpp.dir) if b.inference else None
     mtmd_tool = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir) if b.inference and b.mtmd else None
     p = run.params.model
-    make_ckpt = p.source == "tiny" and not (synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
-                                                          p.tiny.seed) / "config.json").exists()
+    make_ckpt = p.source == "tiny" and not is_current(synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
+                                                                    p.tiny.seed), p.tiny.size)
     if make_ckpt:
         size = _synthetic_bytes(p.tiny.size)
         _check_disk(run, size + disk_needed(run, size))

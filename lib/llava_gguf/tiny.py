@@ -181,6 +181,15 @@ def tensor_plan(s: Shapes, variant: str = "1.6") -> list[tuple[str, tuple[int, .
     return plan
 
 
+def is_current(folder: Path, size: str, variant: str = "1.6") -> bool:
+    """Whether `folder` holds a synthetic checkpoint whose config.json is what this version writes
+    (one made by an older version, e.g. without its tower's vision_config, is made again)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()) == llava_config(SIZES[size], variant)
+    except (OSError, ValueError):
+        return False
+
+
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Deterministic bf16 values for one tensor, scaled so activations stay O(1) through the net."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
