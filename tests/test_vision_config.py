@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_digest
-from llava_gguf import surgery, vision, vision_check, workspace
+from llava_gguf import workspace
+from llava_gguf.checks import vision as vision_check
+from llava_gguf.steps import surgery, vision_export as vision
 from llava_gguf.layout import place
 from llava_gguf.tiny import SIZES, llava_config, tensor_plan, tower_config
 from llava_gguf.vision_config import (KNOWN_TOWERS, PARAMS_KEY, VisionConfigError, params_vision_config,
@@ -224,7 +226,7 @@ def test_llama_cpp_and_the_pytorch_check_agree_on_a_given_head_count(tiny_checkp
 def test_a_synthetic_checkpoint_from_an_older_make_tiny_is_made_again(write_params):
     """One made before the tiny model described its tower (config.json without vision_config) would
     be refused at step 02; step 01 makes it again instead of reusing it."""
-    from llava_gguf import download
+    from llava_gguf.steps import download
 
     run = workspace.open_run(write_params({"run": "dl-old-tiny", "model": {"source": "tiny"}}))
     folder = download.run_download(run).path

@@ -1,6 +1,6 @@
 """The text model's logits in float32 PyTorch, one decoder layer at a time from the checkpoint.
 
-The reference side of `text_check`: a plain Llama forward pass (token embedding, per layer
+The reference side of `checks.text`: a plain Llama forward pass (token embedding, per layer
 RMSNorm -> rotary self-attention with grouped K/V heads -> residual, RMSNorm -> SiLU-gated MLP ->
 residual, final RMSNorm, lm_head) over the checkpoint's own tensors, written from the Llama
 definition that transformers' `LlamaForCausalLM` implements (the tests hold the two to ~1e-13).
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .layout import TEXT, split_checkpoint
-from .text import TextHParams, read_hparams
+from .text_model import TextHParams, read_hparams
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,13 @@ import gguf
 import numpy as np
 import pandas as pd
 
-from .gguf_io import GGUFTensor, open_gguf, read_gguf
-from .text import OUTTYPES, TextExportError
-from .text_reference import reference_logits
-from .tokenizer import VOCAB_GGUF, read_test_vectors
-from .toolchain import find_tool, source_dir
-from .workspace import Run
+from ..gguf_io import GGUFTensor, open_gguf, read_gguf
+from ..text_model import OUTTYPES, TextExportError
+from ..text_reference import reference_logits
+from ..tokenizer import VOCAB_GGUF, read_test_vectors
+from ..llama_cpp.toolchain import find_tool, source_dir
+from ..workspace import Run
+from .numeric import nmse
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -
     return ([sp.bos_id()] if add_bos else []) + sp.encode(prompt)
 
 
-def nmse(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean squared error over the reference's variance (llama.cpp's check-nmse.py)."""
-    mse = float(np.mean((test.astype(np.float64) - reference) ** 2))
-    var = float(np.var(reference.astype(np.float64)))
-    return mse / var if var else (0.0 if mse == 0 else float("inf"))
 
 
 # ---------------------------------------------------------------------------- llama.cpp side
@@ -202,7 +198,7 @@ def check_text_gguf(gguf_path: Path, checkpoint: Path, prompt: str, outtype: str
                               f"{ref.shape[0]}; the vocabularies differ")
     bound = NMSE_BOUNDS[outtype]
     parity = tokenizer_parity(gguf_path, checkpoint / "tokenizer.model", llama_tokenize)
-    check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(ref, llama), bound,
+    check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(llama, ref), bound,
                       float(np.max(np.abs(llama - ref))), int(llama.argmax()), int(ref.argmax()),
                       "float32", parity)
     (log.info if check.passed else log.warning)("%s", check.message)
