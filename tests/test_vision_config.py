@@ -16,7 +16,7 @@ from llava_gguf import workspace
 from llava_gguf.checks import vision as vision_check
 from llava_gguf.steps import surgery, vision_export as vision
 from llava_gguf.layout import place
-from llava_gguf.tiny import SIZES, llava_config, tensor_plan, tower_config
+from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors, tower_config
 from llava_gguf.vision_config import (KNOWN_TOWERS, PARAMS_KEY, VisionConfigError, params_vision_config,
                                       resolve_vision_config)
 
@@ -26,7 +26,7 @@ NAMED = "openai/clip-vit-large-patch14-336"
 def _shapes(size: str) -> dict[str, tuple[int, ...]]:
     """Canonical vision tensor name -> shape, for the synthetic checkpoint of that size (nothing written)."""
     out = {}
-    for name, shape in tensor_plan(SIZES[size]):
+    for name, shape in synthetic_tensors(SIZES[size]):
         p = place(name, "llava")
         if p.part == "vision":
             out[p.canonical] = shape
