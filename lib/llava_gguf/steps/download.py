@@ -14,6 +14,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,14 +140,18 @@ def _fail_on(table: pd.DataFrame, folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- sources
 def _tiny(run: Run) -> Path:
-    from ..tiny import make_tiny
+    from ..tiny import is_current, make_tiny
 
     t = run.params.model.tiny
     hf = "-hf" if t.layout == "hf" else ""
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}{hf}"
-    if (folder / "config.json").exists():
+    current = is_current(folder, t.size) if t.layout != "hf" else (folder / "config.json").exists()
+    if current:
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
+    if folder.exists():  # made by an older version of make-tiny: our own product, made again
+        log.info("remaking synthetic checkpoint %s (its config.json is not the current one)", folder)
+        shutil.rmtree(folder)
     return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
 
 
