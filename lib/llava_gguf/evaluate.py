@@ -379,7 +379,7 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from . import toolchain
+    from . import image_sequence, toolchain
     from .workspace import write_json
 
     cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
@@ -396,10 +396,13 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
     for name, gguf, i, image, prompt in tqdm(jobs, desc="llama-mtmd-cli", unit="run"):
         stem = f"{_safe(name)}__{i}"
         result = run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
+        # Image tokens used (from the log) beside LLaVA 1.6's own count for this image.
+        tokens = image_sequence.evaluate_fields(image, mmproj, result.timings.image_tokens)
         record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
-                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict()}
+                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict(),
+                  **tokens}
         write_json(metrics / f"{stem}.json", record)
-        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
+        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary(), **tokens})
         log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,
                  result.n_tokens, result.ttft_ms or float("nan"),
                  f"{rows[-1]['stream_tokens_per_s']:.2f}" if rows[-1]["stream_tokens_per_s"] else "n/a",

@@ -101,7 +101,8 @@ def token_table(run: Run, runs: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- tables
 TIMING_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "text_prompt_ms", "prompt_eval_ms",
                   "prompt_tokens", "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s",
-                  "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib"]
+                  "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib",
+                  "image_tokens", "image_tokens_llava"]  # used (from the log) / LLaVA 1.6's own count
 
 
 def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | None,

@@ -477,3 +477,13 @@ def arrangement_from_count(used: int | None, image: str | Path, mmproj: str | Pa
     if used == flat_token_count(w, h, info["pinpoints"], info["patch"], info["image_size"]):
         return "flat (llama.cpp without patch 0002)"
     return "unknown"
+
+
+def evaluate_fields(image: str | Path, mmproj: str | Path, used: int | None) -> dict:
+    """The columns evaluate adds per llama-mtmd-cli run: LLaVA 1.6's count and the arrangement used."""
+    try:
+        return {"image_tokens_llava": llava_tokens_for_image(image, mmproj),
+                "image_arrangement": arrangement_from_count(used, image, mmproj)}
+    except (OSError, ValueError) as err:  # an unreadable image or mmproj is evaluate's own error to raise
+        log.warning("LLaVA 1.6 token count unavailable for %s: %s", image, err)
+        return {"image_tokens_llava": None, "image_arrangement": None}

@@ -50,6 +50,8 @@ ROWS = [
     ("text_prompt_ms", "text prompt eval (ms)", "{:,.0f}"),
     ("prompt_eval_ms", "prompt eval incl. image decode (ms)", "{:,.0f}"),
     ("prompt_tokens", "prompt tokens", "{:,.0f}"),
+    ("image_tokens", "image tokens used", "{:,.0f}"),
+    ("image_tokens_llava", "image tokens LLaVA 1.6 uses", "{:,.0f}"),
     ("prompt_tokens_per_s", "prompt tokens/s", "{:.2f}"),
     ("eval_ms_per_token", "generation ms/token", "{:.1f}"),
     ("eval_tokens_per_s", "generation tokens/s", "{:.2f}"),
