@@ -235,6 +235,14 @@ class SequenceModeMissing(VisionCheckError):
     """The build's llama-mtmd-debug has no `-p sequence` (a llama.cpp without patch 0002)."""
 
 
+def has_sequence_mode(tool: Path) -> bool:
+    """Whether a llama-mtmd-debug binary knows `-p sequence` (its usage text is compiled in)."""
+    try:
+        return b'-p "sequence"' in Path(tool).read_bytes()
+    except OSError:
+        return False
+
+
 def mtmd_sequence(mmproj: Path, image: Path, tool: Path | None = None, workdir: Path | None = None,
                   threads: int | None = None) -> torch.Tensor:
     """`llama-mtmd-debug -p sequence --image FILE`: llama.cpp's whole image sequence [tokens, n_embd]."""
@@ -262,7 +270,9 @@ def mtmd_sequence(mmproj: Path, image: Path, tool: Path | None = None, workdir: 
                                   env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)})
         text = log_file.read_text(errors="replace")
         if proc.returncode != 0:
-            if "Invalid mode" in text:
+            # The error line may not reach the log (llama.cpp logs from a thread), so the binary's
+            # usage text tells too.
+            if "Invalid mode" in text or not has_sequence_mode(tool):
                 raise SequenceModeMissing(f"{tool} has no `-p sequence` mode: a llama.cpp build without "
                                           f"patch 0002 (log {log_file})")
             tail = "\n".join(text.splitlines()[-15:])
