@@ -19,7 +19,8 @@ from .workspace import Run, resolve
 log = logging.getLogger(__name__)
 
 # The numbers this project started from: llama-mtmd-cli on a Radxa Orion O6 (CPU), the real model
-# quantized to Q5_K_M, one image (5 anyres slices -> 2880 image tokens) and a short prompt.
+# quantized to Q5_K_M, one image (5 anyres slices -> 2880 image tokens, flat: a build without
+# patch 0002; LLaVA 1.6 itself uses 2340) and a short prompt.
 # "prompt eval" is llama.cpp's figure, which includes the two image batch decodes.
 SEED = {
     "board": "Radxa O6",
