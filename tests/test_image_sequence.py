@@ -262,7 +262,7 @@ def _fake_old_tool(tmp_path: Path) -> Path:
 def test_build_without_sequence_mode_reports_flat(seq_run, tmp_path, monkeypatch):
     monkeypatch.setenv(toolchain.ENV_DIR, str(_fake_old_tool(tmp_path)))
     report = image_sequence.verify_image_sequence(seq_run)
-    assert not report.ok
+    assert not report.ok and report.export_ok  # the build's fault, said loudly, not the GGUF's
     table = report.table()
     assert set(table["status"]) == {"failed"} and set(table["arrangement"]) == {"flat_tiles_first"}
     assert table.loc["test-1", "tokens (llama.cpp)"] == 2880 and table.loc["test-1", "tokens (LLaVA 1.6)"] == 2340
@@ -278,6 +278,15 @@ def test_real_unpatched_build_reports_flat(tiny_checkpoint, mmproj, images, tmp_
     monkeypatch.setenv(toolchain.ENV_DIR, os.environ[UNPATCHED_ENV])
     checks = image_sequence.check_image_sequence(tiny_checkpoint, mmproj, images, workdir=tmp_path)
     assert all(c.status == "failed" and c.arrangement == "flat_tiles_first" for c in checks)
+
+
+def test_llava_15_checkpoint_is_skipped_not_failed(tiny_variant, images, tmp_path):
+    fake = _fake_old_tool(tmp_path) / "bin" / vision_check.TOOL
+    checks = image_sequence.check_image_sequence(tiny_variant(variant="1.5"), tmp_path / "unused.gguf", images,
+                                                 tool=fake)
+    report = image_sequence.ImageSequenceReport(checks)
+    assert {c.status for c in checks} == {"skipped"} and report.export_ok and not report.ok
+    assert "not a LLaVA 1.6 checkpoint" in report.message
 
 
 def test_missing_tool_is_skipped(seq_run, tmp_path, monkeypatch):
