@@ -13,7 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_gguf import download, image_sequence, surgery, toolchain, vision, vision_check, workspace
+from llava_gguf import image_sequence, image_sequence_check, workspace
+from llava_gguf.checks import clip_reference
+from llava_gguf.checks import vision as vision_check
+from llava_gguf.llama_cpp import toolchain
+from llava_gguf.steps import download, surgery
+from llava_gguf.steps import vision_export as vision
 from llava_gguf.image_sequence import ARRANGEMENTS, anyres_layout, llava_image_token_count
 from llava_gguf.tiny import GRID_PINPOINTS
 
@@ -96,12 +101,12 @@ def test_token_count_with_other_pinpoints_and_tile_sizes():
 # ----------------------------------------------------------------------------- the reference
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    return image_sequence.sample_images(tmp_path_factory.mktemp("images"))
+    return image_sequence_check.sample_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint, images) -> dict[str, image_sequence.ReferenceSequence]:
-    with vision_check.ReferenceModel(tiny_checkpoint) as ref:
+    with clip_reference.ReferenceModel(tiny_checkpoint) as ref:
         return {name: image_sequence.reference_sequence(ref, path) for name, path in images.items()}
 
 
@@ -145,8 +150,8 @@ def test_reference_sequence_is_built_from_the_views(tiny_checkpoint, reference):
 
 
 def test_llava_15_checkpoint_is_refused_clearly(tiny_variant, images):
-    with vision_check.ReferenceModel(tiny_variant(variant="1.5")) as ref:
-        with pytest.raises(vision_check.VisionCheckError, match="LLaVA 1.6 only"):
+    with clip_reference.ReferenceModel(tiny_variant(variant="1.5")) as ref:
+        with pytest.raises(clip_reference.VisionCheckError, match="LLaVA 1.6 only"):
             image_sequence.reference_sequence(ref, images["small"])
 
 
@@ -154,12 +159,12 @@ def test_llava_15_checkpoint_is_refused_clearly(tiny_variant, images):
 @pytest.mark.parametrize("name", ["test-1", "wide", "tall", "small"])
 def test_every_wrong_arrangement_fails_loudly(reference, name):
     r = reference[name]
-    ok = image_sequence.compare_sequence(r, r.sequence(), name)
+    ok = image_sequence_check.compare_sequence(r, r.sequence(), name)
     assert ok.ok and ok.nmse == 0 and ok.arrangement == "llava"
     for wrong in ARRANGEMENTS:
         if wrong == "llava" or (wrong == "wrong_grid" and 1 in r.layout.grid):
             continue  # a one-row/one-column grid reads the same either way
-        res = image_sequence.compare_sequence(r, r.sequence(wrong), name)
+        res = image_sequence_check.compare_sequence(r, r.sequence(wrong), name)
         assert res.status == "failed" and not res.ok, wrong
         assert "LLaVA 1.6" in res.message or "arranged as" in res.message
         if res.n_tokens == res.n_tokens_llava:
@@ -174,7 +179,7 @@ def test_a_wrong_grid_shape_fails(reference):
     other = image_sequence.AnyresLayout(640, 488, (672, 336), (2, 1), 24,
                                         image_sequence.unpad_box(48, 24, 640, 488))
     wrong = image_sequence.arrange(r.overview, r.tiles[:2], r.newline, other)
-    res = image_sequence.compare_sequence(r, wrong, "test-1")
+    res = image_sequence_check.compare_sequence(r, wrong, "test-1")
     assert res.status == "failed" and res.n_tokens != res.n_tokens_llava
 
 
@@ -183,8 +188,8 @@ def test_small_differences_pass_and_large_ones_fail(reference):
     seq = r.sequence()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(seq.shape, generator=g) * seq.std()
-    assert image_sequence.compare_sequence(r, seq + 1e-3 * noise).ok
-    bad = image_sequence.compare_sequence(r, seq + 0.3 * noise)
+    assert image_sequence_check.compare_sequence(r, seq + 1e-3 * noise).ok
+    bad = image_sequence_check.compare_sequence(r, seq + 0.3 * noise)
     assert bad.status == "failed" and bad.arrangement == "llava" and "disagrees" in bad.message
 
 
@@ -205,8 +210,8 @@ def _patched_tool(llama_tool) -> Path:
 @pytest.mark.llama_cpp
 def test_patched_build_gives_llavas_sequence(tiny_checkpoint, mmproj, images, llama_tool, tmp_path):
     tool = _patched_tool(llama_tool)
-    checks = image_sequence.check_image_sequence(tiny_checkpoint, mmproj, images, tool=tool, workdir=tmp_path)
-    report = image_sequence.ImageSequenceReport(checks)
+    checks = image_sequence_check.check_image_sequence(tiny_checkpoint, mmproj, images, tool=tool, workdir=tmp_path)
+    report = image_sequence_check.ImageSequenceReport(checks)
     assert report.ok, report.message
     table = report.table()
     assert table.loc["test-1", "tokens (llama.cpp)"] == table.loc["test-1", "tokens (LLaVA 1.6)"] == 2340
@@ -224,9 +229,9 @@ def test_llama_cpp_token_count_is_llavas_on_unseen_sizes(tiny_checkpoint, mmproj
         path = tmp_path / f"noise-{w}x{h}.png"
         Image.frombytes("RGB", (w, h), torch.randint(0, 256, (w * h * 3,), generator=rng,
                                                      dtype=torch.uint8).numpy().tobytes()).save(path)
-        emb = image_sequence.mtmd_sequence(mmproj, path, tool=tool, workdir=tmp_path)
+        emb = image_sequence_check.mtmd_sequence(mmproj, path, tool=tool, workdir=tmp_path)
         assert emb.shape[0] == llava_image_token_count(w, h, GRID_PINPOINTS) == _llava_count(w, h), (w, h)
-        assert image_sequence.llava_tokens_for_image(path, mmproj) == emb.shape[0]
+        assert image_sequence_check.llava_tokens_for_image(path, mmproj) == emb.shape[0]
 
 
 @pytest.mark.llama_cpp
@@ -237,9 +242,9 @@ def test_llava_15_mmproj_keeps_one_view(tiny_variant, images, llama_tool, tmp_pa
     mm = vision.export_mmproj(manifest, tmp_path / "mmproj-15.gguf").path
     if not any("0002" in p.name for p in toolchain.patch_files()):
         pytest.skip("patch 0002 not in this checkout")
-    emb = image_sequence.mtmd_sequence(mm, images["test-1"], tool=tool, workdir=tmp_path)
+    emb = image_sequence_check.mtmd_sequence(mm, images["test-1"], tool=tool, workdir=tmp_path)
     assert emb.shape[0] == 576
-    assert image_sequence.llava_tokens_for_image(images["test-1"], mm) is None
+    assert image_sequence_check.llava_tokens_for_image(images["test-1"], mm) is None
 
 
 # ----------------------------------------------------------------------------- unpatched builds
@@ -263,7 +268,7 @@ def _fake_old_tool(tmp_path: Path) -> Path:
 
 def test_build_without_sequence_mode_reports_flat(seq_run, tmp_path, monkeypatch):
     monkeypatch.setenv(toolchain.ENV_DIR, str(_fake_old_tool(tmp_path)))
-    report = image_sequence.verify_image_sequence(seq_run)
+    report = image_sequence_check.verify_image_sequence(seq_run)
     assert not report.ok and report.export_ok  # the build's fault, said loudly, not the GGUF's
     table = report.table()
     assert set(table["status"]) == {"failed"} and set(table["arrangement"]) == {"flat_tiles_first"}
@@ -278,35 +283,35 @@ def test_build_without_sequence_mode_reports_flat(seq_run, tmp_path, monkeypatch
 @pytest.mark.skipif(not os.environ.get(UNPATCHED_ENV), reason=f"{UNPATCHED_ENV} (a build without 0002) not set")
 def test_real_unpatched_build_reports_flat(tiny_checkpoint, mmproj, images, tmp_path, monkeypatch):
     monkeypatch.setenv(toolchain.ENV_DIR, os.environ[UNPATCHED_ENV])
-    checks = image_sequence.check_image_sequence(tiny_checkpoint, mmproj, images, workdir=tmp_path)
+    checks = image_sequence_check.check_image_sequence(tiny_checkpoint, mmproj, images, workdir=tmp_path)
     assert all(c.status == "failed" and c.arrangement == "flat_tiles_first" for c in checks)
 
 
 def test_llava_15_checkpoint_is_skipped_not_failed(tiny_variant, images, tmp_path):
     fake = _fake_old_tool(tmp_path) / "bin" / vision_check.TOOL
-    checks = image_sequence.check_image_sequence(tiny_variant(variant="1.5"), tmp_path / "unused.gguf", images,
+    checks = image_sequence_check.check_image_sequence(tiny_variant(variant="1.5"), tmp_path / "unused.gguf", images,
                                                  tool=fake)
-    report = image_sequence.ImageSequenceReport(checks)
+    report = image_sequence_check.ImageSequenceReport(checks)
     assert {c.status for c in checks} == {"skipped"} and report.export_ok and not report.ok
     assert "not a LLaVA 1.6 checkpoint" in report.message
 
 
 def test_missing_tool_is_skipped(seq_run, tmp_path, monkeypatch):
     monkeypatch.setenv(toolchain.ENV_DIR, str(tmp_path / "empty"))
-    report = image_sequence.verify_image_sequence(seq_run)
+    report = image_sequence_check.verify_image_sequence(seq_run)
     assert not report.ok and set(report.table()["status"]) == {"skipped"}
 
 
 def test_verify_false_skips(local_run):
-    report = image_sequence.verify_image_sequence(local_run(convert={"verify": False}))
+    report = image_sequence_check.verify_image_sequence(local_run(convert={"verify": False}))
     assert not report.ok and "convert.verify" in report.message
 
 
 # ----------------------------------------------------------------------------- evaluate helpers
 def test_arrangement_from_count(mmproj, images):
-    assert image_sequence.llava_tokens_for_image(images["test-1"], mmproj) == 2340
-    assert image_sequence.arrangement_from_count(2340, images["test-1"], mmproj).startswith("llava 1.6")
-    assert image_sequence.arrangement_from_count(2880, images["test-1"], mmproj).startswith("flat")
-    assert image_sequence.arrangement_from_count(576, images["small"], mmproj).startswith("flat")
-    assert image_sequence.arrangement_from_count(None, images["small"], mmproj) is None
+    assert image_sequence_check.llava_tokens_for_image(images["test-1"], mmproj) == 2340
+    assert image_sequence_check.arrangement_from_count(2340, images["test-1"], mmproj).startswith("llava 1.6")
+    assert image_sequence_check.arrangement_from_count(2880, images["test-1"], mmproj).startswith("flat")
+    assert image_sequence_check.arrangement_from_count(576, images["small"], mmproj).startswith("flat")
+    assert image_sequence_check.arrangement_from_count(None, images["small"], mmproj) is None
     assert math.isfinite(image_sequence.NMSE_TOL)

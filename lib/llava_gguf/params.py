@@ -21,6 +21,11 @@ QUANT_TYPES = (
 )
 
 
+# The precisions the exports write (text: convert.outtype, mmproj: convert.mmproj_outtype).
+TEXT_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+MMPROJ_OUTTYPES = ("f16", "f32")
+
+
 class ParamsError(ValueError):
     """A params file is unreadable or invalid; the message names the file and the key."""
 
@@ -57,8 +62,8 @@ class LlamaCppParams(_Strict):
 
 
 class ConvertParams(_Strict):
-    outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
-    mmproj_outtype: Literal["f16", "f32"] = "f16"
+    outtype: Literal[TEXT_OUTTYPES] = "f16"
+    mmproj_outtype: Literal[MMPROJ_OUTTYPES] = "f16"
     # Compare llama.cpp's outputs with a PyTorch reference (the 7B text reference needs ~14 GB RAM).
     verify: bool = True
     verify_prompt: str = "The capital of France is"
@@ -150,6 +155,21 @@ class BenchParams(_Strict):
         return threads
 
 
+class PublishParams(_Strict):
+    """`make publish`: the model card and, with UPLOAD=1, the hub repository it goes to."""
+
+    # Target repository "owner/name"; the token comes from the environment (HF_TOKEN or
+    # MODELSCOPE_API_TOKEN), never from this file.
+    repo: str | None = None
+    hub: Literal["huggingface", "modelscope"] = "huggingface"
+    private: bool = False
+    # Variants to publish (e.g. [Q4_K_M, Q8_0], or [all]); None: the evaluation's chosen variant.
+    # The mmproj is always included.
+    files: list[str] | None = None
+    # The card's license; None: the base model's (llama2 for LLaVA 1.6 Vicuna).
+    license: str | None = None
+
+
 class Params(_Strict):
     run: str
     model: ModelParams = ModelParams()
@@ -158,6 +178,7 @@ class Params(_Strict):
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     bench: BenchParams = BenchParams()
+    publish: PublishParams = PublishParams()
 
     @field_validator("run")
     @classmethod

@@ -41,8 +41,8 @@ from typing import Callable
 
 import torch
 
-from .toolchain import source_dir
-from .workspace import cache_dir, write_json
+from ..llama_cpp.toolchain import source_dir
+from ..workspace import cache_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def legacy_env(force: bool = False) -> Path:
     return _env_python(root)
 
 
-def _script_env() -> dict[str, str]:
+def script_env() -> dict[str, str]:
     env = dict(os.environ)
     gguf_py = str(source_dir() / "gguf-py")
     env["PYTHONPATH"] = os.pathsep.join([gguf_py, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
@@ -144,7 +144,7 @@ def run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
     own `runner` with this signature to measure each script's process tree."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as logf:
-        _run(cmd, logf, log_file, cwd=cwd, env=_script_env())
+        _run(cmd, logf, log_file, cwd=cwd, env=script_env())
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -183,7 +183,7 @@ def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path, runner: Runner = 
 
 def derived_config_vit(model_dir: str | Path) -> dict:
     """config_vit.json for the checkpoint in model_dir, from config.json, llava.clip and llava.projector."""
-    from .vision import vision_config
+    from ..steps.vision_export import vision_config
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
