@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
-STEPS := download surgery vision text quantize evaluate
+STEPS := download surgery vision text quantize evaluate tune
 
 .PHONY: help setup llama-cpp all $(STEPS) report lab test test-fast bench clean-run
 
@@ -41,6 +41,7 @@ vision: setup llama-cpp ## step 03: write mmproj-model-f16.gguf and check it aga
 text: setup llama-cpp ## step 04: write the text GGUF and check its logits against PyTorch
 quantize: setup llama-cpp ## step 05: llama-quantize to quantize.types
 evaluate: setup llama-cpp ## step 06: llama-mtmd-cli timings, quality, plots
+tune: setup llama-cpp ## step 07: fastest llama-mtmd-cli configuration vs the seed's command, run-llava.sh
 $(STEPS):
 	$(PY) -m llava_gguf run $@ --params $(PARAMS) $(FORCE_FLAG)
 

@@ -19,6 +19,7 @@ STEP_FUNCTIONS = {
     "text": ("text", "run_text"),
     "quantize": ("quantize", "run_quantize"),
     "evaluate": ("evaluation_report", "run_evaluate"),
+    "tune": ("tune", "run_tune"),
 }
 
 

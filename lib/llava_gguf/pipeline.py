@@ -51,6 +51,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          ("model", "convert", "quantize", "llama_cpp"), uses_llama_cpp=True, checkpoint_only=True),
     Step("evaluate", "06_evaluate.ipynb", ("vision", "quantize"), ("metrics",),
          ("model", "convert", "quantize", "llama_cpp", "evaluate"), uses_llama_cpp=True),
+    Step("tune", "07_tune.ipynb", ("evaluate",), ("tune",),
+         ("model", "convert", "quantize", "llama_cpp", "evaluate", "tune"), uses_llama_cpp=True),
 )}
 
 

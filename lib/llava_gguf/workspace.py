@@ -157,7 +157,8 @@ class Run:
 
 
 _PRODUCER = {"checkpoint": "download", "surgery": "surgery", "mmproj": "vision", "text_gguf": "text",
-             "quantized": "quantize", "metrics": "evaluate", "llama_cpp": "all"}
+             "quantized": "quantize", "metrics": "evaluate", "llama_cpp": "all",
+             "tune": "tune"}
 
 
 def _relativize(value: Any) -> Any:

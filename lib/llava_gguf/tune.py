@@ -1,0 +1,519 @@
+"""Step 07: the fastest llama-mtmd-cli configuration on this machine within a quality budget.
+
+Everything is measured against the seed's command, run in the same step on the same machine:
+the Q5_K_M text GGUF (else the run's first type), the f16 mmproj at its full image budget, the
+tool's default runtime settings and `--chat-template vicuna`, on `evaluate.cases[0]`.
+
+The search is staged, not a cartesian product (each stage keeps the winner of the one before):
+
+1. threads (-t and -tb together) on the baseline's text GGUF;
+2. quant types (only those within the KL-divergence budget can be recommended; step 06 measured it);
+3. flash attention x KV-cache type x ubatch;
+4. mmproj type x image budget.
+
+Screening runs are single short runs (`tune.screen_n_predict` tokens) and stop when
+`tune.budget_minutes` is spent. Then, per image budget, the best `tune.finalists` screened
+configurations and the baseline are confirmed with full runs (`evaluate.n_predict` tokens): a
+warm-up run plus `tune.repetitions` measured runs each. A configuration counts as faster than
+another only when their measured ranges do not overlap (`compare`).
+
+The answer time of a run is what a user waits for a full-length answer: process start to first
+token (model loading, image encode, prefill) plus (n_predict - 1) x the generation time per token,
+so a run that stops early does not look faster.
+
+Image budgets are mmproj copies with only `clip.vision.image_grid_pinpoints` changed (`mmproj_variant`);
+the q8_0 mmproj is written with gguf-py from the f16 one (llama-quantize does not take mmproj files).
+A configuration that fails (a flag this build lacks, a type it rejects) is recorded and skipped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .evaluate import EvaluationError, MtmdOptions, _safe, case_inputs, run_mtmd
+from .workspace import Run, atomic_path, resolve, write_json
+
+log = logging.getLogger(__name__)
+
+PINPOINTS_KEY = "clip.vision.image_grid_pinpoints"
+SEED_TYPE = "Q5_K_M"
+SEED_TEMPLATE = "vicuna"
+# Tensors kept as they are in a q8_0 mmproj: convolution kernels and embedding tables (the
+# encoder adds or gathers them), and anything that is not a 2-D f16/f32 weight matrix.
+_KEEP_IN_Q8 = ("patch_embd", "position_embd", "class_embd", "token_embd")
+
+
+class TuneError(RuntimeError):
+    """The step cannot run (missing inputs, no configuration worked)."""
+
+
+# ----------------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class Config:
+    """One llama-mtmd-cli configuration; None means the tool's default."""
+
+    quant: str
+    mmproj: str = "f16"
+    budget: str = "full"
+    threads: int | None = None
+    flash_attn: str | None = None
+    cache_type: str | None = None
+    ubatch_size: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        parts = [self.quant, f"mmproj {self.mmproj}", f"budget {self.budget}"]
+        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("fa", self.flash_attn), ("kv", self.cache_type),
+                                          ("ub", self.ubatch_size)) if v is not None]
+        return ", ".join(parts + list(self.extra_args))
+
+    def evaluate_update(self) -> dict[str, Any]:
+        """The `evaluate` params keys this configuration sets (for MtmdOptions and the params snippet)."""
+        return {"threads": self.threads, "threads_batch": self.threads, "flash_attn": self.flash_attn,
+                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type, "ubatch_size": self.ubatch_size}
+
+
+def baseline_config(quant_types: Iterable[str]) -> Config:
+    """The seed's command: Q5_K_M when the run has it, f16 mmproj, full budget, tool defaults."""
+    types = list(quant_types)
+    if not types:
+        raise TuneError("no quantized text GGUF to tune (run `make quantize` first)")
+    return Config(quant=SEED_TYPE if SEED_TYPE in types else types[0])
+
+
+def default_threads(cores: int | None = None) -> list[int]:
+    """1 ... cores, powers of two above 8 (and the core count itself)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores)
+    if cores <= 8:
+        return list(range(1, cores + 1))
+    return sorted({*(2 ** i for i in range(int(math.log2(cores)) + 1)), cores})
+
+
+def runtime_grid(base: Config, flash_attn: list[str], cache_types: list[str],
+                 ubatch_sizes: list[int | None]) -> tuple[list[Config], list[tuple[Config, str]]]:
+    """Stage 3's candidates, and the pairs skipped without running (with why)."""
+    out, skipped = [], []
+    for fa in flash_attn:
+        for ct in cache_types:
+            for ub in ubatch_sizes:
+                cfg = replace(base, flash_attn=fa, cache_type=ct, ubatch_size=ub)
+                if fa == "off" and ct not in ("f16", "f32", "bf16"):
+                    skipped.append((cfg, "a quantized V cache needs flash attention"))
+                else:
+                    out.append(cfg)
+    return out, skipped
+
+
+# ----------------------------------------------------------------------------- statistics
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Median, min, max and the relative range of repeated measurements."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "rel_range": None, "n": 0}
+    med = statistics.median(vals)
+    return {"median": med, "min": min(vals), "max": max(vals),
+            "rel_range": (max(vals) - min(vals)) / med if med else None, "n": len(vals)}
+
+
+def compare(a: list[float], b: list[float]) -> str:
+    """'faster' when every run of A beat every run of B, 'slower' for the reverse, else 'same'.
+
+    The difference counts only beyond the spread: the two [min, max] ranges must not overlap.
+    """
+    a, b = [v for v in a if v is not None], [v for v in b if v is not None]
+    if not a or not b:
+        return "same"
+    if max(a) < min(b):
+        return "faster"
+    if max(b) < min(a):
+        return "slower"
+    return "same"
+
+
+def answer_seconds(row: dict[str, Any], n_predict: int) -> float | None:
+    """Start to a full-length answer: time to first token + (n_predict - 1) x generation time per token."""
+    ttft, per_token = row.get("ttft_ms"), row.get("eval_ms_per_token")
+    if ttft is None or not math.isfinite(ttft):
+        return None
+    if per_token is None or not math.isfinite(per_token):
+        per_token = row.get("itl_median_ms")
+    if per_token is None or not math.isfinite(per_token):
+        return None if n_predict > 1 else ttft / 1000.0
+    return (ttft + per_token * max(n_predict - 1, 0)) / 1000.0
+
+
+# ----------------------------------------------------------------------------- mmproj variants
+def mmproj_variant(src: Path, dst: Path, pinpoints: list[list[int]] | None = None, qtype: str = "f16") -> Path:
+    """Copy an mmproj GGUF changing only the image budget and/or the weight type.
+
+    pinpoints: None keeps the file's own, [] removes the key (one view), else the [w, h] list.
+    qtype "q8_0": 2-D f16/f32 `.weight` matrices become Q8_0 (rows a multiple of 32), the rest is copied.
+    """
+    import gguf
+
+    from .gguf_io import read_gguf
+
+    src, dst = Path(src), Path(dst)
+    g = read_gguf(src, "mmproj")
+    arch = g.fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise TuneError(f"{src}: no general.architecture; not an mmproj written by llama.cpp's tools or step 03")
+    with atomic_path(dst, suffix=".gguf") as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        for key, value in g.fields.items():
+            if key in ("general.architecture", "general.alignment") or (key == PINPOINTS_KEY and pinpoints is not None):
+                continue
+            types = g.types[key]
+            w.add_key_value(key, value, types[0], sub_type=types[1] if len(types) > 1 else None)
+        if pinpoints:
+            w.add_array(PINPOINTS_KEY, [int(v) for pair in pinpoints for v in pair])
+        if qtype == "q8_0" and "general.file_type" in g.fields:
+            w.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q8_0))
+        for t in g.tensors.values():
+            if qtype == "q8_0" and _to_q8(t):
+                q = gguf.quants.quantize(t.values().astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(t.name, np.asarray(t.data).reshape(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)),
+                             raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return dst
+
+
+def _to_q8(t) -> bool:
+    import gguf
+
+    return (len(t.shape) == 2 and t.name.endswith(".weight") and t.shape[-1] % 32 == 0
+            and t.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+            and not any(k in t.name for k in _KEEP_IN_Q8))
+
+
+def make_mmproj_files(run: Run, mmproj: Path, types: list[str], budgets: dict[str, list | None]) -> dict[tuple[str, str], Path]:
+    """(mmproj type, budget) -> file; the run's own mmproj for (f16, a budget that keeps its pinpoints)."""
+    folder = run.sub("tune") / "mmproj"
+    stamp = f"{mmproj.stat().st_size}-{mmproj.stat().st_mtime_ns}"
+    out: dict[tuple[str, str], Path] = {}
+    base: dict[str, Path] = {"f16": mmproj}
+    for qtype in types:
+        if qtype != "f16":
+            path = folder / f"mmproj-{qtype}.gguf"
+            if not _fresh(path, stamp):
+                log.info("writing the %s mmproj %s", qtype, path)
+                mmproj_variant(mmproj, path, None, qtype)
+                path.with_suffix(".src").write_text(stamp)
+            base[qtype] = path
+        for name, pins in budgets.items():
+            if pins is None:
+                out[(qtype, name)] = base[qtype]
+                continue
+            path = folder / f"mmproj-{qtype}-{name}.gguf"
+            if not _fresh(path, stamp + repr(pins)):
+                mmproj_variant(base[qtype], path, pins)
+                path.with_suffix(".src").write_text(stamp + repr(pins))
+            out[(qtype, name)] = path
+    return out
+
+
+def _fresh(path: Path, stamp: str) -> bool:
+    src = path.with_suffix(".src")
+    return path.exists() and src.exists() and src.read_text() == stamp
+
+
+# ----------------------------------------------------------------------------- measuring
+@dataclass
+class Measurer:
+    """Runs configurations on one image/prompt; every run becomes a row (failures included)."""
+
+    cli: Path
+    text: dict[str, Path]
+    mmproj: dict[tuple[str, str], Path]
+    image: Path
+    prompt: str
+    base_opts: MtmdOptions
+    logs: Path
+    runner: Callable = run_mtmd  # tests swap in recorded runs
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[Config, str] = field(default_factory=dict)
+
+    def options(self, cfg: Config, n_predict: int) -> MtmdOptions:
+        update = {k: v for k, v in cfg.evaluate_update().items()}
+        update.update(n_predict=n_predict, chat_template=self.base_opts.evaluate.chat_template or SEED_TEMPLATE)
+        return MtmdOptions(self.base_opts.evaluate.model_copy(update=update), self.base_opts.log_verbosity,
+                           list(self.base_opts.extra_args) + list(cfg.extra_args))
+
+    def measure(self, cfg: Config, phase: str, n_predict: int, rep: int = 0, image: Path | None = None,
+                prompt: str | None = None, case: int = 0) -> dict[str, Any] | None:
+        """One run; None (and the failure recorded) when the tool fails."""
+        if cfg in self.failed:
+            return None
+        n = len(self.rows)
+        log_path = self.logs / f"{n:03d}-{_safe(phase)}-{_safe(cfg.label.replace(', ', '_').replace(' ', '-'))}.log"
+        row: dict[str, Any] = {"phase": phase, "config": cfg.label, "rep": rep, "case": case, **asdict(cfg),
+                               "n_predict": n_predict}
+        try:
+            result = self.runner(self.cli, self.text[cfg.quant], self.mmproj[(cfg.mmproj, cfg.budget)],
+                                 image or self.image, prompt or self.prompt, self.options(cfg, n_predict), log_path)
+        except (EvaluationError, OSError) as err:
+            first = str(err).splitlines()[0]
+            log.warning("configuration failed, skipped: %s: %s", cfg.label, first)
+            self.failed[cfg] = str(err)
+            self.rows.append({**row, "status": "failed", "error": str(err), "log": str(log_path)})
+            return None
+        s = result.summary()
+        row.update(status="ok", error=None, command=result.command, **s)
+        row["answer_s"] = answer_seconds(s, n_predict)
+        self.rows.append(row)
+        return row
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+# ----------------------------------------------------------------------------- the search
+@dataclass
+class TuneResult:
+    runs: pd.DataFrame            # every run: screening, confirmation, agreement (failures included)
+    confirmed: pd.DataFrame       # one row per confirmed configuration: median and spread
+    recommended: dict             # what tune/recommended.json holds
+    agreement: pd.DataFrame       # greedy answers per budget x mmproj type vs full/f16
+    quality: dict                 # kld per quant type, mmproj NMSE, synthetic or not
+    skipped: list[dict]           # configurations not run, with why
+    files: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        rec = self.recommended.get("recommended") or {}
+        return (f"TuneResult({len(self.runs)} runs, recommended {rec.get('config')}: "
+                f"{rec.get('answer_s')} s, {rec.get('speedup')}x the seed's command)")
+
+
+def _best(rows: list[dict | None]) -> dict | None:
+    ok = [r for r in rows if r and r.get("answer_s") is not None]
+    return min(ok, key=lambda r: r["answer_s"]) if ok else None
+
+
+def _cfg(row: dict) -> Config:
+    return Config(**{k: (tuple(v) if k == "extra_args" else v) for k, v in row.items() if k in Config.__dataclass_fields__})
+
+
+def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
+           n_predict: int, deadline: float) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The staged screening; returns (best screened rows per budget, skipped configurations)."""
+    from tqdm.auto import tqdm
+
+    skipped: list[dict] = []
+    durations: list[float] = []
+
+    def stage(name: str, configs: list[Config]) -> list[dict]:
+        rows = []
+        for cfg in tqdm(configs, desc=f"screen: {name}", unit="run"):
+            left = deadline - time.monotonic()
+            est = statistics.median(durations) if durations else 0.0
+            if left < est:
+                skipped.append({"config": cfg.label, "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
+                continue
+            t0 = time.monotonic()
+            row = m.measure(cfg, f"screen-{name}", n_predict)
+            durations.append(time.monotonic() - t0)
+            if row:
+                rows.append(row)
+        if durations:
+            log.info("screen %s: %d runs, ~%.1f s each", name, len(configs), statistics.median(durations))
+        return rows
+
+    threads = p.threads or default_threads()
+    best = _best(stage("threads", [replace(base, threads=t) for t in threads])) or {}
+    cur = _cfg(best) if best else base
+    within = [q for q in quant_types if q in allowed]
+    skipped += [{"config": replace(cur, quant=q).label, "why": "KL divergence over tune.kld_budget"}
+                for q in quant_types if q not in allowed]
+    rows = stage("quant types", [replace(cur, quant=q) for q in within if q != cur.quant]) + ([best] if best else [])
+    best = _best([r for r in rows if r["quant"] in allowed]) or best
+    cur = _cfg(best) if best else cur
+    grid, pruned = runtime_grid(cur, p.flash_attn, p.cache_type, p.ubatch_size)
+    skipped += [{"config": c.label, "why": why} for c, why in pruned]
+    rows = stage("runtime", [c for c in grid if c != cur]) + ([best] if best else [])
+    best = _best(rows) or best
+    cur = _cfg(best) if best else cur
+    per_budget: dict[str, list[dict]] = {}
+    configs = [replace(cur, mmproj=t, budget=b) for b in p.image_budgets for t in p.mmproj_types]
+    for row in stage("mmproj x budget", [c for c in configs if c != cur]) + ([best] if best else []):
+        per_budget.setdefault(row["budget"], []).append(row)
+    # Every screened row of the full budget competes too (the runtime stages ran at the full budget).
+    screened = [r for r in m.rows if r.get("status") == "ok" and r["phase"].startswith("screen")
+                and r["quant"] in allowed]
+    for b in p.image_budgets:
+        per_budget[b] = sorted({r["config"]: r for r in per_budget.get(b, []) + [r for r in screened if r["budget"] == b]}
+                               .values(), key=lambda r: r["answer_s"] if r["answer_s"] is not None else math.inf)
+    return per_budget, skipped
+
+
+def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int) -> pd.DataFrame:
+    """A warm-up run and `repetitions` full runs per configuration; one row each with the spread."""
+    from tqdm.auto import tqdm
+
+    jobs = [(c, r) for c in configs for r in range(repetitions + 1)]
+    rows = {c: [] for c in configs}
+    for cfg, rep in tqdm(jobs, desc="confirm (warm-up + repetitions)", unit="run"):
+        row = m.measure(cfg, "warmup" if rep == 0 else "confirm", n_predict, rep)
+        if row and rep > 0:
+            rows[cfg].append(row)
+    out = []
+    for cfg, runs in rows.items():
+        if not runs:
+            out.append({"config": cfg.label, **asdict(cfg), "status": "failed", "error": m.failed.get(cfg)})
+            continue
+        df = pd.DataFrame(runs)
+        s = spread(list(df["answer_s"]))
+        stages = df[[c for c in STAGE_COLUMNS if c in df]].median(numeric_only=True).to_dict()
+        out.append({"config": cfg.label, **asdict(cfg), "status": "ok", "answer_s": s["median"],
+                    "answer_min_s": s["min"], "answer_max_s": s["max"], "rel_range": s["rel_range"], "runs": s["n"],
+                    "answer_s_all": list(df["answer_s"]), "image_tokens": df["image_tokens"].iloc[0], **stages})
+    return pd.DataFrame(out)
+
+
+STAGE_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms", "prompt_tokens",
+                 "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s", "ttft_ms",
+                 "peak_rss_mib"]
+
+
+def choose(confirmed: pd.DataFrame, baseline: Config) -> dict[str, dict]:
+    """Per budget: the fastest confirmed configuration (candidates were already within the KLD budget).
+
+    A configuration is only preferred over the baseline's own settings when `compare` says it is
+    faster; otherwise the faster median is kept but marked as not significant.
+    """
+    ok = confirmed[confirmed["status"] == "ok"]
+    base = ok[ok["config"] == baseline.label]
+    base_runs = base.iloc[0]["answer_s_all"] if len(base) else []
+    out = {}
+    for budget, group in ok.groupby("budget", sort=False):
+        best = group.loc[group["answer_s"].idxmin()].to_dict()
+        best["vs_baseline"] = compare(best["answer_s_all"], base_runs)
+        out[budget] = best
+    return out
+
+
+def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple[dict[str, float | None], set[str]]:
+    """(mean KLD per quant type from step 06's metrics, the types allowed by the budget)."""
+    kld: dict[str, float | None] = {q: None for q in quant_types}
+    folder = resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    table = folder / "variants.csv"
+    if table.exists():
+        df = pd.read_csv(table)
+        if "kld" in df:
+            for _, r in df.iterrows():
+                if r["variant"] in kld and pd.notna(r["kld"]):
+                    kld[r["variant"]] = float(r["kld"])
+    else:
+        log.warning("%s not found: no KL divergence per quant type; every type is allowed", table)
+    # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
+    allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
+    return kld, allowed
+
+
+def mmproj_nmse(run: Run, files: dict[tuple[str, str], Path], full: str) -> dict[str, float | None]:
+    """Image-embedding NMSE of each non-f16 mmproj against the f16 one (llama-mtmd-debug dumps)."""
+    from . import toolchain, vision_check
+
+    out: dict[str, float | None] = {}
+    others = [t for (t, b) in files if t != "f16" and b == full]
+    if not others:
+        return out
+    try:
+        tool = toolchain.find_tool(vision_check.TOOL, run.params.llama_cpp.dir)
+    except toolchain.ToolNotFound as err:
+        log.warning("no image-embedding NMSE: %s", err)
+        return {t: None for t in others}
+    work = run.sub("tune") / "nmse"
+    ref = vision_check.mtmd_embeddings(files[("f16", full)], "pattern", tool, work / "f16")
+    for t in others:
+        emb = vision_check.mtmd_embeddings(files[(t, full)], "pattern", tool, work / t)
+        out[t] = vision_check.nmse(emb, ref)
+    return out
+
+
+def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], types: list[str],
+                   n_predict: int, reference: str) -> pd.DataFrame:
+    """Greedy answers of every budget x mmproj type on evaluate.cases, vs (reference budget, f16)."""
+    from tqdm.auto import tqdm
+
+    from . import quality
+
+    rows = []
+    jobs = [(b, t, i, img, pr) for b in budgets for t in types for i, (img, pr) in enumerate(case_inputs(run))]
+    for b, t, i, img, pr in tqdm(jobs, desc="answer agreement", unit="run"):
+        row = m.measure(replace(best, budget=b, mmproj=t), "agreement", n_predict, image=img, prompt=pr, case=i)
+        if row:
+            rows.append({"variant": f"{b}/{t}", "case": i, "prompt": pr, "answer": row["answer"]})
+    df = pd.DataFrame(rows, columns=["variant", "case", "prompt", "answer"])
+    return quality.answer_agreement(df, baseline=f"{reference}/f16")
+
+
+def run_tune(run: Run) -> TuneResult:
+    """Step 07: baseline, screening, confirmation, quality, choice; writes tune/ and run-llava*.sh."""
+    from . import toolchain, tune_report
+    from .evaluation_report import variants_for_run
+
+    p, e = run.params.tune, run.params.evaluate
+    started = time.monotonic()
+    text = {k: Path(v) for k, v in variants_for_run(run).items()}
+    quantized = list((run.artifacts().get("quantized") or {}).keys()) or list(text)
+    quant_types = p.quant_types or quantized
+    missing = [q for q in quant_types if q not in text]
+    if missing:
+        raise TuneError(f"{run.params_file}: tune.quant_types {missing} were not made by step 05 "
+                        f"(made: {sorted(text)}); add them to quantize.types or drop them")
+    base = baseline_config(quant_types)
+    cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
+    mmproj = make_mmproj_files(run, run.artifact_path("mmproj"), p.mmproj_types if "f16" in p.mmproj_types
+                               else ["f16", *p.mmproj_types], p.image_budgets)
+    full = next((b for b, pins in p.image_budgets.items() if pins is None), next(iter(p.image_budgets)))
+    base = replace(base, budget=full)
+    image, prompt = case_inputs(run)[0]
+    logs = run.sub("tune") / "logs"
+    m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update={
+        "threads": None, "threads_batch": None, "batch_size": None, "ubatch_size": None, "flash_attn": None,
+        "cache_type_k": None, "cache_type_v": None})), logs)
+    kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
+    kld, allowed = quality_inputs(run, quant_types, kld_budget)
+    # The baseline must run: it is the yardstick (a failure here is the step's failure).
+    if m.measure(base, "screen-baseline", p.screen_n_predict) is None:
+        raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
+    deadline = started + 60.0 * p.budget_minutes
+    per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline)
+    finalists = [base] + [_cfg(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
+    finalists = list(dict.fromkeys(finalists))
+    screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
+    log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
+             p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s * max(1.0, e.n_predict / p.screen_n_predict))
+    confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
+    chosen = choose(confirmed, base)
+    if full not in chosen:
+        raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
+    main = chosen[full]
+    agreement = (agreement_runs(m, run, _cfg(main), list(p.image_budgets), p.mmproj_types, e.n_predict, full)
+                 if p.agreement else pd.DataFrame())
+    quality = {"kld": kld, "kld_budget": kld_budget, "allowed": sorted(allowed),
+               "mmproj_nmse": mmproj_nmse(run, mmproj, full),
+               "synthetic": run.params.model.source == "tiny"}
+    result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
+    result.recommended = tune_report.write_results(run, result, base, chosen, full, cli, mmproj, text, image, prompt)
+    result.figures = tune_report.figures(run, result, base)
+    log.info("%s (%.0f s)", result, time.monotonic() - started)
+    return result
