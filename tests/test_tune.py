@@ -288,3 +288,11 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert (run.dir / "plots" / "tune_latency.png").exists() and (run.dir / "plots" / "tune_pareto.png").exists()
     snippet = (run.dir / "tune" / "params-snippet.yaml").read_text()
     assert "evaluate:" in snippet and "threads: 2" in snippet
+
+
+def test_config_survives_a_table_round_trip():
+    import pandas as pd
+
+    cfgs = [tune.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune.Config("Q5_K_M")]
+    rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
+    assert [tune._cfg(r) for r in rows] == cfgs and tune._cfg(rows[0]).label.endswith("t 2, fa on, ub 256")

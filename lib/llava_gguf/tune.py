@@ -252,7 +252,8 @@ class Measurer:
 
     def options(self, cfg: Config, n_predict: int) -> MtmdOptions:
         update = {k: v for k, v in cfg.evaluate_update().items()}
-        update.update(n_predict=n_predict, chat_template=self.base_opts.evaluate.chat_template or SEED_TEMPLATE)
+        # Always the seed's template, so every configuration (and run-llava.sh) formats the prompt alike.
+        update.update(n_predict=n_predict, chat_template=SEED_TEMPLATE)
         return MtmdOptions(self.base_opts.evaluate.model_copy(update=update), self.base_opts.log_verbosity,
                            list(self.base_opts.extra_args) + list(cfg.extra_args))
 
@@ -308,7 +309,14 @@ def _best(rows: list[dict | None]) -> dict | None:
 
 
 def _cfg(row: dict) -> Config:
-    return Config(**{k: (tuple(v) if k == "extra_args" else v) for k, v in row.items() if k in Config.__dataclass_fields__})
+    """The Config of a table row (pandas turns None into NaN and ints into floats in mixed columns)."""
+    def clean(key: str, value: Any) -> Any:
+        if key == "extra_args":
+            return tuple(value) if isinstance(value, (list, tuple)) else ()
+        if isinstance(value, float):
+            return None if math.isnan(value) else int(value)
+        return value
+    return Config(**{k: clean(k, v) for k, v in row.items() if k in Config.__dataclass_fields__})
 
 
 def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
@@ -353,7 +361,8 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
     per_budget: dict[str, list[dict]] = {}
     configs = [replace(cur, mmproj=t, budget=b) for b in p.image_budgets for t in p.mmproj_types]
     for row in stage("mmproj x budget", [c for c in configs if c != cur]) + ([best] if best else []):
-        per_budget.setdefault(row["budget"], []).append(row)
+        if row["quant"] in allowed:
+            per_budget.setdefault(row["budget"], []).append(row)
     # Every screened row of the full budget competes too (the runtime stages ran at the full budget).
     screened = [r for r in m.rows if r.get("status") == "ok" and r["phase"].startswith("screen")
                 and r["quant"] in allowed]
@@ -424,6 +433,10 @@ def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple
         log.warning("%s not found: no KL divergence per quant type; every type is allowed", table)
     # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
     allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
+    if not allowed:
+        closest = min(kld, key=lambda q: kld[q])
+        log.warning("no quant type within KLD %s (%s); tuning the closest one, %s", kld_budget, kld, closest)
+        allowed = {closest}
     return kld, allowed
 
 
@@ -481,8 +494,9 @@ def run_tune(run: Run) -> TuneResult:
                         f"(made: {sorted(text)}); add them to quantize.types or drop them")
     base = baseline_config(quant_types)
     cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
-    mmproj = make_mmproj_files(run, run.artifact_path("mmproj"), p.mmproj_types if "f16" in p.mmproj_types
-                               else ["f16", *p.mmproj_types], p.image_budgets)
+    # f16 always: the baseline and the agreement reference use it.
+    mm_types = list(dict.fromkeys(["f16", *p.mmproj_types]))
+    mmproj = make_mmproj_files(run, run.artifact_path("mmproj"), mm_types, p.image_budgets)
     full = next((b for b, pins in p.image_budgets.items() if pins is None), next(iter(p.image_budgets)))
     base = replace(base, budget=full)
     image, prompt = case_inputs(run)[0]
@@ -507,7 +521,7 @@ def run_tune(run: Run) -> TuneResult:
     if full not in chosen:
         raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
     main = chosen[full]
-    agreement = (agreement_runs(m, run, _cfg(main), list(p.image_budgets), p.mmproj_types, e.n_predict, full)
+    agreement = (agreement_runs(m, run, _cfg(main), list(p.image_budgets), mm_types, e.n_predict, full)
                  if p.agreement else pd.DataFrame())
     quality = {"kld": kld, "kld_budget": kld_budget, "allowed": sorted(allowed),
                "mmproj_nmse": mmproj_nmse(run, mmproj, full),

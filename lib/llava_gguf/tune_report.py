@@ -12,6 +12,7 @@ import html
 import json
 import logging
 import math
+import os
 import platform
 import shlex
 import time
@@ -69,7 +70,7 @@ def script_text(cli: Path, text: Path, mmproj: Path, flags: list[str], image: Pa
              f"#   {' '.join(q(str(a)) for a in [server, '-m', text, '--mmproj', mmproj, *flags])}",
              "set -euo pipefail",
              "has_image=0; has_prompt=0",
-             'for a in "$@"; do case "$a" in --image|--audio) has_image=1;; -p|--prompt|-f|--file) has_prompt=1;; esac; done',
+             'for a in "$@"; do case "$a" in --image|--audio|--video) has_image=1;; -p|--prompt|-f|--file) has_prompt=1;; esac; done',
              "defaults=()",
              f"[ $has_image = 1 ] || defaults+=(--image {q(str(image))})",
              f"[ $has_prompt = 1 ] || defaults+=(-p {q(prompt)})",
@@ -134,7 +135,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
     info = _clean({
-        "run": run.params.run, "machine": {"host": platform.node(), "cores": len(__import__("os").sched_getaffinity(0))},
+        "run": run.params.run, "machine": {"host": platform.node(), "cores": os.cpu_count()},
         "llama_cpp": toolchain.tool_version(cli), "image": str(image), "prompt": prompt, "n_predict": e.n_predict,
         "repetitions": run.params.tune.repetitions,
         "rule": "A is faster than B only when A's slowest run beats B's fastest (min-max ranges do not overlap)",
