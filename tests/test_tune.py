@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import tune, tune_report
+from llava_gguf import mmproj_variants, tune, tune_report
 from llava_gguf.evaluate import EvaluationError, MtmdOptions
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.params import EvaluateParams, TuneParams
@@ -198,13 +198,13 @@ def tiny_mmproj(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 def test_mmproj_variant_changes_only_its_key(tiny_mmproj, tmp_path):
     src = read_gguf(tiny_mmproj["mmproj"])
-    assert tune.PINPOINTS_KEY in src.fields
-    single = read_gguf(tune.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "single.gguf", []))
-    two = read_gguf(tune.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "two.gguf", [[672, 336], [336, 672]]))
-    assert tune.PINPOINTS_KEY not in single.fields and two.fields[tune.PINPOINTS_KEY] == [672, 336, 336, 672]
+    assert mmproj_variants.PINPOINTS_KEY in src.fields
+    single = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "single.gguf", []))
+    two = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "two.gguf", [[672, 336], [336, 672]]))
+    assert mmproj_variants.PINPOINTS_KEY not in single.fields and two.fields[mmproj_variants.PINPOINTS_KEY] == [672, 336, 336, 672]
     for g in (single, two):
-        assert {k: v for k, v in g.fields.items() if k != tune.PINPOINTS_KEY} == \
-            {k: v for k, v in src.fields.items() if k != tune.PINPOINTS_KEY}
+        assert {k: v for k, v in g.fields.items() if k != mmproj_variants.PINPOINTS_KEY} == \
+            {k: v for k, v in src.fields.items() if k != mmproj_variants.PINPOINTS_KEY}
         assert [(t.name, t.qtype, t.shape) for t in g.tensors.values()] == \
             [(t.name, t.qtype, t.shape) for t in src.tensors.values()]
         assert all(bytes(g.tensors[n].data) == bytes(t.data) for n, t in src.tensors.items())
@@ -212,11 +212,10 @@ def test_mmproj_variant_changes_only_its_key(tiny_mmproj, tmp_path):
 
 def test_q8_mmproj_quantizes_the_matrices(tiny_mmproj, tmp_path):
     import gguf
-    import numpy as np
 
     src = read_gguf(tiny_mmproj["mmproj"])
-    q8 = read_gguf(tune.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
-    assert q8.fields[tune.PINPOINTS_KEY] == src.fields[tune.PINPOINTS_KEY]
+    q8 = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
+    assert q8.fields[mmproj_variants.PINPOINTS_KEY] == src.fields[mmproj_variants.PINPOINTS_KEY]
     changed = {n for n, t in q8.tensors.items() if t.qtype != src.tensors[n].qtype}
     assert changed and all(q8.tensors[n].qtype == gguf.GGMLQuantizationType.Q8_0 for n in changed)
     assert all(".attn_" in n or ".ffn_" in n or n.startswith("mm.") for n in changed), changed
@@ -239,7 +238,7 @@ def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
     per_view = (info["clip.vision.image_size"] // info["clip.vision.patch_size"]) ** 2
     tokens = {}
     for name, pins in {"full": None, "wide-tall": [[672, 336], [336, 672]], "single": []}.items():
-        mm = tune.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / f"{name}.gguf", pins)
+        mm = mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / f"{name}.gguf", pins)
         r = run_mtmd(cli, tiny_mmproj["text"], mm, image, "Describe this image.",
                      MtmdOptions(EvaluateParams(n_predict=2, threads=2)), tmp_path / f"{name}.log")
         tokens[name] = r.timings.image_tokens
