@@ -164,6 +164,26 @@ def test_confirm_and_choose_apply_the_rule(tmp_path):
     assert chosen["full"]["config"] == fast.label and chosen["full"]["vs_baseline"] == "faster"
 
 
+def test_choose_prefers_the_precise_one_within_the_spread():
+    import pandas as pd
+
+    def row(cfg, runs):
+        return {"config": cfg.label, **cfg.__dict__, "status": "ok", "answer_s": sorted(runs)[1], "answer_s_all": runs}
+    base = tune.Config("Q5_K_M")
+    q8 = tune.Config("Q5_K_M", mmproj="q8_0", budget="single", threads=1)
+    f16 = tune.Config("Q5_K_M", budget="single", threads=1)
+    q4 = tune.Config("Q4_K_M", budget="single", threads=1)
+    # Recorded confirmation runs of the tiny model (single budget): q8_0's median is lower, the ranges overlap.
+    confirmed = pd.DataFrame([row(base, RECORDED["seed"]), row(q8, [0.50, 0.53, 0.79]), row(f16, [0.55, 0.55, 0.57]),
+                              row(q4, [0.40, 0.42, 0.44])])
+    chosen = tune.choose(confirmed, base, {"Q5_K_M": 0.005, "Q4_K_M": 0.02})
+    assert chosen["full"]["config"] == base.label and chosen["full"]["vs_baseline"] == "same"
+    # Q4_K_M beats both beyond the spread, so its higher KLD (within the budget) does not matter.
+    assert chosen["single"]["config"] == q4.label and chosen["single"]["vs_baseline"] == "faster"
+    confirmed = confirmed[confirmed["quant"] != "Q4_K_M"]
+    assert tune.choose(confirmed, base)["single"]["config"] == f16.label
+
+
 # ----------------------------------------------------------------------------- the script
 def test_script_overrides_and_default_image(tmp_path):
     echo = tmp_path / "llama-mtmd-cli"

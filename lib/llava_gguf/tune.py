@@ -316,18 +316,22 @@ STAGE_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_m
                  "peak_rss_mib"]
 
 
-def choose(confirmed: pd.DataFrame, baseline: Config) -> dict[str, dict]:
+def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | None] | None = None) -> dict[str, dict]:
     """Per budget: the fastest confirmed configuration (candidates were already within the KLD budget).
 
-    A configuration is only preferred over the baseline's own settings when `compare` says it is
-    faster; otherwise the faster median is kept but marked as not significant.
+    Configurations no slower than the fastest median beyond the spread (`compare`) tie with it; among
+    those the more precise one wins: the f16 mmproj, then the quant type of lower KL divergence, then
+    the lower median. `vs_baseline` says whether the choice beat the seed's command beyond the spread.
     """
+    kld = kld or {}
     ok = confirmed[confirmed["status"] == "ok"]
     base = ok[ok["config"] == baseline.label]
     base_runs = base.iloc[0]["answer_s_all"] if len(base) else []
     out = {}
     for budget, group in ok.groupby("budget", sort=False):
-        best = group.loc[group["answer_s"].idxmin()].to_dict()
+        fastest = group.loc[group["answer_s"].idxmin()]
+        ties = [r for _, r in group.iterrows() if compare(r["answer_s_all"], fastest["answer_s_all"]) != "slower"]
+        best = min(ties, key=lambda r: (r["mmproj"] != "f16", kld.get(r["quant"]) or 0.0, r["answer_s"])).to_dict()
         best["vs_baseline"] = compare(best["answer_s_all"], base_runs)
         out[budget] = best
     return out
@@ -411,7 +415,7 @@ def run_tune(run: Run) -> TuneResult:
     log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
              p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s * max(1.0, e.n_predict / p.screen_n_predict))
     confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
-    chosen = choose(confirmed, base)
+    chosen = choose(confirmed, base, kld)
     if full not in chosen:
         raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
     main = chosen[full]
