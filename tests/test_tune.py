@@ -315,3 +315,19 @@ def test_config_survives_a_table_round_trip():
     cfgs = [tune.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune.Config("Q5_K_M")]
     rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
     assert [tune._cfg(r) for r in rows] == cfgs and tune._cfg(rows[0]).label.endswith("t 2, fa on, ub 256")
+
+
+@pytest.mark.llama_cpp
+def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool, tmp_path):
+    from llava_gguf import toolchain
+    from llava_gguf.evaluate import DEFAULT_IMAGE
+
+    cli = llama_tool("llama-mtmd-cli")
+    m = tune.Measurer(cli, {"F16": tiny_mmproj["text"]}, {("f16", "full"): tiny_mmproj["mmproj"]},
+                      toolchain.source_asset(DEFAULT_IMAGE), "Hi", MtmdOptions(EvaluateParams(threads=2)), tmp_path)
+    bad = tune.Config("F16", extra_args=("--flash-attn-v2",))  # an option of no llama.cpp build
+    assert m.measure(bad, "screen", 2) is None
+    row = m.rows[-1]
+    assert row["status"] == "failed" and "--flash-attn-v2" in row["error"] and Path(row["log"]).exists()
+    good = m.measure(tune.Config("F16", threads=2), "screen", 2)
+    assert good["status"] == "ok" and good["answer_s"] > 0 and good["image_tokens"]
