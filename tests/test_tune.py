@@ -331,3 +331,13 @@ def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool,
     assert row["status"] == "failed" and "--flash-attn-v2" in row["error"] and Path(row["log"]).exists()
     good = m.measure(tune.Config("F16", threads=2), "screen", 2)
     assert good["status"] == "ok" and good["answer_s"] > 0 and good["image_tokens"]
+
+
+def test_screening_ranks_by_the_projected_full_answer(tmp_path):
+    calls = []
+    m = _measurer(tmp_path, calls)
+    short = m.measure(tune.Config("Q5_K_M"), "screen", 4)
+    projected = m.measure(tune.Config("Q5_K_M", threads=1), "screen", 4, answer_tokens=135)
+    assert calls[-1][-1] == 4  # the run itself is short
+    assert projected["answer_s"] == pytest.approx(tune.answer_seconds(projected, 135))
+    assert projected["answer_s"] - short["answer_s"] > 0.110 * 130 * 0.9  # 131 more tokens at ~110 ms

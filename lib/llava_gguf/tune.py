@@ -11,7 +11,8 @@ The search is staged, not a cartesian product (each stage keeps the winner of th
 3. flash attention x KV-cache type x ubatch;
 4. mmproj type x image budget.
 
-Screening runs are single short runs (`tune.screen_n_predict` tokens) and stop when
+Screening runs are single short runs (`tune.screen_n_predict` tokens, ranked by the answer time
+projected to `evaluate.n_predict` tokens) and stop when
 `tune.budget_minutes` is spent. Then, per image budget, the best `tune.finalists` screened
 configurations and the baseline are confirmed with full runs (`evaluate.n_predict` tokens): a
 warm-up run plus `tune.repetitions` measured runs each. A configuration counts as faster than
@@ -173,8 +174,10 @@ class Measurer:
                            list(self.base_opts.extra_args) + list(cfg.extra_args))
 
     def measure(self, cfg: Config, phase: str, n_predict: int, rep: int = 0, image: Path | None = None,
-                prompt: str | None = None, case: int = 0) -> dict[str, Any] | None:
-        """One run; None (and the failure recorded) when the tool fails."""
+                prompt: str | None = None, case: int = 0, answer_tokens: int | None = None) -> dict[str, Any] | None:
+        """One run; None (and the failure recorded) when the tool fails. `answer_s` is projected to an
+        answer of `answer_tokens` tokens (default n_predict): a short screening run still ranks
+        configurations by the full answer, generation included."""
         if cfg in self.failed:
             return None
         n = len(self.rows)
@@ -192,7 +195,7 @@ class Measurer:
             return None
         s = result.summary()
         row.update(status="ok", error=None, command=result.command, **s)
-        row["answer_s"] = answer_seconds(s, n_predict)
+        row["answer_s"] = answer_seconds(s, answer_tokens or n_predict)
         self.rows.append(row)
         return row
 
@@ -235,7 +238,7 @@ def _cfg(row: dict) -> Config:
 
 
 def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
-           n_predict: int, deadline: float) -> tuple[dict[str, list[dict]], list[dict]]:
+           n_predict: int, deadline: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
     """The staged screening; returns (best screened rows per budget, skipped configurations)."""
     from tqdm.auto import tqdm
 
@@ -251,7 +254,7 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
                 skipped.append({"config": cfg.label, "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
                 continue
             t0 = time.monotonic()
-            row = m.measure(cfg, f"screen-{name}", n_predict)
+            row = m.measure(cfg, f"screen-{name}", n_predict, answer_tokens=answer_tokens)
             durations.append(time.monotonic() - t0)
             if row:
                 rows.append(row)
@@ -405,15 +408,15 @@ def run_tune(run: Run) -> TuneResult:
     kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
     kld, allowed = quality_inputs(run, quant_types, kld_budget)
     # The baseline must run: it is the yardstick (a failure here is the step's failure).
-    if m.measure(base, "screen-baseline", p.screen_n_predict) is None:
+    if m.measure(base, "screen-baseline", p.screen_n_predict, answer_tokens=e.n_predict) is None:
         raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
     deadline = started + 60.0 * p.budget_minutes
-    per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline)
+    per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline, e.n_predict)
     finalists = [base] + [_cfg(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
     finalists = list(dict.fromkeys(finalists))
     screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
     log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
-             p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s * max(1.0, e.n_predict / p.screen_n_predict))
+             p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s)
     confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
     chosen = choose(confirmed, base, kld)
     if full not in chosen:
