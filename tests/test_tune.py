@@ -305,8 +305,12 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "faster than the seed's command" in (run.dir / "reports" / "index.html").read_text()
     assert (run.dir / "plots" / "tune_latency.png").exists() and (run.dir / "plots" / "tune_pareto.png").exists()
-    snippet = (run.dir / "tune" / "params-snippet.yaml").read_text()
-    assert "evaluate:" in snippet and "threads: 2" in snippet
+    import yaml
+
+    snippet = yaml.safe_load((run.dir / "tune" / "params-snippet.yaml").read_text())["evaluate"]
+    settings = rec["recommended"]["settings"]
+    assert snippet["threads"] == settings["threads"] and snippet["flash_attn"] == settings["flash_attn"]
+    assert snippet["chat_template"] == "vicuna" and "cache_type_k" in snippet
 
 
 def test_config_survives_a_table_round_trip():
@@ -341,3 +345,12 @@ def test_screening_ranks_by_the_projected_full_answer(tmp_path):
     assert calls[-1][-1] == 4  # the run itself is short
     assert projected["answer_s"] == pytest.approx(tune.answer_seconds(projected, 135))
     assert projected["answer_s"] - short["answer_s"] > 0.110 * 130 * 0.9  # 131 more tokens at ~110 ms
+
+
+def test_params_snippet_keys_are_evaluate_keys():
+    import yaml
+
+    cfg = tune.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
+    text = yaml.safe_dump({"evaluate": {**cfg.evaluate_update(), "chat_template": "vicuna"}})
+    e = EvaluateParams(**yaml.safe_load(text)["evaluate"])  # 'on' stays a string, null is the tool's default
+    assert (e.threads, e.threads_batch, e.flash_attn, e.cache_type_v, e.ubatch_size) == (2, 2, "on", "q8_0", None)

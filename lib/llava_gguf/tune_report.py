@@ -126,7 +126,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
                                                "prompt_tokens_per_s", "eval_ms_per_token")}})
     snippet = folder / "params-snippet.yaml"
     main_cfg = _cfg(chosen[full])
-    keys = {k: v for k, v in main_cfg.evaluate_update().items() if v is not None}
+    # Every key, null ones included: null is the tool's default, which a params file's value would override.
+    keys = main_cfg.evaluate_update()
     with atomic_path(snippet, suffix=".yaml") as tmp:
         tmp.write_text(f"# Add to {run.params_file} so `make evaluate` runs with the recommendation:\n"
                        f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
