@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llava_gguf import mmproj_variants, tune, tune_report
-from llava_gguf.evaluate import EvaluationError, MtmdOptions
+from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.params import EvaluateParams, TuneParams
 
@@ -208,7 +208,7 @@ def test_script_overrides_and_default_image(tmp_path):
 # ----------------------------------------------------------------------------- with llama.cpp
 @pytest.fixture(scope="module")
 def tiny_mmproj(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    from llava_gguf import surgery, text, vision
+    from llava_gguf.steps import surgery, text_export as text, vision_export as vision
 
     d = tmp_path_factory.mktemp("tune-ggufs")
     text.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
@@ -249,8 +249,8 @@ def test_q8_mmproj_quantizes_the_matrices(tiny_mmproj, tmp_path):
 
 @pytest.mark.llama_cpp
 def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
-    from llava_gguf import toolchain
-    from llava_gguf.evaluate import DEFAULT_IMAGE, run_mtmd
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
 
     cli = llama_tool("llama-mtmd-cli")
     image = toolchain.source_asset(DEFAULT_IMAGE)
@@ -269,8 +269,8 @@ def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
 @pytest.mark.llama_cpp
 def test_last_option_wins_in_the_pinned_build(tiny_mmproj, llama_tool, tmp_path):
     """What run-llava.sh relies on: a repeated option takes its last value."""
-    from llava_gguf import toolchain
-    from llava_gguf.evaluate import DEFAULT_IMAGE, run_mtmd
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
 
     cli = llama_tool("llama-mtmd-cli")
     r = run_mtmd(cli, tiny_mmproj["text"], tiny_mmproj["mmproj"], toolchain.source_asset(DEFAULT_IMAGE), "Hi",
@@ -293,7 +293,7 @@ def test_tune_step_end_to_end(write_params, llama_tool):
                  "image_budgets": {"full": None, "single": []}}}))
     done = pipeline.run_steps(run, ["tune"])
     assert done[-1] == ("tune", "ran")
-    rec = json.loads(workspace.resolve(run.artifacts()["tune"]["recommended"]).read_text())
+    rec = json.loads(run.resolve(run.artifacts()["tune"]["recommended"]).read_text())
     assert rec["baseline"]["config"].startswith("Q5_K_M, mmproj f16, budget full") and rec["baseline"]["runs"] == 2
     assert set(rec["budgets"]) == {"full", "single"}
     assert rec["budgets"]["single"]["image_tokens"] < rec["budgets"]["full"]["image_tokens"]
@@ -323,8 +323,8 @@ def test_config_survives_a_table_round_trip():
 
 @pytest.mark.llama_cpp
 def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool, tmp_path):
-    from llava_gguf import toolchain
-    from llava_gguf.evaluate import DEFAULT_IMAGE
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE
 
     cli = llama_tool("llama-mtmd-cli")
     m = tune.Measurer(cli, {"F16": tiny_mmproj["text"]}, {("f16", "full"): tiny_mmproj["mmproj"]},

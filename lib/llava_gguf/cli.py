@@ -2,25 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
+import signal
 import sys
 
-from . import toolchain, workspace
+from . import registry, workspace
+from .llama_cpp import toolchain
 
 log = logging.getLogger("llava_gguf")
-
-# step -> (module, function taking a Run): what each notebook's main cell calls.
-STEP_FUNCTIONS = {
-    "download": ("download", "run_download"),
-    "surgery": ("surgery", "run_surgery"),
-    "vision": ("vision", "run_vision"),
-    "text": ("text", "run_text"),
-    "quantize": ("quantize", "run_quantize"),
-    "evaluate": ("evaluation_report", "run_evaluate"),
-    "tune": ("tune", "run_tune"),
-}
 
 
 def _cmd_run(args) -> int:
@@ -40,10 +30,16 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_step(args) -> int:
+    """The step's library entry point, as the notebook's main cell calls it, checks included."""
+    step = registry.get(args.name)
     run = workspace.open_run(args.params)
-    module, func = STEP_FUNCTIONS[args.name]
-    result = getattr(importlib.import_module(f"llava_gguf.{module}"), func)(run)
+    with run.lock():
+        run.remove_stale_partials()
+        result = step.entry_point()(run)
     log.info("%s: %s", args.name, result)
+    if getattr(result, "ok", True) is False:
+        log.error("step %s: checks failed: %s", args.name, getattr(result, "message", result))
+        return 1
     return 0
 
 
@@ -76,14 +72,14 @@ def _has(tool: str) -> bool:
 
 
 def _cmd_timings(args) -> int:
-    from .timings import timings_command
+    from .llama_cpp.timings import timings_command
 
     sys.stdout.write(timings_command(args.logfile) + "\n")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from . import report
+    from .reports import html as report
     from .pipeline import STEPS
 
     run = workspace.open_run(args.params)
@@ -94,9 +90,28 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.measure import run_bench
 
     run_bench(args.params)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .reports.compare import render_comparison
+
+    log.info("%s", render_comparison(args.run_dirs, args.out))
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .publish import PublishError, publish
+
+    try:
+        result = publish(workspace.open_run(args.params), upload=args.upload)
+    except PublishError as err:
+        log.error("%s", err)
+        return 1
+    log.info("%s", result)
     return 0
 
 
@@ -112,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("step", help="call one step's library function directly (no notebook)")
-    p.add_argument("name", choices=list(STEP_FUNCTIONS))
+    p.add_argument("name", help=f"one of: {', '.join(registry.steps())}")
     p.add_argument("--params", default=None)
     p.set_defaults(func=_cmd_step)
 
@@ -138,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None)
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("compare", help="one HTML page comparing run folders (machines, variants, latency)")
+    p.add_argument("run_dirs", nargs="*", help="run folders (default: every run with metrics under outputs/)")
+    p.add_argument("--out", default=None, help="page to write (default: outputs/compare.html, or "
+                   "outputs/index.html over all runs)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("publish", help="write a run's model card (outputs/<run>/publish/) and optionally upload")
+    p.add_argument("--params", default=None)
+    p.add_argument("--upload", action="store_true", help="upload to params publish.repo (token from the environment)")
+    p.set_defaults(func=_cmd_publish)
+
     p = sub.add_parser("bench", help="conversion and inference benchmarks at the 7B scale")
     p.add_argument("--params", default="params/bench.yaml")
     p.set_defaults(func=_cmd_bench)
@@ -150,8 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .params import ParamsError
 
+    # SIGTERM (a service stop, a killed make) unwinds like Ctrl-C: kernels and tools are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
+    except KeyboardInterrupt as err:
+        log.error("interrupted: %s", err or "SIGINT")
+        return 130
+    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError,
+            KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:
+        log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2
+
+
+def _interrupt(signum, _frame):
+    from .pipeline import Interrupted
+
+    raise Interrupted(signal.Signals(signum).name)

@@ -111,7 +111,9 @@ def _fresh(path: Path, stamp: str) -> bool:
 
 def mmproj_nmse(run: Run, files: dict[tuple[str, str], Path], full: str) -> dict[str, float | None]:
     """Image-embedding NMSE of each non-f16 mmproj against the f16 one (llama-mtmd-debug dumps)."""
-    from . import toolchain, vision_check
+    from .checks import vision as vision_check
+    from .checks.numeric import nmse
+    from .llama_cpp import toolchain
 
     out: dict[str, float | None] = {}
     others = [t for (t, b) in files if t != "f16" and b == full]
@@ -126,5 +128,5 @@ def mmproj_nmse(run: Run, files: dict[tuple[str, str], Path], full: str) -> dict
     ref = vision_check.mtmd_embeddings(files[("f16", full)], "pattern", tool, work / "f16")
     for t in others:
         emb = vision_check.mtmd_embeddings(files[(t, full)], "pattern", tool, work / t)
-        out[t] = vision_check.nmse(emb, ref)
+        out[t] = nmse(emb, ref)
     return out

@@ -38,9 +38,10 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from .evaluate import EvaluationError, MtmdOptions, _safe, case_inputs, run_mtmd
+from .llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from .mmproj_variants import make_mmproj_files, mmproj_nmse
-from .workspace import Run, resolve
+from .steps.evaluate import _safe, case_inputs
+from .workspace import Run
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | Non
 def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple[dict[str, float | None], set[str]]:
     """(mean KLD per quant type from step 06's metrics, the types allowed by the budget)."""
     kld: dict[str, float | None] = {q: None for q in quant_types}
-    folder = resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
     table = folder / "variants.csv"
     if table.exists():
         df = pd.read_csv(table)
@@ -367,7 +368,7 @@ def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], type
     """Greedy answers of every budget x mmproj type on evaluate.cases, vs (reference budget, f16)."""
     from tqdm.auto import tqdm
 
-    from . import quality
+    from .checks import quality
 
     rows = []
     jobs = [(b, t, i, img, pr) for b in budgets for t in types for i, (img, pr) in enumerate(case_inputs(run))]
@@ -381,8 +382,9 @@ def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], type
 
 def run_tune(run: Run) -> TuneResult:
     """Step 07: baseline, screening, confirmation, quality, choice; writes tune/ and run-llava*.sh."""
-    from . import toolchain, tune_report
-    from .evaluation_report import variants_for_run
+    from . import tune_report
+    from .llama_cpp import toolchain
+    from .steps.evaluate import variants_for_run
 
     p, e = run.params.tune, run.params.evaluate
     started = time.monotonic()

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import plots
+from .reports import plots
 from .workspace import Run, atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _clean(value: Any) -> Any:
 
 def tool_flags(cfg, ctx_size: int | None) -> list[str]:
     """The flags of a configuration as llama-mtmd-cli / llama-server take them (defaults left out)."""
-    from .evaluate import MTMD_FLAGS
+    from .llama_cpp.mtmd import MTMD_FLAGS
     from .tune import SEED_TEMPLATE
 
     update = {**cfg.evaluate_update(), "ctx_size": ctx_size, "chat_template": SEED_TEMPLATE}
@@ -90,8 +90,8 @@ def _write_script(path: Path, body: str) -> Path:
 def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cli: Path,
                   mmproj: dict, text: dict, image: Path, prompt: str) -> dict:
     """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`."""
-    from . import toolchain
-    from .evaluation_report import write_table
+    from .llama_cpp import toolchain
+    from .steps.evaluate import write_table
     from .tune import _cfg
 
     folder = run.sub("tune")
@@ -135,11 +135,16 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
                        + yaml.safe_dump({"evaluate": {**keys, "chat_template": "vicuna"}}, sort_keys=False))
     notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
+    main = budgets[full]
+    # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
     info = _clean({
-        "run": run.params.run, "machine": {"host": platform.node(), "cores": os.cpu_count()},
-        "llama_cpp": toolchain.tool_version(cli), "image": str(image), "prompt": prompt, "n_predict": e.n_predict,
-        "repetitions": run.params.tune.repetitions,
-        "rule": "A is faster than B only when A's slowest run beats B's fastest (min-max ranges do not overlap)",
+        "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
+        "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
+        "setup": {"machine": {"host": platform.node(), "cores": os.cpu_count()},
+                  "llama_cpp": toolchain.tool_version(cli), "image": str(image), "prompt": prompt,
+                  "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
+                  "rule": "A is faster than B only when A's slowest run beats B's fastest "
+                          "(min-max ranges do not overlap)"},
         "baseline": {"config": base.label, "command_flags": tool_flags(base, e.ctx_size), **{
             k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
                                          "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
@@ -248,7 +253,8 @@ def headline_html(run: Run) -> str | None:
               for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
     if others:
         parts.append("; smaller image budgets: " + ", ".join(others))
-    parts.append(f" — {info.get('n_predict')} tokens, median of {info.get('repetitions')} runs "
+    setup = info.get("setup") or {}
+    parts.append(f" — {setup.get('n_predict')} tokens, median of {setup.get('repetitions')} runs "
                  "(<a href='../run-llava.sh'>run-llava.sh</a>)")
     if info.get("notes"):
         parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")

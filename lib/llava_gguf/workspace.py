@@ -2,22 +2,28 @@
 
 A run folder `outputs/<run>/` holds everything one params file produced: executed notebooks,
 HTML reports, logs, plots, metrics, the GGUF files and `artifacts.json` (product name -> path,
-relative to the repo root when inside it). Files are written under a temporary name and renamed,
+relative to the run folder when inside it, absolute otherwise, so a run folder copied from another
+machine still resolves). Files are written under a temporary name and renamed,
 so an interrupted step never leaves a complete-looking product behind.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .params import DEFAULT_PARAMS, Params, load_params
+from .params import DEFAULT_PARAMS, Params, load_params, parse_params
+from .registry import producer, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +32,6 @@ CACHE_ENV = "LLAVA_GGUF_CACHE"
 OUTPUTS_ENV = "LLAVA_GGUF_OUTPUTS"
 
 
-def repo_root() -> Path:
-    """The project checkout: LLAVA_GGUF_ROOT, else the folder above lib/ (the package is editable)."""
-    env = os.environ.get("LLAVA_GGUF_ROOT")
-    if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[2]
 
 
 def outputs_dir() -> Path:
@@ -49,7 +49,9 @@ def cache_dir() -> Path:
 
 
 def rel_to_root(path: Path | str) -> str:
-    path = Path(path).resolve()
+    # abspath, not resolve(): a symlinked outputs folder (a bigger disk) must keep its spelling,
+    # or a recorded path would not compare equal to the one the step holds.
+    path = Path(os.path.abspath(path))
     try:
         return str(path.relative_to(repo_root()))
     except ValueError:
@@ -57,7 +59,7 @@ def rel_to_root(path: Path | str) -> str:
 
 
 def resolve(path: Path | str) -> Path:
-    """Paths in params and artifacts are absolute or relative to the repo root."""
+    """Paths in params are absolute or relative to the repo root (artifacts: `Run.resolve`)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
 
@@ -103,7 +105,6 @@ class Run:
     """One params file's run: its folder layout and its artifacts.json."""
 
     params: Params
-    root: Path
 
     @property
     def dir(self) -> Path:
@@ -126,12 +127,12 @@ class Run:
     def artifacts(self) -> dict[str, Any]:
         if not self.artifacts_file.exists():
             return {}
-        return json.loads(self.artifacts_file.read_text())
+        return self.read_json(self.artifacts_file)
 
     def record(self, name: str, value: Any) -> None:
         """Record a product (a path, a mapping of paths, or plain data) in artifacts.json."""
         data = self.artifacts()
-        data[name] = _relativize(value)
+        data[name] = _relativize(value, self.dir)
         write_json(self.artifacts_file, data)
         log.info("artifact %s -> %s", name, data[name])
 
@@ -145,37 +146,116 @@ class Run:
         if name not in data:
             raise FileNotFoundError(
                 f"{self.artifacts_file}: no '{name}' recorded yet; run the step that makes it "
-                f"(e.g. `make {_PRODUCER.get(name, 'all')} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
+                f"(e.g. `make {producer(name)} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
         return data[name]
 
+    def resolve(self, path: Path | str) -> Path:
+        """A path read from artifacts.json: absolute, or relative to the run folder."""
+        return resolve_in_run(self.dir, path)
+
     def artifact_path(self, name: str) -> Path:
-        path = resolve(self.artifact(name))
+        path = self.resolve(self.artifact(name))
         if not path.exists():
             raise FileNotFoundError(f"artifact '{name}' points at {path}, which does not exist; "
-                                    f"rerun `make {_PRODUCER.get(name, 'all')} FORCE=1`")
+                                    f"rerun `make {producer(name)} FORCE=1`")
         return path
 
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise RunStateError(f"{path}: unreadable ({err}); delete it and rerun with FORCE=1") from None
 
-_PRODUCER = {"checkpoint": "download", "surgery": "surgery", "mmproj": "vision", "text_gguf": "text",
-             "quantized": "quantize", "metrics": "evaluate", "llama_cpp": "all",
-             "tune": "tune"}
+    # one pipeline per run at a time ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold outputs/<run>/.lock (flock: released by the kernel when the holder dies)."""
+        path = self.dir / ".lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunBusy(f"run '{self.params.run}' ({self.dir}) is in use by {holder}; "
+                              "wait for it to finish or stop it, then rerun") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                    f" ({' '.join(sys.argv[:4])})\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+
+    def remove_stale_partials(self) -> list[Path]:
+        """Delete what interrupted writers left (`.<name>.XXXX.partial`); call it holding lock()."""
+        stale = [p for p in self.dir.rglob(".*.partial") if p.is_file()]
+        for p in stale:
+            log.info("removing %s, left half-written by an interrupted run", p)
+            p.unlink(missing_ok=True)
+        return stale
 
 
-def _relativize(value: Any) -> Any:
+class RunBusy(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+class RunStateError(RuntimeError):
+    """A file of the run folder (artifacts.json, steps.json) cannot be read."""
+
+
+def rel_to_run(path: Path | str, run_dir: Path | str) -> str:
+    """`path` relative to the run folder when inside it (the folder can then move), else absolute."""
+    # abspath, not resolve(): a symlinked outputs folder (a bigger disk) keeps its spelling, so a
+    # recorded path compares equal to the one the step holds.
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(os.path.abspath(run_dir)))
+    except ValueError:
+        return str(path)
+
+
+def resolve_in_run(run_dir: Path | str, path: Path | str) -> Path:
+    """A recorded path: absolute, or relative to the run folder.
+
+    Runs recorded before paths were run-relative hold repo-root-relative ones
+    (`outputs/<run>/...`); those are still found when they exist under the repo root.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    inside = Path(run_dir) / path
+    if not inside.exists() and (repo_root() / path).exists():
+        return repo_root() / path
+    return inside
+
+
+def _relativize(value: Any, run_dir: Path) -> Any:
     if isinstance(value, Path):
-        return rel_to_root(value)
+        return rel_to_run(value, run_dir)
     if isinstance(value, dict):
-        return {k: _relativize(v) for k, v in value.items()}
+        return {k: _relativize(v, run_dir) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_relativize(v) for v in value]
+        return [_relativize(v, run_dir) for v in value]
     return value
 
 
-def open_run(params_file: str | Path | None = None) -> Run:
-    """The run for a params file: the argument, else $LLAVA_GGUF_PARAMS, else params/default.yaml."""
+def open_run(params_file: str | Path | None = None, params: dict | None = None) -> Run:
+    """The run for a params file: the argument, else $LLAVA_GGUF_PARAMS, else params/default.yaml.
+
+    `params`: the resolved values papermill injects into an executed notebook; when given they are
+    what the run uses (validated again), so the executed notebook shows exactly what it ran with."""
     chosen = params_file or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS
-    params = load_params(resolve(chosen))
-    run = Run(params=params, root=repo_root())
+    if params is not None:
+        loaded = parse_params(params, f"{chosen} (as injected)")
+        loaded._source_file = resolve(chosen).resolve()
+    else:
+        loaded = load_params(resolve(chosen))
+    run = Run(params=loaded)
     run.dir.mkdir(parents=True, exist_ok=True)
     return run
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint
-from .gguf_io import GGUFError, open_gguf
-from .workspace import Run, resolve, sha256_file
+from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint
+from ..gguf_io import quant_type_of
+from ..workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def _fail_on(table: pd.DataFrame, folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- sources
 def _tiny(run: Run) -> Path:
-    from .tiny import make_tiny
+    from ..tiny import make_tiny
 
     t = run.params.model.tiny
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
@@ -158,18 +157,6 @@ def _gguf_products(folder: Path, run: Run) -> dict:
         if not f.is_file():
             raise DownloadError(f"{f}: not found (params key {key} in {run.params_file})")
     return {"mmproj": mmproj, "quantized": {quant_type_of(text): text}}
-
-
-def quant_type_of(path: Path) -> str:
-    """The quant type of a GGUF, from its file_type metadata, else from its file name."""
-    try:
-        ftype = open_gguf(path).file_type
-        if ftype:
-            return ftype
-    except GGUFError as err:  # a partial or foreign file: fall back to the name
-        log.debug("no file_type in %s: %s", path, err)
-    m = re.search(r"(I?Q\d_[A-Z0-9_]+|F16|BF16|F32)", path.stem.upper())
-    return m.group(1) if m else path.stem
 
 
 def run_download(run: Run) -> DownloadResult:
