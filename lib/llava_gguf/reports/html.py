@@ -41,7 +41,9 @@ def _summary(run: Run) -> str:
 def _tune_headline(run: Run) -> str:
     """Step 07's "on this machine: answer in X s ..." line, when it has run."""
     try:
-        return importlib.import_module("llava_gguf.tune_report").headline_html(run) or ""
+        from ..tune_report import headline_html
+
+        return headline_html(run) or ""
     except Exception as err:  # a broken headline must not hide the reports
         log.warning("tune headline failed: %s", err)
         return ""
