@@ -70,10 +70,6 @@ def place(name: str, layout: str) -> Placement:
     return Placement(name, "unknown", "")
 
 
-def place_all(names, layout: str) -> list[Placement]:
-    return [place(n, layout) for n in names]
-
-
 # ---------------------------------------------------------------------------- the split
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 # The canonical tensors each projector type must have (image_newline comes on top in LLaVA 1.6).

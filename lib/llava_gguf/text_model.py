@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .layout import TEXT, SplitTensor
+from .params import TEXT_OUTTYPES
 from .manifest import parameter_count, source_folder, split_part
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType, str]] =
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16, "BF16"),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
 }
+
+assert set(OUTTYPES) == set(TEXT_OUTTYPES), "params.TEXT_OUTTYPES and text_model.OUTTYPES must list the same types"
 
 # Canonical (Hugging Face Llama) name -> llama.cpp name, the rotary permutation it needs (the
 # hyper-parameter giving its head count) and its expected shape in hyper-parameter names.

@@ -37,7 +37,8 @@ OUTPUTS_ENV = "LLAVA_GGUF_OUTPUTS"
 def outputs_dir() -> Path:
     """Where run folders go: $LLAVA_GGUF_OUTPUTS (tests use a temp folder), else outputs/."""
     env = os.environ.get(OUTPUTS_ENV)
-    return Path(env).resolve() if env else repo_root() / "outputs"
+    # abspath, not resolve(): outputs (or a run folder in it) may be a symlink to a bigger disk.
+    return Path(os.path.abspath(Path(env).expanduser())) if env else repo_root() / "outputs"
 
 
 def cache_dir() -> Path:

@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from ..llama_cpp import corpus, toolchain
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
+from ..params import TEXT_OUTTYPES
 from ..workspace import Run, atomic_path, resolve
 
 log = logging.getLogger(__name__)
 
 # Suffixes that name the float type of an unquantized export; dropped before adding the quant type.
-_FLOAT_SUFFIX = re.compile(r"[-_.](f16|bf16|f32|q8_0)$", re.I)
+_FLOAT_SUFFIX = re.compile(rf"[-_.]({'|'.join(TEXT_OUTTYPES)})$", re.I)
 
 
 @dataclass

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from ..gguf_io import metadata_table, read_gguf, tensor_table
 from ..layout import PROJECTOR, VISION
 from ..checks import vision as vision_check
+from ..params import MMPROJ_OUTTYPES
 from ..manifest import load_manifest, open_checked, part_tensors
 from ..workspace import Run, atomic_path
 
@@ -75,7 +76,7 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
               "mm_patch_merge_type", "mm_projector_type")
-OUTTYPES = ("f16", "f32")
+OUTTYPES = MMPROJ_OUTTYPES
 FILE_TYPES = {"f32": 0, "f16": 1}  # general.file_type as the script writes it (its ftype)
 
 # Canonical name (see layout.py) -> GGUF name, in the order the script writes them; None: dropped.
