@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import mmproj_variants, tune, tune_report
+from llava_gguf import mmproj_variants, tune, tune_config, tune_report
 from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.params import EvaluateParams, TuneParams
@@ -26,28 +26,28 @@ RECORDED = {
 
 # ----------------------------------------------------------------------------- statistics
 def test_compare_needs_disjoint_ranges():
-    assert tune.compare(RECORDED["t2-fa-on"], RECORDED["seed"]) == "faster"
-    assert tune.compare(RECORDED["seed"], RECORDED["t2-fa-on"]) == "slower"
+    assert tune_config.compare(RECORDED["t2-fa-on"], RECORDED["seed"]) == "faster"
+    assert tune_config.compare(RECORDED["seed"], RECORDED["t2-fa-on"]) == "slower"
     # Medians differ (3.05 vs 3.10) but the ranges overlap: no claim either way.
-    assert tune.compare(RECORDED["seed"], RECORDED["t1"]) == tune.compare(RECORDED["t1"], RECORDED["seed"]) == "same"
+    assert tune_config.compare(RECORDED["seed"], RECORDED["t1"]) == tune_config.compare(RECORDED["t1"], RECORDED["seed"]) == "same"
     # One slow outlier (1.41 s) still below the other's fastest run: faster.
-    assert tune.compare(RECORDED["single"], RECORDED["t2-fa-on"]) == "faster"
-    assert tune.compare([], RECORDED["seed"]) == "same"
+    assert tune_config.compare(RECORDED["single"], RECORDED["t2-fa-on"]) == "faster"
+    assert tune_config.compare([], RECORDED["seed"]) == "same"
 
 
 def test_spread_of_recorded_runs():
-    s = tune.spread(RECORDED["seed"])
+    s = tune_config.spread(RECORDED["seed"])
     assert s["median"] == 3.05 and s["min"] == 2.91 and s["max"] == 3.40 and s["n"] == 3
     assert s["rel_range"] == pytest.approx((3.40 - 2.91) / 3.05)
-    assert tune.spread([None, float("nan")])["median"] is None
+    assert tune_config.spread([None, float("nan")])["median"] is None
 
 
 def test_answer_seconds_normalises_to_n_predict():
     row = {"ttft_ms": 1500.0, "eval_ms_per_token": 100.0}
-    assert tune.answer_seconds(row, 11) == pytest.approx(2.5)
+    assert tune_config.answer_seconds(row, 11) == pytest.approx(2.5)
     # An early end-of-generation does not make a run look faster: per-token time x the full length.
-    assert tune.answer_seconds({"ttft_ms": 1500.0, "eval_ms_per_token": None, "itl_median_ms": 100.0}, 11) == 2.5
-    assert tune.answer_seconds({"ttft_ms": None}, 11) is None
+    assert tune_config.answer_seconds({"ttft_ms": 1500.0, "eval_ms_per_token": None, "itl_median_ms": 100.0}, 11) == 2.5
+    assert tune_config.answer_seconds({"ttft_ms": None}, 11) is None
 
 
 def test_pareto_front():
@@ -56,21 +56,21 @@ def test_pareto_front():
 
 
 def test_default_threads_and_runtime_grid():
-    assert tune.default_threads(2) == [1, 2]
-    assert tune.default_threads(16) == [1, 2, 4, 8, 16]
-    assert tune.default_threads(12) == [1, 2, 4, 8, 12]
-    grid, skipped = tune.runtime_grid(tune.Config("Q4_0"), ["on", "off"], ["f16", "q8_0"], [None])
+    assert tune_config.default_threads(2) == [1, 2]
+    assert tune_config.default_threads(16) == [1, 2, 4, 8, 16]
+    assert tune_config.default_threads(12) == [1, 2, 4, 8, 12]
+    grid, skipped = tune_config.runtime_grid(tune_config.Config("Q4_0"), ["on", "off"], ["f16", "q8_0"], [None])
     assert {(c.flash_attn, c.cache_type) for c in grid} == {("on", "f16"), ("on", "q8_0"), ("off", "f16")}
     assert [(c.flash_attn, c.cache_type) for c, _ in skipped] == [("off", "q8_0")]
 
 
 def test_baseline_is_the_seed_command():
-    assert tune.baseline_config(["Q8_0", "Q5_K_M", "Q4_K_M"]) == tune.Config("Q5_K_M")
-    assert tune.baseline_config(["Q8_0", "Q4_K_M"]).quant == "Q8_0"
-    assert tune.Config("Q5_K_M").evaluate_update() == dict.fromkeys(
+    assert tune_config.baseline_config(["Q8_0", "Q5_K_M", "Q4_K_M"]) == tune_config.Config("Q5_K_M")
+    assert tune_config.baseline_config(["Q8_0", "Q4_K_M"]).quant == "Q8_0"
+    assert tune_config.Config("Q5_K_M").evaluate_update() == dict.fromkeys(
         ["threads", "threads_batch", "flash_attn", "cache_type_k", "cache_type_v", "ubatch_size"])
-    with pytest.raises(tune.TuneError):
-        tune.baseline_config([])
+    with pytest.raises(tune_config.TuneError):
+        tune_config.baseline_config([])
 
 
 # ----------------------------------------------------------------------------- the search (simulated tool)
@@ -120,7 +120,7 @@ def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
     p = TuneParams(threads=[1, 2], ubatch_size=[None])
-    base = tune.Config("Q5_K_M")
+    base = tune_config.Config("Q5_K_M")
     types = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"]
     per_budget, skipped = tune.screen(m, base, p, types, allowed=set(types) - {"Q8_0"}, n_predict=4,
                                       deadline=float("inf"))
@@ -132,7 +132,7 @@ def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
     assert [r["quant"] for r in failed] == ["Q4_0"] and "invalid argument" in failed[0]["error"]
     assert sum(1 for c in calls if c[0] == "Q4_0.gguf") == 1
     n_calls = len(calls)
-    assert m.measure(tune._cfg(failed[0]), "again", 4) is None and len(calls) == n_calls
+    assert m.measure(tune_config.config_from_row(failed[0]), "again", 4) is None and len(calls) == n_calls
     # Q8_0 is over the KLD budget: never run, listed as skipped with why.
     assert not any(c[0] == "Q8_0.gguf" for c in calls)
     whys = {s["why"] for s in skipped}
@@ -143,7 +143,7 @@ def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
 def test_search_respects_the_time_budget(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
-    per_budget, skipped = tune.screen(m, tune.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M"], {"Q5_K_M"},
+    per_budget, skipped = tune.screen(m, tune_config.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M"], {"Q5_K_M"},
                                       n_predict=4, deadline=0.0)
     assert calls == [] and per_budget == {b: [] for b in TuneParams().image_budgets}
     over = [s for s in skipped if "budget_minutes" in s["why"]]
@@ -153,8 +153,8 @@ def test_search_respects_the_time_budget(tmp_path):
 def test_confirm_and_choose_apply_the_rule(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
-    base, fast, bad = tune.Config("Q5_K_M"), tune.Config("Q4_K_M", threads=2, flash_attn="on"), \
-        tune.Config("Q5_K_M", extra_args=("--bogus",))
+    base, fast, bad = tune_config.Config("Q5_K_M"), tune_config.Config("Q4_K_M", threads=2, flash_attn="on"), \
+        tune_config.Config("Q5_K_M", extra_args=("--bogus",))
     confirmed = tune.confirm(m, [base, fast, bad], repetitions=3, n_predict=8)
     ok = confirmed.set_index("config")
     assert ok.loc[base.label, "runs"] == 3 and ok.loc[bad.label, "status"] == "failed"
@@ -169,10 +169,10 @@ def test_choose_prefers_the_precise_one_within_the_spread():
 
     def row(cfg, runs):
         return {"config": cfg.label, **cfg.__dict__, "status": "ok", "answer_s": sorted(runs)[1], "answer_s_all": runs}
-    base = tune.Config("Q5_K_M")
-    q8 = tune.Config("Q5_K_M", mmproj="q8_0", budget="single", threads=1)
-    f16 = tune.Config("Q5_K_M", budget="single", threads=1)
-    q4 = tune.Config("Q4_K_M", budget="single", threads=1)
+    base = tune_config.Config("Q5_K_M")
+    q8 = tune_config.Config("Q5_K_M", mmproj="q8_0", budget="single", threads=1)
+    f16 = tune_config.Config("Q5_K_M", budget="single", threads=1)
+    q4 = tune_config.Config("Q4_K_M", budget="single", threads=1)
     # Recorded confirmation runs of the tiny model (single budget): q8_0's median is lower, the ranges overlap.
     confirmed = pd.DataFrame([row(base, RECORDED["seed"]), row(q8, [0.50, 0.53, 0.79]), row(f16, [0.55, 0.55, 0.57]),
                               row(q4, [0.40, 0.42, 0.44])])
@@ -189,7 +189,7 @@ def test_script_overrides_and_default_image(tmp_path):
     echo = tmp_path / "llama-mtmd-cli"
     echo.write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n")
     echo.chmod(0o755)
-    cfg = tune.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
+    cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
     flags = tune_report.tool_flags(cfg, 4096)
     assert flags == ["-c", "4096", "-t", "2", "-tb", "2", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
                      "--chat-template", "vicuna"]
@@ -316,9 +316,9 @@ def test_tune_step_end_to_end(write_params, llama_tool):
 def test_config_survives_a_table_round_trip():
     import pandas as pd
 
-    cfgs = [tune.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune.Config("Q5_K_M")]
+    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M")]
     rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
-    assert [tune._cfg(r) for r in rows] == cfgs and tune._cfg(rows[0]).label.endswith("t 2, fa on, ub 256")
+    assert [tune_config.config_from_row(r) for r in rows] == cfgs and tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
 
 
 @pytest.mark.llama_cpp
@@ -329,28 +329,28 @@ def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool,
     cli = llama_tool("llama-mtmd-cli")
     m = tune.Measurer(cli, {"F16": tiny_mmproj["text"]}, {("f16", "full"): tiny_mmproj["mmproj"]},
                       toolchain.source_asset(DEFAULT_IMAGE), "Hi", MtmdOptions(EvaluateParams(threads=2)), tmp_path)
-    bad = tune.Config("F16", extra_args=("--flash-attn-v2",))  # an option of no llama.cpp build
+    bad = tune_config.Config("F16", extra_args=("--flash-attn-v2",))  # an option of no llama.cpp build
     assert m.measure(bad, "screen", 2) is None
     row = m.rows[-1]
     assert row["status"] == "failed" and "--flash-attn-v2" in row["error"] and Path(row["log"]).exists()
-    good = m.measure(tune.Config("F16", threads=2), "screen", 2)
+    good = m.measure(tune_config.Config("F16", threads=2), "screen", 2)
     assert good["status"] == "ok" and good["answer_s"] > 0 and good["image_tokens"]
 
 
 def test_screening_ranks_by_the_projected_full_answer(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
-    short = m.measure(tune.Config("Q5_K_M"), "screen", 4)
-    projected = m.measure(tune.Config("Q5_K_M", threads=1), "screen", 4, answer_tokens=135)
+    short = m.measure(tune_config.Config("Q5_K_M"), "screen", 4)
+    projected = m.measure(tune_config.Config("Q5_K_M", threads=1), "screen", 4, answer_tokens=135)
     assert calls[-1][-1] == 4  # the run itself is short
-    assert projected["answer_s"] == pytest.approx(tune.answer_seconds(projected, 135))
+    assert projected["answer_s"] == pytest.approx(tune_config.answer_seconds(projected, 135))
     assert projected["answer_s"] - short["answer_s"] > 0.110 * 130 * 0.9  # 131 more tokens at ~110 ms
 
 
 def test_params_snippet_keys_are_evaluate_keys():
     import yaml
 
-    cfg = tune.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
+    cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
     text = yaml.safe_dump({"evaluate": {**cfg.evaluate_update(), "chat_template": "vicuna"}})
     e = EvaluateParams(**yaml.safe_load(text)["evaluate"])  # 'on' stays a string, null is the tool's default
     assert (e.threads, e.threads_batch, e.flash_attn, e.cache_type_v, e.ubatch_size) == (2, 2, "on", "q8_0", None)

@@ -29,127 +29,23 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pandas as pd
 
 from .llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from .mmproj_variants import make_mmproj_files, mmproj_nmse
-from .steps.evaluate import _safe, case_inputs
+from .steps.evaluate import case_inputs
+from .tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
+                          config_from_row, default_threads, runtime_grid, spread)
 from .workspace import Run
 
 log = logging.getLogger(__name__)
-
-SEED_TYPE = "Q5_K_M"
-SEED_TEMPLATE = "vicuna"
-
-
-class TuneError(RuntimeError):
-    """The step cannot run (missing inputs, no configuration worked)."""
-
-
-# ----------------------------------------------------------------------------- configurations
-@dataclass(frozen=True)
-class Config:
-    """One llama-mtmd-cli configuration; None means the tool's default."""
-
-    quant: str
-    mmproj: str = "f16"
-    budget: str = "full"
-    threads: int | None = None
-    flash_attn: str | None = None
-    cache_type: str | None = None
-    ubatch_size: int | None = None
-    extra_args: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        parts = [self.quant, f"mmproj {self.mmproj}", f"budget {self.budget}"]
-        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("fa", self.flash_attn), ("kv", self.cache_type),
-                                          ("ub", self.ubatch_size)) if v is not None]
-        return ", ".join(parts + list(self.extra_args))
-
-    def evaluate_update(self) -> dict[str, Any]:
-        """The `evaluate` params keys this configuration sets (for MtmdOptions and the params snippet)."""
-        return {"threads": self.threads, "threads_batch": self.threads, "flash_attn": self.flash_attn,
-                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type, "ubatch_size": self.ubatch_size}
-
-
-def baseline_config(quant_types: Iterable[str]) -> Config:
-    """The seed's command: Q5_K_M when the run has it, f16 mmproj, full budget, tool defaults."""
-    types = list(quant_types)
-    if not types:
-        raise TuneError("no quantized text GGUF to tune (run `make quantize` first)")
-    return Config(quant=SEED_TYPE if SEED_TYPE in types else types[0])
-
-
-def default_threads(cores: int | None = None) -> list[int]:
-    """1 ... cores, powers of two above 8 (and the core count itself)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores)
-    if cores <= 8:
-        return list(range(1, cores + 1))
-    return sorted({*(2 ** i for i in range(int(math.log2(cores)) + 1)), cores})
-
-
-def runtime_grid(base: Config, flash_attn: list[str], cache_types: list[str],
-                 ubatch_sizes: list[int | None]) -> tuple[list[Config], list[tuple[Config, str]]]:
-    """Stage 3's candidates, and the pairs skipped without running (with why)."""
-    out, skipped = [], []
-    for fa in flash_attn:
-        for ct in cache_types:
-            for ub in ubatch_sizes:
-                cfg = replace(base, flash_attn=fa, cache_type=ct, ubatch_size=ub)
-                if fa == "off" and ct not in ("f16", "f32", "bf16"):
-                    skipped.append((cfg, "a quantized V cache needs flash attention"))
-                else:
-                    out.append(cfg)
-    return out, skipped
-
-
-# ----------------------------------------------------------------------------- statistics
-def spread(values: list[float]) -> dict[str, float | None]:
-    """Median, min, max and the relative range of repeated measurements."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"median": None, "min": None, "max": None, "rel_range": None, "n": 0}
-    med = statistics.median(vals)
-    return {"median": med, "min": min(vals), "max": max(vals),
-            "rel_range": (max(vals) - min(vals)) / med if med else None, "n": len(vals)}
-
-
-def compare(a: list[float], b: list[float]) -> str:
-    """'faster' when every run of A beat every run of B, 'slower' for the reverse, else 'same'.
-
-    The difference counts only beyond the spread: the two [min, max] ranges must not overlap.
-    """
-    a, b = [v for v in a if v is not None], [v for v in b if v is not None]
-    if not a or not b:
-        return "same"
-    if max(a) < min(b):
-        return "faster"
-    if max(b) < min(a):
-        return "slower"
-    return "same"
-
-
-def answer_seconds(row: dict[str, Any], n_predict: int) -> float | None:
-    """Start to a full-length answer: time to first token + (n_predict - 1) x generation time per token."""
-    ttft, per_token = row.get("ttft_ms"), row.get("eval_ms_per_token")
-    if ttft is None or not math.isfinite(ttft):
-        return None
-    if per_token is None or not math.isfinite(per_token):
-        per_token = row.get("itl_median_ms")
-    if per_token is None or not math.isfinite(per_token):
-        return None if n_predict > 1 else ttft / 1000.0
-    return (ttft + per_token * max(n_predict - 1, 0)) / 1000.0
-
 
 # ----------------------------------------------------------------------------- measuring
 @dataclass
@@ -182,7 +78,9 @@ class Measurer:
         if cfg in self.failed:
             return None
         n = len(self.rows)
-        log_path = self.logs / f"{n:03d}-{_safe(phase)}-{_safe(cfg.label.replace(', ', '_').replace(' ', '-'))}.log"
+        # e.g. 012-screen-runtime-Q4_K_M_mmproj-f16_budget-full_t-2_fa-on.log
+        name = f"{n:03d}-{phase}-{cfg.label.replace(', ', '_').replace(' ', '-')}"
+        log_path = self.logs / (re.sub(r"[^\w.+-]", "_", name.replace(" ", "-")) + ".log")
         row: dict[str, Any] = {"phase": phase, "config": cfg.label, "rep": rep, "case": case, **asdict(cfg),
                                "n_predict": n_predict}
         try:
@@ -227,17 +125,6 @@ def _best(rows: list[dict | None]) -> dict | None:
     return min(ok, key=lambda r: r["answer_s"]) if ok else None
 
 
-def _cfg(row: dict) -> Config:
-    """The Config of a table row (pandas turns None into NaN and ints into floats in mixed columns)."""
-    def clean(key: str, value: Any) -> Any:
-        if key == "extra_args":
-            return tuple(value) if isinstance(value, (list, tuple)) else ()
-        if isinstance(value, float):
-            return None if math.isnan(value) else int(value)
-        return value
-    return Config(**{k: clean(k, v) for k, v in row.items() if k in Config.__dataclass_fields__})
-
-
 def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
            n_predict: int, deadline: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
     """The staged screening; returns (best screened rows per budget, skipped configurations)."""
@@ -265,18 +152,18 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
 
     threads = p.threads or default_threads()
     best = _best(stage("threads", [replace(base, threads=t) for t in threads])) or {}
-    cur = _cfg(best) if best else base
+    cur = config_from_row(best) if best else base
     within = [q for q in quant_types if q in allowed]
     skipped += [{"config": replace(cur, quant=q).label, "why": "KL divergence over tune.kld_budget"}
                 for q in quant_types if q not in allowed]
     rows = stage("quant types", [replace(cur, quant=q) for q in within if q != cur.quant]) + ([best] if best else [])
     best = _best([r for r in rows if r["quant"] in allowed]) or best
-    cur = _cfg(best) if best else cur
+    cur = config_from_row(best) if best else cur
     grid, pruned = runtime_grid(cur, p.flash_attn, p.cache_type, p.ubatch_size)
     skipped += [{"config": c.label, "why": why} for c, why in pruned]
     rows = stage("runtime", [c for c in grid if c != cur]) + ([best] if best else [])
     best = _best(rows) or best
-    cur = _cfg(best) if best else cur
+    cur = config_from_row(best) if best else cur
     per_budget: dict[str, list[dict]] = {}
     configs = [replace(cur, mmproj=t, budget=b) for b in p.image_budgets for t in p.mmproj_types]
     for row in stage("mmproj x budget", [c for c in configs if c != cur]) + ([best] if best else []):
@@ -414,7 +301,7 @@ def run_tune(run: Run) -> TuneResult:
         raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
     deadline = started + 60.0 * p.budget_minutes
     per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline, e.n_predict)
-    finalists = [base] + [_cfg(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
+    finalists = [base] + [config_from_row(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
     finalists = list(dict.fromkeys(finalists))
     screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
     log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
@@ -424,7 +311,7 @@ def run_tune(run: Run) -> TuneResult:
     if full not in chosen:
         raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
     main = chosen[full]
-    agreement = (agreement_runs(m, run, _cfg(main), list(p.image_budgets), mm_types, e.n_predict, full)
+    agreement = (agreement_runs(m, run, config_from_row(main), list(p.image_budgets), mm_types, e.n_predict, full)
                  if p.agreement else pd.DataFrame())
     quality = {"kld": kld, "kld_budget": kld_budget, "allowed": sorted(allowed),
                "mmproj_nmse": mmproj_nmse(run, mmproj, full),

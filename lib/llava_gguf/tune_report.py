@@ -47,7 +47,7 @@ def _clean(value: Any) -> Any:
 def tool_flags(cfg, ctx_size: int | None) -> list[str]:
     """The flags of a configuration as llama-mtmd-cli / llama-server take them (defaults left out)."""
     from .llama_cpp.mtmd import MTMD_FLAGS
-    from .tune import SEED_TEMPLATE
+    from .tune_config import SEED_TEMPLATE
 
     update = {**cfg.evaluate_update(), "ctx_size": ctx_size, "chat_template": SEED_TEMPLATE}
     out: list[str] = []
@@ -92,7 +92,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`."""
     from .llama_cpp import toolchain
     from .steps.evaluate import write_table
-    from .tune import _cfg
+    from .tune_config import config_from_row
 
     folder = run.sub("tune")
     confirmed = result.confirmed
@@ -101,7 +101,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     e = run.params.evaluate
     budgets: dict[str, dict] = {}
     for name, row in chosen.items():
-        cfg = _cfg(row)
+        cfg = config_from_row(row)
         flags = tool_flags(cfg, e.ctx_size)
         speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
         header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
@@ -125,7 +125,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
             "stages": {k: row.get(k) for k in ("load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms",
                                                "prompt_tokens_per_s", "eval_ms_per_token")}})
     snippet = folder / "params-snippet.yaml"
-    main_cfg = _cfg(chosen[full])
+    main_cfg = config_from_row(chosen[full])
     # Every key, null ones included: null is the tool's default, which a params file's value would override.
     keys = main_cfg.evaluate_update()
     with atomic_path(snippet, suffix=".yaml") as tmp:
