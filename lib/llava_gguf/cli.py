@@ -46,7 +46,8 @@ def _cmd_step(args) -> int:
 def _cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant)
+    make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant,
+              layout=args.layout)
     return 0
 
 
@@ -80,10 +81,9 @@ def _cmd_timings(args) -> int:
 
 def _cmd_report(args) -> int:
     from .reports import html as report
-    from .pipeline import STEPS
 
     run = workspace.open_run(args.params)
-    for step in STEPS.values():
+    for step in registry.steps().values():
         report.render_notebook(run.dir / "notebooks" / step.notebook, run)
     log.info("%s", report.render_index(run))
     return 0
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", choices=["1.6", "1.5"], default="1.6")
+    p.add_argument("--layout", choices=["llava", "hf"], default="llava",
+                   help="llava: as liuhaotian/llava-v1.6-vicuna-7b; hf: as llava-hf/llava-v1.6-vicuna-7b-hf")
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("build-llama-cpp", help="build the pinned, patched llama.cpp tools into the cache")

@@ -39,6 +39,7 @@ class TinyModel(_Strict):
     format: Literal["safetensors", "bin"] = "safetensors"
     shards: int = Field(2, ge=1)
     seed: int = 0
+    layout: Literal["llava", "hf"] = "llava"  # hf: laid out as llava-hf/llava-v1.6-vicuna-7b-hf
 
 
 class ModelParams(_Strict):

@@ -141,11 +141,12 @@ def _tiny(run: Run) -> Path:
     from ..tiny import make_tiny
 
     t = run.params.model.tiny
-    folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
+    hf = "-hf" if t.layout == "hf" else ""
+    folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}{hf}"
     if (folder / "config.json").exists():
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
-    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
 
 
 def _gguf_products(folder: Path, run: Run) -> dict:

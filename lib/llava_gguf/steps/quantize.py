@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..llama_cpp import corpus, toolchain
+from ..reports import tables
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..params import TEXT_OUTTYPES
 from ..workspace import Run, atomic_path, resolve
@@ -43,7 +44,7 @@ class QuantizeResult:
     reused: list[str] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
-        return self.files
+        return tables.rounded(self.files)  # for display; `files` keeps full precision
 
     def __str__(self) -> str:
         return (f"QuantizeResult({', '.join(f'{k}: {Path(v).name}' for k, v in self.quantized.items())}; "

@@ -55,6 +55,7 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
 from tqdm.auto import tqdm
 
 from ..gguf_io import metadata_table, read_gguf, tensor_table
+from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
 from ..checks import vision as vision_check
 from ..params import MMPROJ_OUTTYPES
@@ -137,15 +138,18 @@ class VisionResult:
     config: dict = field(default_factory=dict)  # the derived config_vit.json
     plan: list = field(default_factory=list, repr=False)  # the MmprojTensor list written
     check: "vision_check.VisionReport | None" = field(default=None, repr=False)  # convert.verify
+    hf_check: "HFCheck | None" = field(default=None, repr=False)  # llava-hf: transformers' LlavaNext
 
     @property
     def ok(self) -> bool:
         """The export is sound: the check passed, or disagreed only by a known llama.cpp defect."""
-        return self.check is None or self.check.export_ok
+        return (self.check is None or self.check.export_ok) and (self.hf_check is None or
+                                                                  self.hf_check.status != "failed")
 
     @property
     def message(self) -> str:
-        return self.check.message if self.check is not None else "not verified"
+        hf = f"\n{self.hf_check.message}" if self.hf_check is not None and self.hf_check.status != "skipped" else ""
+        return (self.check.message if self.check is not None else "not verified") + hf
 
     @property
     def size_mib(self) -> float:
@@ -329,7 +333,13 @@ def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Mmproj
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
     where = str(Path(manifest["source"]) / "config.json")
     tensors = {**part_tensors(manifest, VISION), **part_tensors(manifest, PROJECTOR)}
-    vcfg = vision_config(manifest["config"], tensors, where)
+    if manifest.get("layout") == "llava-hf":  # nested config.json: see hf_layout
+        from ..hf_layout import apply_vision_config, llava_config
+
+        vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where),
+                                   manifest["config"], where)
+    else:
+        vcfg = vision_config(manifest["config"], tensors, where)
     proj_in = tuple(tensors["mm_projector.0.weight"]["shape"])[1]
     if proj_in != vcfg["hidden_size"]:
         raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
@@ -370,6 +380,7 @@ def run_vision(run: Run) -> VisionResult:
     result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype)
     run.record("mmproj", result.path)
     result.check = vision_check.verify_run(run)
+    result.hf_check = verify_hf(run, "vision")  # skipped unless the checkpoint is in the llava-hf layout
     return result
 
 
