@@ -23,6 +23,7 @@ from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, Anyr
                              anyres_config, anyres_layout, flat_token_count, llava_image_token_count,
                              reference_sequence)
 from ..llama_cpp import toolchain
+from ..vision_config import params_vision_config
 from ..workspace import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def sample_images(out_dir: Path) -> dict[str, Path]:
 
 def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, images: dict[str, Path],
                          tool: Path | None = None, workdir: Path | None = None, threads: int | None = None,
-                         tolerance: float = NMSE_TOL) -> list[SequenceCheck]:
+                         tolerance: float = NMSE_TOL, vision_config_file: Path | None = None) -> list[SequenceCheck]:
     """The whole-image check of one mmproj on several image files, outside any run."""
     try:
         tool = tool or toolchain.find_tool(TOOL)
@@ -183,7 +184,7 @@ def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, imag
         return [SequenceCheck("skipped", f"image sequence check skipped, not passed: {err}", name)
                 for name in images]
     out = []
-    with ReferenceModel(checkpoint) as ref:
+    with ReferenceModel(checkpoint, vision_config_file) as ref:
         pinpoints, merge = anyres_config(ref.ckpt.config)
         if not pinpoints or merge != "spatial_unpad":
             msg = (f"image sequence check skipped: not a LLaVA 1.6 checkpoint (mm_patch_merge_type {merge!r}, "
@@ -258,7 +259,8 @@ def verify_image_sequence(run: Run, mmproj: Path | None = None) -> ImageSequence
         return ImageSequenceReport([SequenceCheck("skipped", f"image sequence check skipped, not passed: {err}", n)
                                     for n in images])
     checks = check_image_sequence(run.artifact_path("checkpoint"), mmproj, images, tool=tool, workdir=workdir,
-                                  threads=run.params.convert.threads)
+                                  threads=run.params.convert.threads,
+                                  vision_config_file=params_vision_config(run.params))
     recorded = {c.image: write_json(workdir / f"{c.image}.json", c.to_json()) for c in checks}
     run.record("image_sequence_check", recorded)
     return ImageSequenceReport(checks)
