@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, resolve, sha256_file
 
@@ -96,15 +96,26 @@ def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
 
 
 # ----------------------------------------------------------------------------- checks
-def _expected_files(folder: Path) -> list[str]:
+def fix_hint(run: Run, folder: Path) -> str:
+    """How to repair the model's files, for where they came from: a local folder is the user's to
+    complete, a hub download resumes, the synthetic model is made again."""
+    p = run.params.model
+    if p.source == "local":
+        return (f"copy the missing or damaged files into {folder} (params model.path), or point model.path at a "
+                "complete copy")
+    if p.source == "tiny":
+        return f"delete {folder}; the next run makes it again"
+    return "rerun `make download` to resume the download"
+
+
+def _expected_files(folder: Path, run: Run) -> list[str]:
     extra = ["tokenizer.model"] if (folder / "tokenizer.model").exists() else []
     for index in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index).exists():
             try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise DownloadError(f"{folder / index}: not a valid index ({err}); the download was cut "
-                                    "short: rerun `make download` to resume") from None
+                shards = sorted(set(index_weight_map(folder / index).values()))
+            except CheckpointError as err:
+                raise DownloadError(f"{err.problem}; {fix_hint(run, folder)}") from None
             return ["config.json", index, *shards, *extra]
     singles = [f for f in SINGLE_FILES if (folder / f).exists()]
     return ["config.json", *singles, *extra]
@@ -130,11 +141,11 @@ def check_files(folder: Path, names: list[str], remote: dict[str, tuple[int | No
     return pd.DataFrame(rows)
 
 
-def _fail_on(table: pd.DataFrame, folder: Path) -> None:
+def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
     bad = table[~table["ok"]]
     if len(bad):
         lines = [f"{folder / r.file}: {r.problem}" for r in bad.itertuples()]
-        raise DownloadError("downloaded files do not check out (rerun `make download` to resume):\n" + "\n".join(lines))
+        raise DownloadError(f"the model's files do not check out ({fix_hint(run, folder)}):\n" + "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -198,11 +209,11 @@ def run_download(run: Run) -> DownloadResult:
         products = _gguf_products(folder, run)
         names = [p.text_file, p.mmproj_file]
         table = check_files(folder, names, remote)
-        _fail_on(table, folder)
+        _fail_on(table, folder, run)
         result = DownloadResult(folder, p.source, "gguf", table, {}, products)
     else:
-        table = check_files(folder, _expected_files(folder), remote)
-        _fail_on(table, folder)
+        table = check_files(folder, _expected_files(folder, run), remote)
+        _fail_on(table, folder, run)
         ckpt = Checkpoint.open(folder)  # headers: completeness, truncation, duplicates
         result = DownloadResult(folder, p.source, "checkpoint", table, ckpt.config, {"checkpoint": folder})
     for name, value in result.products.items():
