@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import partials
 from .params import DEFAULT_PARAMS, Params, load_params
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,16 @@ def resolve(path: Path | str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it to `final` only if the block succeeds.
+
+    The temporary name carries this process's id and it stays locked while the block runs, so that
+    `partials.remove_stale` can tell a leftover of a killed run from a file being written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".partial", dir=final.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=partials.prefix(final), suffix=suffix + partials.SUFFIX, dir=final.parent)
     tmp_path = Path(tmp)
     try:
+        partials.hold(fd)
         yield tmp_path
         if tmp_path.exists():
             # mkstemp makes owner-only files; products get the usual umask-based mode.
@@ -81,6 +85,7 @@ def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 def write_json(path: Path | str, data: Any) -> Path:
