@@ -249,3 +249,116 @@ def test_missing_projector_type_is_reported_as_missing(tiny_checkpoint, tmp_path
     message = str(err.value)
     assert message.startswith(f"{folder / 'config.json'}: key 'mm_projector_type' is missing"), message
     assert "None" not in message and "mlp2x_gelu" in message
+
+
+# ----------------------------------------------------------------------------- 3: FORCE and changed files
+@pytest.fixture(scope="module")
+def tiny_text_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "llava-tiny-F16.gguf"
+    text.write_text_gguf(tiny_checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def counting_quantize(tmp_path, monkeypatch):
+    """A stand-in llama-quantize that copies its input (quantize.types [F16]) and counts its runs."""
+    from llava_gguf import toolchain
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake-llama" / "bin" / "llama-quantize"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncp "$1" "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv(toolchain.ENV_DIR, str(fake.parent.parent))
+    return lambda: len(calls.read_text().splitlines()) if calls.exists() else 0
+
+
+def _corrupt_same_size(path: Path, keep_mtime: bool) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 4096)
+        f.write(bytes(255 - b for b in f.read(16)))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def test_force_makes_quantized_files_again(local_run, tiny_text_gguf, counting_quantize):
+    from llava_gguf import quantize
+
+    run = local_run(quantize={"types": ["F16"]})
+    run.record("text_gguf", tiny_text_gguf)
+    first = quantize.run_quantize(run)
+    assert counting_quantize() == 1 and first.reused == []
+    assert quantize.run_quantize(run).reused == ["F16"] and counting_quantize() == 1
+    with workspace.forcing(True):
+        forced = quantize.run_quantize(run)
+    assert forced.reused == [] and counting_quantize() == 2
+    assert quantize.run_quantize(run, force=True).reused == [] and counting_quantize() == 3
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["touched", "mtime-put-back"])
+def test_same_size_corruption_of_a_quantized_file_is_made_again(keep_mtime, local_run, tiny_text_gguf,
+                                                                 counting_quantize):
+    from llava_gguf import quantize
+
+    run = local_run(quantize={"types": ["F16"]})
+    run.record("text_gguf", tiny_text_gguf)
+    path = quantize.run_quantize(run).quantized["F16"]
+    good = stamps_sha(path)
+    _corrupt_same_size(path, keep_mtime)
+    assert stamps_sha(path) != good
+    again = quantize.run_quantize(run)
+    assert again.reused == [] and counting_quantize() == 2
+    assert stamps_sha(path) == good
+
+
+def stamps_sha(path: Path) -> str:
+    from llava_gguf import stamps
+
+    return stamps.sha256(path)
+
+
+@pytest.mark.llama_cpp
+def test_force_and_corruption_with_llama_quantize(local_run, tiny_text_gguf, llama_tool):
+    """The issue's case: bytes changed inside a finished Q8_0 file, then quantize (with and without force)."""
+    from llava_gguf import quantize
+
+    llama_tool("llama-quantize")
+    run = local_run(quantize={"types": ["Q8_0"]})
+    run.record("text_gguf", tiny_text_gguf)
+    path = quantize.run_quantize(run).quantized["Q8_0"]
+    good = stamps_sha(path)
+    _corrupt_same_size(path, keep_mtime=True)
+    assert quantize.run_quantize(run).reused == [] and stamps_sha(path) == good
+    assert quantize.run_quantize(run).reused == ["Q8_0"]
+    mtime = path.stat().st_mtime_ns
+    with workspace.forcing(True):
+        assert quantize.run_quantize(run).reused == []
+    assert path.stat().st_mtime_ns != mtime and stamps_sha(path) == good
+
+
+def test_force_reaches_the_steps_notebook(tmp_path, monkeypatch, write_params):
+    """`make <step> FORCE=1` -> run_steps(force=True): the step's kernel sees workspace.forced()."""
+    import nbformat
+    from nbformat import v4
+
+    from llava_gguf import pipeline
+
+    nb = v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = v4.new_code_cell("params_file = None")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, v4.new_code_cell("from llava_gguf import workspace\n"
+                                       "run = workspace.open_run(params_file)\n"
+                                       "run.record('thing', {'forced': workspace.forced()})")]
+    nbformat.write(nb, tmp_path / "96_probe.ipynb")
+    monkeypatch.setitem(pipeline.STEPS, "probe", pipeline.Step("probe", str(tmp_path / "96_probe.ipynb"), (),
+                                                               ("thing",), ("model",)))
+    monkeypatch.setenv(workspace.FORCE_ENV, "1")  # a stale value in the caller's environment is not used
+    run = workspace.open_run(write_params({"run": "force-probe", "model": {"source": "tiny"}}))
+    assert pipeline.run_steps(run, ["probe"]) == [("probe", "ran")]
+    assert run.artifacts()["thing"] == {"forced": False}
+    assert pipeline.run_steps(run, ["probe"], force=True) == [("probe", "ran")]
+    assert run.artifacts()["thing"] == {"forced": True}
+    assert os.environ[workspace.FORCE_ENV] == "1"

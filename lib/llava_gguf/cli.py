@@ -41,7 +41,8 @@ def _cmd_run(args) -> int:
 def _cmd_step(args) -> int:
     run = workspace.open_run(args.params)
     module, func = STEP_FUNCTIONS[args.name]
-    result = getattr(importlib.import_module(f"llava_gguf.{module}"), func)(run)
+    with workspace.forcing(args.force):
+        result = getattr(importlib.import_module(f"llava_gguf.{module}"), func)(run)
     log.info("%s: %s", args.name, result)
     return 0
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("step", help="call one step's library function directly (no notebook)")
     p.add_argument("name", choices=list(STEP_FUNCTIONS))
     p.add_argument("--params", default=None)
+    p.add_argument("--force", action="store_true", help="make again what the step would reuse")
     p.set_defaults(func=_cmd_step)
 
     p = sub.add_parser("make-tiny", help="write a synthetic LLaVA 1.6 checkpoint")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import report, toolchain
-from .workspace import Run, repo_root, resolve, write_json
+from .workspace import Run, forcing, repo_root, resolve, write_json
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,8 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
             state.pop(step.name, None)
             write_json(_state_file(run), state)
             started = time.time()
-            execute_notebook(step, run)
+            with forcing(step.name in forced):
+                execute_notebook(step, run)
             missing = [p for p in _products(step, run) if p not in run.artifacts()]
             if missing:
                 raise StepFailed(f"step '{step.name}' finished without recording {missing} in {run.artifacts_file}")

@@ -10,7 +10,9 @@ measured on) and passed to every quantization.
 Outputs go to `outputs/<run>/models/<stem>-<TYPE>.gguf`, where <stem> is the text GGUF's name
 without its float suffix (`-f16`). llama-quantize writes straight to the path it is given, so it
 is given a temporary name that is renamed when the tool succeeded. A file already there is reused
-when it is newer than the text GGUF and its metadata says the same type and imatrix use.
+when it is newer than the text GGUF, its metadata says the same type and imatrix use, the same
+llama.cpp build made it and its content is what was written (`stamps`: size, times, sha256);
+`FORCE=1` (`workspace.forced()`) makes every file again.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import corpus, toolchain
+from . import corpus, stamps, toolchain, workspace
 from .download import quant_type_of
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, atomic_path, resolve
@@ -107,15 +109,15 @@ def quant_table(paths: dict[str, Path | str] | list[Path | str]) -> pd.DataFrame
 
 
 # ----------------------------------------------------------------------------- tools
-def compute_imatrix(run: Run, text_gguf: Path) -> Path:
+def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
     """The importance matrix of the text model over the calibration corpus (reused when newer)."""
     q = run.params.quantize
     ctx = q.imatrix_ctx
     calib = corpus.corpus_path("calibration")
     out = run.sub("models") / f"{output_stem(text_gguf)}-imatrix-c{ctx}x{q.imatrix_chunks}.gguf"
     tool = toolchain.find_tool("llama-imatrix", run.params.llama_cpp.dir)
-    if out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime) \
-            and _made_by(out) == _tool_stamp(tool):
+    if not force and out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime) \
+            and _reusable(out, tool):
         log.info("reusing importance matrix %s", out)
         return out
     with atomic_path(out, suffix=".gguf") as tmp:
@@ -128,11 +130,12 @@ def compute_imatrix(run: Run, text_gguf: Path) -> Path:
     return out
 
 
-def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None) -> tuple[Path, bool]:
-    """Quantize `text_gguf` to `qtype`; returns (path, reused)."""
+def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None,
+                  force: bool = False) -> tuple[Path, bool]:
+    """Quantize `text_gguf` to `qtype` (again with `force`); returns (path, reused)."""
     out = run.sub("models") / f"{output_stem(text_gguf)}-{qtype}.gguf"
     tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
-    if _up_to_date(out, text_gguf, qtype, imatrix) and _made_by(out) == _tool_stamp(tool):
+    if not force and _up_to_date(out, text_gguf, qtype, imatrix) and _reusable(out, tool):
         return out, True
     extra = ["--imatrix", imatrix] if imatrix else []
     with atomic_path(out, suffix=".gguf") as tmp:
@@ -152,17 +155,20 @@ def _tool_stamp(tool: Path) -> str:
     return f"{tool.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _stamp_file(out: Path) -> Path:
-    return out.with_name(out.name + ".made-by")
-
-
 def _stamp(out: Path, tool: Path) -> None:
-    _stamp_file(out).write_text(_tool_stamp(tool))
+    stamps.record(out, tool=_tool_stamp(tool))
 
 
-def _made_by(out: Path) -> str | None:
-    f = _stamp_file(out)
-    return f.read_text() if f.exists() else None
+def _reusable(out: Path, tool: Path) -> bool:
+    """Made by this build and unchanged since (see `stamps.unchanged`)."""
+    ok, why = stamps.unchanged(out, tool=_tool_stamp(tool))
+    if not ok and stamps.read(out) == {"tool": _tool_stamp(tool)}:
+        # Made by this build before content hashes were recorded: hash it now rather than redo it.
+        _stamp(out, tool)
+        ok, why = True, "same build, hash recorded now"
+    if not ok:
+        log.info("%s: made again: %s", out.name, why)
+    return ok
 
 
 def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
@@ -178,8 +184,10 @@ def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- step
-def run_quantize(run: Run) -> QuantizeResult:
-    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`."""
+def run_quantize(run: Run, force: bool | None = None) -> QuantizeResult:
+    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`.
+    `force` (default: `workspace.forced()`, i.e. FORCE=1) makes every file again."""
+    force = workspace.forced() if force is None else force
     if run.params.model.format == "gguf":
         # Ready-made GGUF files: the download step recorded `quantized`; nothing to make here.
         quantized = {k: resolve(v) for k, v in run.artifact("quantized").items()}
@@ -194,11 +202,11 @@ def run_quantize(run: Run) -> QuantizeResult:
     if source_type not in ("F32", "F16", "BF16"):
         raise ValueError(f"{run.params_file}: convert.outtype made a {source_type} text GGUF, which llama-quantize "
                          f"will not requantize to {types}; set convert.outtype: f16 (or bf16/f32) for quantize.types")
-    imatrix = compute_imatrix(run, text_gguf) if run.params.quantize.imatrix else None
+    imatrix = compute_imatrix(run, text_gguf, force) if run.params.quantize.imatrix else None
     quantized: dict[str, Path] = {}
     reused: list[str] = []
     for qtype in tqdm(types, desc="llama-quantize", unit="type"):
-        path, was_reused = quantize_file(run, text_gguf, qtype, imatrix)
+        path, was_reused = quantize_file(run, text_gguf, qtype, imatrix, force)
         quantized[qtype] = path
         if was_reused:
             reused.append(qtype)

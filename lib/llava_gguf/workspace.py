@@ -23,8 +23,29 @@ from .params import DEFAULT_PARAMS, Params, load_params
 log = logging.getLogger(__name__)
 
 PARAMS_ENV = "LLAVA_GGUF_PARAMS"
+# Set (to 1) while a step runs under FORCE=1: steps that reuse their own earlier files make them again.
+FORCE_ENV = "LLAVA_GGUF_FORCE"
 CACHE_ENV = "LLAVA_GGUF_CACHE"
 OUTPUTS_ENV = "LLAVA_GGUF_OUTPUTS"
+
+
+def forced() -> bool:
+    """Whether the running step was forced (FORCE=1, `run --force`): reuse nothing."""
+    return os.environ.get(FORCE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def forcing(force: bool) -> Iterator[None]:
+    """Set FORCE_ENV for what runs inside (notebook kernels inherit it), then restore it."""
+    old = os.environ.get(FORCE_ENV)
+    os.environ[FORCE_ENV] = "1" if force else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FORCE_ENV, None)
+        else:
+            os.environ[FORCE_ENV] = old
 
 
 def repo_root() -> Path:
