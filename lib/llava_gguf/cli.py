@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from .checkpoint import CheckpointError
+    from .diskspace import DiskFullError
     from .params import ParamsError
 
     try:
         return args.func(args)
-    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError) as err:
+    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError) as err:
         log.error("%s", err)
         return 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from . import diskspace
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, resolve, sha256_file
@@ -71,8 +72,53 @@ def _snapshot(run: Run, patterns: list[str] | None) -> Path:
             ms = importlib.import_module("modelscope.hub.snapshot_download")
             path = ms.snapshot_download(model_id=p.repo, revision=p.revision, allow_patterns=patterns)
     except Exception as err:  # the hub clients raise many types for "no network"
+        cache = hub_cache_dir(run)
+        # A full disk is reported as what it is, not as "no network" (the clients wrap the OSError).
+        chain, cause = [], err
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(diskspace.is_full_disk(e, cache) for e in chain):
+            raise diskspace.DiskFullError(
+                f"no space left on {diskspace.where(cache)} for the download of {p.repo} into {cache} "
+                f"(free {diskspace.size_text(diskspace.free_bytes(cache))}); free some space there, or move the "
+                f"hub cache to a bigger disk ({'HF_HOME' if p.source == 'huggingface' else 'MODELSCOPE_CACHE'})"
+            ) from err
         raise _offline_hint(run, err) from err
     return Path(path)
+
+
+def hub_cache_dir(run: Run) -> Path:
+    """Where the hub client stores what it downloads."""
+    if run.params.model.source == "huggingface":
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    from modelscope.hub.utils.utils import get_cache_dir
+
+    return Path(get_cache_dir())
+
+
+def _check_download_space(run: Run, remote: dict[str, tuple[int | None, str | None]]) -> None:
+    """Refuse a hub download that cannot fit: the published sizes of the files still to fetch
+    (huggingface_hub keeps LFS files as blobs named by their sha256, finished or `.incomplete`)."""
+    p = run.params.model
+    cache = hub_cache_dir(run)
+    total = sum(size or 0 for size, _ in remote.values())
+    if p.source != "huggingface":
+        if diskspace.free_bytes(cache) < total:
+            log.warning("%s: %s free, the files are %s in all (what is already downloaded is not counted)",
+                        diskspace.where(cache), diskspace.size_text(diskspace.free_bytes(cache)),
+                        diskspace.size_text(total))
+        return
+    blobs = cache / f"models--{p.repo.replace('/', '--')}" / "blobs"
+    have = 0
+    for size, sha in remote.values():
+        for name in (sha, f"{sha}.incomplete") if sha else ():
+            if (blobs / name).is_file():
+                have += min((blobs / name).stat().st_size, size or 0)
+                break
+    diskspace.ensure_space(blobs, total - have, f"the download of {p.repo}")
 
 
 def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
@@ -150,14 +196,19 @@ def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
 
 # ----------------------------------------------------------------------------- sources
 def _tiny(run: Run) -> Path:
-    from .tiny import make_tiny
+    import math
+
+    from .tiny import SIZES, make_tiny, tensor_plan
 
     t = run.params.model.tiny
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
     if (folder / "config.json").exists():
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
-    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+    needed = sum(2 * math.prod(shape) for _, shape in tensor_plan(SIZES[t.size]))  # bf16 weights
+    diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
+    with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):
+        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
 
 
 def _gguf_products(folder: Path, run: Run) -> dict:
@@ -201,9 +252,10 @@ def run_download(run: Run) -> DownloadResult:
             patterns = p.allow_patterns or [f for f in (p.text_file, p.mmproj_file) if f]
         else:
             patterns = p.allow_patterns or CHECKPOINT_PATTERNS
-        folder = _snapshot(run, patterns)
         remote = {k: v for k, v in remote_files(run).items()
                   if any(fnmatch.fnmatch(k, pat) for pat in patterns)}
+        _check_download_space(run, remote)
+        folder = _snapshot(run, patterns)
 
     if p.format == "gguf":
         products = _gguf_products(folder, run)

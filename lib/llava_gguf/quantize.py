@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import corpus, stamps, toolchain, workspace
+from . import corpus, diskspace, stamps, toolchain, workspace
 from .download import quant_type_of
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, atomic_path, resolve
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 _FLOAT_SUFFIX = re.compile(r"[-_.](f16|bf16|f32|q8_0)$", re.I)
 # Metadata key llama-quantize writes when it used an importance matrix.
 IMATRIX_KEY = "quantize.imatrix.file"
+# Bits per weight of a Llama's matrices in each type, rounded up (llama.cpp's own table; the mixed
+# _S/_M/_L types include their heavier tensors; measured at 7B: Q8_0 8.50, Q5_K_M 5.68, Q4_K_M 4.84,
+# Q4_0 4.54). Only used to check the free disk before llama-quantize writes.
+BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0": 5.5, "Q5_1": 6.0,
+                   "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.6, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9,
+                   "Q3_K_S": 3.5, "Q2_K": 3.4, "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 16.0, "BF16": 16.0}
 
 
 @dataclass
@@ -108,6 +114,17 @@ def quant_table(paths: dict[str, Path | str] | list[Path | str]) -> pd.DataFrame
     return table.sort_values("bpw", ascending=False, ignore_index=True) if len(table) else table
 
 
+def estimated_size(text_gguf: Path, qtype: str) -> int:
+    """About how many bytes llama-quantize will write for `qtype` (metadata as in the source, the
+    matrices at BITS_PER_WEIGHT, 1-D tensors kept F32)."""
+    header = open_gguf(text_gguf, "text GGUF (artifact text_gguf)")
+    tensors = list(header.tensors.values())
+    meta = min((t.offset for t in tensors), default=0)
+    matrices = sum(t.n_elements for t in tensors if len(t.shape) > 1)
+    vectors = sum(t.n_elements for t in tensors if len(t.shape) <= 1)
+    return int(meta + matrices * BITS_PER_WEIGHT.get(qtype, 16.0) / 8 + 4 * vectors)
+
+
 # ----------------------------------------------------------------------------- tools
 def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
     """The importance matrix of the text model over the calibration corpus (reused when newer)."""
@@ -120,7 +137,7 @@ def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
             and _reusable(out, tool):
         log.info("reusing importance matrix %s", out)
         return out
-    with atomic_path(out, suffix=".gguf") as tmp:
+    with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, None, "the importance matrix", tmp):
         log.info("computing importance matrix over %d chunks of %d tokens of %s", q.imatrix_chunks, ctx, calib.name)
         toolchain.run_tool([tool, "-m", text_gguf, "-f", calib, "-o", tmp, "-c", ctx, "--chunks",
                             q.imatrix_chunks, "-t", threads(run)], run.sub("logs") / "imatrix.log",
@@ -138,7 +155,9 @@ def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = 
     if not force and _up_to_date(out, text_gguf, qtype, imatrix) and _reusable(out, tool):
         return out, True
     extra = ["--imatrix", imatrix] if imatrix else []
-    with atomic_path(out, suffix=".gguf") as tmp:
+    needed = estimated_size(text_gguf, qtype)
+    diskspace.ensure_space(out, needed, f"the {qtype} file")
+    with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, needed, f"the {qtype} file", tmp):
         toolchain.run_tool([tool, *extra, text_gguf, tmp, qtype, threads(run)],
                            run.sub("logs") / f"quantize-{qtype}.log", what=f"llama-quantize {qtype}")
         got = gguf_summary(tmp)["file_type"]

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import diskspace
 from .checkpoint import Checkpoint
 from .gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
 from .layout import TEXT, SplitTensor, split_checkpoint
@@ -486,7 +487,9 @@ def write_text_gguf(checkpoint: Path | str, out_path: Path | str, outtype: str =
                                t.nbytes, raw_dtype=t.qtype)
     log.info("writing %s: %d tensors, %.2f GiB (%s)", out_path.name, len(plan.tensors), plan.nbytes / 2**30,
              plan.outtype)
-    with Checkpoint.open(plan.checkpoint) as ckpt, atomic_path(out_path) as tmp:
+    diskspace.ensure_space(out_path, plan.nbytes, "the text GGUF")
+    with Checkpoint.open(plan.checkpoint) as ckpt, atomic_path(out_path) as tmp, \
+            diskspace.disk_errors(out_path, plan.nbytes, "the text GGUF", tmp):
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()

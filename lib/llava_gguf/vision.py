@@ -54,6 +54,7 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
                   KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
 from tqdm.auto import tqdm
 
+from . import diskspace
 from .gguf_io import metadata_table, read_gguf, tensor_table
 from .layout import PROJECTOR, VISION
 from .surgery import load_manifest, open_checked, part_tensors
@@ -334,7 +335,10 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16") ->
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
     vcfg, plan = export_plan(manifest, outtype)
     out_path = Path(out_path)
-    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp:
+    nbytes = sum(t.nbytes for t in plan)
+    diskspace.ensure_space(out_path, nbytes, "the mmproj GGUF")
+    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp, \
+            diskspace.disk_errors(out_path, nbytes, "the mmproj GGUF", tmp):
         writer = GGUFWriter(path=None, arch=ARCH)
         try:
             for key, method, value in metadata(vcfg, outtype):
