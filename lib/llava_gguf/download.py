@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import diskspace
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
 from .gguf_io import GGUFError, open_gguf
+from .tokenizer import model_problem as tokenizer_problem
 from .workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
@@ -211,15 +212,53 @@ def _tiny(run: Run) -> Path:
         return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
 
 
-def _gguf_products(folder: Path, run: Run) -> dict:
+def params_problems(run: Run) -> list[str]:
+    """What in the `model` params cannot work, each naming the key (nothing is read or fetched)."""
+    p, where, out = run.params.model, run.params_file, []
+    if p.source == "tiny" and p.format == "gguf":
+        out.append(f"{where}: model.source tiny makes a checkpoint; use model.format checkpoint")
+    if p.source == "local":
+        if not p.path:
+            out.append(f"{where}: model.source local needs model.path (the checkpoint folder)")
+        elif not resolve(p.path).is_dir():
+            out.append(f"{resolve(p.path)}: not a folder (params key model.path in {where})")
+    if p.format == "gguf" and (not p.text_file or not p.mmproj_file):
+        out.append(f"{where}: model.format gguf needs model.text_file and model.mmproj_file")
+    return out
+
+
+def gguf_input_problems(folder: Path, run: Run) -> list[str]:
+    """What is wrong with the ready GGUF files (model.format gguf): missing, truncated, not a GGUF, or
+    the text model and the mmproj swapped. These are the user's files: the fix is another copy."""
     p = run.params.model
-    if not p.text_file or not p.mmproj_file:
-        raise DownloadError(f"{run.params_file}: model.format gguf needs model.text_file and model.mmproj_file")
-    text, mmproj = folder / p.text_file, folder / p.mmproj_file
-    for f, key in ((text, "model.text_file"), (mmproj, "model.mmproj_file")):
+    out = []
+    for name, key, want_clip in ((p.text_file, "model.text_file", False), (p.mmproj_file, "model.mmproj_file", True)):
+        f = folder / name
         if not f.is_file():
-            raise DownloadError(f"{f}: not found (params key {key} in {run.params_file})")
-    return {"mmproj": mmproj, "quantized": {quant_type_of(text): text}}
+            out.append(f"{f}: not found (params key {key} in {run.params_file})")
+            continue
+        fix = f"replace it with a complete copy (it is params {key}; {fix_hint(run, folder)})"
+        try:
+            arch = open_gguf(f, f"the GGUF named by {key}", fix=fix).fields.get("general.architecture")
+        except GGUFError as err:
+            out.append(str(err))
+            continue
+        if want_clip and arch != "clip":
+            out.append(f"{f}: params {key} names a {arch!r} model, not an mmproj (clip); check model.text_file "
+                       "and model.mmproj_file")
+        elif not want_clip and arch == "clip":
+            out.append(f"{f}: params {key} names an mmproj (clip), not a text model; check model.text_file and "
+                       "model.mmproj_file")
+    return out
+
+
+def _gguf_products(folder: Path, run: Run) -> dict:
+    problems = gguf_input_problems(folder, run)
+    if problems:
+        raise DownloadError("\n".join(problems))
+    p = run.params.model
+    text = folder / p.text_file
+    return {"mmproj": folder / p.mmproj_file, "quantized": {quant_type_of(text): text}}
 
 
 def quant_type_of(path: Path) -> str:
@@ -237,16 +276,13 @@ def quant_type_of(path: Path) -> str:
 def run_download(run: Run) -> DownloadResult:
     """Make, locate or download the model named by the params; record what later steps need."""
     p = run.params.model
+    problems = params_problems(run)
+    if problems:
+        raise DownloadError("\n".join(problems))
     if p.source == "tiny":
-        if p.format == "gguf":
-            raise DownloadError(f"{run.params_file}: model.source tiny makes a checkpoint; use model.format checkpoint")
         folder, remote = _tiny(run), {}
     elif p.source == "local":
-        if not p.path:
-            raise DownloadError(f"{run.params_file}: model.source local needs model.path (the checkpoint folder)")
         folder, remote = resolve(p.path), {}
-        if not folder.is_dir():
-            raise DownloadError(f"{folder}: not a folder (params key model.path in {run.params_file})")
     else:
         if p.format == "gguf":
             patterns = p.allow_patterns or [f for f in (p.text_file, p.mmproj_file) if f]
@@ -267,6 +303,10 @@ def run_download(run: Run) -> DownloadResult:
         table = check_files(folder, _expected_files(folder, run), remote)
         _fail_on(table, folder, run)
         ckpt = Checkpoint.open(folder)  # headers: completeness, truncation, duplicates
+        # The text export needs the tokenizer; a broken one is found now, not after the vision export.
+        problem = tokenizer_problem(folder / "tokenizer.model")
+        if problem:
+            raise DownloadError(f"{folder / 'tokenizer.model'}: {problem}; {fix_hint(run, folder)}")
         result = DownloadResult(folder, p.source, "checkpoint", table, ckpt.config, {"checkpoint": folder})
     for name, value in result.products.items():
         run.record(name, value)

@@ -45,6 +45,9 @@ class EvalReport:
 def variants_for_run(run: Run) -> dict[str, Path]:
     """name -> text GGUF of every variant to evaluate, most precise first."""
     artifacts = run.artifacts()
+    # Ready GGUF files are the user's: the fix is another copy, not rerunning a step.
+    fix = {"fix": "replace it with a complete copy (params model.text_file / model.mmproj_file)"} \
+        if run.params.model.format == "gguf" else {}
     out: dict[str, Path] = {}
     quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
@@ -60,7 +63,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
             f"{run.artifacts_file}: nothing to evaluate (no 'quantized' and no 'text_gguf'); run "
             f"`make quantize PARAMS={run.params_file}` first")
     for name, path in out.items():
-        open_gguf(path, f"text GGUF of variant '{name}'")
+        open_gguf(path, f"text GGUF of variant '{name}'", **fix)
     return {n: out[n] for n in plots._order(out)}
 
 
@@ -189,8 +192,9 @@ def write_table(df: pd.DataFrame, stem: Path) -> None:
 
 def run_evaluate(run: Run) -> EvalReport:
     """Step 06: evaluate every variant on every case, then `report_metrics`."""
-    from . import evaluate
+    from . import evaluate, step_tools
 
+    step_tools.require(run.params, "evaluate")  # llama-perplexity is first run after every case
     variants = variants_for_run(run)
     mmproj = run.artifact_path("mmproj")
     runs = evaluate.run_evaluations(run, variants, mmproj)

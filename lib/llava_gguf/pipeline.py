@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import report, toolchain
+from . import partials, preflight, report, toolchain
 from .workspace import Run, forcing, repo_root, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ def execute_notebook(step: Step, run: Run) -> Path:
 def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> list[tuple[str, str]]:
     """Run the targets (and what they need); returns (step, 'ran'|'skipped') in order."""
     steps = plan(targets, run)
+    partials.remove_stale(run.dir)  # what killed runs left half-written
+    preflight.check(run, steps)  # every problem the steps would meet, before any of them runs
     forced = set(targets) if force is True else set(force or ())
     state = load_state(run)
     done: list[tuple[str, str]] = []

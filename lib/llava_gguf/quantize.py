@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import corpus, diskspace, stamps, toolchain, workspace
+from . import corpus, diskspace, stamps, step_tools, toolchain, workspace
 from .download import quant_type_of
 from .gguf_io import GGUFError, open_gguf
 from .workspace import Run, atomic_path, resolve
@@ -215,6 +215,7 @@ def run_quantize(run: Run, force: bool | None = None) -> QuantizeResult:
     text_gguf = run.artifact_path("text_gguf")
     # Read before the tools run, for a clearer message than theirs on a broken file.
     source_type = open_gguf(text_gguf, "text GGUF (artifact text_gguf)").file_type
+    step_tools.require(run.params, "quantize")  # before the importance matrix takes its minutes
     types = run.params.quantize.types
     if not types:
         raise ValueError(f"{run.params_file}: quantize.types is empty; list at least one type, e.g. [Q5_K_M]")

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import diskspace
+from . import diskspace, step_tools
 from .checkpoint import Checkpoint
 from .gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
 from .layout import TEXT, SplitTensor, split_checkpoint
@@ -525,6 +525,7 @@ def text_plan(run: Run) -> pd.DataFrame:
 
 def run_text(run: Run) -> TextResult:
     """Step 04: write `outputs/<run>/models/<name>-<OUTTYPE>.gguf`, record it as `text_gguf`."""
+    step_tools.require(run.params, "text")  # the check's tools, before minutes of writing
     checkpoint = run.artifact_path("checkpoint")
     plan = plan_text(checkpoint, run.params.convert.outtype)
     result = write_text_gguf(checkpoint, output_path(run), plan.outtype, model_name(run), plan)
