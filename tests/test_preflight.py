@@ -311,3 +311,19 @@ def test_truncated_user_gguf_at_evaluate_does_not_say_force(ready_ggufs, tmp_pat
     with pytest.raises(ValueError) as err:
         evaluation_report.variants_for_run(run)
     assert str(cut) in str(err.value) and "FORCE" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("defect", ["missing shard", "truncated shard", "missing tokenizer"])
+def test_local_checkpoint_problems_never_say_make_download(defect, tiny_checkpoint, tmp_path, write_params):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    if defect == "missing shard":
+        shard.unlink()
+    elif defect == "truncated shard":
+        os.truncate(shard, shard.stat().st_size // 2)
+    else:
+        (ckpt / "tokenizer.model").unlink()
+    run = _run(write_params, f"pre-local-{defect.replace(' ', '-')}", model={"source": "local", "path": str(ckpt)})
+    problems = preflight.preflight(run, ["download", "surgery", "vision", "text"])
+    assert problems and all(str(ckpt) in p for p in problems), problems
+    assert not any("make download" in p or "resume" in p for p in problems), problems

@@ -169,8 +169,8 @@ def _find_shards(folder: Path) -> tuple[str, str | None, dict | None, list[str]]
             for shard in shards:
                 if not (folder / shard).is_file():
                     raise CheckpointError(
-                        f"{folder / shard}: shard named by {index_name} is missing; the download or copy of the "
-                        "checkpoint is incomplete: complete it (for a hub model, `make download` resumes)")
+                        f"{folder / shard}: shard named by {index_name} is missing; the checkpoint is incomplete: "
+                        "copy the file in, or download it again")
             return fmt, index_name, weight_map, shards
     for single, fmt in zip(SINGLE_FILES, ("safetensors", "bin")):
         if (folder / single).is_file():
@@ -245,7 +245,7 @@ def _safetensors_header(path: Path) -> list[TensorInfo]:
         infos.append(TensorInfo(name, path.name, meta["dtype"], tuple(meta["shape"])))
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header promises {8 + header_len + data_end}); "
-                              "resume or redo the download")
+                              "copy or download the file again")
     _safe_open(path)  # whatever else safetensors itself refuses (overlapping or gapped data), named now
     return infos
 

@@ -206,7 +206,7 @@ def read_vocab(folder: Path) -> Vocab:
     model_file = folder / "tokenizer.model"
     if not model_file.is_file():
         raise TextExportError(f"{model_file}: missing; the text GGUF's vocabulary comes from the SentencePiece "
-                              "tokenizer.model (download it with the checkpoint: make download)")
+                              "tokenizer.model, which belongs with the checkpoint's other files: copy it in")
     try:
         tokens, scores, types = token_arrays(model_file)
         proto = sp_pb2.ModelProto()
