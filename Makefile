@@ -11,13 +11,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
-STEPS := download surgery vision text quantize evaluate
+# The steps are declared in the notebooks themselves (lib/llava_gguf/registry.py): one target each.
+REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
+STEPS := $(shell $(REGISTRY) names)
 
 .PHONY: help setup llama-cpp all $(STEPS) report lab test test-fast bench clean-run
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
 	  awk -F':.*## ' '{printf "  \033[1m%-22s\033[0m %s\n", $$1, $$2}'
+	@echo "  steps (make <step> runs it and what it needs when out of date):"
+	@$(REGISTRY) help
 	@echo "  variables: PARAMS=$(PARAMS) FORCE=1 LLAMA_CPP_DIR=<existing llama.cpp build>"
 
 setup: $(STAMP) ## create .venv with the pinned Python packages (idempotent)
@@ -33,22 +37,17 @@ llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/l
 	$(PY) -m llava_gguf build-llama-cpp
 
 all: setup llama-cpp ## run every step on PARAMS, then render reports into outputs/<run>/reports/
-	$(PY) -m llava_gguf run all --params $(PARAMS) $(FORCE_FLAG)
+	$(PY) -m llava_gguf run all --params "$(PARAMS)" $(FORCE_FLAG)
 
-download: setup ## step 01: make, locate or download the model
-surgery: setup ## step 02: split the checkpoint into text / vision / projector (a manifest, no copies)
-vision: setup llama-cpp ## step 03: write mmproj-model-f16.gguf and check it against PyTorch
-text: setup llama-cpp ## step 04: write the text GGUF and check its logits against PyTorch
-quantize: setup llama-cpp ## step 05: llama-quantize to quantize.types
-evaluate: setup llama-cpp ## step 06: llama-mtmd-cli timings, quality, plots
-$(STEPS):
-	$(PY) -m llava_gguf run $@ --params $(PARAMS) $(FORCE_FLAG)
+$(STEPS): setup
+	@if $(REGISTRY) uses-llama-cpp $@; then $(MAKE) --no-print-directory llama-cpp; fi
+	$(PY) -m llava_gguf run $@ --params "$(PARAMS)" $(FORCE_FLAG)
 
 report: setup ## re-render the HTML reports of PARAMS' run
-	$(PY) -m llava_gguf report --params $(PARAMS)
+	$(PY) -m llava_gguf report --params "$(PARAMS)"
 
 lab: setup ## open JupyterLab on notebooks/, reading PARAMS
-	LLAVA_GGUF_PARAMS=$(abspath $(PARAMS)) $(VENV)/bin/jupyter lab notebooks/
+	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/
 
 test: setup llama-cpp ## run the test suite (unit tests, notebooks with nbval, a papermill run on the tiny model)
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
@@ -60,4 +59,4 @@ bench: setup llama-cpp ## 7B-scale conversion and inference benchmark into outpu
 	$(PY) -m llava_gguf bench --params params/bench.yaml
 
 clean-run: ## delete outputs/<run>/ of PARAMS
-	$(PY) -c "import shutil; from llava_gguf import workspace as w; shutil.rmtree(w.open_run('$(PARAMS)').dir)"
+	LLAVA_GGUF_PARAMS="$(PARAMS)" $(PY) -c "import shutil; from llava_gguf import workspace as w; shutil.rmtree(w.open_run().dir)"

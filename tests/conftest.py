@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_gguf import toolchain, workspace
+from llava_gguf.llama_cpp import toolchain
+from llava_gguf import workspace
 from llava_gguf.tiny import make_tiny
 
 

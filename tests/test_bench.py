@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llava_gguf import bench, procmon
-from llava_gguf.bench import MiB
+from llava_gguf.bench import measure as bench, procmon
+from llava_gguf.bench.measure import MiB
 
 # measure_call's child imports this module by name to find the functions below.
 TESTS_DIR = str(Path(__file__).resolve().parent)

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import diskspace, partials, quantize, surgery, text, toolchain, vision, workspace
+from llava_gguf import diskspace, partials, workspace
+from llava_gguf.llama_cpp import toolchain
+from llava_gguf.steps import quantize, surgery
+from llava_gguf.steps import text_export as text
+from llava_gguf.steps import vision_export as vision
 from llava_gguf.diskspace import DiskFullError
 
 Usage = namedtuple("Usage", "total used free")
@@ -100,13 +104,13 @@ def test_numpys_short_write_is_a_full_disk_only_when_the_disk_is_full(tiny_check
     plan = text.plan_text(tiny_checkpoint)
     state = {"writing": False}
     # Room for the check before writing, none once the write has started.
-    real_open = text.Checkpoint.open
+    real_open = text.open_checked
 
-    def opened(folder):
+    def opened(manifest):
         state["writing"] = True
-        return real_open(folder)
+        return real_open(manifest)
 
-    monkeypatch.setattr(text.Checkpoint, "open", opened)
+    monkeypatch.setattr(text, "open_checked", opened)
     free_space(lambda: 0 if state["writing"] else 2**40)
     with pytest.raises(DiskFullError, match="the write stopped with OSError: 8388608 requested and 7776704 written"):
         text.write_text_gguf(tiny_checkpoint, out, plan=plan)
@@ -181,7 +185,8 @@ def test_llama_quantize_failure_with_room_left_is_not_called_a_full_disk(local_r
 
 # ----------------------------------------------------------------------------- downloads
 def test_synthetic_7b_refused_before_writing(write_params, monkeypatch, free_space):
-    from llava_gguf import download, tiny
+    from llava_gguf import tiny
+    from llava_gguf.steps import download
 
     monkeypatch.setattr(tiny, "make_tiny", lambda *a, **k: pytest.fail("must not start writing 13 GB"))
     free_space(5 * 2**30)
@@ -216,7 +221,7 @@ def hub(monkeypatch, tmp_path):
 def test_hub_download_that_cannot_fit_is_refused_counting_what_is_there(hub, write_params, free_space):
     run = workspace.open_run(write_params({"run": "dl-hub-space", "model": {"source": "huggingface"}}))
     free_space(5 * 2**30)
-    from llava_gguf import download
+    from llava_gguf.steps import download
 
     with pytest.raises(DiskFullError, match=r"for the download of liuhaotian/llava-v1.6-vicuna-7b .*needed ~7\.0 GiB"):
         download.run_download(run)
@@ -232,7 +237,7 @@ def test_hub_download_that_cannot_fit_is_refused_counting_what_is_there(hub, wri
 
 
 def test_full_disk_during_a_hub_download_is_not_called_offline(hub, write_params, free_space):
-    from llava_gguf import download
+    from llava_gguf.steps import download
 
     run = workspace.open_run(write_params({"run": "dl-hub-enospc", "model": {"source": "huggingface"}}))
 

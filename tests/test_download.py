@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tree_digest
-from llava_gguf import download, workspace
-from llava_gguf.download import DownloadError
+from llava_gguf.steps import download
+from llava_gguf import workspace
+from llava_gguf.steps.download import DownloadError
 from llava_gguf.workspace import sha256_file
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import evaluate
-from llava_gguf.evaluate import EvaluationError, MtmdOptions, run_evaluations, run_mtmd
+from llava_gguf.llama_cpp import mtmd as evaluate
+from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
+from llava_gguf.steps.evaluate import run_evaluations
 from llava_gguf.params import EvaluateParams
-from llava_gguf.timings import parse_timings_file
+from llava_gguf.llama_cpp.timings import parse_timings_file
 
 PROMPT = "Describe this image."
 
@@ -62,7 +63,7 @@ def test_split_pieces_uses_eval_runs_for_the_stop_reason():
 
 
 def test_count_check_against_eval_runs():
-    from llava_gguf.timings import Timings
+    from llava_gguf.llama_cpp.timings import Timings
 
     t = Timings(eval={"ms": 10.0, "runs": 7})
     assert evaluate._check_count(8, "n_predict", t, 8)[0]
@@ -129,7 +130,7 @@ def test_exit_status_keeps_log(tmp_path, fake_inputs):
 # ----------------------------------------------------------------------------- with llama.cpp
 @pytest.fixture(scope="module")
 def tiny_ggufs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    from llava_gguf import surgery, text, vision
+    from llava_gguf.steps import surgery, text_export as text, vision_export as vision
 
     d = tmp_path_factory.mktemp("ggufs")
     text.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
@@ -139,7 +140,7 @@ def tiny_ggufs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def jpeg():
-    from llava_gguf import toolchain
+    from llava_gguf.llama_cpp import toolchain
 
     return toolchain.source_asset(evaluate.DEFAULT_IMAGE)
 
@@ -199,7 +200,7 @@ def test_run_evaluations_writes_logs_and_metrics(local_run, llama_tool, tiny_ggu
 
 
 def test_run_evaluations_missing_case_image(local_run, fake_inputs, monkeypatch, tmp_path):
-    from llava_gguf import toolchain
+    from llava_gguf.llama_cpp import toolchain
 
     monkeypatch.setattr(toolchain, "find_tool", lambda *a, **k: Path(os.devnull))
     run = local_run(evaluate={"cases": [{"prompt": PROMPT, "image": str(tmp_path / "nope.jpg")}]})

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from conftest import tree_digest
-from llava_gguf import download, params, surgery, text, workspace
+from llava_gguf import manifest, params, workspace
+from llava_gguf.steps import download, surgery
+from llava_gguf.steps import text_export as text
 from llava_gguf.checkpoint import Checkpoint, CheckpointError
 from llava_gguf.layout import LayoutError
-from llava_gguf.text import TextExportError
+from llava_gguf.text_model import TextExportError
 
 SHARD1 = "model-00001-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -68,8 +70,8 @@ def _edit_config(folder: Path, **changes) -> None:
 
 def _open_and_read_all(folder: Path) -> None:
     """What the steps do with a checkpoint: headers, the split, every tensor."""
-    manifest = surgery.analyze(folder)
-    with surgery.open_checked(manifest) as ckpt:
+    found = surgery.analyze(folder)
+    with manifest.open_checked(found) as ckpt:
         for info in ckpt:
             ckpt.load(info.name)
 
@@ -262,7 +264,7 @@ def tiny_text_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture
 def counting_quantize(tmp_path, monkeypatch):
     """A stand-in llama-quantize that copies its input (quantize.types [F16]) and counts its runs."""
-    from llava_gguf import toolchain
+    from llava_gguf.llama_cpp import toolchain
 
     calls = tmp_path / "calls"
     fake = tmp_path / "fake-llama" / "bin" / "llama-quantize"
@@ -284,7 +286,7 @@ def _corrupt_same_size(path: Path, keep_mtime: bool) -> None:
 
 
 def test_force_makes_quantized_files_again(local_run, tiny_text_gguf, counting_quantize):
-    from llava_gguf import quantize
+    from llava_gguf.steps import quantize
 
     run = local_run(quantize={"types": ["F16"]})
     run.record("text_gguf", tiny_text_gguf)
@@ -300,7 +302,7 @@ def test_force_makes_quantized_files_again(local_run, tiny_text_gguf, counting_q
 @pytest.mark.parametrize("keep_mtime", [False, True], ids=["touched", "mtime-put-back"])
 def test_same_size_corruption_of_a_quantized_file_is_made_again(keep_mtime, local_run, tiny_text_gguf,
                                                                  counting_quantize):
-    from llava_gguf import quantize
+    from llava_gguf.steps import quantize
 
     run = local_run(quantize={"types": ["F16"]})
     run.record("text_gguf", tiny_text_gguf)
@@ -322,7 +324,7 @@ def stamps_sha(path: Path) -> str:
 @pytest.mark.llama_cpp
 def test_force_and_corruption_with_llama_quantize(local_run, tiny_text_gguf, llama_tool):
     """The issue's case: bytes changed inside a finished Q8_0 file, then quantize (with and without force)."""
-    from llava_gguf import quantize
+    from llava_gguf.steps import quantize
 
     llama_tool("llama-quantize")
     run = local_run(quantize={"types": ["Q8_0"]})
@@ -343,18 +345,20 @@ def test_force_reaches_the_steps_notebook(tmp_path, monkeypatch, write_params):
     import nbformat
     from nbformat import v4
 
-    from llava_gguf import pipeline
+    from llava_gguf import pipeline, registry
 
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
     nb = v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = v4.new_code_cell("params_file = None")
+    nb.metadata[registry.METADATA_KEY] = {"step": "probe", "needs": [], "products": ["thing"], "params": ["model"]}
+    cell = v4.new_code_cell("params_file = None\nparams = None")
     cell.metadata["tags"] = ["parameters"]
     nb.cells = [cell, v4.new_code_cell("from llava_gguf import workspace\n"
-                                       "run = workspace.open_run(params_file)\n"
+                                       "run = workspace.open_run(params_file, params)\n"
                                        "run.record('thing', {'forced': workspace.forced()})")]
-    nbformat.write(nb, tmp_path / "96_probe.ipynb")
-    monkeypatch.setitem(pipeline.STEPS, "probe", pipeline.Step("probe", str(tmp_path / "96_probe.ipynb"), (),
-                                                               ("thing",), ("model",)))
+    nbformat.write(nb, folder / "96_probe.ipynb")
+    monkeypatch.setenv(registry.NOTEBOOKS_ENV, str(folder))
     monkeypatch.setenv(workspace.FORCE_ENV, "1")  # a stale value in the caller's environment is not used
     run = workspace.open_run(write_params({"run": "force-probe", "model": {"source": "tiny"}}))
     assert pipeline.run_steps(run, ["probe"]) == [("probe", "ran")]

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llava_gguf import plots, workspace
+from llava_gguf.reports import plots
+from llava_gguf import workspace
 
 VARIANTS = ["Q4_K_M", "F16", "Q8_0"]  # deliberately not in precision order
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_gguf import download, evaluate, partials, pipeline, preflight, quantize, text, toolchain, workspace
+from llava_gguf import partials, pipeline, preflight, workspace
+from llava_gguf.llama_cpp import mtmd, toolchain
+from llava_gguf.steps import download, evaluate, quantize
+from llava_gguf.steps import text_export as text
 from llava_gguf.preflight import PreflightError
 
 
@@ -176,8 +179,6 @@ def test_quantize_step_finds_its_tools_before_the_importance_matrix(local_run, s
 
 
 def test_evaluate_step_finds_its_tools_before_the_first_run(local_run, some_tools, tmp_path):
-    from llava_gguf import evaluation_report
-
     ran = some_tools("llama-mtmd-cli", "llama-tokenize")
     run = local_run(evaluate={"cases": [{"image": str(_png(tmp_path / "red.png")), "prompt": "a"}]})
     for name in ("text_gguf", "mmproj"):
@@ -185,7 +186,7 @@ def test_evaluate_step_finds_its_tools_before_the_first_run(local_run, some_tool
         path.write_bytes(b"GGUF")
         run.record(name, path)
     with pytest.raises(toolchain.ToolNotFound, match="'llama-perplexity'"):
-        evaluation_report.run_evaluate(run)
+        evaluate.run_evaluate(run)
     assert not ran("llama-mtmd-cli")
 
 
@@ -198,10 +199,10 @@ def test_case_images_are_checked_as_images(tmp_path, write_params):
     cut.write_bytes(good.read_bytes()[:60])
     webp = tmp_path / "photo.webp"
     Image.open(good).save(webp)
-    assert evaluate.image_problem(good) is None and evaluate.image_problem(jpeg) is None
-    assert "truncated" in evaluate.image_problem(cut) or "not an image" in evaluate.image_problem(cut)
-    assert "WEBP" in evaluate.image_problem(webp) and "PNG or JPEG" in evaluate.image_problem(webp)
-    assert evaluate.image_problem(tmp_path) == "is a folder, not an image file"
+    assert mtmd.image_problem(good) is None and mtmd.image_problem(jpeg) is None
+    assert "truncated" in mtmd.image_problem(cut) or "not an image" in mtmd.image_problem(cut)
+    assert "WEBP" in mtmd.image_problem(webp) and "PNG or JPEG" in mtmd.image_problem(webp)
+    assert mtmd.image_problem(tmp_path) == "is a folder, not an image file"
 
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
@@ -225,8 +226,8 @@ def test_tool_that_cannot_read_the_image_says_so(tmp_path):
     files = {n: tmp_path / n for n in ("t.gguf", "m.gguf")}
     for p in files.values():
         p.write_bytes(b"GGUF")
-    with pytest.raises(evaluate.EvaluationError) as err:
-        evaluate.run_mtmd(tool, files["t.gguf"], files["m.gguf"], image, "hi", log_path=tmp_path / "run.log")
+    with pytest.raises(mtmd.EvaluationError) as err:
+        mtmd.run_mtmd(tool, files["t.gguf"], files["m.gguf"], image, "hi", log_path=tmp_path / "run.log")
     message = str(err.value)
     assert f"could not read {image} as an image" in message and "ffprobe" not in message, message
 
@@ -265,7 +266,7 @@ def test_missing_tokenizer_is_refused_by_the_download_step(tiny_checkpoint, tmp_
 # ----------------------------------------------------------------------------- ready GGUF files
 @pytest.fixture(scope="module")
 def ready_ggufs(tiny_checkpoint, tmp_path_factory):
-    from llava_gguf import surgery, vision
+    from llava_gguf.steps import surgery, vision_export as vision
 
     folder = tmp_path_factory.mktemp("ready")
     text.write_text_gguf(tiny_checkpoint, folder / "model-F16.gguf")
@@ -301,15 +302,13 @@ def test_swapped_gguf_files_are_named(ready_ggufs, write_params):
 
 
 def test_truncated_user_gguf_at_evaluate_does_not_say_force(ready_ggufs, tmp_path, write_params):
-    from llava_gguf import evaluation_report
-
     folder = _copy(ready_ggufs, tmp_path / "mine")
     run = _gguf_run(write_params, folder, "pre-gguf-late")
     download.run_download(run)
     cut = folder / "model-F16.gguf"
     os.truncate(cut, cut.stat().st_size // 2)  # damaged after the download step
     with pytest.raises(ValueError) as err:
-        evaluation_report.variants_for_run(run)
+        evaluate.variants_for_run(run)
     assert str(cut) in str(err.value) and "FORCE" not in str(err.value), str(err.value)
 
 

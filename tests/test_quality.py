@@ -6,7 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llava_gguf import corpus, evaluation_report, quality, quantize, summary, workspace
+from llava_gguf.llama_cpp import corpus
+from llava_gguf.steps import evaluate as evaluation_report, quantize
+from llava_gguf.checks import quality
+from llava_gguf.reports import summary
+from llava_gguf import workspace
 
 KLD_LOG_TAIL = """\
 ====== Perplexity statistics ======
@@ -136,7 +140,8 @@ def test_summary_html_shows_seed_only_for_the_real_model(write_params, real):
 # ----------------------------------------------------------------------------- with llama.cpp
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_checkpoint, tmp_path_factory, llama_tool) -> dict[str, Path]:
-    from llava_gguf import text, toolchain
+    from llava_gguf.steps import text_export as text
+    from llava_gguf.llama_cpp import toolchain
 
     tool = llama_tool("llama-quantize")
     d = tmp_path_factory.mktemp("variants")

@@ -9,12 +9,14 @@ import gguf
 import numpy as np
 import pytest
 
-from llava_gguf import quantize, toolchain
+from llava_gguf.gguf_io import IMATRIX_KEY
+from llava_gguf.steps import quantize
+from llava_gguf.llama_cpp import toolchain
 
 
 @pytest.fixture(scope="module")
 def tiny_text_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
-    from llava_gguf import text
+    from llava_gguf.steps import text_export as text
 
     path = tmp_path_factory.mktemp("text") / "llava-tiny-F16.gguf"
     text.write_text_gguf(tiny_checkpoint, path)
@@ -104,7 +106,7 @@ def test_quantize_types_table_and_reuse(local_run, tiny_text_gguf, llama_tool, m
     assert set(run.artifacts()["quantized"]) == {"Q8_0", "Q4_K_M"}
     assert all((run.dir / "logs" / f"quantize-{t}.log").exists() for t in result.quantized)
 
-    table = result.table.set_index("variant")
+    table = result.table().set_index("variant")
     assert list(table.index) == ["F16", "Q8_0", "Q4_K_M"]  # source first, by bits per weight
     assert (table["params"] == table.loc["F16", "params"]).all()
     assert table.loc["F16", "bpw"] == pytest.approx(16.0, abs=0.01)
@@ -131,7 +133,7 @@ def test_quantize_types_table_and_reuse(local_run, tiny_text_gguf, llama_tool, m
 
 
 def test_quantized_text_gguf_is_refused_naming_the_keys(local_run, tiny_checkpoint, tmp_path):
-    from llava_gguf import text
+    from llava_gguf.steps import text_export as text
 
     text.write_text_gguf(tiny_checkpoint, tmp_path / "llava-tiny-Q8_0.gguf", "q8_0")
     run = local_run(quantize={"types": ["Q4_K_M"]})
@@ -150,9 +152,9 @@ def test_imatrix_is_computed_and_used(local_run, tiny_text_gguf, llama_tool):
     assert result.imatrix is not None and result.imatrix.exists()
     assert (run.dir / "logs" / "imatrix.log").exists()
     header = quantize.open_gguf(result.quantized["Q4_K_M"])
-    assert quantize.IMATRIX_KEY in header.fields
-    assert result.table.set_index("variant").loc["Q4_K_M", "imatrix"]
+    assert IMATRIX_KEY in header.fields
+    assert result.table().set_index("variant").loc["Q4_K_M", "imatrix"]
     # Switching the imatrix off makes the file out of date.
     run.params.quantize.imatrix = False
     plain = quantize.run_quantize(run)
-    assert plain.reused == [] and quantize.IMATRIX_KEY not in quantize.open_gguf(plain.quantized["Q4_K_M"]).fields
+    assert plain.reused == [] and IMATRIX_KEY not in quantize.open_gguf(plain.quantized["Q4_K_M"]).fields

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tree_digest
-from llava_gguf import surgery, workspace
+from llava_gguf.steps import surgery
+from llava_gguf import workspace
 from llava_gguf.checkpoint import CheckpointError
 from llava_gguf.layout import LayoutError
-from llava_gguf.tiny import SIZES, tensor_plan
+from llava_gguf.tiny import SIZES, synthetic_tensors
 
 TINY = SIZES["tiny"]
 N_TEXT = 2 + 9 * TINY.layers + 1  # embed, layers, norm, lm_head
@@ -59,7 +60,7 @@ def test_manifest_classifies_every_tensor(tiny_checkpoint, write_params):
     assert manifest["config"] == json.loads((tiny_checkpoint / "config.json").read_text())
     index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(manifest["tensors"]) == set(index)
-    shapes = dict(tensor_plan(TINY))
+    shapes = dict(synthetic_tensors(TINY))
     for name, t in manifest["tensors"].items():
         assert t["shard"] == index[name] and t["dtype"] == "BF16" and tuple(t["shape"]) == shapes[name]
     parts = {p: v["tensors"] for p, v in manifest["parts"].items()}

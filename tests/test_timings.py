@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf.timings import parse_timings, parse_timings_file, timings_command
+from llava_gguf.llama_cpp.timings import parse_timings, parse_timings_file, timings_command
 
 LOGS = Path(__file__).parent / "data" / "logs"
 

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from llava_gguf import tiny, toolchain
+from llava_gguf import tiny
+from llava_gguf.llama_cpp import toolchain
 from llava_gguf.checkpoint import Checkpoint
 from llava_gguf.tokenizer import VOCAB_GGUF, check_tokenizer_vectors
 
@@ -36,7 +37,7 @@ def test_layout_and_config(tiny_checkpoint):
 
 
 def test_7b_plan_has_the_real_shapes():
-    plan = dict(tiny.tensor_plan(tiny.SIZES["7b"]))
+    plan = dict(tiny.synthetic_tensors(tiny.SIZES["7b"]))
     assert plan["model.embed_tokens.weight"] == (32000, 4096)
     assert plan["model.layers.31.mlp.gate_proj.weight"] == (11008, 4096)
     assert plan["model.mm_projector.0.weight"] == (4096, 1024)

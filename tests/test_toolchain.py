@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from llava_gguf import toolchain
+from llava_gguf.llama_cpp import toolchain
 
 
 def test_find_tool_error_names_tool_places_and_fix(tmp_path, monkeypatch):

@@ -15,10 +15,12 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import tree_digest
-from llava_gguf import legacy, surgery, text, toolchain, vision, workspace
+from llava_gguf.llama_cpp import legacy, toolchain
+from llava_gguf.steps import surgery, text_export as text, vision_export as vision
+from llava_gguf import workspace
+from llava_gguf.manifest import ManifestError
 from llava_gguf.layout import place
-from llava_gguf.surgery import ManifestError
-from llava_gguf.tiny import SIZES, llava_config, tensor_plan
+from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors
 
 # Metadata that may differ between our file and the legacy script's: none.
 ALLOWED_DIFFERENCES: set[str] = set()
@@ -43,7 +45,7 @@ def legacy_surgeries(tmp_path_factory, legacy_python):
 
 def _run(folder: Path, write_params, name: str, **convert):
     run = workspace.open_run(write_params({"run": name, "model": {"source": "local", "path": str(folder)},
-                                           "convert": convert}, name=f"{name}.yaml"))
+                                           "convert": {"verify": False, **convert}}, name=f"{name}.yaml"))
     run.record("checkpoint", folder)
     return run
 
@@ -119,11 +121,11 @@ def test_7b_shapes_give_378_tensors_of_595_mib():
     """The real LLaVA 1.6 Vicuna 7B, planned from its shapes (nothing is read)."""
     s = SIZES["7b"]
     tensors = {}
-    for name, shape in tensor_plan(s):
+    for name, shape in synthetic_tensors(s):
         p = place(name, "llava")
         tensors[name] = {"shard": "-", "dtype": "BF16", "shape": list(shape), "part": p.part, "canonical": p.canonical}
     manifest = {"source": "7b", "config": llava_config(s), "tensors": tensors}
-    vcfg, plan = vision.export_plan(manifest, "f16")
+    vcfg, plan = vision.plan_mmproj(manifest, "f16")
     assert {k: vcfg.get(k) for k in CONFIG_VIT_7B} == CONFIG_VIT_7B
     assert len(plan) == 378
     assert 590 < sum(t.nbytes for t in plan) / 2**20 < 600

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_gguf import download, surgery, toolchain, vision, vision_check, workspace
+from llava_gguf.steps import download, surgery, vision_export as vision
+from llava_gguf.llama_cpp import toolchain
+from llava_gguf.checks import vision as vision_check
+from llava_gguf.checks.numeric import nmse
+from llava_gguf import workspace
 from llava_gguf.checkpoint import Checkpoint
 from llava_gguf.layout import split_checkpoint
 
@@ -45,11 +49,11 @@ def test_reference_is_llava_computation(tiny_checkpoint):
             sims = ref.variants(image, vision_check.HYPOTHESES)
             got = sims.pop("LLaVA (expected)")
             assert got.shape == (576, out_w)
-            assert vision_check.nmse(got, expected) < 1e-10, image
+            assert nmse(got, expected) < 1e-10, image
             # The defect simulations really differ from LLaVA (else the diagnosis would be vacuous).
             for name, sim in sims.items():
-                assert vision_check.nmse(sim, got) > 1e-4, (image, name)
-    assert vision_check.nmse(vision_check.reference_embeddings(tiny_checkpoint, "pattern"), expected) < 1e-10
+                assert nmse(sim, got) > 1e-4, (image, name)
+    assert nmse(vision_check.reference_embeddings(tiny_checkpoint, "pattern"), expected) < 1e-10
 
 
 def test_synthetic_images():

@@ -2,24 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
+import signal
 import sys
 
-from . import toolchain, workspace
+from . import registry, workspace
+from .llama_cpp import toolchain
 
 log = logging.getLogger("llava_gguf")
-
-# step -> (module, function taking a Run): what each notebook's main cell calls.
-STEP_FUNCTIONS = {
-    "download": ("download", "run_download"),
-    "surgery": ("surgery", "run_surgery"),
-    "vision": ("vision", "run_vision"),
-    "text": ("text", "run_text"),
-    "quantize": ("quantize", "run_quantize"),
-    "evaluate": ("evaluation_report", "run_evaluate"),
-}
 
 
 def _cmd_run(args) -> int:
@@ -39,11 +30,16 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_step(args) -> int:
+    """The step's library entry point, as the notebook's main cell calls it, checks included."""
+    step = registry.get(args.name)
     run = workspace.open_run(args.params)
-    module, func = STEP_FUNCTIONS[args.name]
-    with workspace.forcing(args.force):
-        result = getattr(importlib.import_module(f"llava_gguf.{module}"), func)(run)
+    with run.lock(), workspace.forcing(args.force):
+        run.remove_stale_partials()
+        result = step.entry_point()(run)
     log.info("%s: %s", args.name, result)
+    if getattr(result, "ok", True) is False:
+        log.error("step %s: checks failed: %s", args.name, getattr(result, "message", result))
+        return 1
     return 0
 
 
@@ -76,25 +72,24 @@ def _has(tool: str) -> bool:
 
 
 def _cmd_timings(args) -> int:
-    from .timings import timings_command
+    from .llama_cpp.timings import timings_command
 
     sys.stdout.write(timings_command(args.logfile) + "\n")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from . import report
-    from .pipeline import STEPS
+    from .reports import html as report
 
     run = workspace.open_run(args.params)
-    for step in STEPS.values():
+    for step in registry.steps().values():
         report.render_notebook(run.dir / "notebooks" / step.notebook, run)
     log.info("%s", report.render_index(run))
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.measure import run_bench
 
     run_bench(args.params)
     return 0
@@ -112,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("step", help="call one step's library function directly (no notebook)")
-    p.add_argument("name", choices=list(STEP_FUNCTIONS))
+    p.add_argument("name", help=f"one of: {', '.join(registry.steps())}")
     p.add_argument("--params", default=None)
     p.add_argument("--force", action="store_true", help="make again what the step would reuse")
     p.set_defaults(func=_cmd_step)
@@ -152,8 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     from .diskspace import DiskFullError
     from .params import ParamsError
 
+    # SIGTERM (a service stop, a killed make) unwinds like Ctrl-C: kernels and tools are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError) as err:
-        log.error("%s", err)
+    except KeyboardInterrupt as err:
+        log.error("interrupted: %s", err or "SIGINT")
+        return 130
+    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError,
+            KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:
+        log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2
+
+
+def _interrupt(signum, _frame):
+    from .pipeline import Interrupted
+
+    raise Interrupted(signal.Signals(signum).name)

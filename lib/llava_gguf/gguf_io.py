@@ -7,14 +7,19 @@ of a 7B file in hundredths of a second. Tensor bytes are mapped only when `GGUFT
 """
 from __future__ import annotations
 
+import logging
 import mmap
+import re
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 _SCALARS = {
     gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H",
@@ -199,3 +204,70 @@ def tensor_table(path: Path | str) -> pd.DataFrame:
     rows = [{"name": t.name, "type": t.qtype.name, "shape": t.shape, "elements": t.n_elements,
              "MiB": t.n_bytes / 2**20} for t in open_gguf(path).tensors.values()]
     return pd.DataFrame(rows, columns=["name", "type", "shape", "elements", "MiB"])
+
+
+# ----------------------------------------------------------------------------- summaries
+# Written by llama-quantize when an importance matrix was used.
+IMATRIX_KEY = "quantize.imatrix.file"
+
+
+def quant_type_of(path: Path) -> str:
+    """The quant type of a GGUF, from its file_type metadata, else from its file name."""
+    try:
+        ftype = open_gguf(path).file_type
+        if ftype:
+            return ftype
+    except GGUFError as err:  # a partial or foreign file: fall back to the name
+        log.debug("no file_type in %s: %s", path, err)
+    m = re.search(r"(I?Q\d_[A-Z0-9_]+|F16|BF16|F32)", path.stem.upper())
+    return m.group(1) if m else path.stem
+
+
+def gguf_summary(path: Path | str) -> dict:
+    """Size, parameter count, bits per weight, file type and tensor types of one GGUF."""
+    path = Path(path)
+    header = open_gguf(path)
+    size = path.stat().st_size
+    params = sum(t.n_elements for t in header.tensors.values())
+    counts: Counter = Counter()
+    by_bytes: Counter = Counter()
+    for t in header.tensors.values():
+        counts[t.qtype.name] += 1
+        by_bytes[t.qtype.name] += t.n_bytes
+    arch = header.fields.get("general.architecture", "")
+    return {
+        "file": path.name,
+        "file_type": header.file_type or quant_type_of(path),
+        "size_bytes": size,
+        "size_mib": round(size / 2**20, 2),
+        "params": params,
+        # As llama.cpp reports it: tensor data bits over weights (metadata and vocab excluded).
+        "bpw": round(8 * sum(by_bytes.values()) / params, 3) if params else float("nan"),
+        "bpw_file": round(8 * size / params, 3) if params else float("nan"),
+        "tensors": len(header.tensors),
+        "architecture": arch,
+        "layers": header.fields.get(f"{arch}.block_count"),
+        "width": header.fields.get(f"{arch}.embedding_length"),
+        "imatrix": IMATRIX_KEY in header.fields,
+        "tensor_types": dict(sorted(counts.items())),
+        "tensor_mib": {k: round(v / 2**20, 2) for k, v in sorted(by_bytes.items())},
+    }
+
+
+def quant_table(paths: dict[str, Path | str] | list[Path | str]) -> pd.DataFrame:
+    """One row per GGUF: size, bits per weight and how many tensors of each ggml type it holds."""
+    items = paths.items() if isinstance(paths, dict) else ((quant_type_of(Path(p)), p) for p in paths)
+    rows = []
+    for name, path in items:
+        s = gguf_summary(path)
+        row = {"variant": name, **{k: v for k, v in s.items() if k not in ("tensor_types", "tensor_mib")}}
+        row.update({f"n_{k}": v for k, v in s["tensor_types"].items()})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    count_cols = sorted(c for c in table.columns if c.startswith("n_"))
+    if count_cols:
+        table[count_cols] = table[count_cols].fillna(0).astype(int)
+    return table.sort_values("bpw", ascending=False, ignore_index=True) if len(table) else table
+
+
+# ----------------------------------------------------------------------------- tools

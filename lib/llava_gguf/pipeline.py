@@ -1,164 +1,88 @@
-"""Run the numbered notebooks in order with papermill, skipping steps that are up to date.
+"""Run the steps' notebooks in order with papermill, skipping steps that are up to date.
 
-Each step declares its notebook, the steps it needs, the products it records in artifacts.json
-and the params sections it reads. Its fingerprint hashes those params, the notebook, the source
-of every `llava_gguf` module it imports (transitively), the fingerprints of the steps it needs,
-the llama.cpp build for steps that run its tools, and the files of a local checkpoint. A step
-runs when its fingerprint changed or a product is missing; `force` reruns it.
+The steps and what they need come from the registry (each notebook's own declaration). A step
+runs when its fingerprint (fingerprint.py) changed or one of its products is missing; `force`
+reruns it. Before anything runs, the run folder is locked (one pipeline per run at a time) and
+what earlier, interrupted runs left half-written is removed.
 
-Executed notebooks are written to `outputs/<run>/notebooks/` (the sources are never executed in
-place) and rendered to HTML under `outputs/<run>/reports/`, also when a cell fails.
+Executed notebooks are records: papermill injects the resolved params (every value, defaults
+included) beside the params file's path, and writes the executed copy to
+`outputs/<run>/notebooks/`, rendered to `reports/` (also when a cell fails). A rerun first moves
+the previous executed notebook and its report to `outputs/<run>/history/<time>/`.
+
+The kernel talks over IPC (no TCP ports, no plain-text warning), in its own session, with its
+own output in `logs/kernel-<step>.log`; on SIGINT/SIGTERM or a failure the kernel and every
+tool it started are killed before the step is reported.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
-import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import partials, preflight, report, toolchain
-from .workspace import Run, forcing, repo_root, resolve, write_json
+from . import preflight, registry
+from .fingerprint import fingerprint
+from .llama_cpp import toolchain
+from .reports import html
+from .workspace import Run, forcing, resolve, write_json
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    notebook: str
-    needs: tuple[str, ...]
-    products: tuple[str, ...]
-    params: tuple[str, ...]
-    uses_llama_cpp: bool = False
-    checkpoint_only: bool = False  # not applicable when the model arrives as ready GGUF files
-
-    @property
-    def source(self) -> Path:
-        return repo_root() / "notebooks" / self.notebook
-
-
-STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("download", "01_download.ipynb", (), ("checkpoint",), ("model",)),
-    Step("surgery", "02_surgery.ipynb", ("download",), ("surgery",), ("model",), checkpoint_only=True),
-    Step("vision", "03_vision_export.ipynb", ("surgery",), ("mmproj",), ("model", "convert", "llama_cpp"),
-         uses_llama_cpp=True, checkpoint_only=True),
-    Step("text", "04_text_export.ipynb", ("surgery",), ("text_gguf",), ("model", "convert", "llama_cpp"),
-         uses_llama_cpp=True, checkpoint_only=True),
-    Step("quantize", "05_quantize.ipynb", ("text",), ("quantized",),
-         ("model", "convert", "quantize", "llama_cpp"), uses_llama_cpp=True, checkpoint_only=True),
-    Step("evaluate", "06_evaluate.ipynb", ("vision", "quantize"), ("metrics",),
-         ("model", "convert", "quantize", "llama_cpp", "evaluate"), uses_llama_cpp=True),
-)}
+HISTORY_KEEP = 10
 
 
 class StepFailed(RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stops after killing its kernel and tools."""
+
+
 def available_steps() -> list[str]:
-    """Steps whose notebook exists in this checkout, in order."""
-    return [name for name, step in STEPS.items() if step.source.exists()]
+    return list(registry.steps())
 
 
-def applicable(step: Step, run: Run) -> bool:
+def applicable(step: registry.Step, run: Run) -> bool:
     return not (step.checkpoint_only and run.params.model.format == "gguf")
 
 
-def _needs(step: Step, run: Run) -> tuple[str, ...]:
-    needs = tuple(n for n in step.needs if applicable(STEPS[n], run))
-    if not needs and step.needs:
+def needs(step: registry.Step, run: Run) -> tuple[str, ...]:
+    steps = registry.steps()
+    found = tuple(n for n in step.needs if applicable(steps[n], run))
+    if not found and step.needs:
         return ("download",)  # the ready-GGUF path: everything comes from the download
-    return needs
+    return found
 
 
-def _products(step: Step, run: Run) -> tuple[str, ...]:
-    if step.name == "download" and run.params.model.format == "gguf":
-        return ("mmproj", "quantized")
-    return step.products
-
-
-def plan(targets: list[str], run: Run) -> list[Step]:
+def plan(targets: list[str], run: Run) -> list[registry.Step]:
     """The targets and the steps they need, in dependency order."""
     order: list[str] = []
 
     def visit(name: str) -> None:
-        if name not in STEPS:
-            raise KeyError(f"unknown step '{name}'; steps: {', '.join(STEPS)}")
-        for need in _needs(STEPS[name], run):
+        step = registry.get(name)
+        for need in needs(step, run):
             visit(need)
         if name not in order:
             order.append(name)
 
     for t in targets:
         visit(t)
-    return [STEPS[n] for n in order if applicable(STEPS[n], run)]
+    steps = registry.steps()
+    return [steps[n] for n in order if applicable(steps[n], run)]
 
 
-# ----------------------------------------------------------------------------- fingerprints
-def _notebook_imports(path: Path) -> set[str]:
-    nb = json.loads(path.read_text())
-    mods: set[str] = set()
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        try:
-            tree = ast.parse("".join(cell["source"]))
-        except SyntaxError:
-            continue
-        mods |= _imports_of(tree)
-    return mods
-
-
-def _imports_of(tree: ast.AST) -> set[str]:
-    mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.module in ("llava_gguf", None) or (node.level and not node.module):
-                mods |= {a.name for a in node.names}
-            elif node.module.startswith("llava_gguf.") or node.level:
-                mods.add(node.module.removeprefix("llava_gguf."))
-        elif isinstance(node, ast.Import):
-            mods |= {a.name.removeprefix("llava_gguf.") for a in node.names if a.name.startswith("llava_gguf.")}
-    return mods
-
-
-def code_closure(modules: set[str]) -> list[Path]:
-    """Source files of the given package modules and of everything they import from the package."""
-    pkg = Path(__file__).parent
-    seen: dict[str, Path] = {}
-    todo = [m.split(".")[0] for m in modules]
-    while todo:
-        mod = todo.pop()
-        path = pkg / f"{mod}.py"
-        if mod in seen or not path.exists():
-            continue
-        seen[mod] = path
-        todo.extend(m.split(".")[0] for m in _imports_of(ast.parse(path.read_text())))
-    return [seen[m] for m in sorted(seen)]
-
-
-def fingerprint(step: Step, run: Run, upstream: dict[str, str], llama_cpp: dict | None = None) -> str:
-    """`llama_cpp`: the build's info (toolchain.llama_cpp_info), for steps that run its tools."""
-    h = hashlib.sha256()
-    params = run.params.model_dump(mode="json")
-    h.update(json.dumps({k: params[k] for k in step.params}, sort_keys=True).encode())
-    h.update(step.source.read_bytes())
-    for path in code_closure(_notebook_imports(step.source)):
-        h.update(path.name.encode() + path.read_bytes())
-    for need in _needs(step, run):
-        h.update(upstream.get(need, "").encode())
-    if step.uses_llama_cpp and llama_cpp:
-        h.update(json.dumps(llama_cpp, sort_keys=True).encode())
-    if step.name == "download" and run.params.model.source == "local" and run.params.model.path:
-        folder = resolve(run.params.model.path)
-        for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+def step_fingerprint(step: registry.Step, run: Run, done: dict[str, str], llama_cpp: dict | None) -> str:
+    model = run.params.model
+    local = resolve(model.path) if step.name == "download" and model.source == "local" and model.path else None
+    return fingerprint(step, run.params.model_dump(mode="json"), [done.get(n, "") for n in needs(step, run)],
+                       llama_cpp, local)
 
 
 # ----------------------------------------------------------------------------- state
@@ -168,51 +92,157 @@ def _state_file(run: Run) -> Path:
 
 def load_state(run: Run) -> dict:
     f = _state_file(run)
-    return json.loads(f.read_text()) if f.exists() else {}
+    return run.read_json(f) if f.exists() else {}
 
 
-def _products_exist(step: Step, run: Run) -> bool:
+def products_exist(step: registry.Step, run: Run) -> bool:
     artifacts = run.artifacts()
-    for name in _products(step, run):
+    for name in step.products_for(run.params.model.format):
         value = artifacts.get(name)
         if value is None:
             return False
         paths = value.values() if isinstance(value, dict) else [value]
-        if not all(resolve(p).exists() for p in paths if isinstance(p, str)):
+        if not all(run.resolve(p).exists() for p in paths if isinstance(p, str)):
             return False
     return True
 
 
-# ----------------------------------------------------------------------------- running
-def execute_notebook(step: Step, run: Run) -> Path:
-    """papermill the step's notebook into the run folder; HTML report even on failure."""
+# ----------------------------------------------------------------------------- records
+def executed_path(step: registry.Step, run: Run) -> Path:
+    return run.dir / "notebooks" / step.notebook
+
+
+def keep_previous(step: registry.Step, run: Run) -> Path | None:
+    """Move the step's previous executed notebook and report into history/<its time>/."""
+    old = executed_path(step, run)
+    if not old.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+    dest = run.dir / "history" / stamp
+    dest.mkdir(parents=True, exist_ok=True)
+    report = run.dir / "reports" / f"{old.stem}.html"
+    for f in (old, report):
+        if f.exists():
+            os.replace(f, dest / f.name)
+    folders = sorted(p for p in (run.dir / "history").iterdir() if p.is_dir())
+    for stale in folders[:-HISTORY_KEEP]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------- the kernel
+def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
+    """The kernel manager nbclient makes: IPC in a private folder, the kernel's own output in
+    `log_file`, each instance appended to `started` so that it can be killed from outside.
+
+    nbclient owns it and shuts the kernel down when the notebook ends; `stop()` is for the other
+    cases: it kills the kernel's session (jupyter_client starts the kernel with
+    start_new_session, so its pid is the group), which takes every tool it started with it."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class StepKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            kw.update(transport="ipc", ip=str(ipc_dir / "kernel"), connection_file=str(ipc_dir / "kernel.json"))
+            super().__init__(**kw)
+            started.append(self)
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop())
+            kw.update(stdout=self._log, stderr=self._log)
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+
+        def stop(self) -> None:
+            process = getattr(self.provisioner, "process", None) if self.provisioner else None
+            if process is not None and process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=10)
+                except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                    pass
+            if getattr(self, "_log", None):
+                self._log.close()
+
+    return StepKernelManager
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def execute_notebook(step: registry.Step, run: Run) -> Path:
+    """papermill the step's notebook into the run folder; HTML report even on failure.
+
+    papermill runs in a worker thread, so that nbclient installs no signal handlers of its own
+    and SIGINT/SIGTERM reach this (main) thread, which then kills the kernel's process group."""
     import papermill
 
-    out = run.sub("notebooks") / step.source.name
-    params_file = run.params_file
-    try:
-        papermill.execute_notebook(
-            str(step.source), str(out), parameters={"params_file": str(params_file)},
-            cwd=str(step.source.parent), kernel_name="python3", progress_bar=False,
-            request_save_on_cell_execute=True)
-    except papermill.PapermillExecutionError as err:
-        report.render_notebook(out, run)
+    out = executed_path(step, run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep_previous(step, run)
+    parameters = {"params_file": str(run.params_file) if run.params_file else None,
+                  "params": run.params.model_dump(mode="json")}
+    kernel_log = run.sub("logs") / f"kernel-{step.name}.log"
+    outcome: dict[str, BaseException] = {}
+
+    with tempfile.TemporaryDirectory(prefix="llava-gguf-kernel-") as ipc_dir:
+        kernels: list = []
+        km_class = kernel_manager_class(kernel_log, Path(ipc_dir), kernels)
+
+        def work() -> None:
+            try:
+                papermill.execute_notebook(
+                    str(step.source), str(out), parameters=parameters, cwd=str(step.source.parent),
+                    kernel_name="python3", progress_bar=False, request_save_on_cell_execute=True,
+                    kernel_manager_class=km_class)
+            except BaseException as err:  # handed to the main thread
+                outcome["error"] = err
+
+        worker = threading.Thread(target=work, name=f"papermill-{step.name}", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.2)
+        except KeyboardInterrupt as err:
+            for km in kernels:
+                km.stop()
+            worker.join(30)
+            html.render_notebook(out, run)
+            raise Interrupted(f"step '{step.name}' interrupted ({err or 'SIGINT'}); its kernel and tools "
+                              f"were stopped; partly executed notebook: {out}") from None
+        finally:
+            for km in kernels:
+                km.stop()
+    err = outcome.get("error")
+    html.render_notebook(out, run)
+    if isinstance(err, papermill.PapermillExecutionError):
         raise StepFailed(f"step '{step.name}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                         f"partly executed notebook: {out}") from None
-    except Exception as err:  # the kernel died (e.g. killed for memory) or could not start
-        report.render_notebook(out, run)
+                         f"partly executed notebook: {out}")
+    if err is not None:  # the kernel died (e.g. killed for memory) or could not start
         raise StepFailed(f"step '{step.name}' stopped: {type(err).__name__}: {err}\n"
-                         f"partly executed notebook: {out}") from None
-    report.render_notebook(out, run)
+                         f"partly executed notebook: {out}; kernel log: {kernel_log}")
     return out
 
 
 def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> list[tuple[str, str]]:
     """Run the targets (and what they need); returns (step, 'ran'|'skipped') in order."""
     steps = plan(targets, run)
-    partials.remove_stale(run.dir)  # what killed runs left half-written
-    preflight.check(run, steps)  # every problem the steps would meet, before any of them runs
     forced = set(targets) if force is True else set(force or ())
+    previous = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread (e.g. a notebook's thread): the default handling stays
+        previous = {}
+    try:
+        with run.lock():
+            run.remove_stale_partials()
+            preflight.check(run, steps)  # every problem the steps would meet, before any of them runs
+            return _run_locked(run, steps, forced)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_locked(run: Run, steps: list[registry.Step], forced: set[str]) -> list[tuple[str, str]]:
     state = load_state(run)
     done: list[tuple[str, str]] = []
     fingerprints = {k: v.get("fingerprint", "") for k, v in state.items()}
@@ -224,9 +254,9 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
             log.warning("%s", err)  # the steps that need the tools will report it
     try:
         for step in steps:
-            fp = fingerprint(step, run, fingerprints, llama_cpp)
+            fp = step_fingerprint(step, run, fingerprints, llama_cpp)
             prev = state.get(step.name, {})
-            if step.name not in forced and prev.get("fingerprint") == fp and _products_exist(step, run):
+            if step.name not in forced and prev.get("fingerprint") == fp and products_exist(step, run):
                 log.info("step %s: up to date, skipped", step.name)
                 done.append((step.name, "skipped"))
                 fingerprints[step.name] = fp
@@ -239,7 +269,7 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
             started = time.time()
             with forcing(step.name in forced):
                 execute_notebook(step, run)
-            missing = [p for p in _products(step, run) if p not in run.artifacts()]
+            missing = [p for p in step.products_for(run.params.model.format) if p not in run.artifacts()]
             if missing:
                 raise StepFailed(f"step '{step.name}' finished without recording {missing} in {run.artifacts_file}")
             fingerprints[step.name] = fp
@@ -248,5 +278,5 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
             write_json(_state_file(run), state)
             done.append((step.name, "ran"))
     finally:
-        report.render_index(run)
+        html.render_index(run)
     return done

@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import download, evaluate, step_tools, toolchain
+from . import step_tools
+from .llama_cpp import toolchain
+from .steps import download, evaluate
 from .workspace import Run, resolve
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,11 @@ def checkpoint_problems(folder: Path, run: Run, names: list[str] | None = None) 
     """What steps 01-04 would refuse in this checkpoint folder, from its headers (nothing written)."""
     from .checkpoint import CheckpointError
     from .layout import LayoutError
-    from .surgery import ManifestError, analyze
-    from .text import TextExportError, plan_text
+    from .manifest import ManifestError
+    from .steps.surgery import analyze
+    from .steps.vision_export import VisionExportError, plan_mmproj
+    from .text_model import TextExportError, plan_from_manifest
     from .tokenizer import model_problem
-    from .vision import VisionExportError, export_plan
 
     names = names or list(_CHECKPOINT_STEPS)
     refusals = (CheckpointError, LayoutError, ManifestError, TextExportError, VisionExportError)
@@ -129,12 +132,12 @@ def checkpoint_problems(folder: Path, run: Run, names: list[str] | None = None) 
         out.append(f"{folder / 'tokenizer.model'}: {tokenizer}")
     if "vision" in names:
         try:
-            export_plan(manifest, run.params.convert.mmproj_outtype)
+            plan_mmproj(manifest, run.params.convert.mmproj_outtype)
         except refusals as err:
             out.append(str(err))
     if "text" in names and not tokenizer:  # the text plan reads the tokenizer too: one report of it is enough
         try:
-            plan_text(folder, run.params.convert.outtype)
+            plan_from_manifest(manifest, run.params.convert.outtype)
         except refusals as err:
             out.append(str(err))
     return out

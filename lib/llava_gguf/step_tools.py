@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import toolchain
+from .llama_cpp import toolchain
 from .params import Params
 
 

@@ -118,7 +118,7 @@ def llava_config(s: Shapes, variant: str = "1.6") -> dict:
     return cfg
 
 
-def tensor_plan(s: Shapes, variant: str = "1.6") -> list[tuple[str, tuple[int, ...]]]:
+def synthetic_tensors(s: Shapes, variant: str = "1.6") -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes in the order LlavaLlamaForCausalLM.state_dict() yields them."""
     plan: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s.vocab, s.hidden))]
     head_dim = s.hidden // s.heads
@@ -234,11 +234,11 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors",
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
     if vocab_gguf is None:
-        from .toolchain import source_asset
+        from .llama_cpp.toolchain import source_asset
 
         vocab_gguf = source_asset(VOCAB_GGUF)
     s = SIZES[size]
-    plan = tensor_plan(s, variant)
+    plan = synthetic_tensors(s, variant)
     groups = _split_shards(plan, shards)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():

@@ -8,17 +8,22 @@ so an interrupted step never leaves a complete-looking product behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import partials
-from .params import DEFAULT_PARAMS, Params, load_params
+from .params import DEFAULT_PARAMS, Params, load_params, parse_params
+from .registry import producer, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +53,6 @@ def forcing(force: bool) -> Iterator[None]:
             os.environ[FORCE_ENV] = old
 
 
-def repo_root() -> Path:
-    """The project checkout: LLAVA_GGUF_ROOT, else the folder above lib/ (the package is editable)."""
-    env = os.environ.get("LLAVA_GGUF_ROOT")
-    if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[2]
-
-
 def outputs_dir() -> Path:
     """Where run folders go: $LLAVA_GGUF_OUTPUTS (tests use a temp folder), else outputs/."""
     env = os.environ.get(OUTPUTS_ENV)
@@ -71,7 +68,9 @@ def cache_dir() -> Path:
 
 
 def rel_to_root(path: Path | str) -> str:
-    path = Path(path).resolve()
+    # abspath, not resolve(): a symlinked outputs folder (a bigger disk) must keep its spelling,
+    # or a recorded path would not compare equal to the one the step holds.
+    path = Path(os.path.abspath(path))
     try:
         return str(path.relative_to(repo_root()))
     except ValueError:
@@ -129,7 +128,6 @@ class Run:
     """One params file's run: its folder layout and its artifacts.json."""
 
     params: Params
-    root: Path
 
     @property
     def dir(self) -> Path:
@@ -152,7 +150,7 @@ class Run:
     def artifacts(self) -> dict[str, Any]:
         if not self.artifacts_file.exists():
             return {}
-        return json.loads(self.artifacts_file.read_text())
+        return self.read_json(self.artifacts_file)
 
     def record(self, name: str, value: Any) -> None:
         """Record a product (a path, a mapping of paths, or plain data) in artifacts.json."""
@@ -171,19 +169,63 @@ class Run:
         if name not in data:
             raise FileNotFoundError(
                 f"{self.artifacts_file}: no '{name}' recorded yet; run the step that makes it "
-                f"(e.g. `make {_PRODUCER.get(name, 'all')} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
+                f"(e.g. `make {producer(name)} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
         return data[name]
 
     def artifact_path(self, name: str) -> Path:
         path = resolve(self.artifact(name))
         if not path.exists():
             raise FileNotFoundError(f"artifact '{name}' points at {path}, which does not exist; "
-                                    f"rerun `make {_PRODUCER.get(name, 'all')} FORCE=1`")
+                                    f"rerun `make {producer(name)} FORCE=1`")
         return path
 
+    def resolve(self, recorded: str) -> Path:
+        """A path as recorded in artifacts.json."""
+        return resolve(recorded)
 
-_PRODUCER = {"checkpoint": "download", "surgery": "surgery", "mmproj": "vision", "text_gguf": "text",
-             "quantized": "quantize", "metrics": "evaluate", "llama_cpp": "all"}
+    @staticmethod
+    def read_json(path: Path) -> Any:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise RunStateError(f"{path}: unreadable ({err}); delete it and rerun with FORCE=1") from None
+
+    # one pipeline per run at a time ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold outputs/<run>/.lock (flock: released by the kernel when the holder dies)."""
+        path = self.dir / ".lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunBusy(f"run '{self.params.run}' ({self.dir}) is in use by {holder}; "
+                              "wait for it to finish or stop it, then rerun") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                    f" ({' '.join(sys.argv[:4])})\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+
+    def remove_stale_partials(self) -> list[Path]:
+        """Delete what interrupted writers left (`.<name>.<pid>-<start>.XXXX.partial`), keeping the
+        files of writers still at work (a notebook open in JupyterLab holds no run lock); see partials.py."""
+        return partials.remove_stale(self.dir)
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+class RunStateError(RuntimeError):
+    """A file of the run folder (artifacts.json, steps.json) cannot be read."""
 
 
 def _relativize(value: Any) -> Any:
@@ -196,11 +238,18 @@ def _relativize(value: Any) -> Any:
     return value
 
 
-def open_run(params_file: str | Path | None = None) -> Run:
-    """The run for a params file: the argument, else $LLAVA_GGUF_PARAMS, else params/default.yaml."""
+def open_run(params_file: str | Path | None = None, params: dict | None = None) -> Run:
+    """The run for a params file: the argument, else $LLAVA_GGUF_PARAMS, else params/default.yaml.
+
+    `params`: the resolved values papermill injects into an executed notebook; when given they are
+    what the run uses (validated again), so the executed notebook shows exactly what it ran with."""
     chosen = params_file or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS
-    params = load_params(resolve(chosen))
-    run = Run(params=params, root=repo_root())
+    if params is not None:
+        loaded = parse_params(params, f"{chosen} (as injected)")
+        loaded._source_file = resolve(chosen).resolve()
+    else:
+        loaded = load_params(resolve(chosen))
+    run = Run(params=loaded)
     run.dir.mkdir(parents=True, exist_ok=True)
     return run
 

@@ -54,11 +54,12 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
                   KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
 from tqdm.auto import tqdm
 
-from . import diskspace
-from .gguf_io import metadata_table, read_gguf, tensor_table
-from .layout import PROJECTOR, VISION
-from .surgery import load_manifest, open_checked, part_tensors
-from .workspace import Run, atomic_path
+from .. import diskspace
+from ..gguf_io import metadata_table, read_gguf, tensor_table
+from ..layout import PROJECTOR, VISION
+from ..checks import vision as vision_check
+from ..manifest import load_manifest, open_checked, part_tensors
+from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class VisionExportError(ValueError):
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class MmprojTensor:
     stored: str  # name in the checkpoint
     canonical: str
     gguf: str
@@ -134,6 +135,17 @@ class VisionResult:
     size_bytes: int
     outtype: str
     config: dict = field(default_factory=dict)  # the derived config_vit.json
+    plan: list = field(default_factory=list, repr=False)  # the MmprojTensor list written
+    check: "vision_check.VisionReport | None" = field(default=None, repr=False)  # convert.verify
+
+    @property
+    def ok(self) -> bool:
+        """The export is sound: the check passed, or disagreed only by a known llama.cpp defect."""
+        return self.check is None or self.check.export_ok
+
+    @property
+    def message(self) -> str:
+        return self.check.message if self.check is not None else "not verified"
 
     @property
     def size_mib(self) -> float:
@@ -292,7 +304,7 @@ def out_dtype(part: str, ndim: int, gguf: str, outtype: str) -> str:
     return "float32"
 
 
-def tensor_plan(manifest: dict, vcfg: dict, outtype: str = "f16") -> list[PlannedTensor]:
+def mmproj_tensors(manifest: dict, vcfg: dict, outtype: str = "f16") -> list[MmprojTensor]:
     """Every tensor of the mmproj file, in writing order, from the manifest (no tensor read)."""
     keep = block_count(vcfg)
     plan = []
@@ -303,7 +315,7 @@ def tensor_plan(manifest: dict, vcfg: dict, outtype: str = "f16") -> list[Planne
             if name is None or (layer and int(layer.group(1)) >= keep):
                 continue
             shape = tuple(d for d in t["shape"] if d != 1)  # the script squeeze()s every tensor
-            plan.append(PlannedTensor(t["stored"], canonical, name, shape, out_dtype(part, len(shape), name, outtype)))
+            plan.append(MmprojTensor(t["stored"], canonical, name, shape, out_dtype(part, len(shape), name, outtype)))
     return sorted(plan, key=lambda p: _order_key(p.canonical))
 
 
@@ -311,7 +323,7 @@ def mmproj_name(outtype: str) -> str:
     return f"mmproj-model-{outtype}.gguf"
 
 
-def export_plan(manifest: dict, outtype: str = "f16") -> tuple[dict, list[PlannedTensor]]:
+def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[MmprojTensor]]:
     """The derived vision config and the tensors to write; every check, nothing read or written."""
     if outtype not in OUTTYPES:
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
@@ -322,18 +334,12 @@ def export_plan(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Planne
     if proj_in != vcfg["hidden_size"]:
         raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
                                 f"{vcfg['hidden_size']}; the projector belongs to another tower")
-    return vcfg, tensor_plan(manifest, vcfg, outtype)
-
-
-def plan_table(plan: list[PlannedTensor]) -> pd.DataFrame:
-    """The planned tensors: checkpoint name -> GGUF name, shape, type, MiB."""
-    return pd.DataFrame([{"stored": t.stored, "gguf": t.gguf, "shape": t.shape, "dtype": t.dtype,
-                          "MiB": t.nbytes / 2**20} for t in plan])
+    return vcfg, mmproj_tensors(manifest, vcfg, outtype)
 
 
 def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16") -> VisionResult:
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
-    vcfg, plan = export_plan(manifest, outtype)
+    vcfg, plan = plan_mmproj(manifest, outtype)
     out_path = Path(out_path)
     nbytes = sum(t.nbytes for t in plan)
     diskspace.ensure_space(out_path, nbytes, "the mmproj GGUF")
@@ -356,15 +362,17 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16") ->
             writer.close()
     size = out_path.stat().st_size
     log.info("%s: %d tensors, %.1f MiB (%s)", out_path, len(plan), size / 2**20, outtype)
-    return VisionResult(out_path, len(plan), size, outtype, vcfg)
+    return VisionResult(out_path, len(plan), size, outtype, vcfg, plan)
 
 
 def run_vision(run: Run) -> VisionResult:
-    """Export the run's vision tower + projector (artifact `mmproj`)."""
+    """Step 03: export the run's vision tower + projector (artifact `mmproj`) from the surgery
+    manifest, then check llama.cpp's image embeddings against PyTorch (`convert.verify`)."""
     manifest = load_manifest(run)
     outtype = run.params.convert.mmproj_outtype
     result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype)
     run.record("mmproj", result.path)
+    result.check = vision_check.verify_run(run)
     return result
 
 

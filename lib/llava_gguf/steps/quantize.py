@@ -19,24 +19,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import corpus, diskspace, stamps, step_tools, toolchain, workspace
-from .download import quant_type_of
-from .gguf_io import GGUFError, open_gguf
-from .workspace import Run, atomic_path, resolve
+from .. import diskspace, stamps, step_tools, workspace
+from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
+from ..llama_cpp import corpus, toolchain
+from ..workspace import Run, atomic_path, resolve
 
 log = logging.getLogger(__name__)
 
 # Suffixes that name the float type of an unquantized export; dropped before adding the quant type.
 _FLOAT_SUFFIX = re.compile(r"[-_.](f16|bf16|f32|q8_0)$", re.I)
-# Metadata key llama-quantize writes when it used an importance matrix.
-IMATRIX_KEY = "quantize.imatrix.file"
 # Bits per weight of a Llama's matrices in each type, rounded up (llama.cpp's own table; the mixed
 # _S/_M/_L types include their heavier tensors; measured at 7B: Q8_0 8.50, Q5_K_M 5.68, Q4_K_M 4.84,
 # Q4_0 4.54). Only used to check the free disk before llama-quantize writes.
@@ -48,10 +45,13 @@ BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0
 @dataclass
 class QuantizeResult:
     quantized: dict[str, Path]
-    table: pd.DataFrame
+    files: pd.DataFrame  # gguf_io.quant_table of the source and every quantized file
     imatrix: Path | None = None
     logs: dict[str, Path] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        return self.files
 
     def __str__(self) -> str:
         return (f"QuantizeResult({', '.join(f'{k}: {Path(v).name}' for k, v in self.quantized.items())}; "
@@ -64,54 +64,6 @@ def output_stem(text_gguf: Path) -> str:
 
 def threads(run: Run) -> int:
     return run.params.quantize.threads or os.cpu_count() or 2
-
-
-# ----------------------------------------------------------------------------- tables
-def gguf_summary(path: Path | str) -> dict:
-    """Size, parameter count, bits per weight, file type and tensor types of one GGUF."""
-    path = Path(path)
-    header = open_gguf(path)
-    size = path.stat().st_size
-    params = sum(t.n_elements for t in header.tensors.values())
-    counts: Counter = Counter()
-    by_bytes: Counter = Counter()
-    for t in header.tensors.values():
-        counts[t.qtype.name] += 1
-        by_bytes[t.qtype.name] += t.n_bytes
-    arch = header.fields.get("general.architecture", "")
-    return {
-        "file": path.name,
-        "file_type": header.file_type or quant_type_of(path),
-        "size_bytes": size,
-        "size_mib": round(size / 2**20, 2),
-        "params": params,
-        # As llama.cpp reports it: tensor data bits over weights (metadata and vocab excluded).
-        "bpw": round(8 * sum(by_bytes.values()) / params, 3) if params else float("nan"),
-        "bpw_file": round(8 * size / params, 3) if params else float("nan"),
-        "tensors": len(header.tensors),
-        "architecture": arch,
-        "layers": header.fields.get(f"{arch}.block_count"),
-        "width": header.fields.get(f"{arch}.embedding_length"),
-        "imatrix": IMATRIX_KEY in header.fields,
-        "tensor_types": dict(sorted(counts.items())),
-        "tensor_mib": {k: round(v / 2**20, 2) for k, v in sorted(by_bytes.items())},
-    }
-
-
-def quant_table(paths: dict[str, Path | str] | list[Path | str]) -> pd.DataFrame:
-    """One row per GGUF: size, bits per weight and how many tensors of each ggml type it holds."""
-    items = paths.items() if isinstance(paths, dict) else ((quant_type_of(Path(p)), p) for p in paths)
-    rows = []
-    for name, path in items:
-        s = gguf_summary(path)
-        row = {"variant": name, **{k: v for k, v in s.items() if k not in ("tensor_types", "tensor_mib")}}
-        row.update({f"n_{k}": v for k, v in s["tensor_types"].items()})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    count_cols = sorted(c for c in table.columns if c.startswith("n_"))
-    if count_cols:
-        table[count_cols] = table[count_cols].fillna(0).astype(int)
-    return table.sort_values("bpw", ascending=False, ignore_index=True) if len(table) else table
 
 
 def estimated_size(text_gguf: Path, qtype: str) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .workspace import cache_dir, repo_root
+from ..workspace import cache_dir, repo_root
 
 log = logging.getLogger(__name__)
 

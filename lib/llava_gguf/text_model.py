@@ -1,40 +1,23 @@
-"""Step 04: the Llama text model of a LLaVA checkpoint as a llama.cpp GGUF, written natively.
+"""The Llama text model of a LLaVA checkpoint, planned for llama.cpp: hyper-parameters, vocabulary,
+and every tensor's llama.cpp name, shape and type, from the surgery manifest (headers only).
 
-llama.cpp's manual recipe (`examples/convert_legacy_llama.py <model> --skip-unknown`) writes a
-27 GB F32 file for the 7B and leaves the chat template out. Here the text part of the split
-(`layout.split_checkpoint(...).part("text")`) is written with gguf-py's `GGUFWriter` in the
-requested precision (`convert.outtype`), one tensor at a time: the header and the tensor table
-are written first (`add_tensor_info`), then each tensor is read from its shard, converted in row
-chunks and appended, so peak memory is one source tensor plus a chunk, whatever the model size.
-
-What is written matches the legacy script (tensor names, shapes, types and values, the `llama.*`,
-`general.*` and `tokenizer.*` keys; see `text_check.compare_ggufs`), plus
-`tokenizer.ggml.unknown_token_id` and the Vicuna chat template, which llama.cpp recognises as its
-built-in "vicuna" template, so `llama-mtmd-cli` needs no `--chat-template`. One deliberate
-difference: Q8_0 blocks come from gguf-py's port of ggml's reference quantizer (byte-identical to
-`llama-quantize`), where the legacy script's own numpy shortcut rounds about 0.1% of the quants one
-step the other way (same block scales). Everything is checked before a byte is written.
+The tensor name map is a data table (TENSOR_MAP); unknown, missing or misshapen tensors and
+vocabulary mismatches fail here, before anything is written (steps/text_export.py writes).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from . import diskspace, step_tools
-from .checkpoint import Checkpoint
-from .gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
-from .layout import TEXT, SplitTensor, split_checkpoint
-from .workspace import Run, atomic_path
+from .layout import TEXT, SplitTensor
+from .manifest import parameter_count, source_folder, split_part
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +66,6 @@ VICUNA_CHAT_TEMPLATE = (
 )
 
 SUPPORTED_SOURCE_DTYPES = ("BF16", "F16", "F32")
-# Rows converted at once: bounds the F32 working copies (16 MiB) for any tensor size.
-CHUNK_ELEMENTS = 1 << 22
-# Names convert_legacy_llama.py leaves out of its parameter count (general.size_label).
-_UNCOUNTED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
 class TextExportError(ValueError):
@@ -231,7 +210,7 @@ def read_vocab(folder: Path) -> Vocab:
 
 # ---------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
-class PlannedTensor:
+class TextTensor:
     name: str  # llama.cpp name
     canonical: str
     stored: str
@@ -252,7 +231,7 @@ class TextPlan:
     hparams: TextHParams
     vocab: Vocab
     outtype: str
-    tensors: list[PlannedTensor]
+    tensors: list[TextTensor]
     total_params: tuple[int, int, int]  # whole checkpoint (total, shared, expert), for general.size_label
 
     @property
@@ -293,24 +272,24 @@ def expected_names(hp: TextHParams) -> list[str]:
     return [head[0]] + [b.format(bid=i) for i in range(hp.n_layer) for b in blocks] + head[1:]
 
 
-def plan_text(checkpoint: Path | str, outtype: str = "f16") -> TextPlan:
-    """Validate the checkpoint's text model and decide every tensor's name, shape and type. Reads
-    only headers and the tokenizer files; raises `TextExportError` naming the file or key."""
+def plan_from_manifest(manifest: dict, outtype: str = "f16") -> TextPlan:
+    """Validate the text model and decide every tensor's name, shape and type, from the surgery
+    manifest and the tokenizer files (no tensor read); raises `TextExportError` naming the file or key."""
     if outtype not in OUTTYPES:
         raise TextExportError(f"convert.outtype {outtype!r} is not supported (choose one of {', '.join(OUTTYPES)})")
-    with Checkpoint.open(checkpoint) as ckpt:
-        text = split_checkpoint(ckpt).part(TEXT)
-        config_file = ckpt.path / "config.json"
-        hp = read_hparams(ckpt.config, config_file)
-        vocab = read_vocab(ckpt.path)
-        if len(vocab) != hp.n_vocab:
-            raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "
-                                  f"({len(vocab)} pieces); added tokens are not supported, the two must match")
-        planned = plan_tensors(text, hp, outtype, ckpt.path)
-        return TextPlan(ckpt.path, hp, vocab, outtype, planned, _parameter_count(ckpt))
+    folder = source_folder(manifest)
+    config_file = folder / "config.json"
+    hp = read_hparams(manifest["config"], config_file)
+    vocab = read_vocab(folder)
+    if len(vocab) != hp.n_vocab:
+        raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "
+                              f"({len(vocab)} pieces); added tokens are not supported, the two must match")
+    planned = plan_tensors(split_part(manifest, TEXT), hp, outtype, folder)
+    n = parameter_count(manifest)
+    return TextPlan(folder, hp, vocab, outtype, planned, (n, n, 0))
 
 
-def plan_tensors(text: dict[str, SplitTensor], hp: TextHParams, outtype: str, folder: Path) -> list[PlannedTensor]:
+def plan_tensors(text: dict[str, SplitTensor], hp: TextHParams, outtype: str, folder: Path) -> list[TextTensor]:
     """The llama.cpp tensors for the text part of a split (canonical name -> tensor), checked against
     the hyper-parameters; errors name the tensor, its shard and the config keys."""
     config_file = folder / "config.json"
@@ -351,183 +330,6 @@ def plan_tensors(text: dict[str, SplitTensor], hp: TextHParams, outtype: str, fo
         if shape[-1] % block:
             raise TextExportError(f"{folder / t.shard}: '{t.stored}' rows of {shape[-1]} values do not split "
                                   f"into {qtype.name} blocks of {block}; choose convert.outtype f16")
-        planned.append(PlannedTensor(gguf_name, name, t.stored, t.shard, t.dtype, shape, qtype,
+        planned.append(TextTensor(gguf_name, name, t.stored, t.shard, t.dtype, shape, qtype,
                                      dims[heads_key] if heads_key else None))
     return planned
-
-
-def _parameter_count(ckpt: Checkpoint) -> tuple[int, int, int]:
-    # convert_legacy_llama.py labels the file with the size of everything in the checkpoint folder
-    # (vision tower and projector included); the same count keeps general.size_label identical.
-    n = sum(t.numel for t in ckpt if not t.name.endswith(_UNCOUNTED_SUFFIXES))
-    return n, n, 0
-
-
-# ---------------------------------------------------------------------------- metadata
-def model_name(run: Run) -> str:
-    """The model's name: the repo's for hub downloads, else the checkpoint folder's."""
-    p = run.params.model
-    if p.source in ("huggingface", "modelscope"):
-        return p.repo.rstrip("/").rsplit("/", 1)[-1]
-    if p.source == "tiny":
-        return f"llava-synthetic-{p.tiny.size}"
-    # The folder as named in the params (the recorded artifact may be a resolved symlink).
-    return Path(p.path).name if p.path else run.artifact_path("checkpoint").name
-
-
-def general_metadata(checkpoint: Path, name: str, total_params: tuple[int, int, int]) -> gguf.Metadata:
-    """`general.*` as convert_legacy_llama.py derives it (model card front matter, config.json,
-    then a name heuristic), with `name` standing in for the folder name: a hub snapshot's folder is
-    a commit hash."""
-    meta = gguf.Metadata.load(None, checkpoint, None, 0)
-    card = gguf.Metadata.load_model_card(checkpoint)
-    hf = gguf.Metadata.load_hf_parameters(checkpoint)
-    named = gguf.Metadata.apply_metadata_heuristic(gguf.Metadata(), card, hf, Path(name), 0)
-    for key in ("name", "organization", "basename", "finetune", "version"):
-        setattr(meta, key, getattr(named, key))
-    meta.name = meta.name or name
-    meta.size_label = gguf.size_label(*total_params, expert_count=0)
-    return meta
-
-
-def _add_metadata(writer: gguf.GGUFWriter, plan: TextPlan, name: str) -> None:
-    hp = plan.hparams
-    general_metadata(plan.checkpoint, name, plan.total_params).set_gguf_meta_model(writer)
-    writer.add_vocab_size(hp.n_vocab)
-    writer.add_context_length(hp.n_ctx)
-    writer.add_embedding_length(hp.n_embd)
-    writer.add_block_count(hp.n_layer)
-    writer.add_feed_forward_length(hp.n_ff)
-    writer.add_rope_dimension_count(hp.head_dim)
-    writer.add_head_count(hp.n_head)
-    writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_layer_norm_rms_eps(hp.norm_eps)
-    if hp.rope_theta is not None:
-        writer.add_rope_freq_base(hp.rope_theta)
-    if hp.rope_scale is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(hp.rope_scale)
-    writer.add_file_type(OUTTYPES[plan.outtype][1])
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(plan.vocab.tokens)
-    writer.add_token_scores(plan.vocab.scores.tolist())
-    writer.add_token_types(plan.vocab.types.tolist())
-    plan.vocab.special.add_to_gguf(writer, quiet=True)
-
-
-# ---------------------------------------------------------------------------- tensors
-def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Hugging Face stores Q/K rows rotate-half ordered per head; llama.cpp's RoPE wants the two
-    halves interleaved (the inverse of transformers' convert_llama_weights_to_hf permutation)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-_TORCH_CASTS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-
-
-class _StreamedTensor:
-    """Stands in for an ndarray in `GGUFWriter.write_tensor_data`, which only asks for `nbytes`
-    and calls `tofile(fout)` (as gguf-py's chunked lazy tensors do): the tensor is read when its
-    turn comes and converted a few rows at a time, so no whole F32 copy ever exists."""
-
-    def __init__(self, ckpt: Checkpoint, t: PlannedTensor):
-        self.ckpt, self.t = ckpt, t
-        self.nbytes = t.nbytes
-
-    def tofile(self, fout) -> None:
-        t = self.t
-        w = self.ckpt.load(t.stored)
-        if t.permute_heads:
-            w = permute_rotary(w, t.permute_heads)
-        row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
-        step = max(1, CHUNK_ELEMENTS // row)
-        written = 0
-        torch_dtype = _TORCH_CASTS.get(t.qtype)
-        for start in range(0, t.shape[0], step):
-            if torch_dtype is not None:
-                # torch casts round to nearest even like gguf-py's numpy code, in several threads;
-                # from bf16/f16 the result is the same single rounding as going through F32.
-                out = w[start:start + step].to(torch_dtype).contiguous().view(torch.uint8).numpy()
-            else:
-                # Through F32 as the legacy script does: bf16/f16 -> f32 is exact, then one rounding.
-                out = gguf.quants.quantize(w[start:start + step].to(torch.float32).numpy(), t.qtype)
-            out.tofile(fout)
-            written += out.nbytes
-        del w
-        if written != self.nbytes:
-            raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {self.nbytes}")
-
-
-@dataclass
-class TextResult:
-    path: Path
-    n_tensors: int
-    size: int  # bytes
-    outtype: str
-    seconds: float = 0.0
-    plan: TextPlan | None = field(default=None, repr=False)
-
-    def table(self) -> pd.DataFrame:
-        return pd.DataFrame([{"file": self.path.name, "tensors": self.n_tensors, "outtype": self.outtype,
-                              "GiB": round(self.size / 2**30, 3), "seconds": round(self.seconds, 1)}])
-
-
-def write_text_gguf(checkpoint: Path | str, out_path: Path | str, outtype: str = "f16",
-                    name: str | None = None, plan: TextPlan | None = None) -> TextResult:
-    """Write the text GGUF of a checkpoint folder to `out_path` (atomically); the folder is only read."""
-    t0 = time.monotonic()
-    out_path = Path(out_path)
-    plan = plan or plan_text(checkpoint, outtype)
-    name = name or plan.checkpoint.name
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _add_metadata(writer, plan, name)
-    for t in plan.tensors:
-        writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, t.qtype), np.dtype(np.uint8),
-                               t.nbytes, raw_dtype=t.qtype)
-    log.info("writing %s: %d tensors, %.2f GiB (%s)", out_path.name, len(plan.tensors), plan.nbytes / 2**30,
-             plan.outtype)
-    diskspace.ensure_space(out_path, plan.nbytes, "the text GGUF")
-    with Checkpoint.open(plan.checkpoint) as ckpt, atomic_path(out_path) as tmp, \
-            diskspace.disk_errors(out_path, plan.nbytes, "the text GGUF", tmp):
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"text {plan.outtype}") as bar:
-                for t in plan.tensors:
-                    writer.write_tensor_data(_StreamedTensor(ckpt, t))
-                    bar.update(t.nbytes)
-        finally:
-            writer.close()
-    size = out_path.stat().st_size
-    log.info("wrote %s (%.2f GiB) in %.1f s", out_path, size / 2**30, time.monotonic() - t0)
-    return TextResult(out_path, len(plan.tensors), size, plan.outtype, time.monotonic() - t0, plan)
-
-
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True, eos_token: str = "</s>") -> str:
-    """The Vicuna template rendered as Jinja (what llama.cpp's --jinja mode and transformers do)."""
-    import jinja2
-
-    return jinja2.Environment().from_string(VICUNA_CHAT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
-
-
-def output_path(run: Run) -> Path:
-    suffix = OUTTYPES[run.params.convert.outtype][2]
-    return run.dir / "models" / f"{model_name(run)}-{suffix}.gguf"
-
-
-def text_plan(run: Run) -> pd.DataFrame:
-    """The tensor plan of this run's export (name, source dtype -> type, shape), for display."""
-    return plan_text(run.artifact_path("checkpoint"), run.params.convert.outtype).table()
-
-
-def run_text(run: Run) -> TextResult:
-    """Step 04: write `outputs/<run>/models/<name>-<OUTTYPE>.gguf`, record it as `text_gguf`."""
-    step_tools.require(run.params, "text")  # the check's tools, before minutes of writing
-    checkpoint = run.artifact_path("checkpoint")
-    plan = plan_text(checkpoint, run.params.convert.outtype)
-    result = write_text_gguf(checkpoint, output_path(run), plan.outtype, model_name(run), plan)
-    run.record("text_gguf", result.path)
-    return result

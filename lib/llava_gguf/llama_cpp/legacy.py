@@ -41,8 +41,8 @@ from typing import Callable
 
 import torch
 
-from .toolchain import source_dir
-from .workspace import cache_dir, write_json
+from ..llama_cpp.toolchain import source_dir
+from ..workspace import cache_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path, runner: Runner = 
 
 def derived_config_vit(model_dir: str | Path) -> dict:
     """config_vit.json for the checkpoint in model_dir, from config.json, llava.clip and llava.projector."""
-    from .vision import vision_config
+    from ..steps.vision_export import vision_config
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())

@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import EvaluateParams
-from .timings import Timings, parse_timings, timings_command  # noqa: F401  (re-exported for the CLI)
+from ..params import EvaluateParams
+from .timings import Timings, parse_timings
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def image_problem(path: Path | str) -> str | None:
     return None
 
 
-def _check_input(path: Path, what: str) -> Path:
+def check_input(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -173,10 +173,10 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     """Run llama-mtmd-cli once; the full log (stdout and stderr as they arrived) goes to log_path."""
     opts = opts or MtmdOptions()
     n_predict, timeout_s = opts.evaluate.n_predict, opts.evaluate.timeout_s
-    _check_input(Path(image), "image (params evaluate.cases[].image)")
-    _check_input(Path(text_gguf), "text GGUF")
-    _check_input(Path(mmproj), "mmproj GGUF")
-    _check_input(Path(cli_path), "llama-mtmd-cli")
+    check_input(Path(image), "image (params evaluate.cases[].image)")
+    check_input(Path(text_gguf), "text GGUF")
+    check_input(Path(mmproj), "mmproj GGUF")
+    check_input(Path(cli_path), "llama-mtmd-cli")
     cmd = [str(cli_path), "-m", str(text_gguf), "--mmproj", str(mmproj), "--image", str(image),
            "-p", prompt, *opts.args()]
     log_path = Path(log_path)
@@ -279,7 +279,7 @@ def _error_lines(log_path: Path, n: int = 6) -> str:
 
 def _gguf_problems(files: dict[str, Path]) -> list[str]:
     """Why a GGUF the tool could not load is unreadable (only read after a failure)."""
-    from .gguf_io import GGUFError, open_gguf
+    from ..gguf_io import GGUFError, open_gguf
 
     problems = []
     for label, path in files.items():
@@ -387,74 +387,3 @@ def _check_count(n_pieces: int, stop: str, timings: Timings, n_predict: int) -> 
         return False, (f"{n_pieces} pieces but {expected} tokens expected from eval runs {runs} (stop: {stop}): "
                        "some reads held more than one token; per-token times are approximate")
     return False, f"{n_pieces} pieces but only {expected} expected from eval runs {runs} (stop: {stop})"
-
-
-# ----------------------------------------------------------------------------- the step
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.+-]", "_", name)
-
-
-def case_problems(run) -> list[str]:
-    """What is wrong with the params cases' images, each naming the case (empty: nothing)."""
-    from .workspace import resolve
-
-    out = []
-    if not run.params.evaluate.cases:
-        out.append(f"{run.params_file}: evaluate.cases is empty; list at least one {{image, prompt}} "
-                   "(image: null is llama.cpp's test image)")
-    for i, case in enumerate(run.params.evaluate.cases):
-        if case.image is None:
-            continue  # llama.cpp's own test image
-        image = resolve(case.image)
-        problem = image_problem(image)
-        if problem == "not found":
-            problem += " (paths are absolute or relative to the repo root)"
-        if problem:
-            out.append(f"{run.params_file}: evaluate.cases[{i}].image: {image} {problem}")
-    return out
-
-
-def case_inputs(run) -> list[tuple[Path, str]]:
-    """(image, prompt) per params case; errors name the case before anything runs."""
-    from . import toolchain
-    from .workspace import resolve
-
-    problems = case_problems(run)
-    if problems:
-        kind = FileNotFoundError if all(p.endswith("repo root)") for p in problems) else ValueError
-        raise kind("\n".join(problems))
-    return [(toolchain.source_asset(DEFAULT_IMAGE) if case.image is None else resolve(case.image), case.prompt)
-            for case in run.params.evaluate.cases]
-
-
-def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
-    """Every variant x every params case; returns one row per run (also written to metrics/)."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from . import toolchain
-    from .workspace import write_json
-
-    cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
-    cases = case_inputs(run)
-    for name, path in variants.items():
-        _check_input(Path(path), f"text GGUF of variant '{name}'")
-    _check_input(Path(mmproj), "mmproj GGUF")
-    opts = MtmdOptions(run.params.evaluate)
-    version = toolchain.tool_version(cli)
-    logs, metrics = run.sub("logs"), run.sub("metrics")
-    rows = []
-    jobs = [(name, Path(path), i, image, prompt) for name, path in variants.items()
-            for i, (image, prompt) in enumerate(cases)]
-    for name, gguf, i, image, prompt in tqdm(jobs, desc="llama-mtmd-cli", unit="run"):
-        stem = f"{_safe(name)}__{i}"
-        result = run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
-        record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
-                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict()}
-        write_json(metrics / f"{stem}.json", record)
-        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
-        log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,
-                 result.n_tokens, result.ttft_ms or float("nan"),
-                 f"{rows[-1]['stream_tokens_per_s']:.2f}" if rows[-1]["stream_tokens_per_s"] else "n/a",
-                 result.peak_rss_mib or float("nan"))
-    return pd.DataFrame(rows)

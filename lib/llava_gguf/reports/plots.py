@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .workspace import Run, atomic_path
+from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class PlotFigure(Figure):
         return buf.getvalue()
 
 
-def _order(variants) -> list[str]:
+def precision_order(variants) -> list[str]:
     """Most precise first (F16, Q8_0, ..., Q4_0), unknown names last in their given order."""
-    from .quality import NOMINAL_BPW
+    from ..checks.quality import NOMINAL_BPW
 
     names = list(dict.fromkeys(variants))
     return sorted(names, key=lambda n: -NOMINAL_BPW.get(str(n).upper(), -1.0))
@@ -78,7 +78,7 @@ def latency_breakdown(runs: pd.DataFrame, run: Run | None = None) -> Figure:
     """Stacked bars, one per variant: mean seconds per stage over its runs (all cases)."""
     runs = with_stages(runs)
     cols = [c for c, _ in STAGES if c in runs.columns]
-    means = runs.groupby("variant")[cols].mean().reindex(_order(runs["variant"])).fillna(0.0) / 1000.0
+    means = runs.groupby("variant")[cols].mean().reindex(precision_order(runs["variant"])).fillna(0.0) / 1000.0
     fig = PlotFigure(figsize=(max(5.0, 1.1 * len(means) + 3), 4.2))
     ax = fig.add_subplot()
     bottom = np.zeros(len(means))
@@ -105,7 +105,7 @@ def token_latency(tokens: pd.DataFrame, run: Run | None = None) -> Figure:
     fig = PlotFigure(figsize=(11, 4))
     ax_line, ax_hist = fig.subplots(1, 2)
     data = tokens.dropna(subset=["itl_ms"])
-    order = _order(data["variant"]) if len(data) else []
+    order = precision_order(data["variant"]) if len(data) else []
     upper = float(np.percentile(data["itl_ms"], 99)) if len(data) else 1.0
     bins = np.linspace(0.0, max(upper, 1e-3) * 1.05, 40)
     for name in order:

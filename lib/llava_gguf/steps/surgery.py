@@ -16,25 +16,20 @@ projector type) runs before the manifest is written; see `checkpoint.py` and `la
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .checkpoint import Checkpoint, DTYPE_SIZES
-from .layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
-from .workspace import Run, rel_to_root, resolve, write_json
+from ..checkpoint import Checkpoint, DTYPE_SIZES
+from ..layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
+from ..manifest import MANIFEST_VERSION, ManifestError  # noqa: F401  (ManifestError: raised by the step)
+from ..workspace import Run, rel_to_root, resolve, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 PARTS = (TEXT, VISION, PROJECTOR, IGNORED)
-
-
-class ManifestError(ValueError):
-    """The manifest no longer matches its checkpoint (or is not a manifest); rerun the surgery step."""
 
 
 @dataclass
@@ -119,41 +114,6 @@ def run_surgery(run: Run) -> SurgeryResult:
     write_json(path, manifest)
     run.record("surgery", path)
     return SurgeryResult(path, manifest)
-
-
-# ----------------------------------------------------------------------------- reading
-def load_manifest(path_or_run: Run | str | Path) -> dict:
-    """The manifest of a run (its `surgery` artifact) or at a path."""
-    path = path_or_run.artifact_path("surgery") if isinstance(path_or_run, Run) else Path(path_or_run)
-    try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: unreadable surgery manifest ({err}); rerun `make surgery`") from None
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')} != {MANIFEST_VERSION}; "
-                            "rerun `make surgery`")
-    return manifest
-
-
-def open_checked(manifest: dict) -> Checkpoint:
-    """Open the manifest's checkpoint and check it still holds what the manifest says."""
-    ckpt = Checkpoint.open(resolve(manifest["source"]))
-    changed = []
-    for name, t in manifest["tensors"].items():
-        info = ckpt.tensors.get(name)
-        if info is None or info.shard != t["shard"] or info.dtype != t["dtype"] or list(info.shape) != t["shape"]:
-            changed.append(name)
-    changed += [n for n in ckpt.tensors if n not in manifest["tensors"]]
-    if changed:
-        ckpt.close()
-        raise ManifestError(f"{ckpt.path}: changed since the surgery step ({len(changed)} tensor(s) differ, e.g. "
-                            f"{changed[0]}); rerun `make surgery`")
-    return ckpt
-
-
-def part_tensors(manifest: dict, part: str) -> dict[str, dict]:
-    """canonical name -> manifest entry (with 'stored' added), for one part."""
-    return {t["canonical"]: {**t, "stored": name} for name, t in manifest["tensors"].items() if t["part"] == part}
 
 
 # ----------------------------------------------------------------------------- tables

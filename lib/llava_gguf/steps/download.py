@@ -14,18 +14,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import diskspace
-from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
-from .gguf_io import GGUFError, open_gguf
-from .tokenizer import model_problem as tokenizer_problem
-from .workspace import Run, resolve, sha256_file
+from .. import diskspace
+from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
+from ..gguf_io import GGUFError, open_gguf, quant_type_of
+from ..tokenizer import model_problem as tokenizer_problem
+from ..workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +198,14 @@ def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
 def _tiny(run: Run) -> Path:
     import math
 
-    from .tiny import SIZES, make_tiny, tensor_plan
+    from ..tiny import SIZES, make_tiny, synthetic_tensors
 
     t = run.params.model.tiny
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
     if (folder / "config.json").exists():
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
-    needed = sum(2 * math.prod(shape) for _, shape in tensor_plan(SIZES[t.size]))  # bf16 weights
+    needed = sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[t.size]))  # bf16 weights
     diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
     with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):
         return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
@@ -259,18 +258,6 @@ def _gguf_products(folder: Path, run: Run) -> dict:
     p = run.params.model
     text = folder / p.text_file
     return {"mmproj": folder / p.mmproj_file, "quantized": {quant_type_of(text): text}}
-
-
-def quant_type_of(path: Path) -> str:
-    """The quant type of a GGUF, from its file_type metadata, else from its file name."""
-    try:
-        ftype = open_gguf(path).file_type
-        if ftype:
-            return ftype
-    except GGUFError as err:  # a partial or foreign file: fall back to the name
-        log.debug("no file_type in %s: %s", path, err)
-    m = re.search(r"(I?Q\d_[A-Z0-9_]+|F16|BF16|F32)", path.stem.upper())
-    return m.group(1) if m else path.stem
 
 
 def run_download(run: Run) -> DownloadResult:

@@ -292,7 +292,7 @@ def measure_call(func: Callable, *args, label: str | None = None, interval: floa
     with tempfile.TemporaryDirectory(prefix="procmon-") as tmp:
         call_file, result_file = Path(tmp) / "call.pickle", Path(tmp) / "result.pickle"
         call_file.write_bytes(pickle.dumps((func, args, kwargs)))
-        m = measure_command([sys.executable, "-m", "llava_gguf.procmon", call_file, result_file], label=label,
+        m = measure_command([sys.executable, "-m", "llava_gguf.bench.procmon", call_file, result_file], label=label,
                             interval=interval, timeout=timeout, heartbeat_s=heartbeat_s, check=False)
         if result_file.exists():
             status, value = pickle.loads(result_file.read_bytes())
@@ -314,7 +314,7 @@ def summary(m: Measurement) -> str:
 
 def _child_main(call_file: str, result_file: str) -> int:
     """Entry point of `measure_call`'s child: unpickle the call, run it, pickle what happened."""
-    from .workspace import setup_logging
+    from ..workspace import setup_logging
 
     setup_logging()
     func, args, kwargs = pickle.loads(Path(call_file).read_bytes())

@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from .workspace import Run, resolve
+from ..workspace import Run, resolve
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,13 @@ The index opens with the evaluation summary (summary.summary_html) when the run 
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import logging
 from pathlib import Path
 
-from .workspace import Run, atomic_path
+from .. import registry
+from ..workspace import Run, atomic_path
+from . import summary
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,6 @@ def render_notebook(notebook: Path, run: Run) -> Path | None:
 
 def _summary(run: Run) -> str:
     try:
-        summary = importlib.import_module("llava_gguf.summary")
-    except ModuleNotFoundError:
-        return ""
-    try:
         return summary.summary_html(run) or ""
     except Exception as err:  # a broken summary must not hide the reports
         log.warning("summary failed: %s", err)
@@ -45,9 +42,7 @@ def render_index(run: Run) -> Path:
     reports = sorted(run.sub("reports").glob("[0-9][0-9]_*.html"))
     steps_file = run.dir / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
-    from .pipeline import STEPS
-
-    by_nb = {Path(s.notebook).stem: s.name for s in STEPS.values()}
+    by_nb = {s.source.stem: s.name for s in registry.steps().values()}
     rows = []
     for r in reports:
         step = by_nb.get(r.stem, "")

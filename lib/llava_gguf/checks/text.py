@@ -30,13 +30,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoint import Checkpoint
-from .gguf_io import GGUFTensor, open_gguf, read_gguf
-from .layout import TEXT, split_checkpoint
-from .text import OUTTYPES, TextExportError, read_hparams
-from .tokenizer import VOCAB_GGUF, read_test_vectors
-from .toolchain import find_tool, source_dir
-from .workspace import Run
+from ..checkpoint import Checkpoint
+from ..gguf_io import GGUFTensor, open_gguf, read_gguf
+from ..layout import TEXT, split_checkpoint
+from ..text_model import OUTTYPES, TextExportError, read_hparams
+from ..tokenizer import VOCAB_GGUF, read_test_vectors
+from ..llama_cpp.toolchain import find_tool, source_dir
+from ..workspace import Run
+from .numeric import nmse
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,6 @@ def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -
 def reference_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, -1].float().numpy()
-
-
-def nmse(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean squared error over the reference's variance (llama.cpp's check-nmse.py)."""
-    mse = float(np.mean((test.astype(np.float64) - reference) ** 2))
-    var = float(np.var(reference.astype(np.float64)))
-    return mse / var if var else (0.0 if mse == 0 else float("inf"))
 
 
 # ---------------------------------------------------------------------------- llama.cpp side
@@ -257,7 +251,7 @@ def check_text_gguf(gguf_path: Path, checkpoint: Path, prompt: str, outtype: str
     bound = NMSE_BOUNDS[outtype] if ref_dtype == torch.float32 else max(NMSE_BOUNDS[outtype],
                                                                         NMSE_BOUNDS_BF16_REFERENCE)
     parity = tokenizer_parity(gguf_path, checkpoint / "tokenizer.model", llama_tokenize)
-    check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(ref, llama), bound,
+    check = TextCheck(gguf_path, outtype, prompt, llama_ids, ref_ids, nmse(llama, ref), bound,
                       float(np.max(np.abs(llama - ref))), int(llama.argmax()), int(ref.argmax()),
                       str(ref_dtype).removeprefix("torch."), parity)
     (log.info if check.passed else log.warning)("%s", check.message)

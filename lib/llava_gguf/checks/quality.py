@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import toolchain
-from .gguf_io import open_gguf
-from .workspace import Run, atomic_path, write_json
+from ..llama_cpp import toolchain
+from ..gguf_io import open_gguf
+from ..workspace import Run, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

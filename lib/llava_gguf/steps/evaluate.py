@@ -1,7 +1,6 @@
-"""Step 06 around `evaluate.run_evaluations`: which variants, quality, plots and the metrics folder.
+"""Step 06: llama-mtmd-cli on every variant x case, quality, plots and the metrics folder.
 
-`run_evaluate(run)` is the whole step (what the CLI calls); the notebook calls its parts to show
-each table. Everything lands in `outputs/<run>/metrics/` (CSV + JSON per table, `summary.json`
+`run_evaluate(run)` is the whole step, called by the notebook and the CLI alike. Everything lands in `outputs/<run>/metrics/` (CSV + JSON per table, `summary.json`
 for the report's summary) and `outputs/<run>/plots/`; `metrics` is recorded in artifacts.json.
 
 Variants: the unquantized text GGUF (`text_gguf`, when `evaluate.include_unquantized` and the run
@@ -12,14 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from . import corpus, plots, quality, quantize, summary
-from .gguf_io import open_gguf
-from .workspace import Run, resolve, write_json
+from tqdm.auto import tqdm
+
+from .. import step_tools
+from ..checks import quality
+from ..gguf_io import gguf_summary, open_gguf, quant_table
+from ..llama_cpp import corpus, mtmd, toolchain
+from ..reports import plots, summary
+from ..workspace import Run, atomic_path, resolve, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
     quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
         text = run.artifact_path("text_gguf")
-        name = quantize.gguf_summary(text)["file_type"]
+        name = gguf_summary(text)["file_type"]
         if name in quantized:
             log.info("the unquantized %s is also a quantize.types entry; evaluated once", name)
         else:
@@ -64,7 +69,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
             f"`make quantize PARAMS={run.params_file}` first")
     for name, path in out.items():
         open_gguf(path, f"text GGUF of variant '{name}'", **fix)
-    return {n: out[n] for n in plots._order(out)}
+    return {n: out[n] for n in plots.precision_order(out)}
 
 
 def reference(run: Run, variants: dict[str, Path]) -> tuple[str | None, Path | None]:
@@ -74,7 +79,7 @@ def reference(run: Run, variants: dict[str, Path]) -> tuple[str | None, Path | N
         for name, p in variants.items():
             if Path(p).resolve() == path.resolve():
                 return name, path
-        return quantize.gguf_summary(path)["file_type"], path
+        return gguf_summary(path)["file_type"], path
     if len(variants) < 2:
         return None, None
     name = quality.reference_variant(variants)
@@ -137,7 +142,7 @@ def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | N
         agree = agreement.groupby("variant").agg(same_answer=("same_answer", "mean"),
                                                  prefix_tokens=("prefix_tokens", "mean"))
         table = table.merge(agree.reset_index(), on="variant", how="left")
-    order = plots._order(table["variant"])
+    order = plots.precision_order(table["variant"])
     return table.set_index("variant").loc[order].reset_index()
 
 
@@ -152,7 +157,7 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
     files = dict(variants)
     if ref_name and ref_name not in files:
         files = {ref_name: ref_path, **files}
-    quant = quantize.quant_table(files)
+    quant = quant_table(files)
     notes: list[str] = []
     kld = None
     if not e.perplexity:
@@ -182,20 +187,75 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
 
 def write_table(df: pd.DataFrame, stem: Path) -> None:
     """<stem>.csv and <stem>.json (records)."""
-    from .workspace import atomic_path
-
     with atomic_path(stem.with_suffix(".csv")) as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(stem.with_suffix(".json")) as tmp:
         df.to_json(tmp, orient="records", indent=1)
 
 
-def run_evaluate(run: Run) -> EvalReport:
-    """Step 06: evaluate every variant on every case, then `report_metrics`."""
-    from . import evaluate, step_tools
+# ----------------------------------------------------------------------------- running
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", name)
 
+
+def case_problems(run) -> list[str]:
+    """What is wrong with the params cases' images, each naming the case (empty: nothing)."""
+    out = []
+    if not run.params.evaluate.cases:
+        out.append(f"{run.params_file}: evaluate.cases is empty; list at least one {{image, prompt}} "
+                   "(image: null is llama.cpp's test image)")
+    for i, case in enumerate(run.params.evaluate.cases):
+        if case.image is None:
+            continue  # llama.cpp's own test image
+        image = resolve(case.image)
+        problem = mtmd.image_problem(image)
+        if problem == "not found":
+            problem += " (paths are absolute or relative to the repo root)"
+        if problem:
+            out.append(f"{run.params_file}: evaluate.cases[{i}].image: {image} {problem}")
+    return out
+
+
+def case_inputs(run) -> list[tuple[Path, str]]:
+    """(image, prompt) per params case; errors name the case before anything runs."""
+    problems = case_problems(run)
+    if problems:
+        kind = FileNotFoundError if all(p.endswith("repo root)") for p in problems) else ValueError
+        raise kind("\n".join(problems))
+    return [(toolchain.source_asset(mtmd.DEFAULT_IMAGE) if case.image is None else resolve(case.image), case.prompt)
+            for case in run.params.evaluate.cases]
+
+
+def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
+    """Every variant x every params case; returns one row per run (also written to metrics/)."""
+    cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
+    cases = case_inputs(run)
+    for name, path in variants.items():
+        mtmd.check_input(Path(path), f"text GGUF of variant '{name}'")
+    mtmd.check_input(Path(mmproj), "mmproj GGUF")
+    opts = mtmd.MtmdOptions(run.params.evaluate)
+    version = toolchain.tool_version(cli)
+    logs, metrics = run.sub("logs"), run.sub("metrics")
+    rows = []
+    jobs = [(name, Path(path), i, image, prompt) for name, path in variants.items()
+            for i, (image, prompt) in enumerate(cases)]
+    for name, gguf, i, image, prompt in tqdm(jobs, desc="llama-mtmd-cli", unit="run"):
+        stem = f"{_safe(name)}__{i}"
+        result = mtmd.run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
+        record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
+                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict()}
+        write_json(metrics / f"{stem}.json", record)
+        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
+        log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,
+                 result.n_tokens, result.ttft_ms or float("nan"),
+                 f"{rows[-1]['stream_tokens_per_s']:.2f}" if rows[-1]["stream_tokens_per_s"] else "n/a",
+                 result.peak_rss_mib or float("nan"))
+    return pd.DataFrame(rows)
+
+
+def run_evaluate(run: Run) -> EvalReport:
+    """Step 06: every variant on every case, then quality, tables, plots and the summary."""
     step_tools.require(run.params, "evaluate")  # llama-perplexity is first run after every case
     variants = variants_for_run(run)
-    mmproj = run.artifact_path("mmproj")
-    runs = evaluate.run_evaluations(run, variants, mmproj)
+    runs = run_evaluations(run, variants, run.artifact_path("mmproj"))
     return report_metrics(run, runs, variants)

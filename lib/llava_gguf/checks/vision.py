@@ -36,11 +36,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import toolchain
-from .checkpoint import Checkpoint
-from .gguf_io import open_gguf
-from .layout import PROJECTOR, VISION, split_checkpoint
-from .workspace import Run, atomic_path, rel_to_root, write_json
+from ..llama_cpp import toolchain
+from ..checkpoint import Checkpoint
+from ..gguf_io import open_gguf
+from ..layout import PROJECTOR, VISION, split_checkpoint
+from ..workspace import Run, atomic_path, rel_to_root, write_json
+from .numeric import nmse
 
 log = logging.getLogger(__name__)
 
@@ -346,11 +347,6 @@ def mtmd_embeddings(mmproj: Path, image: str = "uniform", tool: Path | None = No
 
 
 # ----------------------------------------------------------------------------- the check
-def nmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float(((x - ref) ** 2).sum() / (ref ** 2).sum())
-
-
 @dataclass
 class VisionCheck:
     """The outcome for one image: status 'passed', 'failed' or 'skipped' (never ok unless passed)."""
