@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help setup llama-cpp all $(STEPS) report lab test test-fast bench clean-run
+.PHONY: help setup llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
@@ -45,6 +45,12 @@ $(STEPS): setup
 
 report: setup ## re-render the HTML reports of PARAMS' run
 	$(PY) -m llava_gguf report --params "$(PARAMS)"
+
+compare: setup ## one page comparing run folders: make compare RUNS="outputs/o6 outputs/pi5" [OUT=page.html] (no RUNS: all, into outputs/index.html)
+	$(PY) -m llava_gguf compare $(RUNS) $(if $(OUT),--out $(OUT),)
+
+publish: setup ## model card into outputs/<run>/publish/README.md; UPLOAD=1 uploads to params publish.repo (token: HF_TOKEN / MODELSCOPE_API_TOKEN)
+	$(PY) -m llava_gguf publish --params "$(PARAMS)" $(if $(filter 1 yes true,$(UPLOAD)),--upload,)
 
 lab: setup ## open JupyterLab on notebooks/, reading PARAMS
 	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llava_gguf.bench import measure as bench, procmon
-from llava_gguf.bench.measure import MiB
+from llava_gguf.bench import inputs, measure as bench, procmon, records, report
+from llava_gguf.bench.records import MiB
 
 # measure_call's child imports this module by name to find the functions below.
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -101,7 +101,7 @@ def _record(recipe, step, wall, cpu, anon, written):
     m = procmon.Measurement(label=step, wall_s=wall, peak_anon=anon, peak_file=0, peak_rss=anon,
                             write_bytes=written, read_bytes=0, cpu_s=cpu, returncode=0, samples=10,
                             max_processes=1)
-    return bench.StepRecord(recipe, step, m)
+    return records.StepRecord(recipe, step, m)
 
 
 def test_targets_met_and_missed_say_why():
@@ -116,12 +116,12 @@ def test_targets_met_and_missed_say_why():
                _record("legacy", "vision", 7, 7, int(2 * G), int(0.6 * G)),
                _record("legacy", "text", 17, 16, int(1 * G), 27 * G),
                _record("legacy", "quantize Q5_K_M", 195, 380, int(0.5 * G), int(4.5 * G))]
-    totals = bench.totals_table(records, legacy=True)
+    totals = report.totals_table(records, legacy=True)
     assert list(totals["total"]) == ["conversion", "end to end"] * 2
     assert totals.loc[0, "wall_s"] == 37 and totals.loc[2, "wall_s"] == 49
     largest = {"name": "model.embed_tokens.weight", "shape": [32000, 4096], "elements": 32000 * 4096}
     left = {"models/x-F16.gguf": int(13.5 * G), "models/mmproj-model-f16.gguf": int(0.6 * G)}
-    t = bench.targets_table(records, totals, left, {"legacy/ggml-model-f32.gguf": 27 * G}, 7_060_000_000,
+    t = report.targets_table(records, totals, left, {"legacy/ggml-model-f32.gguf": 27 * G}, 7_060_000_000,
                             largest, cores=2).set_index("target")
     assert len(t) == 5
     mem = t.loc["peak anonymous memory, surgery + vision + text"]
@@ -135,19 +135,19 @@ def test_targets_met_and_missed_say_why():
 
 
 def test_markdown_table():
-    md = bench.to_markdown(pd.DataFrame([{"a": 1.5, "b": "x|y"}, {"a": float("nan"), "b": "z"}]))
+    md = report.to_markdown(pd.DataFrame([{"a": 1.5, "b": "x|y"}, {"a": float("nan"), "b": "z"}]))
     assert md.splitlines() == ["| a | b |", "| --- | --- |", "| 1.5 | x\\|y |", "|  | z |"]
 
 
 def test_synthetic_checkpoint_made_once_and_reused(tmp_path, monkeypatch, write_params):
     from llava_gguf import workspace
 
-    monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(inputs, "cache_dir", lambda: tmp_path / "cache")
     run = workspace.open_run(write_params({"run": "bench-ckpt", "model": {"source": "tiny"}}))
-    first = bench.benchmark_checkpoint(run)
+    first = inputs.benchmark_checkpoint(run)
     assert first.parent == tmp_path / "cache" and (first / "config.json").exists()
     stamp = (first / "config.json").stat().st_mtime_ns
-    assert bench.benchmark_checkpoint(run) == first and (first / "config.json").stat().st_mtime_ns == stamp
+    assert inputs.benchmark_checkpoint(run) == first and (first / "config.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.llama_cpp

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -90,17 +89,20 @@ def test_reused_pid_does_not_keep_a_partial(tmp_path):
     assert partials.remove_stale(tmp_path) == [path]
 
 
-def test_unmarked_partials_go_only_when_old(tmp_path):
-    """Partials named before writers were recorded in the name: by age and lock."""
-    fresh = tmp_path / ".a.gguf.k2j4h5g6.partial"
-    old = tmp_path / "sub" / ".b.gguf.q1w2e3r4.partial"
-    old.parent.mkdir()
-    for p in (fresh, old):
+def test_unmarked_partials_go_when_unlocked(tmp_path):
+    """Partials named before writers were recorded in the name (an older version's): the lock decides."""
+    loose = tmp_path / "sub" / ".b.gguf.q1w2e3r4.partial"
+    held = tmp_path / ".a.gguf.k2j4h5g6.partial"
+    loose.parent.mkdir()
+    for p in (loose, held):
         p.write_bytes(b"x")
-    past = time.time() - partials.LEGACY_AGE_S - 60
-    os.utime(old, (past, past))
-    assert partials.remove_stale(tmp_path) == [old]
-    assert fresh.exists()
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        partials.hold(fd)
+        assert partials.remove_stale(tmp_path) == [loose]
+        assert held.exists()
+    finally:
+        os.close(fd)
 
 
 def test_only_hidden_partials_are_touched(tmp_path):

@@ -138,7 +138,7 @@ def test_missing_tool_is_skipped_not_passed(vision_run, tmp_path, monkeypatch):
     assert res.status == "skipped" and not res.ok and res.nmse is None
     assert "skipped, not passed" in res.message and "llama-mtmd-debug" in res.message
     assert res.table().loc["status", "value"] == "skipped"
-    recorded = json.loads(workspace.resolve(vision_run.artifacts()["vision_check"]["uniform"]).read_text())
+    recorded = json.loads(vision_run.resolve(vision_run.artifacts()["vision_check"]["uniform"]).read_text())
     assert recorded["status"] == "skipped" and recorded["nmse"] is None
 
 
@@ -164,7 +164,7 @@ def test_verify_run_records_the_results(vision_run, llama_tool):
     assert (report.table()["NMSE"] <= 1e-6).all()
     recorded = vision_run.artifacts()["vision_check"]
     assert set(recorded) == {"uniform", "pattern"}
-    assert json.loads(workspace.resolve(recorded["pattern"]).read_text())["status"] == "passed"
+    assert json.loads(vision_run.resolve(recorded["pattern"]).read_text())["status"] == "passed"
 
 
 def test_verify_false_skips_without_passing(local_run):

@@ -22,7 +22,7 @@ def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
     for name in expected - {"llama_cpp"}:
         value = artifacts[name]
         for path in (value.values() if isinstance(value, dict) else [value]):
-            assert workspace.resolve(path).exists(), (name, path)
+            assert run.resolve(path).exists(), (name, path)
     index = (run.dir / "reports" / "index.html").read_text()
     for name in steps:
         assert registry.steps()[name].notebook.replace(".ipynb", ".html") in index
@@ -38,7 +38,7 @@ def test_ready_gguf_path_skips_conversion_and_evaluates(write_params, llama_tool
     pipeline.run_steps(source, ["vision", "quantize"])
     ready = tmp_path / "ready"
     ready.mkdir()
-    (ready / "llava-tiny-Q4_K_M.gguf").symlink_to(workspace.resolve(source.artifacts()["quantized"]["Q4_K_M"]))
+    (ready / "llava-tiny-Q4_K_M.gguf").symlink_to(source.resolve(source.artifacts()["quantized"]["Q4_K_M"]))
     (ready / "mmproj-model-f16.gguf").symlink_to(source.artifact_path("mmproj"))
     run = workspace.open_run(write_params({
         "run": "gguf-ready", "model": {"source": "local", "path": str(ready), "format": "gguf",
@@ -49,4 +49,4 @@ def test_ready_gguf_path_skips_conversion_and_evaluates(write_params, llama_tool
     assert done == [("download", "ran"), ("evaluate", "ran")]
     artifacts = run.artifacts()
     assert set(artifacts["quantized"]) == {"Q4_K_M"} and "text_gguf" not in artifacts
-    assert workspace.resolve(artifacts["metrics"]).is_dir()
+    assert run.resolve(artifacts["metrics"]).is_dir()

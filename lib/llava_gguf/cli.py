@@ -95,6 +95,25 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .reports.compare import render_comparison
+
+    log.info("%s", render_comparison(args.run_dirs, args.out))
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .publish import PublishError, publish
+
+    try:
+        result = publish(workspace.open_run(args.params), upload=args.upload)
+    except PublishError as err:
+        log.error("%s", err)
+        return 1
+    log.info("%s", result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_gguf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -133,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render a run's HTML reports and index")
     p.add_argument("--params", default=None)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="one HTML page comparing run folders (machines, variants, latency)")
+    p.add_argument("run_dirs", nargs="*", help="run folders (default: every run with metrics under outputs/)")
+    p.add_argument("--out", default=None, help="page to write (default: outputs/compare.html, or "
+                   "outputs/index.html over all runs)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("publish", help="write a run's model card (outputs/<run>/publish/) and optionally upload")
+    p.add_argument("--params", default=None)
+    p.add_argument("--upload", action="store_true", help="upload to params publish.repo (token from the environment)")
+    p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("bench", help="conversion and inference benchmarks at the 7B scale")
     p.add_argument("--params", default="params/bench.yaml")

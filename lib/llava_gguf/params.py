@@ -150,6 +150,21 @@ class BenchParams(_Strict):
         return threads
 
 
+class PublishParams(_Strict):
+    """`make publish`: the model card and, with UPLOAD=1, the hub repository it goes to."""
+
+    # Target repository "owner/name"; the token comes from the environment (HF_TOKEN or
+    # MODELSCOPE_API_TOKEN), never from this file.
+    repo: str | None = None
+    hub: Literal["huggingface", "modelscope"] = "huggingface"
+    private: bool = False
+    # Variants to publish (e.g. [Q4_K_M, Q8_0], or [all]); None: the evaluation's chosen variant.
+    # The mmproj is always included.
+    files: list[str] | None = None
+    # The card's license; None: the base model's (llama2 for LLaVA 1.6 Vicuna).
+    license: str | None = None
+
+
 class Params(_Strict):
     run: str
     model: ModelParams = ModelParams()
@@ -158,6 +173,7 @@ class Params(_Strict):
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     bench: BenchParams = BenchParams()
+    publish: PublishParams = PublishParams()
 
     @field_validator("run")
     @classmethod

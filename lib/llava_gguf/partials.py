@@ -16,8 +16,8 @@ is deleted, and each errs on the side of keeping the file:
    writes, and the kernel releases it when the process dies however it dies. The lock is what
    protects writers in another pid namespace (a container) or on another host sharing the folder.
 
-Partials named before pids were recorded (`.<name>.<random>.partial`) count as gone once they are
-older than `LEGACY_AGE_S` and unlocked.
+Partials named before pids were recorded (`.<name>.<random>.partial`, left by an older version of
+the project) have only the second sign: they are stale when unlocked.
 """
 from __future__ import annotations
 
@@ -26,14 +26,11 @@ import fcntl
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".partial"
-# An unmarked partial (written by an older version of the project) untouched for this long is stale.
-LEGACY_AGE_S = 15 * 60
 # Greedy: the last `.<pid>-<start>.<8 random chars>` of the name (the product's own name comes first).
 _OWNER = re.compile(r"^\..+\.(\d+)-(\d+)\.[a-z0-9_]{8}[^/]*\.partial$")
 
@@ -97,20 +94,12 @@ def _locked(path: Path) -> bool:
         os.close(fd)
 
 
-def is_stale(path: Path, now: float | None = None) -> bool:
+def is_stale(path: Path) -> bool:
     """Whether a partial's writer is gone (see the module docstring for the two signs)."""
     path = Path(path)
     m = _OWNER.search(path.name)
-    if m:
-        if _writer_alive(int(m.group(1)), m.group(2)):
-            return False
-    else:
-        try:
-            age = (now or time.time()) - path.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        if age < LEGACY_AGE_S:
-            return False
+    if m and _writer_alive(int(m.group(1)), m.group(2)):
+        return False
     return not _locked(path)
 
 

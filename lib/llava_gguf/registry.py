@@ -127,8 +127,12 @@ def get(name: str) -> Step:
 
 def producer(product: str) -> str:
     """The step that records `product` in artifacts.json ('all' when none does, e.g. llama_cpp)."""
-    for step in steps().values():
-        if product in step.products or product in (step.gguf_products or ()):
+    all_steps = steps().values()
+    for step in all_steps:
+        if product in step.products:
+            return step.name
+    for step in all_steps:  # only on the ready-GGUF path (e.g. mmproj from the download)
+        if product in (step.gguf_products or ()):
             return step.name
     return "all"
 

@@ -2,7 +2,8 @@
 
 A run folder `outputs/<run>/` holds everything one params file produced: executed notebooks,
 HTML reports, logs, plots, metrics, the GGUF files and `artifacts.json` (product name -> path,
-relative to the repo root when inside it). Files are written under a temporary name and renamed,
+relative to the run folder when inside it, absolute otherwise, so a run folder copied from another
+machine still resolves). Files are written under a temporary name and renamed,
 so an interrupted step never leaves a complete-looking product behind.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def forcing(force: bool) -> Iterator[None]:
 def outputs_dir() -> Path:
     """Where run folders go: $LLAVA_GGUF_OUTPUTS (tests use a temp folder), else outputs/."""
     env = os.environ.get(OUTPUTS_ENV)
-    return Path(env).resolve() if env else repo_root() / "outputs"
+    # abspath, not resolve(): outputs (or a run folder in it) may be a symlink to a bigger disk.
+    return Path(os.path.abspath(Path(env).expanduser())) if env else repo_root() / "outputs"
 
 
 def cache_dir() -> Path:
@@ -78,7 +80,7 @@ def rel_to_root(path: Path | str) -> str:
 
 
 def resolve(path: Path | str) -> Path:
-    """Paths in params and artifacts are absolute or relative to the repo root."""
+    """Paths in params are absolute or relative to the repo root (artifacts: `Run.resolve`)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
 
@@ -155,7 +157,7 @@ class Run:
     def record(self, name: str, value: Any) -> None:
         """Record a product (a path, a mapping of paths, or plain data) in artifacts.json."""
         data = self.artifacts()
-        data[name] = _relativize(value)
+        data[name] = _relativize(value, self.dir)
         write_json(self.artifacts_file, data)
         log.info("artifact %s -> %s", name, data[name])
 
@@ -172,16 +174,16 @@ class Run:
                 f"(e.g. `make {producer(name)} PARAMS={self.params_file or DEFAULT_PARAMS}`)")
         return data[name]
 
+    def resolve(self, path: Path | str) -> Path:
+        """A path read from artifacts.json: absolute, or relative to the run folder."""
+        return resolve_in_run(self.dir, path)
+
     def artifact_path(self, name: str) -> Path:
-        path = resolve(self.artifact(name))
+        path = self.resolve(self.artifact(name))
         if not path.exists():
             raise FileNotFoundError(f"artifact '{name}' points at {path}, which does not exist; "
                                     f"rerun `make {producer(name)} FORCE=1`")
         return path
-
-    def resolve(self, recorded: str) -> Path:
-        """A path as recorded in artifacts.json."""
-        return resolve(recorded)
 
     @staticmethod
     def read_json(path: Path) -> Any:
@@ -228,13 +230,39 @@ class RunStateError(RuntimeError):
     """A file of the run folder (artifacts.json, steps.json) cannot be read."""
 
 
-def _relativize(value: Any) -> Any:
+def rel_to_run(path: Path | str, run_dir: Path | str) -> str:
+    """`path` relative to the run folder when inside it (the folder can then move), else absolute."""
+    # abspath, not resolve(): a symlinked outputs folder (a bigger disk) keeps its spelling, so a
+    # recorded path compares equal to the one the step holds.
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(os.path.abspath(run_dir)))
+    except ValueError:
+        return str(path)
+
+
+def resolve_in_run(run_dir: Path | str, path: Path | str) -> Path:
+    """A recorded path: absolute, or relative to the run folder.
+
+    Runs recorded before paths were run-relative hold repo-root-relative ones
+    (`outputs/<run>/...`); those are still found when they exist under the repo root.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    inside = Path(run_dir) / path
+    if not inside.exists() and (repo_root() / path).exists():
+        return repo_root() / path
+    return inside
+
+
+def _relativize(value: Any, run_dir: Path) -> Any:
     if isinstance(value, Path):
-        return rel_to_root(value)
+        return rel_to_run(value, run_dir)
     if isinstance(value, dict):
-        return {k: _relativize(v) for k, v in value.items()}
+        return {k: _relativize(v, run_dir) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_relativize(v) for v in value]
+        return [_relativize(v, run_dir) for v in value]
     return value
 
 

@@ -27,15 +27,11 @@ F32 file alone is 27 GB) unless bench.keep_outputs. Tables, plots, logs and `rep
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
-import math
 import os
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,10 +41,12 @@ import pandas as pd
 from .. import registry
 from . import procmon
 from .procmon import GiB
-from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchError, BenchResult, MiB, StepRecord,
+from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, StepRecord,
                       _gib, record_json)
+from .inputs import (benchmark_checkpoint, check_disk, disk_needed, files, loadavg, machine_info,
+                     read_through, snapshot, synthetic_bytes, synthetic_dir, thread_counts)
 from .report import quant_files_table, render
-from ..workspace import Run, cache_dir, open_run, resolve, write_json
+from ..workspace import Run, open_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,139 +71,6 @@ def import_stages() -> None:
     """The floor: an interpreter holding the stage modules (torch, numpy, gguf) and nothing else."""
     for name in (*CONVERT_STEPS, "quantize"):
         importlib.import_module(registry.get(name).entry.partition(":")[0])
-
-
-# ----------------------------------------------------------------------------- inputs
-def benchmark_checkpoint(run: Run) -> Path:
-    """model.source tiny: the synthetic checkpoint in the cache (made once); local: model.path."""
-    p = run.params.model
-    if p.format != "checkpoint":
-        raise BenchError(f"{run.params_file}: the benchmark converts a checkpoint; set model.format: checkpoint")
-    if p.source == "local":
-        if not p.path or not resolve(p.path).is_dir():
-            raise BenchError(f"{run.params_file}: model.path {p.path!r} is not a folder")
-        return resolve(p.path)
-    if p.source != "tiny":
-        raise BenchError(f"{run.params_file}: model.source {p.source} is not benchmarked directly; download it "
-                         "(`make download`) and point model.source: local / model.path at the folder")
-    t = p.tiny
-    folder = synthetic_dir(t.size, t.format, t.shards, t.seed)
-    if (folder / "config.json").exists():
-        log.info("reusing the synthetic checkpoint %s", folder)
-        return folder
-    from ..tiny import make_tiny
-
-    log.info("making a synthetic %s checkpoint in %s (once; reused by later runs)", t.size, folder)
-    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
-
-
-def synthetic_dir(size: str, fmt: str, shards: int, seed: int) -> Path:
-    return cache_dir() / f"bench-{size}-{fmt}-{shards}shards-seed{seed}"
-
-
-def _synthetic_bytes(size: str) -> int:
-    from ..tiny import SIZES, synthetic_tensors
-
-    return sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[size], "1.6"))
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _files(folder: Path) -> dict[str, int]:
-    """Regular files (not symlinks) below a folder -> bytes."""
-    if not folder.exists():
-        return {}
-    return {str(p): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def _loadavg() -> str:
-    """The 1/5/15-minute load averages: other work on the machine slows every step measured."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def _read_through(files: list[Path], chunk: int = 16 * MiB) -> float:
-    t0 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(chunk):
-                pass
-    took = time.perf_counter() - t0
-    log.info("read the source once (untimed): %.1f s, %.0f MiB/s", took,
-             sum(f.stat().st_size for f in files) / MiB / took if took else 0)
-    return took
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def thread_counts(run: Run) -> list[int]:
-    if run.params.bench.threads:
-        return sorted(set(run.params.bench.threads))
-    cores, out, n = _cores(), [], 1
-    while n < cores:
-        out.append(n)
-        n *= 2
-    return out + [cores]
-
-
-def machine_info(run: Run) -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "kernel": platform.release(), "cores": _cores(),
-                            "python": sys.version.split()[0]}
-    with contextlib.suppress(OSError):
-        cpuinfo: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            cpuinfo.setdefault(key.strip().lower(), value.strip())
-        # x86 names the CPU in "model name" ("model" is a number there); ARM boards name the board in "Model".
-        for key in ("model name", "hardware", "model"):
-            if cpuinfo.get(key) and not cpuinfo[key].isdigit():
-                info["cpu"] = cpuinfo[key]
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_GiB"] = round(int(line.split()[1]) * 1024 / GiB, 1)
-    usage = shutil.disk_usage(run.dir)
-    info["disk_free_GiB"] = round(usage.free / GiB, 1)
-    with contextlib.suppress(Exception):
-        from ..llama_cpp import toolchain
-
-        info["llama_cpp"] = toolchain.llama_cpp_info(run.params.llama_cpp.dir)
-    return info
-
-
-# Approximate bits per weight of llama-quantize's output for the 7B (to size the disk check).
-_BPW = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9,
-        "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
-        "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 0.0, "BF16": 16.0}
-
-
-def disk_needed(run: Run, ckpt_bytes: int) -> int:
-    """Bytes the benchmark holds on disk at its fullest moment, besides the checkpoint."""
-    b = run.params.bench
-    text = ckpt_bytes  # an f16 file is about the bf16 checkpoint's size
-    types = set(b.quant_types) | {run.params.quantize.types[0]}
-    project = text + sum(text * _BPW.get(t, 8.5) / 16 for t in types)
-    legacy = 2 * text + text * _BPW.get(run.params.quantize.types[0], 8.5) / 16 + 0.1 * text if b.legacy else 0
-    if b.keep_outputs:
-        return int(project + legacy)
-    return int(max(ckpt_bytes, project, legacy))  # the plain copy, the project's files, the legacy recipe's
-
-
-def _check_disk(run: Run, need: int) -> None:
-    """Fail before anything is written when the disk cannot hold the benchmark's fullest moment."""
-    free = shutil.disk_usage(run.dir).free
-    if free < 1.05 * need:
-        raise BenchError(f"{run.dir}: {free / GiB:.1f} GiB free, the benchmark needs about {need / GiB:.1f} GiB "
-                         f"at its peak; free space, or set bench.legacy: false / fewer bench.quant_types in "
-                         f"{run.params_file}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -280,8 +145,8 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     make_ckpt = p.source == "tiny" and not (synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
                                                           p.tiny.seed) / "config.json").exists()
     if make_ckpt:
-        size = _synthetic_bytes(p.tiny.size)
-        _check_disk(run, size + disk_needed(run, size))
+        size = synthetic_bytes(p.tiny.size)
+        check_disk(run, size + disk_needed(run, size))
     ckpt = benchmark_checkpoint(run)
     from ..checkpoint import Checkpoint
 
@@ -292,12 +157,12 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
         largest_info = {"name": largest.name, "dtype": largest.dtype, "shape": list(largest.shape),
                         "elements": largest.numel}
     ckpt_bytes = sum(s.stat().st_size for s in shards)
-    _check_disk(run, disk_needed(run, ckpt_bytes))
+    check_disk(run, disk_needed(run, ckpt_bytes))
     _clean_products(run)
     run.record("checkpoint", ckpt)
-    before = _snapshot(ckpt)
+    before = snapshot(ckpt)
     info = machine_info(run)
-    info["load_average_start"] = _loadavg()
+    info["load_average_start"] = loadavg()
     info.update(checkpoint=str(ckpt), checkpoint_GiB=_gib(ckpt_bytes), parameters=n_params,
                 largest_tensor=largest_info, quant_main=main_type, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     log.info("benchmark of %s (%.2f GiB, %d shards) on %s cores, %s GiB RAM", ckpt, ckpt_bytes / GiB, len(shards),
@@ -312,7 +177,7 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     # -- references --------------------------------------------------------------------------
     # One untimed read first, so the copy and the conversions find the source equally cached
     # (all of it where RAM allows, as on a machine that just downloaded it).
-    info["source_read_s"] = round(_read_through(shards), 1)
+    info["source_read_s"] = round(read_through(shards), 1)
     copy_dir = run.sub("copy")
     bench.command(REFERENCE, "cp shards", ["cp", "--", *shards, copy_dir], "copy.log",
                   outputs=lambda: copy_dir.iterdir(), note="the disk's own limit: the same bytes, no conversion")
@@ -346,13 +211,13 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
                                 ignore_index=True)
         if not b.keep_outputs:
             shutil.rmtree(run.dir / "legacy")
-    after = _snapshot(ckpt)
+    after = snapshot(ckpt)
     info["source_untouched"] = before == after
     if before != after:
         log.error("the checkpoint folder %s changed during the benchmark", ckpt)
 
     info["total_s"] = round(time.perf_counter() - t_start, 1)
-    info["load_average_end"] = _loadavg()
+    info["load_average_end"] = loadavg()
     bench.state.update(machine=info, project_left=project_left, legacy_left=legacy_left,
                        inference=inference.to_dict("records"), mtmd=mtmd.to_dict("records"),
                        quant_files=files_table.to_dict("records"))
@@ -371,7 +236,7 @@ def _project(bench: _Bench, quant_types: list[str], main_type: str) -> tuple[dic
         artifact = {"surgery": "surgery", "vision": "mmproj", "text": "text_gguf"}[step]
         bench.call(PROJECT, step, call_step, bench.params_file, step,
                    outputs=lambda a=artifact: [run.artifact_path(a)])
-    left = {**_files(run.dir / "models"), **_files(run.dir / "surgery")}
+    left = {**files(run.dir / "models"), **files(run.dir / "surgery")}
     quant_files: dict[str, Path] = {}
     for qtype in quant_types:
         note = "llama-quantize from the f16 export" + (" (the end-to-end type)" if qtype == main_type else "")
@@ -393,7 +258,7 @@ def _measured_runner(bench: _Bench, steps: dict[str, str]):
     def measured(cmd: list[str], log_file: Path, cwd: Path) -> None:
         step = steps.get(Path(cmd[1]).name, Path(cmd[1]).name)
         bench.measure(LEGACY, step, procmon.measure_command, cmd, log_file=log_file, cwd=cwd,
-                      env=legacy._script_env(), note=Path(cmd[1]).name)
+                      env=legacy.script_env(), note=Path(cmd[1]).name)
 
     return measured
 
@@ -415,7 +280,7 @@ def _legacy(bench: _Bench, ckpt: Path, quantize_tool: Path, qtype: str) -> tuple
     bench.record(LEGACY, "vision").outputs = {str(mmproj): mmproj.stat().st_size}
     f32 = legacy.legacy_text_export(surgery.model_dir, work, "f32", runner=runner)
     bench.record(LEGACY, "text").outputs = {str(f32): f32.stat().st_size}
-    left = _files(work)
+    left = files(work)
     out = work / f"ggml-model-{qtype}.gguf"
     threads = str(quantize.threads(run))
     bench.command(LEGACY, f"quantize {qtype}", [quantize_tool, f32, out, qtype, threads], f"legacy-quantize-{qtype}.log",

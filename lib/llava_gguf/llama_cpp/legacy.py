@@ -120,7 +120,7 @@ def legacy_env(force: bool = False) -> Path:
     return _env_python(root)
 
 
-def _script_env() -> dict[str, str]:
+def script_env() -> dict[str, str]:
     env = dict(os.environ)
     gguf_py = str(source_dir() / "gguf-py")
     env["PYTHONPATH"] = os.pathsep.join([gguf_py, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
@@ -144,7 +144,7 @@ def run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
     own `runner` with this signature to measure each script's process tree."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as logf:
-        _run(cmd, logf, log_file, cwd=cwd, env=_script_env())
+        _run(cmd, logf, log_file, cwd=cwd, env=script_env())
 
 
 def _fresh_dir(path: Path) -> Path:

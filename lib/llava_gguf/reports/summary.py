@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from ..workspace import Run, resolve
+from ..workspace import Run
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +115,18 @@ def _clean(value):
 
 
 # ----------------------------------------------------------------------------- HTML
-def _fmt(value, fmt: str) -> str:
+def format_value(value, pattern: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     try:
-        return fmt.format(value)
+        return pattern.format(value)
     except (ValueError, TypeError):
         return html.escape(str(value))
 
 
 def summary_html(run: Run) -> str | None:
     """The summary block for index.html, None when the run has no evaluation metrics yet."""
-    folder = resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
     summary_file, table_file = folder / "summary.json", folder / "variants.csv"
     if not summary_file.exists() or not table_file.exists():
         return None
@@ -142,16 +142,16 @@ def summary_html(run: Run) -> str | None:
     for col, label, fmt in ROWS:
         if col not in table and not (seed and col in seed):
             continue
-        cells = [_fmt(v, fmt) for v in (table[col] if col in table else [None] * len(table))]
+        cells = [format_value(v, fmt) for v in (table[col] if col in table else [None] * len(table))]
         if seed:
-            cells.append(_fmt(seed.get(col), fmt))
+            cells.append(format_value(seed.get(col), fmt))
         rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     if name:
         headline = (f"<b>{html.escape(name)}</b> — {html.escape(info.get('chosen_how', ''))}: full answer "
-                    f"{_fmt(chosen.get('answer_ms'), '{:,.0f}')} ms excl. load, generation "
-                    f"{_fmt(chosen.get('eval_tokens_per_s'), '{:.2f}')} tokens/s, prompt "
-                    f"{_fmt(chosen.get('prompt_tokens_per_s'), '{:.2f}')} tokens/s, mean KLD "
-                    f"{_fmt(chosen.get('kld'), '{:.4f}')}, {_fmt(chosen.get('size_mib'), '{:,.0f}')} MiB.")
+                    f"{format_value(chosen.get('answer_ms'), '{:,.0f}')} ms excl. load, generation "
+                    f"{format_value(chosen.get('eval_tokens_per_s'), '{:.2f}')} tokens/s, prompt "
+                    f"{format_value(chosen.get('prompt_tokens_per_s'), '{:.2f}')} tokens/s, mean KLD "
+                    f"{format_value(chosen.get('kld'), '{:.4f}')}, {format_value(chosen.get('size_mib'), '{:,.0f}')} MiB.")
     else:
         headline = "No variant could be chosen (no timings)."
     model = info.get("model") or {}
@@ -164,7 +164,7 @@ def summary_html(run: Run) -> str | None:
     return f"""<h2>Evaluation summary</h2>
 <p>{headline}</p>
 <p>Reference: {html.escape(str(info.get('reference')))}; KLD budget {info.get('kld_budget')}; text model
-{_fmt(model.get('params'), '{:,.0f}')} parameters, {model.get('layers')} layers of width {model.get('width')}
+{format_value(model.get('params'), '{:,.0f}')} parameters, {model.get('layers')} layers of width {model.get('width')}
 ({which}). Means over {info.get('cases')} case(s), {info.get('n_predict')} tokens requested.</p>
 <table><tr><th></th>{''.join(head)}</tr>{''.join(rows)}</table>
 {f'<ul>{notes}</ul>' if notes else ''}{img}"""

@@ -19,7 +19,7 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from .. import step_tools
+from .. import machine, step_tools
 from ..checks import quality
 from ..gguf_io import gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, mtmd, toolchain
@@ -54,7 +54,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
     fix = {"fix": "replace it with a complete copy (params model.text_file / model.mmproj_file)"} \
         if run.params.model.format == "gguf" else {}
     out: dict[str, Path] = {}
-    quantized = {k: resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
+    quantized = {k: run.resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
         text = run.artifact_path("text_gguf")
         name = gguf_summary(text)["file_type"]
@@ -181,6 +181,7 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
         if df is not None:
             write_table(df, metrics / name)
     write_json(metrics / "summary.json", info)
+    machine.record_machine(run)  # the board and llama.cpp build these timings belong to
     run.record("metrics", metrics)
     return EvalReport(runs, tokens, table, quant, kld, agreement, info, figures, metrics)
 

@@ -161,7 +161,7 @@ def run_quantize(run: Run, force: bool | None = None) -> QuantizeResult:
     force = workspace.forced() if force is None else force
     if run.params.model.format == "gguf":
         # Ready-made GGUF files: the download step recorded `quantized`; nothing to make here.
-        quantized = {k: resolve(v) for k, v in run.artifact("quantized").items()}
+        quantized = {k: run.resolve(v) for k, v in run.artifact("quantized").items()}
         log.info("model.format gguf: using the downloaded files %s", quantized)
         return QuantizeResult(quantized, quant_table(quantized))
     text_gguf = run.artifact_path("text_gguf")

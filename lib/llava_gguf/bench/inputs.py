@@ -1,0 +1,153 @@
+"""The benchmark's inputs and surroundings: the checkpoint (made once into the cache), the disk
+space it needs, the machine it runs on, and the thread counts to try."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..workspace import Run, cache_dir, resolve
+from .procmon import GiB
+from .records import BenchError, MiB
+
+log = logging.getLogger(__name__)
+
+def benchmark_checkpoint(run: Run) -> Path:
+    """model.source tiny: the synthetic checkpoint in the cache (made once); local: model.path."""
+    p = run.params.model
+    if p.format != "checkpoint":
+        raise BenchError(f"{run.params_file}: the benchmark converts a checkpoint; set model.format: checkpoint")
+    if p.source == "local":
+        if not p.path or not resolve(p.path).is_dir():
+            raise BenchError(f"{run.params_file}: model.path {p.path!r} is not a folder")
+        return resolve(p.path)
+    if p.source != "tiny":
+        raise BenchError(f"{run.params_file}: model.source {p.source} is not benchmarked directly; download it "
+                         "(`make download`) and point model.source: local / model.path at the folder")
+    t = p.tiny
+    folder = synthetic_dir(t.size, t.format, t.shards, t.seed)
+    if (folder / "config.json").exists():
+        log.info("reusing the synthetic checkpoint %s", folder)
+        return folder
+    from ..tiny import make_tiny
+
+    log.info("making a synthetic %s checkpoint in %s (once; reused by later runs)", t.size, folder)
+    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+
+
+def synthetic_dir(size: str, fmt: str, shards: int, seed: int) -> Path:
+    return cache_dir() / f"bench-{size}-{fmt}-{shards}shards-seed{seed}"
+
+
+def synthetic_bytes(size: str) -> int:
+    from ..tiny import SIZES, synthetic_tensors
+
+    return sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[size], "1.6"))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def files(folder: Path) -> dict[str, int]:
+    """Regular files (not symlinks) below a folder -> bytes."""
+    if not folder.exists():
+        return {}
+    return {str(p): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages: other work on the machine slows every step measured."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def read_through(files: list[Path], chunk: int = 16 * MiB) -> float:
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(chunk):
+                pass
+    took = time.perf_counter() - t0
+    log.info("read the source once (untimed): %.1f s, %.0f MiB/s", took,
+             sum(f.stat().st_size for f in files) / MiB / took if took else 0)
+    return took
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_counts(run: Run) -> list[int]:
+    if run.params.bench.threads:
+        return sorted(set(run.params.bench.threads))
+    limit, out, n = usable_cores(), [], 1
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return out + [limit]
+
+
+def machine_info(run: Run) -> dict[str, Any]:
+    info: dict[str, Any] = {"machine": platform.machine(), "kernel": platform.release(), "cores": usable_cores(),
+                            "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError):
+        cpuinfo: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            cpuinfo.setdefault(key.strip().lower(), value.strip())
+        # x86 names the CPU in "model name" ("model" is a number there); ARM boards name the board in "Model".
+        for key in ("model name", "hardware", "model"):
+            if cpuinfo.get(key) and not cpuinfo[key].isdigit():
+                info["cpu"] = cpuinfo[key]
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_GiB"] = round(int(line.split()[1]) * 1024 / GiB, 1)
+    usage = shutil.disk_usage(run.dir)
+    info["disk_free_GiB"] = round(usage.free / GiB, 1)
+    with contextlib.suppress(Exception):
+        from ..llama_cpp import toolchain
+
+        info["llama_cpp"] = toolchain.llama_cpp_info(run.params.llama_cpp.dir)
+    return info
+
+
+# Approximate bits per weight of llama-quantize's output for the 7B (to size the disk check).
+_BPW = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9,
+        "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
+        "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 0.0, "BF16": 16.0}
+
+
+def disk_needed(run: Run, ckpt_bytes: int) -> int:
+    """Bytes the benchmark holds on disk at its fullest moment, besides the checkpoint."""
+    b = run.params.bench
+    text = ckpt_bytes  # an f16 file is about the bf16 checkpoint's size
+    types = set(b.quant_types) | {run.params.quantize.types[0]}
+    project = text + sum(text * _BPW.get(t, 8.5) / 16 for t in types)
+    legacy = 2 * text + text * _BPW.get(run.params.quantize.types[0], 8.5) / 16 + 0.1 * text if b.legacy else 0
+    if b.keep_outputs:
+        return int(project + legacy)
+    return int(max(ckpt_bytes, project, legacy))  # the plain copy, the project's files, the legacy recipe's
+
+
+def check_disk(run: Run, need: int) -> None:
+    """Fail before anything is written when the disk cannot hold the benchmark's fullest moment."""
+    free = shutil.disk_usage(run.dir).free
+    if free < 1.05 * need:
+        raise BenchError(f"{run.dir}: {free / GiB:.1f} GiB free, the benchmark needs about {need / GiB:.1f} GiB "
+                         f"at its peak; free space, or set bench.legacy: false / fewer bench.quant_types in "
+                         f"{run.params_file}")
+
+

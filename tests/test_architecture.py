@@ -1,0 +1,168 @@
+"""The package's shape (no import cycles, small modules, one nmse) and the step registry: a step
+added as one declared notebook (plus its library module) runs through make, the CLI and index.html."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbformat import v4
+
+from llava_gguf import fingerprint, registry, workspace
+
+ROOT = registry.repo_root()
+PACKAGE = ROOT / "lib" / "llava_gguf"
+MAX_LINES = 400
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_among_the_package_modules():
+    graph = fingerprint.import_graph()
+    assert {"pipeline", "registry", "steps.vision_export", "checks.numeric"} <= set(graph)
+    assert "checks.vision" in graph["steps.vision_export"]  # function-level imports count too
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {k: v for k, v in sizes.items() if v > MAX_LINES} == {}
+
+
+def test_one_nmse_definition_and_no_private_names_across_modules():
+    defs = [p for p in PACKAGE.rglob("*.py") if re.search(r"^\s*def nmse\(", p.read_text(), re.M)]
+    assert [p.relative_to(PACKAGE).as_posix() for p in defs] == ["checks/numeric.py"]
+    private_use = []
+    for p in PACKAGE.rglob("*.py"):
+        for m in re.finditer(r"\b(?:plots|summary|legacy|toolchain|quality|mtmd|surgery|vision_check|text_check)"
+                             r"\._[a-z]\w*", p.read_text()):
+            private_use.append(f"{p.relative_to(PACKAGE)}: {m.group(0)}")
+    assert private_use == []
+
+
+def test_every_notebook_declares_a_step_with_a_real_entry_point():
+    steps = registry.steps()
+    assert list(steps) == ["download", "surgery", "vision", "text", "quantize", "evaluate", *list(steps)[6:]]
+    for step in steps.values():
+        assert callable(step.entry_point()), step.name
+        assert step.description, step.name
+        for need in step.needs:
+            assert need in steps
+    assert registry.producer("mmproj") == "vision" and registry.producer("llama_cpp") == "all"
+
+
+# ----------------------------------------------------------------------------- a throwaway step
+HELLO_MODULE = '''
+"""A throwaway step for the registry test."""
+
+
+def run_hello(run):
+    path = run.dir / "hello" / "greeting.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"hello from {run.params.run}")
+    run.record("greeting", path)
+    return path
+'''
+
+
+@pytest.fixture
+def hello_step(tmp_path):
+    """notebooks/ (the project's, linked) + 99_hello.ipynb declared as step 'hello', its module
+    on PYTHONPATH; returns the environment that makes it visible to make and the CLI."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for nb in registry.notebooks_dir().glob("*.ipynb"):
+        (notebooks / nb.name).symlink_to(nb)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "hello_step.py").write_text(textwrap.dedent(HELLO_MODULE))
+    nb = v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata[registry.METADATA_KEY] = {
+        "step": "hello", "description": "say hello (a test fixture)", "needs": ["download"],
+        "products": ["greeting"], "params": ["model"], "entry": "hello_step:run_hello"}
+    params_cell = v4.new_code_cell("params_file = None\nparams = None")
+    params_cell.metadata["tags"] = ["parameters"]
+    nb.cells = [v4.new_markdown_cell("# 99 · Hello"), params_cell,
+                v4.new_code_cell("import hello_step\nfrom llava_gguf import workspace\n\n"
+                                 "run = workspace.open_run(params_file, params)\nresult = hello_step.run_hello(run)"),
+                v4.new_code_cell("assert run.artifact_path('greeting') == result")]
+    nbformat.write(nb, notebooks / "99_hello.ipynb")
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, registry.NOTEBOOKS_ENV: str(notebooks), workspace.OUTPUTS_ENV: str(outputs),
+           "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # A params path with a space and a non-ASCII character, as users have them (make must quote it).
+    params = tmp_path / "my params ü" / "hello.yaml"
+    params.parent.mkdir()
+    params.write_text(yaml.safe_dump({"run": "hello", "model": {"source": "tiny"}}))
+    return env, params, outputs
+
+
+def test_a_new_step_runs_through_make_the_cli_and_the_index(hello_step):
+    env, params, outputs = hello_step
+    help_text = subprocess.run(["make", "-s", "-C", str(ROOT), "help"], env=env, capture_output=True,
+                               text=True, check=True).stdout
+    assert re.search(r"hello\b.*99: say hello", help_text)
+
+    made = subprocess.run(["make", "-s", "-C", str(ROOT), "hello", f"PARAMS={params}"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout + made.stderr
+    run_dir = outputs / "hello"
+    artifacts = json.loads((run_dir / "artifacts.json").read_text())
+    assert (run_dir / artifacts["greeting"]).read_text() == "hello from hello"
+    assert {"checkpoint", "greeting"} <= set(artifacts)  # what it needs ran first
+    index = (run_dir / "reports" / "index.html").read_text()
+    assert "99_hello.html" in index and "01_download.html" in index
+    executed = nbformat.read(run_dir / "notebooks" / "99_hello.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and '"run": "hello"' in "".join(injected[0].source)  # the resolved values
+    # Quiet logs: no plain-TCP kernel warning, no interrupted kernel on a normal end.
+    logs = made.stdout + made.stderr + "".join(p.read_text() for p in (run_dir / "logs").glob("kernel-*.log"))
+    assert "without encryption" not in logs and "KeyboardInterrupt" not in logs, logs[-3000:]
+
+    cli = subprocess.run([sys.executable, "-m", "llava_gguf", "step", "hello", "--params", str(params)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    again = subprocess.run(["make", "-s", "-C", str(ROOT), "hello", f"PARAMS={params}"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "hello: up to date, skipped" in again.stderr.replace("step ", "")

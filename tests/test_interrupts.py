@@ -1,0 +1,95 @@
+"""Runs that are interrupted, run twice at once, or live on a symlinked disk (issue 12, Found 1, 4, 10, 11)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nbformat
+import pytest
+import yaml
+from nbformat import v4
+
+from llava_gguf import cli, pipeline, registry, workspace
+
+
+def _declared(folder, name, *sources):
+    nb = v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata[registry.METADATA_KEY] = {"step": name, "needs": [], "products": ["thing"], "params": ["model"]}
+    params = v4.new_code_cell("params_file = None\nparams = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, folder / f"90_{name}.ipynb")
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for nb in registry.notebooks_dir().glob("*.ipynb"):
+        (folder / nb.name).symlink_to(nb)
+    monkeypatch.setenv(registry.NOTEBOOKS_ENV, str(folder))
+    return folder
+
+
+def _processes(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_group_stops_the_kernel_and_its_tools(notebooks, tmp_path, sig):
+    marker = f"{9000 + int(sig)}.{os.getpid()}"
+    _declared(notebooks, "sleeper", f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\ntime.sleep(600)")
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"run": f"sleeper-{int(sig)}", "model": {"source": "tiny"}}))
+    proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", "run", "sleeper", "--params", str(params)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not _processes(f"sleep {marker}") and time.time() < deadline:
+            time.sleep(0.5)
+        assert _processes(f"sleep {marker}"), "the step's tool never started"
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C or a service manager's stop does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1)
+    assert proc.returncode == 130, err
+    assert _processes(f"sleep {marker}") == []  # nothing orphaned
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert "KeyboardInterrupt caught in kernel" not in err
+
+
+def test_a_second_run_of_the_same_run_is_refused_naming_the_holder(write_params, caplog):
+    path = write_params({"run": "locked", "model": {"source": "tiny"}})
+    run = workspace.open_run(path)
+    with run.lock():
+        assert cli.main(["run", "download", "--params", str(path)]) == 2
+    assert f"in use by pid {os.getpid()}" in caplog.text
+    assert pipeline.load_state(run) == {}  # nothing ran
+
+
+def test_stale_partials_are_removed_at_the_next_run(write_params):
+    run = workspace.open_run(write_params({"run": "partials", "model": {"source": "tiny"}}))
+    stale = run.sub("models") / ".x-F16.gguf.abc123.partial"
+    stale.write_bytes(b"half")
+    pipeline.run_steps(run, ["download"])
+    assert not stale.exists()
+
+
+def test_a_symlinked_run_folder_keeps_its_paths(tmp_path, monkeypatch, write_params):
+    """People move 35 GB of 7B outputs to a bigger disk with a symlink."""
+    outputs, disk = tmp_path / "outputs", tmp_path / "bigger-disk" / "moved"
+    outputs.mkdir()
+    disk.mkdir(parents=True)
+    (outputs / "linked").symlink_to(disk)
+    monkeypatch.setenv(workspace.OUTPUTS_ENV, str(outputs))
+    run = workspace.open_run(write_params({"run": "linked", "model": {"source": "tiny"}}))
+    assert pipeline.run_steps(run, ["surgery"]) == [("download", "ran"), ("surgery", "ran")]
+    assert (disk / "surgery" / "manifest.json").exists()
+    assert run.artifact_path("surgery") == run.dir / "surgery" / "manifest.json"
