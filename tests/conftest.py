@@ -97,3 +97,40 @@ def _tool_or_skip(name: str) -> Path:
 def llama_tool():
     """llama_tool('llama-mtmd-cli') -> path; skips locally (fails under CI) when not built."""
     return _tool_or_skip
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch):
+    """A notebooks folder holding the project's notebooks (linked) plus the test's own
+    ($LLAVA_GGUF_NOTEBOOKS points the registry, the CLI and make at it)."""
+    from llava_gguf import registry
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for nb in registry.notebooks_dir().glob("*.ipynb"):
+        (folder / nb.name).symlink_to(nb)
+    monkeypatch.setenv(registry.NOTEBOOKS_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def declare_step(notebooks):
+    """declare_step(name, *code_cells, number=90, **declaration) -> a notebook `<number>_<name>.ipynb`
+    declared as step `name` (products ['thing'], params ['model'] unless given)."""
+    import nbformat
+    from nbformat import v4
+
+    from llava_gguf import registry
+
+    def _declare(name: str, *sources: str, number: int = 90, **declaration) -> Path:
+        nb = v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata[registry.METADATA_KEY] = {"step": name, "needs": [], "products": ["thing"], "params": ["model"],
+                                              "description": f"test step {name}", **declaration}
+        params = v4.new_code_cell("params_file = None\nparams = None")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params] + [v4.new_code_cell(s) for s in sources]
+        path = notebooks / f"{number}_{name}.ipynb"
+        nbformat.write(nb, path)
+        return path
+    return _declare

@@ -8,12 +8,10 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
-from nbformat import v4
 
 from llava_gguf import fingerprint, registry, workspace
 
@@ -106,28 +104,17 @@ def run_hello(run):
 
 
 @pytest.fixture
-def hello_step(tmp_path):
-    """notebooks/ (the project's, linked) + 99_hello.ipynb declared as step 'hello', its module
-    on PYTHONPATH; returns the environment that makes it visible to make and the CLI."""
-    notebooks = tmp_path / "notebooks"
-    notebooks.mkdir()
-    for nb in registry.notebooks_dir().glob("*.ipynb"):
-        (notebooks / nb.name).symlink_to(nb)
+def hello_step(tmp_path, notebooks, declare_step):
+    """99_hello.ipynb declared as step 'hello' beside the project's notebooks, its module on
+    PYTHONPATH; returns the environment that makes it visible to make and the CLI."""
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / "hello_step.py").write_text(textwrap.dedent(HELLO_MODULE))
-    nb = v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata[registry.METADATA_KEY] = {
-        "step": "hello", "description": "say hello (a test fixture)", "needs": ["download"],
-        "products": ["greeting"], "params": ["model"], "entry": "hello_step:run_hello"}
-    params_cell = v4.new_code_cell("params_file = None\nparams = None")
-    params_cell.metadata["tags"] = ["parameters"]
-    nb.cells = [v4.new_markdown_cell("# 99 · Hello"), params_cell,
-                v4.new_code_cell("import hello_step\nfrom llava_gguf import workspace\n\n"
-                                 "run = workspace.open_run(params_file, params)\nresult = hello_step.run_hello(run)"),
-                v4.new_code_cell("assert run.artifact_path('greeting') == result")]
-    nbformat.write(nb, notebooks / "99_hello.ipynb")
+    declare_step("hello", "import hello_step\nfrom llava_gguf import workspace\n\n"
+                 "run = workspace.open_run(params_file, params)\nresult = hello_step.run_hello(run)",
+                 "assert run.artifact_path('greeting') == result", number=99,
+                 description="say hello (a test fixture)", needs=["download"], products=["greeting"],
+                 entry="hello_step:run_hello")
     outputs = tmp_path / "outputs"
     env = {**os.environ, registry.NOTEBOOKS_ENV: str(notebooks), workspace.OUTPUTS_ENV: str(outputs),
            "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}

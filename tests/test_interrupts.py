@@ -7,32 +7,10 @@ import subprocess
 import sys
 import time
 
-import nbformat
 import pytest
 import yaml
-from nbformat import v4
 
-from llava_gguf import cli, pipeline, registry, workspace
-
-
-def _declared(folder, name, *sources):
-    nb = v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata[registry.METADATA_KEY] = {"step": name, "needs": [], "products": ["thing"], "params": ["model"]}
-    params = v4.new_code_cell("params_file = None\nparams = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [v4.new_code_cell(s) for s in sources]
-    nbformat.write(nb, folder / f"90_{name}.ipynb")
-
-
-@pytest.fixture
-def notebooks(tmp_path, monkeypatch):
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    for nb in registry.notebooks_dir().glob("*.ipynb"):
-        (folder / nb.name).symlink_to(nb)
-    monkeypatch.setenv(registry.NOTEBOOKS_ENV, str(folder))
-    return folder
+from llava_gguf import cli, pipeline, workspace
 
 
 def _processes(pattern: str) -> list[int]:
@@ -41,9 +19,9 @@ def _processes(pattern: str) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_group_stops_the_kernel_and_its_tools(notebooks, tmp_path, sig):
+def test_a_signal_to_the_group_stops_the_kernel_and_its_tools(declare_step, tmp_path, sig):
     marker = f"{9000 + int(sig)}.{os.getpid()}"
-    _declared(notebooks, "sleeper", f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\ntime.sleep(600)")
+    declare_step("sleeper", f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\ntime.sleep(600)")
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"run": f"sleeper-{int(sig)}", "model": {"source": "tiny"}}))
     proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", "run", "sleeper", "--params", str(params)],

@@ -5,35 +5,9 @@ import json
 
 import nbformat
 import pytest
-from nbformat import v4
 
 from llava_gguf import cli, pipeline, registry, workspace
 from llava_gguf.pipeline import StepFailed
-
-
-def _notebook(path, *sources, step=None, products=("thing",)):
-    """A notebook; with `step`, declared as a step (registry metadata) in its folder."""
-    nb = v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    if step:
-        nb.metadata[registry.METADATA_KEY] = {"step": step, "needs": [], "products": list(products),
-                                              "params": ["model"], "description": f"test step {step}"}
-    params = v4.new_code_cell("params_file = None\nparams = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [v4.new_code_cell(s) for s in sources]
-    nbformat.write(nb, path)
-    return path
-
-
-@pytest.fixture
-def notebooks(tmp_path, monkeypatch):
-    """A notebooks folder holding the project's notebooks (linked) plus the test's own."""
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    for nb in registry.notebooks_dir().glob("*.ipynb"):
-        (folder / nb.name).symlink_to(nb)
-    monkeypatch.setenv(registry.NOTEBOOKS_ENV, str(folder))
-    return folder
 
 
 def test_plan_orders_dependencies_and_skips_checkpoint_steps_for_gguf(write_params):
@@ -78,8 +52,8 @@ def test_download_step_runs_then_skips_then_reruns_on_change(write_params):
     assert all(not c.get("outputs") for c in src.cells if c.cell_type == "code")
 
 
-def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(notebooks, write_params):
-    _notebook(notebooks / "99_boom.ipynb", "x = 41 + 1", "raise RuntimeError('boom in cell')", "y = 1", step="boom")
+def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(declare_step, write_params):
+    declare_step("boom", "x = 41 + 1", "raise RuntimeError('boom in cell')", "y = 1", number=99)
     path = write_params({"run": "pm-boom", "model": {"source": "tiny"}})
     run = workspace.open_run(path)
     with pytest.raises(StepFailed, match="boom in cell"):
@@ -92,8 +66,8 @@ def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(notebooks, write_
     assert cli.main(["run", "boom", "--params", str(path)]) == 1
 
 
-def test_step_that_records_nothing_fails(notebooks, write_params):
-    _notebook(notebooks / "98_quiet.ipynb", "print('did nothing')", step="quiet")
+def test_step_that_records_nothing_fails(declare_step, write_params):
+    declare_step("quiet", "print('did nothing')", number=98)
     run = workspace.open_run(write_params({"run": "pm-quiet", "model": {"source": "tiny"}}))
     with pytest.raises(StepFailed, match="without recording \\['thing'\\]"):
         pipeline.run_steps(run, ["quiet"])
@@ -105,8 +79,8 @@ def test_unknown_params_key_stops_the_cli(write_params, caplog):
     assert "unknown key 'modle'" in caplog.text
 
 
-def test_dead_kernel_is_a_step_failure_with_the_notebook_kept(notebooks, write_params):
-    _notebook(notebooks / "97_dies.ipynb", "import os", "os._exit(9)", step="dies")
+def test_dead_kernel_is_a_step_failure_with_the_notebook_kept(declare_step, write_params):
+    declare_step("dies", "import os", "os._exit(9)", number=97)
     run = workspace.open_run(write_params({"run": "pm-dies", "model": {"source": "tiny"}}))
     with pytest.raises(StepFailed, match="step 'dies' stopped"):
         pipeline.run_steps(run, ["dies"])

@@ -326,3 +326,11 @@ def test_local_checkpoint_problems_never_say_make_download(defect, tiny_checkpoi
     problems = preflight.preflight(run, ["download", "surgery", "vision", "text"])
     assert problems and all(str(ckpt) in p for p in problems), problems
     assert not any("make download" in p or "resume" in p for p in problems), problems
+
+
+def test_cli_step_runs_the_preflight_of_that_step(write_params, caplog):
+    from llava_gguf import cli
+
+    path = write_params({"run": "pre-cli", "model": {"source": "tiny"}, "quantize": {"types": []}}, "cli.yaml")
+    assert cli.main(["step", "quantize", "--params", str(path)]) == 2
+    assert "quantize.types is empty" in caplog.text and "nothing was run" in caplog.text

@@ -157,7 +157,8 @@ def _half_a_projector(d: Path):
 
 
 def _hf_layout(d: Path):
-    """The tiny tensors renamed as llava-hf/llava-v1.6-vicuna-7b-hf names them."""
+    """The tiny tensors renamed as llava-hf names them, declared as LLaVA 1.5's LlavaForConditionalGeneration
+    (the llava-hf layout of LLaVA 1.6 is converted: tests/test_hf_layout.py)."""
     rename = [("model.vision_tower.vision_tower.", "vision_tower."), ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
               ("model.mm_projector.2.", "multi_modal_projector.linear_2."), ("model.image_newline", "image_newline"),
               ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
@@ -172,9 +173,9 @@ def _hf_layout(d: Path):
         weight_map.update({k: shard for k in tensors})
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next")
+    cfg.update(architectures=["LlavaForConditionalGeneration"], model_type="llava")
     (d / "config.json").write_text(json.dumps(cfg))
-    return "config.json", "liuhaotian/llava-v1.6-vicuna-7b"
+    return "config.json", "liuhaotian/llava-v1.5-7b"
 
 
 @pytest.mark.parametrize("defect", [_missing_shard, _truncated_shard, _index_names_absent_tensor,

@@ -17,7 +17,7 @@ def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
     done = pipeline.run_steps(run, steps)
     assert [name for name, _ in done] == steps and {what for _, what in done} == {"ran"}
     artifacts = run.artifacts()
-    expected = {s for name in steps for s in registry.steps()[name].products} | {"llama_cpp"}
+    expected = {s for name in steps for s in registry.get(name).products} | {"llama_cpp"}
     assert expected <= set(artifacts)
     for name in expected - {"llama_cpp"}:
         value = artifacts[name]
@@ -25,7 +25,7 @@ def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
             assert run.resolve(path).exists(), (name, path)
     index = (run.dir / "reports" / "index.html").read_text()
     for name in steps:
-        assert registry.steps()[name].notebook.replace(".ipynb", ".html") in index
+        assert registry.get(name).notebook.replace(".ipynb", ".html") in index
     assert {what for _, what in pipeline.run_steps(run, steps)} == {"skipped"}
 
 

@@ -31,10 +31,13 @@ def _cmd_run(args) -> int:
 
 def _cmd_step(args) -> int:
     """The step's library entry point, as the notebook's main cell calls it, checks included."""
+    from . import preflight
+
     step = registry.get(args.name)
     run = workspace.open_run(args.params)
     with run.lock(), workspace.forcing(args.force):
         run.remove_stale_partials()
+        preflight.check(run, [step.name])
         result = step.entry_point()(run)
     log.info("%s: %s", args.name, result)
     if getattr(result, "ok", True) is False:
@@ -46,7 +49,8 @@ def _cmd_step(args) -> int:
 def _cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant)
+    make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant,
+              layout=args.layout)
     return 0
 
 
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", choices=["1.6", "1.5"], default="1.6")
+    p.add_argument("--layout", choices=["llava", "hf"], default="llava",
+                   help="llava: as liuhaotian/llava-v1.6-vicuna-7b; hf: as llava-hf/llava-v1.6-vicuna-7b-hf")
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("build-llama-cpp", help="build the pinned, patched llama.cpp tools into the cache")

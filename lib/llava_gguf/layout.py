@@ -5,9 +5,11 @@ Canonical names are what the exporters consume: the text model in Hugging Face L
 (`model.layers.N...`, `lm_head.weight`), the vision tower in `CLIPVisionModel` names
 (`vision_model.*`), the projector as `mm_projector.{0,2}.*` and `image_newline`.
 
-Only the original LLaVA layout ('llava': liuhaotian/llava-v1.5-*, llava-v1.6-*) is converted; the
-transformers layout ('llava-hf') is classified too, so that it is refused with a precise message
-(see UNSUPPORTED_LAYOUTS for why and what to use instead).
+Two layouts are converted: the original LLaVA layout ('llava': liuhaotian/llava-v1.5-*, llava-v1.6-*)
+and the transformers layout of LLaVA 1.6 ('llava-hf': llava-hf/llava-v1.6-*-hf,
+LlavaNextForConditionalGeneration; its config and vocabulary are read by `hf_layout`). The transformers
+layout of LLaVA 1.5 (LlavaForConditionalGeneration) is refused with a precise message
+(UNSUPPORTED_ARCHITECTURES).
 """
 from __future__ import annotations
 
@@ -31,10 +33,12 @@ LAYOUTS: dict[str, list[Rule]] = {
         (r"^(lm_head\.weight)$", TEXT, r"\1"),
     ],
     # llava-hf/llava-v1.6-*-hf (LlavaNextForConditionalGeneration), before and after the
-    # transformers 4.52 renaming (language_model.model.* -> model.language_model.*).
+    # transformers 4.52 renaming (language_model.model.* -> model.language_model.*); transformers 5
+    # saves the tower without its `vision_model.` level (vision_tower.embeddings.*).
     "llava-hf": [
-        (r"^(?:model\.)?vision_tower\.vision_model\.embeddings\.position_ids$", IGNORED, ""),
-        (r"^(?:model\.)?vision_tower\.(vision_model\..+)$", VISION, r"\1"),
+        (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?embeddings\.position_ids$", IGNORED, ""),
+        (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..+)$",
+         VISION, r"vision_model.\1"),
         (r"^(?:model\.)?multi_modal_projector\.linear_1\.(weight|bias)$", PROJECTOR, r"mm_projector.0.\1"),
         (r"^(?:model\.)?multi_modal_projector\.linear_2\.(weight|bias)$", PROJECTOR, r"mm_projector.2.\1"),
         (r"^(?:model\.)?image_newline$", PROJECTOR, "image_newline"),
@@ -70,10 +74,6 @@ def place(name: str, layout: str) -> Placement:
     return Placement(name, "unknown", "")
 
 
-def place_all(names, layout: str) -> list[Placement]:
-    return [place(n, layout) for n in names]
-
-
 # ---------------------------------------------------------------------------- the split
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 # The canonical tensors each projector type must have (image_newline comes on top in LLaVA 1.6).
@@ -81,16 +81,12 @@ PROJECTOR_TENSORS = {
     "mlp2x_gelu": ("mm_projector.0.weight", "mm_projector.0.bias", "mm_projector.2.weight", "mm_projector.2.bias"),
 }
 
-# Layouts that are detected (so the error is precise) but not converted, and what to use instead.
-# llava-hf repackages the same weights as liuhaotian/llava-v1.6-*, but with a 32064-token vocabulary
-# (added <image> and padding rows), a nested text_config / vision_config and no crop/split keys:
-# supporting it would add a second config and tokenizer path to every later stage for no new model.
-UNSUPPORTED_LAYOUTS = {
-    "llava-hf": (
-        "the Hugging Face transformers layout (LlavaNextForConditionalGeneration / LlavaForConditionalGeneration: "
-        "multi_modal_projector.linear_1/2, vision_tower.vision_model.*, language_model.*) is detected but not "
-        "converted. Use the original release of the same weights instead: set model.repo to "
-        "liuhaotian/llava-v1.6-vicuna-7b (or liuhaotian/llava-v1.5-7b), or point model.path at such a folder"),
+# Architectures that are detected (so the error is precise) but not converted, and what to use instead.
+UNSUPPORTED_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": (
+        "the Hugging Face transformers layout of LLaVA 1.5 (llava-hf/llava-1.5-*-hf) is detected but not "
+        "converted (only LLaVA 1.6's LlavaNextForConditionalGeneration is). Use the original release of the "
+        "same weights instead: set model.repo to liuhaotian/llava-v1.5-7b, or point model.path at such a folder"),
 }
 
 
@@ -146,16 +142,24 @@ def split_checkpoint(ckpt) -> Split:
                                   f"{p.canonical}; the checkpoint mixes two layouts")
             seen[p.canonical] = info.name
         parts[p.part].append(SplitTensor(info.name, p.canonical, p.part, info.shard, info.dtype, info.shape))
-    if lay in UNSUPPORTED_LAYOUTS:
-        arch = ", ".join(ckpt.config.get("architectures") or []) or "no architectures"
-        raise LayoutError(f"{config_file}: layout '{lay}' ({arch}): {UNSUPPORTED_LAYOUTS[lay]}.")
+    refused = [a for a in ckpt.config.get("architectures") or [] if a in UNSUPPORTED_ARCHITECTURES]
+    if refused:
+        raise LayoutError(f"{config_file}: layout '{lay}' ({refused[0]}): {UNSUPPORTED_ARCHITECTURES[refused[0]]}.")
+    config = ckpt.config
+    if lay == "llava-hf":
+        from .hf_layout import HFLayoutError, llava_config
+
+        try:
+            config = llava_config(config)
+        except HFLayoutError as err:
+            raise LayoutError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from None
     if unknown:
         raise LayoutError(f"{ckpt.path}: {len(unknown)} tensor(s) of no known part in layout '{lay}': "
                           f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     if not parts[PROJECTOR]:
         raise LayoutError(f"{ckpt.path}: no mm_projector tensors: not a LLaVA checkpoint (a plain language "
                           "model?). Point model.path / model.repo at a LLaVA checkpoint.")
-    proj_type = ckpt.config.get("mm_projector_type", "mlp2x_gelu" if lay == "llava-hf" else None)
+    proj_type = config.get("mm_projector_type")
     if proj_type is None:
         # LLaVA's own builder then makes a 'linear' projector; LLaVA 1.5 and 1.6 always name theirs.
         raise LayoutError(f"{config_file}: key 'mm_projector_type' is missing; LLaVA 1.5 and 1.6 checkpoints set it "

@@ -21,6 +21,11 @@ QUANT_TYPES = (
 )
 
 
+# The precisions the exports write (text: convert.outtype, mmproj: convert.mmproj_outtype).
+TEXT_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+MMPROJ_OUTTYPES = ("f16", "f32")
+
+
 class ParamsError(ValueError):
     """A params file is unreadable or invalid; the message names the file and the key."""
 
@@ -34,6 +39,7 @@ class TinyModel(_Strict):
     format: Literal["safetensors", "bin"] = "safetensors"
     shards: int = Field(2, ge=1)
     seed: int = 0
+    layout: Literal["llava", "hf"] = "llava"  # hf: laid out as llava-hf/llava-v1.6-vicuna-7b-hf
 
 
 class ModelParams(_Strict):
@@ -57,8 +63,8 @@ class LlamaCppParams(_Strict):
 
 
 class ConvertParams(_Strict):
-    outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
-    mmproj_outtype: Literal["f16", "f32"] = "f16"
+    outtype: Literal[TEXT_OUTTYPES] = "f16"
+    mmproj_outtype: Literal[MMPROJ_OUTTYPES] = "f16"
     # Compare llama.cpp's outputs with a PyTorch reference (the 7B text reference needs ~14 GB RAM).
     verify: bool = True
     verify_prompt: str = "The capital of France is"

@@ -59,7 +59,10 @@ def prefix(final: Path) -> str:
 
 def hold(fd: int) -> None:
     """Lock an open partial for the writer's lifetime (released by the kernel when it exits)."""
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:  # a filesystem without locks (some FUSE/NFS mounts): the pid alone tells
+        log.debug("no lock on a partial file (%s); its name still carries this process's id", err)
 
 
 def _writer_alive(pid: int, start: str) -> bool:
@@ -86,7 +89,7 @@ def _locked(path: Path) -> bool:
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return True
-        raise
+        return False  # no locks on this filesystem: the writer's pid has decided
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False

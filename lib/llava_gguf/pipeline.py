@@ -121,9 +121,9 @@ def keep_previous(step: registry.Step, run: Run) -> Path | None:
     dest = run.dir / "history" / stamp
     dest.mkdir(parents=True, exist_ok=True)
     report = run.dir / "reports" / f"{old.stem}.html"
-    for f in (old, report):
-        if f.exists():
-            os.replace(f, dest / f.name)
+    os.replace(old, dest / old.name)
+    if report.exists():
+        html.move_report(report, dest)  # with the stylesheet it links
     folders = sorted(p for p in (run.dir / "history").iterdir() if p.is_dir())
     for stale in folders[:-HISTORY_KEEP]:
         shutil.rmtree(stale, ignore_errors=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .layout import TEXT, SplitTensor
+from .params import TEXT_OUTTYPES
 from .manifest import parameter_count, source_folder, split_part
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType, str]] =
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16, "BF16"),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
 }
+
+assert set(OUTTYPES) == set(TEXT_OUTTYPES), "params.TEXT_OUTTYPES and text_model.OUTTYPES must list the same types"
 
 # Canonical (Hugging Face Llama) name -> llama.cpp name, the rotary permutation it needs (the
 # hyper-parameter giving its head count) and its expected shape in hyper-parameter names.
@@ -102,7 +105,10 @@ class TextHParams:
 
 def read_hparams(config: dict, config_file: Path) -> TextHParams:
     """The Llama hyper-parameters of config.json (or its `text_config`), validated."""
-    cfg = config.get("text_config") or config
+    from .hf_layout import is_hf_config, text_config
+
+    # llava-hf's text_config states only what differs from LlamaConfig's defaults: filled in there.
+    cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
     if not isinstance(cfg, dict):
         raise TextExportError(f"{config_file}: key 'text_config' is a {type(cfg).__name__}, not an object of keys")
     where = f"{config_file}" + (" (text_config)" if cfg is not config else "")
@@ -174,9 +180,10 @@ class Vocab:
         return len(self.tokens)
 
 
-def read_vocab(folder: Path) -> Vocab:
+def read_vocab(folder: Path, n_vocab: int | None = None) -> Vocab:
     """The SentencePiece vocabulary of `tokenizer.model`, and the special ids and add-BOS/EOS flags
-    from the tokenizer and config files (as convert_legacy_llama.py reads them)."""
+    from the tokenizer and config files (as convert_legacy_llama.py reads them). With `n_vocab` past
+    the pieces (llava-hf: 32064 rows), the added tokens and padding rows follow (hf_layout.extend_vocab)."""
     from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -194,6 +201,13 @@ def read_vocab(folder: Path) -> Vocab:
         raise TextExportError(f"{model_file}: not a SentencePiece model ({err}); re-download it") from None
     if not tokens:
         raise TextExportError(f"{model_file}: holds no pieces; re-download it")
+    if n_vocab is not None and n_vocab > len(tokens):
+        from .hf_layout import HFLayoutError, extend_vocab
+
+        try:
+            tokens, scores, types = extend_vocab(tokens, scores, types, folder, n_vocab, folder / "config.json")
+        except HFLayoutError as err:
+            raise TextExportError(str(err)) from None
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
     # tokenizer.model is the authority for ids the JSON files leave out (Llama's unk is only there).
     trainer = proto.trainer_spec
@@ -280,7 +294,10 @@ def plan_from_manifest(manifest: dict, outtype: str = "f16") -> TextPlan:
     folder = source_folder(manifest)
     config_file = folder / "config.json"
     hp = read_hparams(manifest["config"], config_file)
-    vocab = read_vocab(folder)
+    # llava-hf pads its vocabulary with added tokens and spare rows (hf_layout.extend_vocab).
+    from .hf_layout import is_hf_config
+
+    vocab = read_vocab(folder, hp.n_vocab if is_hf_config(manifest["config"]) else None)
     if len(vocab) != hp.n_vocab:
         raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "
                               f"({len(vocab)} pieces); added tokens are not supported, the two must match")

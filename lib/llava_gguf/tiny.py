@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -196,40 +197,44 @@ def _split_shards(plan: list[tuple[str, tuple[int, ...]]], shards: int) -> list[
     return [group for group in out if group]
 
 
-def _write_safetensors(path: Path, entries, seed: int, bar: tqdm) -> None:
+def _write_safetensors(path: Path, entries, values, bar: tqdm, dtype: str = "BF16") -> None:
     """Stream tensors to a safetensors file without holding the shard in memory."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in entries:
         nbytes = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name, shape in entries:
-            t = random_tensor(name, shape, seed)
+            t = values(name, shape)
             f.write(t.view(torch.uint8).numpy().tobytes())
             bar.update(t.numel() * 2)
 
 
-def _write_bin(path: Path, entries, seed: int, bar: tqdm) -> None:
+def _write_bin(path: Path, entries, values, bar: tqdm, dtype: str = "BF16") -> None:
     state = {}
     for name, shape in entries:
-        state[name] = random_tensor(name, shape, seed)
+        state[name] = values(name, shape)
         bar.update(state[name].numel() * 2)
     torch.save(state, path)
 
 
 def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors", shards: int = 2,
-              seed: int = 0, variant: str = "1.6", vocab_gguf: Path | None = None) -> Path:
-    """Write a synthetic LLaVA checkpoint folder; returns it. Written beside, then renamed in."""
+              seed: int = 0, variant: str = "1.6", vocab_gguf: Path | None = None, layout: str = "llava") -> Path:
+    """Write a synthetic LLaVA checkpoint folder; returns it. Written beside, then renamed in.
+
+    layout "hf": the same weights laid out as llava-hf/llava-v1.6-vicuna-7b-hf (see hf_layout.py)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"format must be 'safetensors' or 'bin', not {fmt!r}")
     if variant not in ("1.6", "1.5"):
         raise ValueError(f"variant must be '1.6' or '1.5', not {variant!r}")
+    if layout not in ("llava", "hf") or (layout == "hf" and variant != "1.6"):
+        raise ValueError(f"layout must be 'llava' or 'hf' (LLaVA 1.6 only), not {layout!r} for variant {variant}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
@@ -239,6 +244,14 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors",
         vocab_gguf = source_asset(VOCAB_GGUF)
     s = SIZES[size]
     plan = synthetic_tensors(s, variant)
+    config, dtype = llava_config(s, variant), "BF16"
+    values = partial(random_tensor, seed=seed)
+    if layout == "hf":
+        from . import hf_layout
+
+        plan, values = hf_layout.tiny_source(plan, s.vocab, seed, random_tensor)
+        vision = hf_layout.hf_vision_config(s.v_hidden, s.v_intermediate, s.v_layers, s.image, s.patch)
+        config, dtype = hf_layout.hf_config(config, hf_layout.hf_vocab_size(s.vocab), vision), hf_layout.HF_DTYPE
     groups = _split_shards(plan, shards)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
@@ -253,18 +266,20 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors",
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"make-tiny {size}") as bar:
         for i, entries in enumerate(groups, 1):
             shard = f"{stem}-{i:05d}-of-{len(groups):05d}.{ext}" if len(groups) > 1 else f"{stem}.{ext}"
-            writer(tmp / shard, entries, seed, bar)
+            writer(tmp / shard, entries, values, bar, dtype)
             weight_map.update({name: shard for name, _ in entries})
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(llava_config(s, variant), indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_tokenizer_files(tmp, vocab_gguf)
+    if layout == "hf":
+        hf_layout.write_hf_tokenizer_files(tmp)
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(tmp, out_dir)
-    log.info("synthetic %s LLaVA %s checkpoint (%s, %d shard(s), seed %d) at %s",
-             size, variant, fmt, len(groups), seed, out_dir)
+    log.info("synthetic %s LLaVA %s checkpoint (%s layout, %s, %d shard(s), seed %d) at %s",
+             size, variant, layout, fmt, len(groups), seed, out_dir)
     return out_dir
 
 

@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 GiB = 2**30
 

@@ -84,10 +84,10 @@ def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]]) ->
     n_pos = vision["vision_model.embeddings.position_embedding.weight"][0]
     image_size = math.isqrt(n_pos - 1) * patch
     if layout == "llava-hf":
-        vc = config.get("vision_config") or {}
-        n_head = vc.get("num_attention_heads", hidden // CLIP_DEFAULTS["head_dim"])
-        act = vc.get("hidden_act", CLIP_DEFAULTS["hidden_act"])
-        eps = vc.get("layer_norm_eps", CLIP_DEFAULTS["layer_norm_eps"])
+        from ..hf_layout import vision_config
+
+        vc = vision_config(config)  # transformers' CLIPVisionConfig defaults filled in
+        n_head, act, eps = vc["num_attention_heads"], vc["hidden_act"], vc["layer_norm_eps"]
         select_layer = config.get("vision_feature_layer", -2)
         feature = "cls_patch" if config.get("vision_feature_select_strategy", "default") == "full" else "patch"
     else:

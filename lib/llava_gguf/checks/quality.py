@@ -35,7 +35,6 @@ NOMINAL_BPW = {
     "Q5_K_S": 5.54, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "IQ4_NL": 4.5, "Q4_0": 4.5,
     "IQ4_XS": 4.25, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 2.96,
 }
-UNQUANTIZED = ("F32", "F16", "BF16")
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf)"
 _PM = r"\s*(?:±|\+/-)\s*"
@@ -184,18 +183,17 @@ def _common_prefix(a: list, b: list) -> int:
 
 def llama_tokenizer(gguf_path: Path | str, run: Run | None = None):
     """str -> token ids with the vocabulary of `gguf_path` (llama-tokenize, vocab only: fast on a 7B)."""
-    import subprocess
 
     tool = toolchain.find_tool("llama-tokenize", run.params.llama_cpp.dir if run else None)
     cache: dict[str, list[int]] = {}
 
     def tokenize(text: str) -> list[int]:
         if text not in cache:
-            proc = subprocess.run([str(tool), "-m", str(gguf_path), "-p", text, "--ids", "--no-bos",
-                                   "--log-disable", "--no-escape"], capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                raise QualityError(f"llama-tokenize failed on {gguf_path} (exit {proc.returncode}): "
-                                   f"{proc.stderr.strip()[-500:]}")
+            try:
+                proc = toolchain.run_tool([tool, "-m", gguf_path, "-p", text, "--ids", "--no-bos", "--log-disable",
+                                           "--no-escape"], timeout=120, capture=True)
+            except toolchain.ToolFailed as err:
+                raise QualityError(f"llama-tokenize failed on {gguf_path}: {err}") from None
             ids = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"
             cache[text] = json.loads(ids)
         return cache[text]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from ..gguf_io import GGUFTensor, open_gguf, read_gguf
 from ..layout import TEXT, split_checkpoint
 from ..text_model import OUTTYPES, TextExportError, read_hparams
 from ..tokenizer import VOCAB_GGUF, read_test_vectors
-from ..llama_cpp.toolchain import find_tool, source_dir
+from ..llama_cpp.toolchain import find_tool, run_tool, source_dir
 from ..workspace import Run
 from .numeric import nmse
 
@@ -123,12 +122,11 @@ def llama_logits(gguf_path: Path, prompt: str, llama_debug: Path, threads: int |
     with tempfile.TemporaryDirectory(prefix="llama-debug-") as out:
         cmd = [str(llama_debug), "-m", str(gguf_path), "-p", prompt, "--save-logits", "--logits-output-dir", out,
                "-c", "512", "--no-warmup", "-t", str(threads or max(1, os.cpu_count() or 1))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = run_tool(cmd, timeout=timeout, capture=True, what=f"{llama_debug.name} on {gguf_path}")
         base = Path(out) / f"llamacpp-{gguf_path.stem}"
         logits_file, tokens_file = Path(f"{base}.bin"), Path(f"{base}-tokens.bin")
-        if proc.returncode != 0 or not logits_file.exists():
-            raise RuntimeError(f"{llama_debug.name} failed on {gguf_path} (exit {proc.returncode}): "
-                               f"{proc.stderr[-2000:]}")
+        if not logits_file.exists():
+            raise RuntimeError(f"{llama_debug.name} wrote no logits for {gguf_path}: {proc.stderr[-2000:]}")
         return np.fromfile(logits_file, dtype=np.float32), np.fromfile(tokens_file, dtype=np.int32).tolist()
 
 
@@ -145,10 +143,8 @@ def tokenizer_parity(gguf_path: Path, tokenizer_model: Path, llama_tokenize: Pat
             # From a file, read verbatim (-p would process escapes and lose trailing newlines).
             f = Path(tmp) / f"{i}.txt"
             f.write_bytes(texts[i].encode("utf-8"))
-            proc = subprocess.run([str(llama_tokenize), "-m", str(gguf_path), "-f", str(f), "--ids", "--no-bos",
-                                   "--no-escape", "--log-disable"], capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{llama_tokenize.name} failed on {gguf_path}: {proc.stderr[-1000:]}")
+            proc = run_tool([llama_tokenize, "-m", gguf_path, "-f", f, "--ids", "--no-bos", "--no-escape",
+                             "--log-disable"], timeout=120, capture=True, what=f"{llama_tokenize.name} on {gguf_path}")
             out = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"
             return [int(x) for x in out.strip("[]").split(",") if x.strip()]
 
@@ -292,7 +288,7 @@ def mtmd_chat_format(model: Path, mmproj: Path, mtmd_cli: Path, *args: str, mess
     it builds for `message` typed in chat mode (its verbose log). No image: seconds on the tiny model."""
     cmd = [str(mtmd_cli), "-m", str(model), "--mmproj", str(mmproj), "-n", "1", "--temp", "0", "-v",
            "-t", str(os.cpu_count() or 1), *args]
-    proc = subprocess.run(cmd, input=f"{message}\n/quit\n", capture_output=True, text=True, timeout=timeout)
+    proc = run_tool(cmd, timeout=timeout, capture=True, stdin_text=f"{message}\n/quit\n")
     lines = (proc.stdout + proc.stderr).splitlines()
     found = {}
     for key, marker in (("example", "chat template example:"), ("prompt", "formatted_chat.prompt:")):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,12 +156,10 @@ def mtmd_embeddings(mmproj: Path, image: str = "uniform", tool: Path | None = No
                "-n", str(info["image_size"]), "-t", str(threads or os.cpu_count() or 2), "-c", "256",
                "--no-warmup", "--no-mmproj-offload"]
         log.info("llama.cpp: %s", " ".join(cmd))
-        with open(log_file, "w") as logf:
-            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)})
-        if proc.returncode != 0:
-            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-            raise VisionCheckError(f"{tool.name} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        try:
+            toolchain.run_tool(cmd, log_file, env={"MTMD_DEBUG_EMBEDDINGS": str(dump)})
+        except toolchain.ToolFailed as err:
+            raise VisionCheckError(str(err)) from None
         if not dump.exists():
             raise DumpMissing(f"{tool} ran but wrote no embeddings dump: this build's llama-mtmd-debug does not "
                               f"support MTMD_DEBUG_EMBEDDINGS=<file> (log {log_file})")

@@ -244,41 +244,59 @@ def llama_cpp_info(configured: str | None = None) -> dict[str, str]:
 class ToolFailed(RuntimeError):
     """A llama.cpp tool exited non-zero, crashed or timed out; its log is kept."""
 
-    def __init__(self, message: str, log_file: Path):
+    def __init__(self, message: str, log_file: Path | None):
         super().__init__(message)
         self.log_file = log_file
 
 
-def run_tool(cmd: list, log_file: Path, timeout: float | None = None, what: str = "") -> str:
-    """Run a tool with stdout+stderr into `log_file` (kept, also on failure); return the log text.
-
-    Raises ToolFailed naming the command, how it ended (exit status or signal) and the log's tail.
-    """
+def _ended(rc: int | None, timeout: float | None) -> str:
     import signal
 
+    if rc is None:
+        return f"timed out after {timeout} s"
+    if rc < 0:
+        return f"crashed ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else f"killed ({rc})"
+    return f"exited with status {rc}"
+
+
+def run_tool(cmd: list, log_file: Path | None = None, timeout: float | None = None, what: str = "", *,
+             env: dict | None = None, stdin_text: str | None = None, capture: bool = False):
+    """Run a llama.cpp tool, the one way every step does.
+
+    With `log_file` (the default use), stdout+stderr go to that file, kept also on failure, and the
+    log text is returned. With `capture=True` (tools whose stdout is the result: token ids, a chat
+    template) the CompletedProcess is returned with stdout and stderr apart. Either way a non-zero
+    exit, a crash or a timeout raises ToolFailed naming the command, how it ended and the output's tail.
+    """
     cmd = [str(c) for c in cmd]
+    what = what or Path(cmd[0]).name
+    env = {**os.environ, **env} if env else None
+    stdin = subprocess.DEVNULL if stdin_text is None else None
+    log.debug("running %s", " ".join(cmd))
+    if capture:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, input=stdin_text, stdin=stdin,
+                                  timeout=timeout, env=env)
+            rc, tail = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as err:
+            proc, rc, tail = None, None, (err.stderr or b"").decode(errors="replace")
+        if rc == 0:
+            return proc
+        tail = "\n".join(tail.strip().splitlines()[-8:])
+        raise ToolFailed(f"{what} {_ended(rc, timeout)}\ncommand: {' '.join(cmd)}\nlast lines:\n{tail}", None)
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    what = what or Path(cmd[0]).name
-    log.debug("running %s (log %s)", " ".join(cmd), log_file)
     with open(log_file, "w", encoding="utf-8", errors="replace") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  timeout=timeout)
-            rc = proc.returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=stdin, input=stdin_text,
+                                timeout=timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = None
     text = log_file.read_text(encoding="utf-8", errors="replace")
     if rc == 0:
         return text
-    if rc is None:
-        how = f"timed out after {timeout} s"
-    elif rc < 0:
-        how = f"crashed ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else f"killed ({rc})"
-    else:
-        how = f"exited with status {rc}"
     tail = "\n".join(text.strip().splitlines()[-8:])
-    raise ToolFailed(f"{what} {how}; full log kept at {log_file}\ncommand: {' '.join(cmd)}\n"
+    raise ToolFailed(f"{what} {_ended(rc, timeout)}; full log kept at {log_file}\ncommand: {' '.join(cmd)}\n"
                      f"last lines:\n{tail}", log_file)

@@ -1,12 +1,22 @@
 """HTML reports of a run: each executed notebook rendered, and an index.html that links them.
 
-The index opens with the evaluation summary (summary.summary_html) when the run has metrics.
+The index opens with the evaluation summary (summary.summary_html) when the run has metrics, and
+ends with the run's history (older executed notebooks and reports kept by pipeline.keep_previous).
+
+nbconvert inlines ~260 KB of JupyterLab CSS into every page; the <style> blocks of the page's head
+are written once per content to `reports/assets/notebook-<hash>.css` and linked instead (a <link>
+works from file:// too). Its inline scripts stay: the MathJax config must be inline, and a
+module script loaded from a file:// URL is blocked by browsers.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 from .. import registry
@@ -15,19 +25,80 @@ from . import summary
 
 log = logging.getLogger(__name__)
 
+ASSETS = "assets"
+# The lab template, with an alt text on every PNG/JPEG: the output's own ("alt" in its image
+# metadata, which plots.PlotFigure sets to the figure's titles), else a generic one.
+TEMPLATE = """{%- extends 'index.html.j2' -%}
+{% macro with_alt(img_html, output, mime) -%}
+{%- set alt = output | get_metadata('alt', mime) or 'plot or image output of this cell' -%}
+{{ img_html | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}
+{%- endmacro %}
+{% block data_png scoped %}{{ with_alt(super(), output, 'image/png') }}{% endblock data_png %}
+{% block data_jpg scoped %}{{ with_alt(super(), output, 'image/jpeg') }}{% endblock data_jpg %}
+"""
+_HEAD_STYLE = re.compile(r"<style[^>]*>(.*?)</style>\s*", re.S | re.I)
+_ASSET_LINK = re.compile(r"""href=["'](assets/[^"'/]+)["']""")
+
+
+def notebook_html(notebook: Path) -> str:
+    """The executed notebook as one HTML page (lab template, every image with an alt text)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab")
+    exporter.raw_template = TEMPLATE
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    return body
+
+
+def shared_css(page: str, reports: Path) -> str:
+    """`page` with its head's <style> blocks replaced by a link to one shared, content-addressed
+    stylesheet under reports/assets/ (written once; the blocks keep their order in it)."""
+    end = page.find("</head>")
+    head = page[:end] if end >= 0 else ""
+    blocks = list(_HEAD_STYLE.finditer(head))
+    if not blocks:
+        return page
+    css = "\n".join(m.group(1).strip() for m in blocks) + "\n"
+    name = f"notebook-{hashlib.sha256(css.encode()).hexdigest()[:16]}.css"
+    path = reports / ASSETS / name
+    if not path.exists():  # same content, same name: an existing file is already right
+        with atomic_path(path, suffix=".css") as tmp:
+            tmp.write_text(css, encoding="utf-8")
+    link = f'<link rel="stylesheet" type="text/css" href="{ASSETS}/{name}">\n'
+    first, last = blocks[0].start(), blocks[-1].end()
+    kept = "".join(head[a.end():b.start()] for a, b in zip(blocks, blocks[1:]))  # what lay between
+    return page[:first] + link + kept + page[last:]
+
 
 def render_notebook(notebook: Path, run: Run) -> Path | None:
     """notebooks/NN_x.ipynb -> reports/NN_x.html (code shown, as a reviewable record)."""
     if not notebook.exists():
         return None
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    out = run.sub("reports") / f"{notebook.stem}.html"
+    reports = run.sub("reports")
+    body = shared_css(notebook_html(notebook), reports)
+    out = reports / f"{notebook.stem}.html"
     with atomic_path(out) as tmp:
         tmp.write_text(body, encoding="utf-8")
     return out
+
+
+def move_report(report: Path, dest: Path) -> Path:
+    """Move a rendered report into folder `dest` with the shared assets it links (hard-linked,
+    else copied), so that it still renders there (pipeline.keep_previous)."""
+    moved = dest / report.name
+    os.replace(report, moved)
+    for rel in _ASSET_LINK.findall(moved.read_text(encoding="utf-8", errors="replace")):
+        src, target = report.parent / rel, dest / rel
+        if target.exists() or not src.exists():
+            continue
+        with atomic_path(target, suffix=target.suffix) as tmp:
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+    return moved
 
 
 def _summary(run: Run) -> str:
@@ -36,6 +107,23 @@ def _summary(run: Run) -> str:
     except Exception as err:  # a broken summary must not hide the reports
         log.warning("summary failed: %s", err)
         return f"<p><b>summary unavailable:</b> {html.escape(str(err))}</p>"
+
+
+def history_html(run: Run) -> str:
+    """The "History" section: each history/<time>/ folder, newest first, with links to the
+    executed notebooks and reports it holds (relative to reports/)."""
+    folder = run.dir / "history"
+    stamps = sorted((p for p in folder.iterdir() if p.is_dir()), reverse=True) if folder.is_dir() else []
+    rows = []
+    for stamp in stamps:
+        files = sorted(f for f in stamp.iterdir() if f.suffix in (".html", ".ipynb"))
+        links = " ".join(f"<a href='../history/{html.escape(stamp.name)}/{html.escape(f.name)}'>"
+                         f"{html.escape(f.name)}</a>" for f in files)
+        rows.append(f"<tr><td>{html.escape(stamp.name)}</td><td>{links or 'empty'}</td></tr>")
+    if not rows:
+        return "<h2>History</h2><p>No earlier runs of a step kept yet.</p>"
+    return ("<h2>History</h2><p>Earlier executed notebooks and their reports, kept before a step was "
+            "rerun (newest first).</p><table><tr><th>kept at</th><th>files</th></tr>" + "".join(rows) + "</table>")
 
 
 def render_index(run: Run) -> Path:
@@ -62,6 +150,7 @@ border-bottom:1px solid #ddd;text-align:left}} code{{font-size:90%}}</style></he
 {_summary(run)}
 <h2>Steps</h2><table><tr><th>report</th><th>step</th><th>status</th></tr>{''.join(rows)}</table>
 <h2>Artifacts</h2><table>{art_rows}</table>
+{history_html(run)}
 </body></html>"""
     out = run.sub("reports") / "index.html"
     with atomic_path(out) as tmp:

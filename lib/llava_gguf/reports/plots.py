@@ -37,12 +37,23 @@ class PlotFigure(Figure):
 
     IPython's inline PNG formatter for Figure is only registered once pyplot is imported with the
     inline backend; this library never imports pyplot, so the figure carries its own `_repr_png_`.
+    The mime bundle adds the figure's titles as the image's alt text (output metadata
+    image/png.alt, which the HTML reports put on the <img>).
     """
 
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
         self.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
         return buf.getvalue()
+
+    def alt_text(self) -> str:
+        """The suptitle and the axes' titles, joined: what the figure shows, in words."""
+        sup = self._suptitle.get_text() if self._suptitle is not None else ""
+        titles = [sup] + [ax.get_title() for ax in self.axes]
+        return "; ".join(t for t in titles if t) or "plot"
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {"image/png": self._repr_png_()}, {"image/png": {"alt": self.alt_text()}}
 
 
 def precision_order(variants) -> list[str]:

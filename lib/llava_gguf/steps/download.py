@@ -201,14 +201,15 @@ def _tiny(run: Run) -> Path:
     from ..tiny import SIZES, make_tiny, synthetic_tensors
 
     t = run.params.model.tiny
-    folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}"
+    hf = "-hf" if t.layout == "hf" else ""
+    folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}{hf}"
     if (folder / "config.json").exists():
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
     needed = sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[t.size]))  # bf16 weights
     diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
     with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):
-        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
 
 
 def params_problems(run: Run) -> list[str]:

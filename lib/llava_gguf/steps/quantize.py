@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 from .. import diskspace, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, toolchain
+from ..params import TEXT_OUTTYPES
+from ..reports import tables
 from ..workspace import Run, atomic_path, resolve
 
 log = logging.getLogger(__name__)
 
 # Suffixes that name the float type of an unquantized export; dropped before adding the quant type.
-_FLOAT_SUFFIX = re.compile(r"[-_.](f16|bf16|f32|q8_0)$", re.I)
+_FLOAT_SUFFIX = re.compile(rf"[-_.]({'|'.join(TEXT_OUTTYPES)})$", re.I)
 # Bits per weight of a Llama's matrices in each type, rounded up (llama.cpp's own table; the mixed
 # _S/_M/_L types include their heavier tensors; measured at 7B: Q8_0 8.50, Q5_K_M 5.68, Q4_K_M 4.84,
 # Q4_0 4.54). Only used to check the free disk before llama-quantize writes.
@@ -51,7 +53,7 @@ class QuantizeResult:
     reused: list[str] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
-        return self.files
+        return tables.rounded(self.files)  # for display; `files` keeps full precision
 
     def __str__(self) -> str:
         return (f"QuantizeResult({', '.join(f'{k}: {Path(v).name}' for k, v in self.quantized.items())}; "

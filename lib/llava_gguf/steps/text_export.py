@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import diskspace, step_tools
 from ..checks import text as text_check
 from ..gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
+from ..checks.hf import HFCheck, verify_hf
 from ..manifest import load_manifest, open_checked
 from ..text_model import OUTTYPES, VICUNA_CHAT_TEMPLATE, Q, TextPlan, TextTensor, plan_from_manifest
 from ..workspace import Run, atomic_path
@@ -147,6 +148,7 @@ class TextResult:
     seconds: float = 0.0
     plan: TextPlan | None = field(default=None, repr=False)
     check: text_check.TextCheck | None = field(default=None, repr=False)  # convert.verify
+    hf_check: HFCheck | None = field(default=None, repr=False)  # llava-hf: transformers' LlavaNext
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([{"file": self.path.name, "tensors": self.n_tensors, "outtype": self.outtype,
@@ -154,11 +156,12 @@ class TextResult:
 
     @property
     def ok(self) -> bool:
-        return self.check is None or self.check.ok
+        return (self.check is None or self.check.ok) and (self.hf_check is None or self.hf_check.status != "failed")
 
     @property
     def message(self) -> str:
-        return self.check.message if self.check is not None else "not verified (convert.verify: false)"
+        hf = f"\n{self.hf_check.message}" if self.hf_check is not None and self.hf_check.status != "skipped" else ""
+        return (self.check.message if self.check is not None else "not verified (convert.verify: false)") + hf
 
 
 def plan_text(source: dict | Path | str, outtype: str = "f16") -> TextPlan:
@@ -223,4 +226,5 @@ def run_text(run: Run) -> TextResult:
     result = write_text_gguf(manifest, output_path(run), plan.outtype, model_name(run), plan)
     run.record("text_gguf", result.path)
     result.check = text_check.verify_text(run)
+    result.hf_check = verify_hf(run, "text")  # skipped unless the checkpoint is in the llava-hf layout
     return result

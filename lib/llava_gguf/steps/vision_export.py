@@ -56,8 +56,10 @@ from tqdm.auto import tqdm
 
 from .. import diskspace
 from ..gguf_io import metadata_table, read_gguf, tensor_table
+from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
 from ..checks import vision as vision_check
+from ..params import MMPROJ_OUTTYPES
 from ..manifest import load_manifest, open_checked, part_tensors
 from ..workspace import Run, atomic_path
 
@@ -76,7 +78,7 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
               "mm_patch_merge_type", "mm_projector_type")
-OUTTYPES = ("f16", "f32")
+OUTTYPES = MMPROJ_OUTTYPES
 FILE_TYPES = {"f32": 0, "f16": 1}  # general.file_type as the script writes it (its ftype)
 
 # Canonical name (see layout.py) -> GGUF name, in the order the script writes them; None: dropped.
@@ -137,15 +139,18 @@ class VisionResult:
     config: dict = field(default_factory=dict)  # the derived config_vit.json
     plan: list = field(default_factory=list, repr=False)  # the MmprojTensor list written
     check: "vision_check.VisionReport | None" = field(default=None, repr=False)  # convert.verify
+    hf_check: "HFCheck | None" = field(default=None, repr=False)  # llava-hf: transformers' LlavaNext
 
     @property
     def ok(self) -> bool:
         """The export is sound: the check passed, or disagreed only by a known llama.cpp defect."""
-        return self.check is None or self.check.export_ok
+        return (self.check is None or self.check.export_ok) and (self.hf_check is None or
+                                                                  self.hf_check.status != "failed")
 
     @property
     def message(self) -> str:
-        return self.check.message if self.check is not None else "not verified"
+        hf = f"\n{self.hf_check.message}" if self.hf_check is not None and self.hf_check.status != "skipped" else ""
+        return (self.check.message if self.check is not None else "not verified") + hf
 
     @property
     def size_mib(self) -> float:
@@ -329,7 +334,13 @@ def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Mmproj
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
     where = str(Path(manifest["source"]) / "config.json")
     tensors = {**part_tensors(manifest, VISION), **part_tensors(manifest, PROJECTOR)}
-    vcfg = vision_config(manifest["config"], tensors, where)
+    if manifest.get("layout") == "llava-hf":  # nested config.json: see hf_layout
+        from ..hf_layout import apply_vision_config, llava_config
+
+        vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where),
+                                   manifest["config"], where)
+    else:
+        vcfg = vision_config(manifest["config"], tensors, where)
     proj_in = tuple(tensors["mm_projector.0.weight"]["shape"])[1]
     if proj_in != vcfg["hidden_size"]:
         raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
@@ -373,6 +384,7 @@ def run_vision(run: Run) -> VisionResult:
     result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype)
     run.record("mmproj", result.path)
     result.check = vision_check.verify_run(run)
+    result.hf_check = verify_hf(run, "vision")  # skipped unless the checkpoint is in the llava-hf layout
     return result
 
 
