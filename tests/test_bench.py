@@ -166,13 +166,14 @@ def test_bench_end_to_end_on_tiny(tiny_checkpoint, write_params, llama_tool):
     steps = list(zip(result.conversion["recipe"], result.conversion["step"]))
     assert steps == [("reference", "cp shards"), ("reference", "python + imports"),
                      ("project", "surgery"), ("project", "vision"), ("project", "text"),
-                     ("project", "quantize Q5_K_M"), ("project", "quantize Q4_K_M"),
+                     ("project", "text check"), ("project", "quantize Q5_K_M"), ("project", "quantize Q4_K_M"),
                      ("legacy", "surgery"), ("legacy", "vision"), ("legacy", "text"),
                      ("legacy", "quantize Q5_K_M")]
     conv = result.conversion.set_index(["recipe", "step"])
     assert (conv["wall_s"] > 0).all()
     # Every project step is a Python holding torch: never zero, and it is measured in the child.
     assert (conv.loc["project", "peak_anon_GiB"] > 0.02).all()
+    assert "NMSE" in conv.loc[("project", "text check"), "note"]  # step 04's check, measured and passed
     # The text export writes what it leaves (no temporary copies); the legacy F32 file is ~2x the f16 one.
     text, legacy_text = conv.loc[("project", "text")], conv.loc[("legacy", "text")]
     assert 0.95 * text["output_GiB"] <= text["written_GiB"] <= 1.1 * text["output_GiB"] + 0.002

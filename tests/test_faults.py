@@ -161,7 +161,7 @@ def test_index_of_random_bytes_names_the_file(tiny_checkpoint, tmp_path):
     ("hidden_size", "abc", "key 'hidden_size' is 'abc', not a whole number"),
     ("num_hidden_layers", [2], "key 'num_hidden_layers' is [2], not a whole number"),
     ("rms_norm_eps", "small", "key 'rms_norm_eps' is 'small', not a number"),
-    ("text_config", [1], "key 'text_config' is a list, not an object"),
+    ("text_config", [1], "text_config is list, not an object"),
     ("rope_scaling", "linear", "rope_scaling"),
 ])
 def test_config_values_of_the_wrong_type_name_the_key(key, value, words, tiny_checkpoint, tmp_path):

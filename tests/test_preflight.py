@@ -334,3 +334,25 @@ def test_cli_step_runs_the_preflight_of_that_step(write_params, caplog):
     path = write_params({"run": "pre-cli", "model": {"source": "tiny"}, "quantize": {"types": []}}, "cli.yaml")
     assert cli.main(["step", "quantize", "--params", str(path)]) == 2
     assert "quantize.types is empty" in caplog.text and "nothing was run" in caplog.text
+
+
+def test_a_tower_narrower_than_it_names_is_refused_up_front(tiny_checkpoint, tmp_path, write_params):
+    """Its head count cannot be known: convert.vision_config is asked for before step 01, not at step 03."""
+    import json
+
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("vision_config", None)
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    run = _run(write_params, "pre-narrow", model={"source": "local", "path": str(ckpt)})
+    problems = preflight.preflight(run, ["download", "surgery", "vision"])
+    assert any("convert.vision_config" in p for p in problems), problems
+
+    from llava_gguf.tiny import SIZES, tower_config
+
+    given = tmp_path / "config_vit.json"
+    given.write_text(json.dumps(tower_config(SIZES["tiny"])))
+    run = _run(write_params, "pre-narrow-given", model={"source": "local", "path": str(ckpt)},
+               convert={"vision_config": str(given)})
+    assert preflight.preflight(run, ["download", "surgery", "vision"]) == []

@@ -24,7 +24,7 @@ from llava_gguf.llama_cpp import legacy
 from llava_gguf.steps import surgery, text_export as text, vision_export as vision
 from llava_gguf.checks import text as text_check
 from llava_gguf.checks.numeric import nmse
-from llava_gguf import workspace
+from llava_gguf import text_reference, workspace
 from llava_gguf.manifest import load_manifest
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.layout import place
@@ -102,11 +102,10 @@ def legacy_files(tmp_path_factory, vicuna_ckpt):
 
 @pytest.fixture(scope="module")
 def reference(vicuna_ckpt):
-    """(token ids, F32 PyTorch last-token logits) of the verify prompt."""
+    """(token ids, F32 last-token logits of the streamed reference) of the verify prompt."""
     prompt = ConvertParams().verify_prompt
     ids = text_check.reference_tokens(vicuna_ckpt / "tokenizer.model", prompt)
-    model = text_check.reference_model(vicuna_ckpt, torch.float32)
-    return prompt, ids, text_check.reference_logits(model, ids)
+    return prompt, ids, text_reference.reference_logits(vicuna_ckpt, ids)
 
 
 # ---------------------------------------------------------------------------- the plan

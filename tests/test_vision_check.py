@@ -28,13 +28,14 @@ def test_reference_is_llava_computation(tiny_checkpoint):
 
     with Checkpoint.open(tiny_checkpoint) as ckpt:
         split = split_checkpoint(ckpt)
+        heads = ckpt.config["vision_config"]["num_attention_heads"]  # the tower config the checkpoint carries
         vis = {k.removeprefix("vision_model."): ckpt.load(t.stored).float() for k, t in split.part("vision").items()}
         proj = {k.removeprefix("mm_projector."): ckpt.load(t.stored).float()
                 for k, t in split.part("projector").items() if k.startswith("mm_projector.")}
     hidden, inter = vis["embeddings.class_embedding"].shape[0], vis["encoder.layers.0.mlp.fc1.weight"].shape[0]
     layers = 1 + max(int(k.split(".")[2]) for k in vis if k.startswith("encoder.layers."))
     cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                           num_attention_heads=hidden // 64, image_size=336, patch_size=14,
+                           num_attention_heads=heads, image_size=336, patch_size=14,
                            hidden_act="quick_gelu", layer_norm_eps=1e-5)
     tower = CLIPVisionModel(cfg).eval()
     tower.load_state_dict(vis, strict=True)

@@ -65,10 +65,15 @@ class LlamaCppParams(_Strict):
 class ConvertParams(_Strict):
     outtype: Literal[TEXT_OUTTYPES] = "f16"
     mmproj_outtype: Literal[MMPROJ_OUTTYPES] = "f16"
-    # Compare llama.cpp's outputs with a PyTorch reference (the 7B text reference needs ~14 GB RAM).
+    # Compare llama.cpp's outputs with a PyTorch reference (streamed one layer at a time; the 7B's
+    # text check holds about one layer in memory beside the page cache).
     verify: bool = True
     verify_prompt: str = "The capital of France is"
     threads: int | None = None
+    # The vision tower's CLIPVisionConfig JSON (e.g. the recipe's config_vit.json), absolute or relative
+    # to the repo root. None: the vision_config config.json carries, else the known config of the
+    # tower mm_vision_tower names when the weights are that tower's (else the run is refused).
+    vision_config: str | None = None
 
 
 class QuantizeParams(_Strict):

@@ -119,9 +119,11 @@ def checkpoint_problems(folder: Path, run: Run, names: list[str] | None = None) 
     from .steps.vision_export import VisionExportError, plan_mmproj
     from .text_model import TextExportError, plan_from_manifest
     from .tokenizer import model_problem
+    from .vision_config import VisionConfigError, params_vision_config
 
     names = names or list(_CHECKPOINT_STEPS)
-    refusals = (CheckpointError, LayoutError, ManifestError, TextExportError, VisionExportError)
+    refusals = (CheckpointError, LayoutError, ManifestError, TextExportError, VisionExportError,
+                VisionConfigError)
     try:
         manifest = analyze(folder)  # shards, index, headers, layout, projector: step 02
     except refusals as err:
@@ -132,7 +134,7 @@ def checkpoint_problems(folder: Path, run: Run, names: list[str] | None = None) 
         out.append(f"{folder / 'tokenizer.model'}: {tokenizer}")
     if "vision" in names:
         try:
-            plan_mmproj(manifest, run.params.convert.mmproj_outtype)
+            plan_mmproj(manifest, run.params.convert.mmproj_outtype, params_vision_config(run.params))
         except refusals as err:
             out.append(str(err))
     if "text" in names and not tokenizer:  # the text plan reads the tokenizer too: one report of it is enough

@@ -105,10 +105,13 @@ class TextHParams:
 
 def read_hparams(config: dict, config_file: Path) -> TextHParams:
     """The Llama hyper-parameters of config.json (or its `text_config`), validated."""
-    from .hf_layout import is_hf_config, text_config
+    from .hf_layout import HFLayoutError, is_hf_config, text_config
 
     # llava-hf's text_config states only what differs from LlamaConfig's defaults: filled in there.
-    cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
+    try:
+        cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
+    except HFLayoutError as err:
+        raise TextExportError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from None
     if not isinstance(cfg, dict):
         raise TextExportError(f"{config_file}: key 'text_config' is a {type(cfg).__name__}, not an object of keys")
     where = f"{config_file}" + (" (text_config)" if cfg is not config else "")

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .tokenizer import VOCAB_GGUF, build_tokenizer_model
+from .vision_config import KNOWN_TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,31 @@ class Shapes:
     v_heads: int
     image: int = 336
     patch: int = 14
+    # mm_vision_tower; a tower vision_config.KNOWN_TOWERS does not list is described in config.json.
+    tower: str = "openai/clip-vit-large-patch14-336"
 
 
 SIZES = {
     "tiny": Shapes(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=4, vocab=32000,
-                   v_hidden=128, v_intermediate=256, v_layers=3, v_heads=2),
+                   v_hidden=128, v_intermediate=256, v_layers=3, v_heads=2, tower="llava-gguf/tiny-clip-vit"),
     # The real LLaVA 1.6 Vicuna 7B: Llama-2 7B text model + CLIP ViT-L/14 at 336 px.
     "7b": Shapes(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
                  v_hidden=1024, v_intermediate=4096, v_layers=24, v_heads=16),
 }
 
 
+def tower_config(s: Shapes) -> dict:
+    """The CLIPVisionConfig of the synthetic tower (CLIP's activation, epsilon and projection width)."""
+    return {"model_type": "clip_vision_model", "hidden_size": s.v_hidden, "intermediate_size": s.v_intermediate,
+            "num_hidden_layers": s.v_layers, "num_attention_heads": s.v_heads, "num_channels": 3,
+            "image_size": s.image, "patch_size": s.patch, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "projection_dim": 768}
+
+
 def llava_config(s: Shapes, variant: str = "1.6") -> dict:
-    """config.json as the original LLaVA repo writes it (no vision config: it names the tower)."""
+    """config.json as the original LLaVA repo writes it. It names the tower; a synthetic tower no
+    one can look up (tiny) is also described, in a `vision_config` object as transformers' LLaVA
+    configs carry it (see vision_config.py)."""
     cfg = {
         "_name_or_path": "./checkpoints/vicuna-7b-v1-5",
         "architectures": ["LlavaLlamaForCausalLM"],
@@ -87,7 +100,7 @@ def llava_config(s: Shapes, variant: str = "1.6") -> dict:
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2,
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_vision_tower": s.tower,
         "mm_vision_tower_lr": 2e-06,
         "model_type": "llava",
         "num_attention_heads": s.heads,
@@ -110,6 +123,8 @@ def llava_config(s: Shapes, variant: str = "1.6") -> dict:
         "use_mm_proj": True,
         "vocab_size": s.vocab,
     }
+    if s.tower not in KNOWN_TOWERS:
+        cfg["vision_config"] = tower_config(s)
     if variant == "1.5":
         # LLaVA 1.5: one 336 px view padded to a square, no anyres grid and no image_newline.
         cfg.update(image_aspect_ratio="pad", mm_patch_merge_type="flat")
@@ -165,6 +180,15 @@ def synthetic_tensors(s: Shapes, variant: str = "1.6") -> list[tuple[str, tuple[
         plan.append(("model.image_newline", (s.hidden,)))
     plan.append(("lm_head.weight", (s.vocab, s.hidden)))
     return plan
+
+
+def is_current(folder: Path, size: str, variant: str = "1.6") -> bool:
+    """Whether `folder` holds a synthetic checkpoint whose config.json is what this version writes
+    (one made by an older version, e.g. without its tower's vision_config, is made again)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()) == llava_config(SIZES[size], variant)
+    except (OSError, ValueError):
+        return False
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..tiny import is_current
 from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
 from .records import BenchError, MiB
@@ -33,9 +34,12 @@ def benchmark_checkpoint(run: Run) -> Path:
                          "(`make download`) and point model.source: local / model.path at the folder")
     t = p.tiny
     folder = synthetic_dir(t.size, t.format, t.shards, t.seed)
-    if (folder / "config.json").exists():
+    if is_current(folder, t.size):
         log.info("reusing the synthetic checkpoint %s", folder)
         return folder
+    if folder.exists():  # made by an older version of make-tiny: our own product, made again
+        log.info("remaking the synthetic checkpoint %s (its config.json is not the current one)", folder)
+        shutil.rmtree(folder)
     from ..tiny import make_tiny
 
     log.info("making a synthetic %s checkpoint in %s (once; reused by later runs)", t.size, folder)

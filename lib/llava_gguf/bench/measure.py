@@ -46,6 +46,7 @@ from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, St
 from .inputs import (benchmark_checkpoint, check_disk, disk_needed, files, loadavg, machine_info,
                      read_through, snapshot, synthetic_bytes, synthetic_dir, thread_counts)
 from .report import quant_files_table, render
+from ..tiny import is_current
 from ..workspace import Run, open_run, write_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,19 @@ def quantize_one(params_file: str, qtype: str) -> str:
     run = open_run(params_file)
     path, _ = quantize.quantize_file(run, run.artifact_path("text_gguf"), qtype)
     return str(path)
+
+
+def check_text(params_file: str) -> dict[str, Any]:
+    """Step 04's check alone (`checks.text.verify_text`: llama-debug and the streamed f32 reference),
+    whatever convert.verify says: the conversion rows measure the export without it."""
+    from ..checks import text as text_check
+
+    run = open_run(params_file)
+    run.params.convert.verify = True
+    check = text_check.verify_text(run)
+    if not check.passed:
+        raise RuntimeError(check.message)
+    return {"nmse": check.nmse, "bound": check.bound}
 
 
 def import_stages() -> None:
@@ -142,8 +156,8 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     bench_tool = toolchain.find_tool("llama-bench", run.params.llama_cpp.dir) if b.inference else None
     mtmd_tool = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir) if b.inference and b.mtmd else None
     p = run.params.model
-    make_ckpt = p.source == "tiny" and not (synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
-                                                          p.tiny.seed) / "config.json").exists()
+    make_ckpt = p.source == "tiny" and not is_current(synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
+                                                                    p.tiny.seed), p.tiny.size)
     if make_ckpt:
         size = synthetic_bytes(p.tiny.size)
         check_disk(run, size + disk_needed(run, size))
@@ -170,7 +184,7 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
 
     bench = _Bench(run)
     bench.state["machine"] = info
-    bench.total = 2 + 3 + len(quant_types) + (4 if b.legacy else 0) + (
+    bench.total = 2 + 3 + 1 + len(quant_types) + (4 if b.legacy else 0) + (
         len(bench_types) * (1 + int(b.mtmd)) if b.inference else 0)
     t_start = time.perf_counter()
 
@@ -236,6 +250,10 @@ def _project(bench: _Bench, quant_types: list[str], main_type: str) -> tuple[dic
         artifact = {"surgery": "surgery", "vision": "mmproj", "text": "text_gguf"}[step]
         bench.call(PROJECT, step, call_step, bench.params_file, step,
                    outputs=lambda a=artifact: [run.artifact_path(a)])
+    rec = bench.call(PROJECT, "text check", check_text, bench.params_file,
+                     note="llama-debug + the streamed f32 reference; not in the conversion total")
+    rec.note += f" (NMSE {rec.m.result['nmse']:.1e} <= {rec.m.result['bound']:.0e})"
+    bench.save_raw()
     left = {**files(run.dir / "models"), **files(run.dir / "surgery")}
     quant_files: dict[str, Path] = {}
     for qtype in quant_types:

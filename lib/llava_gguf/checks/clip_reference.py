@@ -8,7 +8,6 @@ check can name the one that fits.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
 from ..layout import PROJECTOR, VISION, split_checkpoint
+from ..vision_config import resolve_vision_config
 
 # Our image names -> the synthetic inputs llama-mtmd-debug generates itself (mtmd-debug.cpp).
 IMAGES = {"uniform": "gray", "pattern": "rainbow"}
-# CLIP ViT-L/14-336 (`mm_vision_tower` of every LLaVA 1.5/1.6 checkpoint): the original LLaVA
-# config names the tower instead of describing it, so these are its hyperparameters.
-CLIP_DEFAULTS = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "head_dim": 64}
 
 
 
@@ -77,38 +74,34 @@ class TowerSpec:
         return self.select_layer if self.select_layer >= 0 else self.n_layer + 1 + self.select_layer
 
 
-def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]]) -> TowerSpec:
-    """The spec for a checkpoint; `vision` maps canonical vision tensor names to shapes."""
-    n_layer = 1 + max(int(name.split(".")[3]) for name in vision if ".encoder.layers." in name)
-    hidden, _, patch, _ = vision["vision_model.embeddings.patch_embedding.weight"]
-    n_pos = vision["vision_model.embeddings.position_embedding.weight"][0]
-    image_size = math.isqrt(n_pos - 1) * patch
+def tower_spec(config: dict, layout: str, vision: dict[str, tuple[int, ...]], where: str = "config.json",
+               vision_config_file: str | Path | None = None) -> TowerSpec:
+    """The spec for a checkpoint; `vision` maps canonical vision tensor names to shapes. The head
+    count, activation and epsilon come from the config the export uses (`resolve_vision_config`,
+    `vision_config_file` = params convert.vision_config)."""
+    tower = resolve_vision_config(config, vision, where, vision_config_file)
     if layout == "llava-hf":
-        from ..hf_layout import vision_config
-
-        vc = vision_config(config)  # transformers' CLIPVisionConfig defaults filled in
-        n_head, act, eps = vc["num_attention_heads"], vc["hidden_act"], vc["layer_norm_eps"]
         select_layer = config.get("vision_feature_layer", -2)
         feature = "cls_patch" if config.get("vision_feature_select_strategy", "default") == "full" else "patch"
     else:
-        n_head = hidden // CLIP_DEFAULTS["head_dim"]
-        act, eps = CLIP_DEFAULTS["hidden_act"], CLIP_DEFAULTS["layer_norm_eps"]
         select_layer = config.get("mm_vision_select_layer", -2)
         feature = config.get("mm_vision_select_feature", "patch")
     if isinstance(select_layer, list):
         raise VisionCheckError(f"config.json: several vision feature layers {select_layer} are not supported")
-    return TowerSpec(n_layer, n_head, float(eps), act, int(select_layer), feature, patch, image_size)
+    return TowerSpec(tower["num_hidden_layers"], tower["num_attention_heads"], tower["layer_norm_eps"],
+                     tower["hidden_act"], int(select_layer), feature, tower["patch_size"], tower["image_size"])
 
 
 class ReferenceModel:
     """LLaVA's image path in f32 PyTorch, from a checkpoint's tensors (loaded one at a time)."""
 
-    def __init__(self, checkpoint: str | Path | Checkpoint):
+    def __init__(self, checkpoint: str | Path | Checkpoint, vision_config_file: str | Path | None = None):
         self._own = not isinstance(checkpoint, Checkpoint)
         self.ckpt = Checkpoint.open(checkpoint) if self._own else checkpoint
         split = split_checkpoint(self.ckpt)
         self._vision, self._projector = split.part(VISION), split.part(PROJECTOR)
-        self.spec = tower_spec(self.ckpt.config, split.layout, {k: t.shape for k, t in self._vision.items()})
+        self.spec = tower_spec(self.ckpt.config, split.layout, {k: t.shape for k, t in self._vision.items()},
+                               str(self.ckpt.path / "config.json"), vision_config_file)
 
     def close(self) -> None:
         if self._own:
@@ -192,9 +185,10 @@ class ReferenceModel:
         return out
 
 
-def reference_embeddings(checkpoint: str | Path | Checkpoint, image: str | torch.Tensor = "uniform") -> torch.Tensor:
+def reference_embeddings(checkpoint: str | Path | Checkpoint, image: str | torch.Tensor = "uniform",
+                         vision_config_file: str | Path | None = None) -> torch.Tensor:
     """LLaVA's projected image embeddings [tokens, n_embd] in f32 for one preprocessed image."""
-    with ReferenceModel(checkpoint) as ref:
+    with ReferenceModel(checkpoint, vision_config_file) as ref:
         return ref.embeddings(image)
 
 

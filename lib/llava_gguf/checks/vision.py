@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..llama_cpp import toolchain
 from ..checkpoint import Checkpoint
 from ..gguf_io import open_gguf
+from ..vision_config import params_vision_config
 from ..workspace import Run, atomic_path, rel_to_root, write_json
 from .clip_reference import (IMAGES, ReferenceModel, VisionCheckError, reference_embeddings,  # noqa: F401
                              synthetic_image)  # (reference_embeddings, synthetic_image: the check's API)
@@ -262,8 +263,9 @@ def compare(ref: ReferenceModel, image: str, emb: torch.Tensor, tolerance: float
 
 def check_mmproj(checkpoint: str | Path | Checkpoint, mmproj: Path, image: str = "uniform",
                  tool: Path | None = None, workdir: Path | None = None, threads: int | None = None,
-                 tolerance: float = NMSE_TOL) -> VisionCheck:
-    """The whole check for one mmproj file and one synthetic image, outside any run."""
+                 tolerance: float = NMSE_TOL, vision_config_file: str | Path | None = None) -> VisionCheck:
+    """The whole check for one mmproj file and one synthetic image, outside any run
+    (`vision_config_file`: params convert.vision_config, as the export used it)."""
     if image not in IMAGES:
         raise ValueError(f"image must be one of {sorted(IMAGES)}, not {image!r}")
     mmproj = Path(mmproj)
@@ -275,7 +277,7 @@ def check_mmproj(checkpoint: str | Path | Checkpoint, mmproj: Path, image: str =
         emb = mtmd_embeddings(mmproj, image, tool=tool, workdir=workdir, threads=threads)
     except DumpMissing as err:
         return VisionCheck("skipped", f"vision check skipped, not passed: {err}. {FIX_HINT}", image, mmproj, tool)
-    with ReferenceModel(checkpoint) as ref:
+    with ReferenceModel(checkpoint, vision_config_file) as ref:
         res = compare(ref, image, emb, tolerance)
     res.mmproj, res.tool = mmproj, tool
     (log.info if res.ok else log.warning)("vision check (%s image): %s", image, res.message)
@@ -302,7 +304,8 @@ def verify_mmproj(run: Run, image: str = "uniform", mmproj: Path | None = None) 
         res = VisionCheck("skipped", f"vision check skipped, not passed: {err}", image, Path(mmproj))
         log.warning("%s", res.message)
     else:
-        res = check_mmproj(checkpoint, mmproj, image, tool=tool, workdir=workdir, threads=run.params.convert.threads)
+        res = check_mmproj(checkpoint, mmproj, image, tool=tool, workdir=workdir, threads=run.params.convert.threads,
+                           vision_config_file=params_vision_config(run.params))
     path = write_json(workdir / f"{image}.json", res.to_json())
     recorded = run.artifacts().get("vision_check") or {}
     run.record("vision_check", {**recorded, image: path})

@@ -14,6 +14,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,14 +200,18 @@ def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
 def _tiny(run: Run) -> Path:
     import math
 
-    from ..tiny import SIZES, make_tiny, synthetic_tensors
+    from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
 
     t = run.params.model.tiny
     hf = "-hf" if t.layout == "hf" else ""
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}{hf}"
-    if (folder / "config.json").exists():
+    current = is_current(folder, t.size) if t.layout != "hf" else (folder / "config.json").exists()
+    if current:
         log.info("reusing synthetic checkpoint %s", folder)
         return folder
+    if folder.exists():  # made by an older version of make-tiny: our own product, made again
+        log.info("remaking synthetic checkpoint %s (its config.json is not the current one)", folder)
+        shutil.rmtree(folder)
     needed = sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[t.size]))  # bf16 weights
     diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
     with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):

@@ -24,7 +24,8 @@ import pandas as pd
 
 from ..checkpoint import Checkpoint, DTYPE_SIZES
 from ..layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
-from ..manifest import MANIFEST_VERSION, ManifestError  # noqa: F401  (ManifestError: raised by the step)
+from ..manifest import MANIFEST_VERSION, ManifestError, part_tensors  # noqa: F401  (ManifestError: raised by the step)
+from ..vision_config import params_vision_config, resolve_vision_config
 from ..workspace import Run, rel_to_root, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,10 @@ def run_surgery(run: Run) -> SurgeryResult:
     """Classify the downloaded checkpoint and record the manifest (artifact `surgery`)."""
     folder = run.artifact_path("checkpoint")
     manifest = analyze(folder)
+    # The vision tower's config is resolved now, so that a tower this project cannot describe is
+    # refused before anything is written (step 03 resolves it again from the manifest).
+    resolve_vision_config(manifest["config"], {n: t["shape"] for n, t in part_tensors(manifest, VISION).items()},
+                          str(Path(folder) / "config.json"), params_vision_config(run.params))
     path = run.dir / "surgery" / "manifest.json"
     if path.resolve().is_relative_to(Path(folder).resolve()):
         raise ManifestError(f"{path}: the run folder is inside the source checkpoint {folder}; "

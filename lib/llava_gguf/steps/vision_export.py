@@ -14,22 +14,26 @@ that recipe; the tests compare both files key by key and tensor by tensor).
 Where the vision configuration comes from
 -----------------------------------------
 The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf), a CLIPVisionConfig for the
-tower LLaVA fine-tuned. `vision_config()` derives the same dictionary offline:
+tower LLaVA fine-tuned. `vision_config()` builds the same dictionary offline:
 
-- from the tensor shapes: `hidden_size` (class_embedding), `patch_size` and `num_channels`
-  (patch_embedding, [hidden, 3, p, p]), `image_size` (p * sqrt(positions - 1), position_embedding),
-  `intermediate_size` (mlp.fc1), the number of layers (encoder.layers.N).
+- the tower's CLIPVisionConfig (`vision_config.resolve_vision_config`): params
+  `convert.vision_config` (e.g. the recipe's config_vit.json), else the `vision_config` object
+  config.json carries, else the known config of the tower `mm_vision_tower` names (OpenAI CLIP
+  ViT-L/14-336 for every LLaVA 1.5/1.6 release: 16 heads, quick_gelu, layer_norm_eps 1e-5,
+  projection_dim 768), only when the tensor shapes are that tower's; otherwise the export is
+  refused. Its sizes are checked against the tensors: `hidden_size` (class_embedding),
+  `patch_size` and `num_channels` (patch_embedding, [hidden, 3, p, p]), `image_size`
+  (p * sqrt(positions - 1), position_embedding), `intermediate_size` (mlp.fc1), the number of
+  layers (encoder.layers.N); the head count must divide the width. The head count, activation
+  (`clip.use_gelu`), epsilon and projection_dim (metadata, unused by LLaVA) come from it.
 - from the checkpoint's config.json: `mm_vision_select_layer` (-2: the penultimate layer's
   output feeds the projector, so layers after it and post_layernorm are dropped), and the LLaVA
   keys copied as they are when present: image_grid_pinpoints, image_aspect_ratio,
   image_crop_resolution, image_split_resolution, mm_patch_merge_type, mm_projector_type
   (LLaVA 1.5 has only the last three).
-- constants of OpenAI's CLIP ViT-L/14-336, the tower every LLaVA 1.5/1.6 release names in
-  `mm_vision_tower`: head_dim 64 (ViT-L: 1024 / 16 heads; other widths keep head_dim 64),
-  layer_norm_eps 1e-5, hidden_act quick_gelu (so `clip.use_gelu` is false), projection_dim 768
-  (CLIP's joint embedding width; written as metadata, unused by LLaVA), image_mean
-  [0.48145466, 0.4578275, 0.40821073] and image_std [0.26862954, 0.26130258, 0.27577711] (the
-  script's defaults with --clip-model-is-vision, equal to CLIP's preprocessor config).
+- CLIP's image_mean [0.48145466, 0.4578275, 0.40821073] and image_std [0.26862954, 0.26130258,
+  0.27577711] (the script's defaults with --clip-model-is-vision, equal to CLIP's preprocessor
+  config).
 - `_name_or_path` is config_vit.json's, "vit-large336-custom"; the script writes it as general.name.
 
 `num_hidden_layers` is the number of layers kept plus one: the script always drops the last layer
@@ -61,6 +65,7 @@ from ..layout import PROJECTOR, VISION
 from ..checks import vision as vision_check
 from ..params import MMPROJ_OUTTYPES
 from ..manifest import load_manifest, open_checked, part_tensors
+from ..vision_config import VisionConfigError, params_vision_config, resolve_vision_config
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,10 +75,6 @@ VISION_PREFIX = "clip.vision"
 VIT_NAME = "vit-large336-custom"
 DESCRIPTION = "image encoder for LLaVA"
 PROJECTOR_TYPE = "mlp"  # the script's --projector-type default: LLaVA's 2-layer MLP
-CLIP_HEAD_DIM = 64
-CLIP_LAYER_NORM_EPS = 1e-5
-CLIP_HIDDEN_ACT = "quick_gelu"
-CLIP_PROJECTION_DIM = 768
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
@@ -202,20 +203,20 @@ def _layers(vision: dict[str, dict], where: str) -> int:
     return len(found)
 
 
-def vision_config(config: dict, vision: dict[str, dict], where: str = "config.json") -> dict:
-    """The config_vit.json of the recipe, from config.json, the tower's shapes and CLIP's constants.
+def vision_config(config: dict, vision: dict[str, dict], where: str = "config.json",
+                  override: str | Path | None = None) -> dict:
+    """The config_vit.json of the recipe, from config.json, the tower's shapes and its CLIPVisionConfig
+    (`vision_config.resolve_vision_config`: params convert.vision_config = `override`, the one
+    config.json carries, or a known tower's).
 
     `vision`: canonical name -> anything with a "shape" (manifest entries)."""
     n_layers = _layers(vision, where)
     shape = {name: tuple(t["shape"]) for name, t in vision.items()}
-    hidden = shape["vision_model.embeddings.class_embedding"][0]
-    _, channels, patch, patch_w = shape["vision_model.embeddings.patch_embedding.weight"]
-    n_pos = shape["vision_model.embeddings.position_embedding.weight"][0]
-    grid = math.isqrt(n_pos - 1)
-    if patch != patch_w or grid * grid != n_pos - 1:
-        raise VisionExportError(f"{where}: a square ViT expected (patch {patch}x{patch_w}, {n_pos} positions)")
-    if hidden % CLIP_HEAD_DIM:
-        raise VisionExportError(f"{where}: vision width {hidden} is not a multiple of CLIP's head size {CLIP_HEAD_DIM}")
+    try:
+        tower = resolve_vision_config(config, shape, where, override)
+    except VisionConfigError as err:
+        raise VisionExportError(str(err)) from None
+    hidden = tower["hidden_size"]
     feature = config.get("mm_vision_select_feature", "patch")
     if feature != "patch":
         raise VisionExportError(f"{where}: mm_vision_select_feature {feature!r} is not supported; llama.cpp's llava "
@@ -230,28 +231,25 @@ def vision_config(config: dict, vision: dict[str, dict], where: str = "config.js
     if config.get("mm_patch_merge_type") == "spatial_unpad" and "image_newline" not in vision:
         raise VisionExportError(f"{where}: mm_patch_merge_type spatial_unpad (LLaVA 1.6) needs the image_newline "
                                 "tensor, which the checkpoint lacks; incomplete download?")
-    tower = config.get("mm_vision_tower", "")
-    if tower and "clip-vit" not in tower:
-        log.warning("%s: mm_vision_tower %s is not an OpenAI CLIP ViT; CLIP's constants (quick_gelu, mean/std) "
-                    "are assumed", where, tower)
+    log.info("vision tower config from %s: %d heads", tower["source"], tower["num_attention_heads"])
     cfg = {
         "_name_or_path": VIT_NAME,
         "architectures": ["CLIPVisionModel"],
         "attention_dropout": 0.0,
         "dropout": 0.0,
-        "hidden_act": CLIP_HIDDEN_ACT,
+        "hidden_act": tower["hidden_act"],
         "hidden_size": hidden,
-        "image_size": grid * patch,
+        "image_size": tower["image_size"],
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
-        "intermediate_size": shape["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
-        "layer_norm_eps": CLIP_LAYER_NORM_EPS,
+        "intermediate_size": tower["intermediate_size"],
+        "layer_norm_eps": tower["layer_norm_eps"],
         "model_type": "clip_vision_model",
-        "num_attention_heads": hidden // CLIP_HEAD_DIM,
-        "num_channels": channels,
+        "num_attention_heads": tower["num_attention_heads"],
+        "num_channels": tower["num_channels"],
         "num_hidden_layers": keep + 1,
-        "patch_size": patch,
-        "projection_dim": CLIP_PROJECTION_DIM,
+        "patch_size": tower["patch_size"],
+        "projection_dim": tower["projection_dim"],
         "torch_dtype": "float32",
     }
     cfg.update({k: config[k] for k in LLAVA_KEYS if k in config})
@@ -328,8 +326,10 @@ def mmproj_name(outtype: str) -> str:
     return f"mmproj-model-{outtype}.gguf"
 
 
-def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[MmprojTensor]]:
-    """The derived vision config and the tensors to write; every check, nothing read or written."""
+def plan_mmproj(manifest: dict, outtype: str = "f16",
+                vision_config_file: str | Path | None = None) -> tuple[dict, list[MmprojTensor]]:
+    """The derived vision config and the tensors to write; every check, nothing read or written.
+    `vision_config_file`: params convert.vision_config (see `vision_config`)."""
     if outtype not in OUTTYPES:
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
     where = str(Path(manifest["source"]) / "config.json")
@@ -337,10 +337,10 @@ def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Mmproj
     if manifest.get("layout") == "llava-hf":  # nested config.json: see hf_layout
         from ..hf_layout import apply_vision_config, llava_config
 
-        vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where),
+        vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where, vision_config_file),
                                    manifest["config"], where)
     else:
-        vcfg = vision_config(manifest["config"], tensors, where)
+        vcfg = vision_config(manifest["config"], tensors, where, vision_config_file)
     proj_in = tuple(tensors["mm_projector.0.weight"]["shape"])[1]
     if proj_in != vcfg["hidden_size"]:
         raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
@@ -348,9 +348,10 @@ def plan_mmproj(manifest: dict, outtype: str = "f16") -> tuple[dict, list[Mmproj
     return vcfg, mmproj_tensors(manifest, vcfg, outtype)
 
 
-def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16") -> VisionResult:
+def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
+                  vision_config_file: str | Path | None = None) -> VisionResult:
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
-    vcfg, plan = plan_mmproj(manifest, outtype)
+    vcfg, plan = plan_mmproj(manifest, outtype, vision_config_file)
     out_path = Path(out_path)
     nbytes = sum(t.nbytes for t in plan)
     diskspace.ensure_space(out_path, nbytes, "the mmproj GGUF")
@@ -381,7 +382,8 @@ def run_vision(run: Run) -> VisionResult:
     manifest, then check llama.cpp's image embeddings against PyTorch (`convert.verify`)."""
     manifest = load_manifest(run)
     outtype = run.params.convert.mmproj_outtype
-    result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype)
+    result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype,
+                           params_vision_config(run.params))
     run.record("mmproj", result.path)
     result.check = vision_check.verify_run(run)
     result.hf_check = verify_hf(run, "vision")  # skipped unless the checkpoint is in the llava-hf layout
