@@ -169,7 +169,8 @@ def test_run_mtmd_end_to_end(tmp_path, llama_tool, tiny_ggufs, jpeg):
     t = r.timings
     assert t.format == "current" and t.unparsed == []
     assert t.prompt_eval and t.eval, log.read_text()[-2000:]
-    assert t.image_tokens == 2880 and t.prompt_eval["tokens"] == 2895
+    # LLaVA 1.6's own count for test-1.jpeg (576 + 36 x 49; patch 0002), plus 15 text tokens.
+    assert t.image_tokens == 2340 and t.prompt_eval["tokens"] == 2355
     assert t.eval["runs"] == 3  # n_predict 4: the 4th token's decode is never synchronized
     assert parse_timings_file(log) == t
     assert len(r.pieces) == len(r.token_times_s) == r.n_tokens
@@ -189,10 +190,14 @@ def test_run_evaluations_writes_logs_and_metrics(local_run, llama_tool, tiny_ggu
     run = local_run(evaluate={"n_predict": 3, "threads": 2, "cases": [{"prompt": PROMPT}]})
     df = run_evaluations(run, {"F16": tiny_ggufs["text"]}, tiny_ggufs["mmproj"])
     assert list(df["variant"]) == ["F16"] and list(df["case"]) == [0]
-    assert df.loc[0, "prompt_tokens"] == 2895 and df.loc[0, "eval_runs"] == 2
+    assert df.loc[0, "prompt_tokens"] == 2355 and df.loc[0, "eval_runs"] == 2
+    # The image tokens used, beside the count LLaVA 1.6 itself uses for the image.
+    assert df.loc[0, "image_tokens"] == df.loc[0, "image_tokens_llava"] == 2340
+    assert df.loc[0, "image_arrangement"].startswith("llava 1.6")
     assert (run.dir / "logs" / "F16__0.log").is_file()
     record = json.loads((run.dir / "metrics" / "F16__0.json").read_text())
     assert record["options"]["n_predict"] == 3 and record["timings"]["eval"]["runs"] == 2
+    assert record["image_tokens_llava"] == 2340
     assert record["command"][record["command"].index("-n") + 1] == "3"
     times = record["token_times_s"]
     assert len(times) == len(record["pieces"]) == df.loc[0, "n_tokens"] == len(record["itl_ms"]) + 1

@@ -161,6 +161,58 @@ class BenchParams(_Strict):
         return threads
 
 
+class TuneParams(_Strict):
+    """`07_tune`: the fastest runtime configuration within a quality budget (see lib/llava_gguf/tune.py)."""
+
+    # Text GGUFs to try; None: every type step 05 made (and the ready GGUF on the download path).
+    quant_types: list[str] | None = None
+    # Thread counts (-t and -tb together); None: 1 ... the usable cores (powers of two above 8).
+    threads: list[int] | None = None
+    flash_attn: list[Literal["on", "off"]] = ["on", "off"]
+    # -ub values; null in the list: the tool's default.
+    ubatch_size: list[int | None] = [None, 256]
+    # KV-cache types, K and V alike (a quantized V cache needs flash attention: those pairs are skipped).
+    cache_type: list[Literal["f16", "q8_0", "q4_0", "f32", "bf16"]] = ["f16", "q8_0"]
+    mmproj_types: list[Literal["f16", "q8_0"]] = ["f16", "q8_0"]
+    # name -> clip.vision.image_grid_pinpoints ([[w, h], ...]); null keeps the mmproj's own (the full
+    # budget), [] drops the key: one image_size view (576 tokens for LLaVA 1.6's 336-px tower).
+    image_budgets: dict[str, list[list[int]] | None] = {
+        "full": None, "wide-tall": [[672, 336], [336, 672]], "single": []}
+    repetitions: int = Field(3, ge=1)
+    # Finalists confirmed with full runs per image budget (besides the baseline).
+    finalists: int = Field(2, ge=1)
+    # Wall-clock budget of the screening; the confirmation runs always happen (their estimate is logged).
+    budget_minutes: float = Field(30.0, gt=0)
+    # Mean KL divergence allowed for a quant type; None: evaluate.kld_budget.
+    kld_budget: float | None = None
+    # Tokens per screening run (the full runs use evaluate.n_predict).
+    screen_n_predict: int = Field(4, ge=2)
+    # Greedy answers of every image budget x mmproj type on evaluate.cases, compared with full/f16.
+    agreement: bool = True
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known_types(cls, types: list[str] | None) -> list[str] | None:
+        return None if types is None else QuantizeParams._known_types(types)
+
+    @field_validator("threads")
+    @classmethod
+    def _positive(cls, threads: list[int] | None) -> list[int] | None:
+        return BenchParams._positive(threads)
+
+    @field_validator("image_budgets")
+    @classmethod
+    def _budgets(cls, budgets: dict[str, list[list[int]] | None]) -> dict:
+        if not budgets:
+            raise ValueError("name at least one image budget, e.g. {full: null}")
+        for name, pins in budgets.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"budget name '{name}': letters, digits, '-' and '_' only (it names files)")
+            if pins is not None and any(len(p) != 2 or min(p) < 1 for p in pins):
+                raise ValueError(f"budget '{name}': pinpoints are [width, height] pairs of positive pixels")
+        return budgets
+
+
 class PublishParams(_Strict):
     """`make publish`: the model card and, with UPLOAD=1, the hub repository it goes to."""
 
@@ -184,6 +236,7 @@ class Params(_Strict):
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     bench: BenchParams = BenchParams()
+    tune: TuneParams = TuneParams()
     publish: PublishParams = PublishParams()
 
     @field_validator("run")

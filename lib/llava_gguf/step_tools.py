@@ -20,6 +20,8 @@ def tools_for(params: Params, step: str) -> tuple[list[str], list[str]]:
         return ["llama-quantize"] + (["llama-imatrix"] if params.quantize.imatrix else []), []
     if step == "evaluate":
         return ["llama-mtmd-cli", "llama-tokenize"] + (["llama-perplexity"] if params.evaluate.perplexity else []), []
+    if step == "tune":  # llama-mtmd-debug only for the q8_0 mmproj's embedding NMSE
+        return ["llama-mtmd-cli"], ["llama-mtmd-debug"]
     return [], []
 
 

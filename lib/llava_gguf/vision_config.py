@@ -22,6 +22,10 @@ import json
 import math
 from pathlib import Path
 
+# CLIP's pixel normalisation (openai/clip-vit-*, as the CLIP image processor applies it).
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
 PARAMS_KEY = "convert.vision_config"
 # transformers' CLIPVisionConfig defaults: what a key left out of a config file means.
 CLIP_VISION_DEFAULTS = {

@@ -109,6 +109,17 @@ def _summary(run: Run) -> str:
         return f"<p><b>summary unavailable:</b> {html.escape(str(err))}</p>"
 
 
+def _tune_headline(run: Run) -> str:
+    """Step 07's "on this machine: answer in X s ..." line, when it has run."""
+    try:
+        from .tune import headline_html
+
+        return headline_html(run) or ""
+    except Exception as err:  # a broken headline must not hide the reports
+        log.warning("tune headline failed: %s", err)
+        return ""
+
+
 def history_html(run: Run) -> str:
     """The "History" section: each history/<time>/ folder, newest first, with links to the
     executed notebooks and reports it holds (relative to reports/)."""
@@ -145,6 +156,7 @@ def render_index(run: Run) -> Path:
 <title>llava-gguf run {html.escape(run.params.run)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} td,th{{padding:4px 10px;
 border-bottom:1px solid #ddd;text-align:left}} code{{font-size:90%}}</style></head><body>
+{_tune_headline(run)}
 <h1>Run <code>{html.escape(run.params.run)}</code></h1>
 <p>params: <code>{html.escape(str(run.params_file))}</code></p>
 {_summary(run)}

@@ -19,7 +19,8 @@ from ..workspace import Run
 log = logging.getLogger(__name__)
 
 # The numbers this project started from: llama-mtmd-cli on a Radxa Orion O6 (CPU), the real model
-# quantized to Q5_K_M, one image (5 anyres slices -> 2880 image tokens) and a short prompt.
+# quantized to Q5_K_M, one image (5 anyres slices -> 2880 image tokens, flat: a build without
+# patch 0002; LLaVA 1.6 itself uses 2340) and a short prompt.
 # "prompt eval" is llama.cpp's figure, which includes the two image batch decodes.
 SEED = {
     "board": "Radxa O6",
@@ -50,6 +51,8 @@ ROWS = [
     ("text_prompt_ms", "text prompt eval (ms)", "{:,.0f}"),
     ("prompt_eval_ms", "prompt eval incl. image decode (ms)", "{:,.0f}"),
     ("prompt_tokens", "prompt tokens", "{:,.0f}"),
+    ("image_tokens", "image tokens used", "{:,.0f}"),
+    ("image_tokens_llava", "image tokens LLaVA 1.6 uses", "{:,.0f}"),
     ("prompt_tokens_per_s", "prompt tokens/s", "{:.2f}"),
     ("eval_ms_per_token", "generation ms/token", "{:.1f}"),
     ("eval_tokens_per_s", "generation tokens/s", "{:.2f}"),

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import machine, step_tools
+from ..checks import image_sequence as image_sequence_check
 from ..checks import quality
 from ..gguf_io import gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, mtmd, toolchain
@@ -109,7 +110,8 @@ def token_table(run: Run, runs: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- tables
 TIMING_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "text_prompt_ms", "prompt_eval_ms",
                   "prompt_tokens", "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s",
-                  "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib"]
+                  "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib",
+                  "image_tokens", "image_tokens_llava"]  # used (from the log) / LLaVA 1.6's own count
 
 
 def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | None,
@@ -243,10 +245,13 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
     for name, gguf, i, image, prompt in tqdm(jobs, desc="llama-mtmd-cli", unit="run"):
         stem = f"{_safe(name)}__{i}"
         result = mtmd.run_mtmd(cli, gguf, mmproj, image, prompt, opts, logs / f"{stem}.log")
+        # Image tokens used (from the log) beside LLaVA 1.6's own count for this image.
+        tokens = image_sequence_check.evaluate_fields(image, mmproj, result.timings.image_tokens)
         record = {"variant": name, "case": i, "prompt": prompt, "image": str(image), "text_gguf": str(gguf),
-                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict()}
+                  "mmproj": str(mmproj), "llama_cpp": version, "options": opts.to_dict(), **result.to_dict(),
+                  **tokens}
         write_json(metrics / f"{stem}.json", record)
-        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary()})
+        rows.append({"variant": name, "case": i, "prompt": prompt, **result.summary(), **tokens})
         log.info("%s case %d: %d tokens, ttft %.0f ms, %s tok/s (stream), peak %.0f MiB", name, i,
                  result.n_tokens, result.ttft_ms or float("nan"),
                  f"{rows[-1]['stream_tokens_per_s']:.2f}" if rows[-1]["stream_tokens_per_s"] else "n/a",

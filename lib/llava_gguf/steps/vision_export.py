@@ -62,10 +62,10 @@ from .. import diskspace
 from ..gguf_io import metadata_table, read_gguf, tensor_table
 from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
-from ..checks import vision as vision_check
+from ..checks import image_sequence as image_sequence_check, vision as vision_check
 from ..params import MMPROJ_OUTTYPES
 from ..manifest import load_manifest, open_checked, part_tensors
-from ..vision_config import VisionConfigError, params_vision_config, resolve_vision_config
+from ..vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, VisionConfigError, params_vision_config, resolve_vision_config
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,6 @@ VISION_PREFIX = "clip.vision"
 VIT_NAME = "vit-large336-custom"
 DESCRIPTION = "image encoder for LLaVA"
 PROJECTOR_TYPE = "mlp"  # the script's --projector-type default: LLaVA's 2-layer MLP
-CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
               "mm_patch_merge_type", "mm_projector_type")
 OUTTYPES = MMPROJ_OUTTYPES
@@ -141,17 +139,20 @@ class VisionResult:
     plan: list = field(default_factory=list, repr=False)  # the MmprojTensor list written
     check: "vision_check.VisionReport | None" = field(default=None, repr=False)  # convert.verify
     hf_check: "HFCheck | None" = field(default=None, repr=False)  # llava-hf: transformers' LlavaNext
+    sequence: "image_sequence_check.ImageSequenceReport | None" = field(default=None, repr=False)  # whole images
 
     @property
     def ok(self) -> bool:
         """The export is sound: the check passed, or disagreed only by a known llama.cpp defect."""
-        return (self.check is None or self.check.export_ok) and (self.hf_check is None or
-                                                                  self.hf_check.status != "failed")
+        return ((self.check is None or self.check.export_ok)
+                and (self.sequence is None or self.sequence.export_ok)
+                and (self.hf_check is None or self.hf_check.status != "failed"))
 
     @property
     def message(self) -> str:
         hf = f"\n{self.hf_check.message}" if self.hf_check is not None and self.hf_check.status != "skipped" else ""
-        return (self.check.message if self.check is not None else "not verified") + hf
+        sequence = f"\n{self.sequence.message}" if self.sequence is not None else ""
+        return (self.check.message if self.check is not None else "not verified") + sequence + hf
 
     @property
     def size_mib(self) -> float:
@@ -379,13 +380,15 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
 
 def run_vision(run: Run) -> VisionResult:
     """Step 03: export the run's vision tower + projector (artifact `mmproj`) from the surgery
-    manifest, then check llama.cpp's image embeddings against PyTorch (`convert.verify`)."""
+    manifest, then check llama.cpp's image embeddings against PyTorch (`convert.verify`): one
+    336 px slice (`checks/vision.py`) and whole images in LLaVA 1.6's sequence (`checks/image_sequence.py`)."""
     manifest = load_manifest(run)
     outtype = run.params.convert.mmproj_outtype
     result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype,
                            params_vision_config(run.params))
     run.record("mmproj", result.path)
     result.check = vision_check.verify_run(run)
+    result.sequence = image_sequence_check.verify_image_sequence(run)
     result.hf_check = verify_hf(run, "vision")  # skipped unless the checkpoint is in the llava-hf layout
     return result
 

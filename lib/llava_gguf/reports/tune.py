@@ -1,0 +1,261 @@
+"""Step 07's products: recommended.json, run-llava*.sh, the params snippet, plots, the index headline.
+
+`run-llava.sh` holds the exact llama-mtmd-cli command of the recommendation. Options given on its
+command line come after its own, and llama.cpp's argument parser keeps the last value of an option,
+so they override (checked on the pinned build by tests/test_tune.py). `--image` is the exception:
+each occurrence adds an image, so the script's default image (and prompt) are only added when the
+command line has none.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import plots
+from ..workspace import Run, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, so answer agreement between "
+                  "configurations carries no meaning here and is not a quality measure")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def tool_flags(cfg, ctx_size: int | None) -> list[str]:
+    """The flags of a configuration as llama-mtmd-cli / llama-server take them (defaults left out)."""
+    from ..llama_cpp.mtmd import MTMD_FLAGS
+    from ..tune_config import SEED_TEMPLATE
+
+    update = {**cfg.evaluate_update(), "ctx_size": ctx_size, "chat_template": SEED_TEMPLATE}
+    out: list[str] = []
+    for key in ("ctx_size", "threads", "threads_batch", "ubatch_size", "flash_attn", "cache_type_k",
+                "cache_type_v", "chat_template"):
+        if update.get(key) is not None:
+            out += [MTMD_FLAGS[key], str(update[key])]
+    return out + list(cfg.extra_args)
+
+
+def script_text(cli: Path, text: Path, mmproj: Path, flags: list[str], image: Path, prompt: str,
+                header: list[str]) -> str:
+    """A bash script running llama-mtmd-cli with these files and flags; "$@" comes last and overrides."""
+    q = shlex.quote
+    server = cli.with_name("llama-server")
+    lines = ["#!/usr/bin/env bash", *[f"# {h}" for h in header],
+             "# Options on this script's command line override its own (llama.cpp keeps an option's last value);",
+             "# the default image and prompt are only added when the command line has no --image / -p.",
+             "# The matching llama-server command (build it with the llama-server target if missing):",
+             f"#   {' '.join(q(str(a)) for a in [server, '-m', text, '--mmproj', mmproj, *flags])}",
+             "set -euo pipefail",
+             "has_image=0; has_prompt=0",
+             'for a in "$@"; do case "$a" in --image|--audio|--video) has_image=1;; -p|--prompt|-f|--file) has_prompt=1;; esac; done',
+             "defaults=()",
+             f"[ $has_image = 1 ] || defaults+=(--image {q(str(image))})",
+             f"[ $has_prompt = 1 ] || defaults+=(-p {q(prompt)})",
+             f"exec {q(str(cli))} -m {q(str(text))} --mmproj {q(str(mmproj))} {' '.join(q(f) for f in flags)} "
+             '${defaults[@]+"${defaults[@]}"} "$@"', ""]
+    return "\n".join(lines)
+
+
+def _write_script(path: Path, body: str) -> Path:
+    with atomic_path(path, suffix=".sh") as tmp:
+        tmp.write_text(body)
+        tmp.chmod(0o755)
+    path.chmod(0o755)
+    return path
+
+
+def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cli: Path,
+                  mmproj: dict, text: dict, image: Path, prompt: str) -> dict:
+    """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`."""
+    from ..llama_cpp import toolchain
+    from ..steps.evaluate import write_table
+    from ..tune_config import config_from_row
+
+    folder = run.sub("tune")
+    confirmed = result.confirmed
+    b = confirmed[(confirmed["config"] == base.label) & (confirmed["status"] == "ok")]
+    baseline = _clean(b.iloc[0].to_dict()) if len(b) else {}
+    e = run.params.evaluate
+    budgets: dict[str, dict] = {}
+    for name, row in chosen.items():
+        cfg = config_from_row(row)
+        flags = tool_flags(cfg, e.ctx_size)
+        speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
+        header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
+                  f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
+                  f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
+                  f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
+                  f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
+        script = script_text(cli, text[cfg.quant], mmproj[(cfg.mmproj, cfg.budget)], flags, image, prompt, header)
+        names = ["run-llava.sh"] if name == full else []
+        if len(chosen) > 1:
+            names.append(f"run-llava-{name}.sh")
+        paths = [_write_script(run.dir / n, script) for n in names]
+        kld = result.quality["kld"].get(cfg.quant)
+        budgets[name] = _clean({
+            "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
+            "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
+            "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
+            "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
+            "text_gguf": str(text[cfg.quant]), "mmproj": str(mmproj[(cfg.mmproj, cfg.budget)]),
+            "flags": flags, "scripts": [str(p) for p in paths],
+            "stages": {k: row.get(k) for k in ("load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms",
+                                               "prompt_tokens_per_s", "eval_ms_per_token")}})
+    snippet = folder / "params-snippet.yaml"
+    main_cfg = config_from_row(chosen[full])
+    # Every key, null ones included: null is the tool's default, which a params file's value would override.
+    keys = main_cfg.evaluate_update()
+    with atomic_path(snippet, suffix=".yaml") as tmp:
+        tmp.write_text(f"# Add to {run.params_file} so `make evaluate` runs with the recommendation:\n"
+                       f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
+                       "the mmproj type and image budget are in run-llava.sh)\n"
+                       + yaml.safe_dump({"evaluate": {**keys, "chat_template": "vicuna"}}, sort_keys=False))
+    notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
+    failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
+    main = budgets[full]
+    # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
+    info = _clean({
+        "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
+        "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
+        "setup": {"machine": {"host": platform.node(), "cores": os.cpu_count()},
+                  "llama_cpp": toolchain.tool_version(cli), "image": str(image), "prompt": prompt,
+                  "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
+                  "rule": "A is faster than B only when A's slowest run beats B's fastest "
+                          "(min-max ranges do not overlap)"},
+        "baseline": {"config": base.label, "command_flags": tool_flags(base, e.ctx_size), **{
+            k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
+                                         "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
+                                         "prompt_eval_ms", "eval_ms_per_token")}},
+        "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
+        "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
+        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet)})
+    write_json(folder / "recommended.json", info)
+    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement)):
+        if df is not None and len(df):
+            write_table(df.drop(columns=[c for c in ("command",) if c in df]), folder / name)
+    run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh"})
+    return info
+
+
+# ----------------------------------------------------------------------------- plots
+def figures(run: Run, result, base) -> dict:
+    return {"latency": latency_spread(result.confirmed, base.label, run),
+            "pareto": pareto(result.confirmed, result.quality.get("kld") or {}, run),
+            "stages": stage_breakdown(result, base.label, run)}
+
+
+def latency_spread(confirmed: pd.DataFrame, baseline: str, run: Run | None = None):
+    """Median answer time per confirmed configuration, the bar from its fastest to its slowest run."""
+    ok = confirmed[confirmed["status"] == "ok"].sort_values("answer_s", ascending=False)
+    fig = plots.PlotFigure(figsize=(9, 0.45 * len(ok) + 1.6))
+    ax = fig.add_subplot()
+    y = np.arange(len(ok))
+    med = ok["answer_s"].to_numpy(dtype=float)
+    err = [med - ok["answer_min_s"].to_numpy(dtype=float), ok["answer_max_s"].to_numpy(dtype=float) - med]
+    colors = ["tab:red" if c == baseline else "tab:blue" for c in ok["config"]]
+    ax.barh(y, med, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(y, [("seed's command: " if c == baseline else "") + c for c in ok["config"]], fontsize=7)
+    ax.set_xlabel("seconds to a full answer (median; bar = min..max of the runs)")
+    ax.set_title("Confirmed configurations")
+    plots.save(fig, run, "tune_latency")
+    return fig
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both (latency, quality loss), by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto(confirmed: pd.DataFrame, kld: dict, run: Run | None = None):
+    """Answer time vs the quant type's KL divergence (unmeasured: 0), one marker per image budget."""
+    ok = confirmed[confirmed["status"] == "ok"].reset_index(drop=True)
+    loss = [float(kld.get(q) or 0.0) for q in ok["quant"]]
+    fig = plots.PlotFigure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    for marker, (budget, group) in zip("osD^v<>", ok.groupby("budget", sort=False)):
+        idx = group.index
+        ax.errorbar(group["answer_s"], [loss[i] for i in idx], fmt=marker, label=f"budget {budget}",
+                    xerr=[group["answer_s"] - group["answer_min_s"], group["answer_max_s"] - group["answer_s"]])
+    pts = list(zip(ok["answer_s"].astype(float), loss))
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("seconds to a full answer (median)")
+    ax.set_ylabel("mean KL divergence of the quant type")
+    ax.set_title("Latency vs quality (image budgets change the answer: see the agreement table)")
+    ax.legend(fontsize=8)
+    plots.save(fig, run, "tune_pareto")
+    return fig
+
+
+def stage_breakdown(result, baseline: str, run: Run | None = None):
+    """Stacked stages of the median run of the seed's command and of each budget's recommendation."""
+    rec = result.recommended.get("budgets") or {}
+    names = {baseline: "seed's command", **{v["config"]: f"recommended\n({b})" for b, v in rec.items()}}
+    runs = result.runs
+    sel = runs[(runs["phase"] == "confirm") & runs["config"].isin(names)].copy()
+    # One run per configuration, the one at its median: a mean would mix in a slow outlier.
+    sel["off"] = (sel["answer_s"] - sel.groupby("config")["answer_s"].transform("median")).abs()
+    sel = sel.sort_values("off").drop_duplicates("config")
+    sel["variant"] = sel["config"].map(names)
+    sel = sel.set_index("variant").loc[[n for n in names.values() if n in set(sel["variant"])]].reset_index()
+    # mtmd-cli decodes the text before the image first, then encodes and decodes chunk by chunk, so
+    # llama.cpp's prompt eval time spans every image encode as well as the image decodes.
+    sel["text_prompt_ms"] = (sel["prompt_eval_ms"] - sel["image_decode_ms"].fillna(0.0)
+                             - sel["image_encode_ms"].fillna(0.0)).clip(lower=0.0)
+    fig = plots.latency_breakdown(sel, None)
+    fig.axes[0].set_ylabel("seconds (the median run)")
+    plots.save(fig, run, "tune_stages")
+    return fig
+
+
+# ----------------------------------------------------------------------------- index.html
+def headline_html(run: Run) -> str | None:
+    """The first line of index.html, None before step 07 has run."""
+    path = run.dir / "tune" / "recommended.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    rec, base = info.get("recommended") or {}, info.get("baseline") or {}
+    if not rec.get("answer_s") or not base.get("answer_s"):
+        return None
+    parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
+             f"{rec['speedup']:.2f}× faster than the seed's command ({base['answer_s']:.1f} s)</b>"]
+    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({v['speedup']:.2f}×)"
+              for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
+    if others:
+        parts.append("; smaller image budgets: " + ", ".join(others))
+    setup = info.get("setup") or {}
+    parts.append(f" — {setup.get('n_predict')} tokens, median of {setup.get('repetitions')} runs "
+                 "(<a href='../run-llava.sh'>run-llava.sh</a>)")
+    if info.get("notes"):
+        parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")
+    return "".join(parts) + "</p>"

@@ -1,0 +1,323 @@
+"""Step 07: the fastest llama-mtmd-cli configuration on this machine within a quality budget.
+
+Everything is measured against the seed's command, run in the same step on the same machine:
+the Q5_K_M text GGUF (else the run's first type), the f16 mmproj at its full image budget, the
+tool's default runtime settings and `--chat-template vicuna`, on `evaluate.cases[0]`.
+
+The search is staged, not a cartesian product (each stage keeps the winner of the one before):
+
+1. threads (-t and -tb together) on the baseline's text GGUF;
+2. quant types (only those within the KL-divergence budget can be recommended; step 06 measured it);
+3. flash attention x KV-cache type x ubatch;
+4. mmproj type x image budget.
+
+Screening runs are single short runs (`tune.screen_n_predict` tokens, ranked by the answer time
+projected to `evaluate.n_predict` tokens) and stop when
+`tune.budget_minutes` is spent. Then, per image budget, the best `tune.finalists` screened
+configurations and the baseline are confirmed with full runs (`evaluate.n_predict` tokens): a
+warm-up run plus `tune.repetitions` measured runs each. A configuration counts as faster than
+another only when their measured ranges do not overlap (`compare`).
+
+The answer time of a run is what a user waits for a full-length answer: process start to first
+token (model loading, image encode, prefill) plus (n_predict - 1) x the generation time per token,
+so a run that stops early does not look faster.
+
+Image budgets and the q8_0 mmproj are copies of the run's mmproj (mmproj_variants.py).
+A configuration that fails (a flag this build lacks, a type it rejects) is recorded and skipped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
+from ..mmproj_variants import make_mmproj_files, mmproj_nmse
+from .evaluate import case_inputs
+from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
+                          config_from_row, default_threads, runtime_grid, spread)
+from ..workspace import Run
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- measuring
+@dataclass
+class Measurer:
+    """Runs configurations on one image/prompt; every run becomes a row (failures included)."""
+
+    cli: Path
+    text: dict[str, Path]
+    mmproj: dict[tuple[str, str], Path]
+    image: Path
+    prompt: str
+    base_opts: MtmdOptions
+    logs: Path
+    runner: Callable = run_mtmd  # tests swap in recorded runs
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[Config, str] = field(default_factory=dict)
+
+    def options(self, cfg: Config, n_predict: int) -> MtmdOptions:
+        update = {k: v for k, v in cfg.evaluate_update().items()}
+        # Always the seed's template, so every configuration (and run-llava.sh) formats the prompt alike.
+        update.update(n_predict=n_predict, chat_template=SEED_TEMPLATE)
+        return MtmdOptions(self.base_opts.evaluate.model_copy(update=update), self.base_opts.log_verbosity,
+                           list(self.base_opts.extra_args) + list(cfg.extra_args))
+
+    def measure(self, cfg: Config, phase: str, n_predict: int, rep: int = 0, image: Path | None = None,
+                prompt: str | None = None, case: int = 0, answer_tokens: int | None = None) -> dict[str, Any] | None:
+        """One run; None (and the failure recorded) when the tool fails. `answer_s` is projected to an
+        answer of `answer_tokens` tokens (default n_predict): a short screening run still ranks
+        configurations by the full answer, generation included."""
+        if cfg in self.failed:
+            return None
+        n = len(self.rows)
+        # e.g. 012-screen-runtime-Q4_K_M_mmproj-f16_budget-full_t-2_fa-on.log
+        name = f"{n:03d}-{phase}-{cfg.label.replace(', ', '_').replace(' ', '-')}"
+        log_path = self.logs / (re.sub(r"[^\w.+-]", "_", name.replace(" ", "-")) + ".log")
+        row: dict[str, Any] = {"phase": phase, "config": cfg.label, "rep": rep, "case": case, **asdict(cfg),
+                               "n_predict": n_predict}
+        try:
+            result = self.runner(self.cli, self.text[cfg.quant], self.mmproj[(cfg.mmproj, cfg.budget)],
+                                 image or self.image, prompt or self.prompt, self.options(cfg, n_predict), log_path)
+        except (EvaluationError, OSError) as err:
+            first = str(err).splitlines()[0]
+            log.warning("configuration failed, skipped: %s: %s", cfg.label, first)
+            self.failed[cfg] = str(err)
+            self.rows.append({**row, "status": "failed", "error": str(err), "log": str(log_path)})
+            return None
+        s = result.summary()
+        row.update(status="ok", error=None, command=result.command, **s)
+        row["answer_s"] = answer_seconds(s, answer_tokens or n_predict)
+        self.rows.append(row)
+        return row
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+# ----------------------------------------------------------------------------- the search
+@dataclass
+class TuneResult:
+    runs: pd.DataFrame            # every run: screening, confirmation, agreement (failures included)
+    confirmed: pd.DataFrame       # one row per confirmed configuration: median and spread
+    recommended: dict             # what tune/recommended.json holds
+    agreement: pd.DataFrame       # greedy answers per budget x mmproj type vs full/f16
+    quality: dict                 # kld per quant type, mmproj NMSE, synthetic or not
+    skipped: list[dict]           # configurations not run, with why
+    files: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        rec = self.recommended.get("recommended") or {}
+        return (f"TuneResult({len(self.runs)} runs, recommended {rec.get('config')}: "
+                f"{rec.get('answer_s')} s, {rec.get('speedup')}x the seed's command)")
+
+
+def _best(rows: list[dict | None]) -> dict | None:
+    ok = [r for r in rows if r and r.get("answer_s") is not None]
+    return min(ok, key=lambda r: r["answer_s"]) if ok else None
+
+
+def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
+           n_predict: int, deadline: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The staged screening; returns (best screened rows per budget, skipped configurations)."""
+    from tqdm.auto import tqdm
+
+    skipped: list[dict] = []
+    durations: list[float] = []
+
+    def stage(name: str, configs: list[Config]) -> list[dict]:
+        rows = []
+        for cfg in tqdm(configs, desc=f"screen: {name}", unit="run"):
+            left = deadline - time.monotonic()
+            est = statistics.median(durations) if durations else 0.0
+            if left < est:
+                skipped.append({"config": cfg.label, "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
+                continue
+            t0 = time.monotonic()
+            row = m.measure(cfg, f"screen-{name}", n_predict, answer_tokens=answer_tokens)
+            durations.append(time.monotonic() - t0)
+            if row:
+                rows.append(row)
+        if durations:
+            log.info("screen %s: %d runs, ~%.1f s each", name, len(configs), statistics.median(durations))
+        return rows
+
+    threads = p.threads or default_threads()
+    best = _best(stage("threads", [replace(base, threads=t) for t in threads])) or {}
+    cur = config_from_row(best) if best else base
+    within = [q for q in quant_types if q in allowed]
+    skipped += [{"config": replace(cur, quant=q).label, "why": "KL divergence over tune.kld_budget"}
+                for q in quant_types if q not in allowed]
+    rows = stage("quant types", [replace(cur, quant=q) for q in within if q != cur.quant]) + ([best] if best else [])
+    best = _best([r for r in rows if r["quant"] in allowed]) or best
+    cur = config_from_row(best) if best else cur
+    grid, pruned = runtime_grid(cur, p.flash_attn, p.cache_type, p.ubatch_size)
+    skipped += [{"config": c.label, "why": why} for c, why in pruned]
+    rows = stage("runtime", [c for c in grid if c != cur]) + ([best] if best else [])
+    best = _best(rows) or best
+    cur = config_from_row(best) if best else cur
+    per_budget: dict[str, list[dict]] = {}
+    configs = [replace(cur, mmproj=t, budget=b) for b in p.image_budgets for t in p.mmproj_types]
+    for row in stage("mmproj x budget", [c for c in configs if c != cur]) + ([best] if best else []):
+        if row["quant"] in allowed:
+            per_budget.setdefault(row["budget"], []).append(row)
+    # Every screened row of the full budget competes too (the runtime stages ran at the full budget).
+    screened = [r for r in m.rows if r.get("status") == "ok" and r["phase"].startswith("screen")
+                and r["quant"] in allowed]
+    for b in p.image_budgets:
+        per_budget[b] = sorted({r["config"]: r for r in per_budget.get(b, []) + [r for r in screened if r["budget"] == b]}
+                               .values(), key=lambda r: r["answer_s"] if r["answer_s"] is not None else math.inf)
+    return per_budget, skipped
+
+
+def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int) -> pd.DataFrame:
+    """A warm-up run and `repetitions` full runs per configuration; one row each with the spread."""
+    from tqdm.auto import tqdm
+
+    jobs = [(c, r) for c in configs for r in range(repetitions + 1)]
+    rows = {c: [] for c in configs}
+    for cfg, rep in tqdm(jobs, desc="confirm (warm-up + repetitions)", unit="run"):
+        row = m.measure(cfg, "warmup" if rep == 0 else "confirm", n_predict, rep)
+        if row and rep > 0:
+            rows[cfg].append(row)
+    out = []
+    for cfg, runs in rows.items():
+        if not runs:
+            out.append({"config": cfg.label, **asdict(cfg), "status": "failed", "error": m.failed.get(cfg)})
+            continue
+        df = pd.DataFrame(runs)
+        s = spread(list(df["answer_s"]))
+        stages = df[[c for c in STAGE_COLUMNS if c in df]].median(numeric_only=True).to_dict()
+        out.append({"config": cfg.label, **asdict(cfg), "status": "ok", "answer_s": s["median"],
+                    "answer_min_s": s["min"], "answer_max_s": s["max"], "rel_range": s["rel_range"], "runs": s["n"],
+                    "answer_s_all": list(df["answer_s"]), "image_tokens": df["image_tokens"].iloc[0], **stages})
+    return pd.DataFrame(out)
+
+
+STAGE_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms", "prompt_tokens",
+                 "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s", "ttft_ms",
+                 "peak_rss_mib"]
+
+
+def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | None] | None = None) -> dict[str, dict]:
+    """Per budget: the fastest confirmed configuration (candidates were already within the KLD budget).
+
+    Configurations no slower than the fastest median beyond the spread (`compare`) tie with it; among
+    those the more precise one wins: the f16 mmproj, then the quant type of lower KL divergence, then
+    the lower median. `vs_baseline` says whether the choice beat the seed's command beyond the spread.
+    """
+    kld = kld or {}
+    ok = confirmed[confirmed["status"] == "ok"]
+    base = ok[ok["config"] == baseline.label]
+    base_runs = base.iloc[0]["answer_s_all"] if len(base) else []
+    out = {}
+    for budget, group in ok.groupby("budget", sort=False):
+        fastest = group.loc[group["answer_s"].idxmin()]
+        ties = [r for _, r in group.iterrows() if compare(r["answer_s_all"], fastest["answer_s_all"]) != "slower"]
+        best = min(ties, key=lambda r: (r["mmproj"] != "f16", kld.get(r["quant"]) or 0.0, r["answer_s"])).to_dict()
+        best["vs_baseline"] = compare(best["answer_s_all"], base_runs)
+        out[budget] = best
+    return out
+
+
+def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple[dict[str, float | None], set[str]]:
+    """(mean KLD per quant type from step 06's metrics, the types allowed by the budget)."""
+    kld: dict[str, float | None] = {q: None for q in quant_types}
+    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    table = folder / "variants.csv"
+    if table.exists():
+        df = pd.read_csv(table)
+        if "kld" in df:
+            for _, r in df.iterrows():
+                if r["variant"] in kld and pd.notna(r["kld"]):
+                    kld[r["variant"]] = float(r["kld"])
+    else:
+        log.warning("%s not found: no KL divergence per quant type; every type is allowed", table)
+    # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
+    allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
+    if not allowed:
+        closest = min(kld, key=lambda q: kld[q])
+        log.warning("no quant type within KLD %s (%s); tuning the closest one, %s", kld_budget, kld, closest)
+        allowed = {closest}
+    return kld, allowed
+
+
+def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], types: list[str],
+                   n_predict: int, reference: str) -> pd.DataFrame:
+    """Greedy answers of every budget x mmproj type on evaluate.cases, vs (reference budget, f16)."""
+    from tqdm.auto import tqdm
+
+    from ..checks import quality
+
+    rows = []
+    jobs = [(b, t, i, img, pr) for b in budgets for t in types for i, (img, pr) in enumerate(case_inputs(run))]
+    for b, t, i, img, pr in tqdm(jobs, desc="answer agreement", unit="run"):
+        row = m.measure(replace(best, budget=b, mmproj=t), "agreement", n_predict, image=img, prompt=pr, case=i)
+        if row:
+            rows.append({"variant": f"{b}/{t}", "case": i, "prompt": pr, "answer": row["answer"]})
+    df = pd.DataFrame(rows, columns=["variant", "case", "prompt", "answer"])
+    return quality.answer_agreement(df, baseline=f"{reference}/f16")
+
+
+def run_tune(run: Run) -> TuneResult:
+    """Step 07: baseline, screening, confirmation, quality, choice; writes tune/ and run-llava*.sh."""
+    from ..reports import tune as tune_report
+    from ..llama_cpp import toolchain
+    from .evaluate import variants_for_run
+
+    p, e = run.params.tune, run.params.evaluate
+    started = time.monotonic()
+    text = {k: Path(v) for k, v in variants_for_run(run).items()}
+    quantized = list((run.artifacts().get("quantized") or {}).keys()) or list(text)
+    quant_types = p.quant_types or quantized
+    missing = [q for q in quant_types if q not in text]
+    if missing:
+        raise TuneError(f"{run.params_file}: tune.quant_types {missing} were not made by step 05 "
+                        f"(made: {sorted(text)}); add them to quantize.types or drop them")
+    base = baseline_config(quant_types)
+    cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
+    # f16 always: the baseline and the agreement reference use it.
+    mm_types = list(dict.fromkeys(["f16", *p.mmproj_types]))
+    mmproj = make_mmproj_files(run, run.artifact_path("mmproj"), mm_types, p.image_budgets)
+    full = next((b for b, pins in p.image_budgets.items() if pins is None), next(iter(p.image_budgets)))
+    base = replace(base, budget=full)
+    image, prompt = case_inputs(run)[0]
+    logs = run.sub("tune") / "logs"
+    m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update={
+        "threads": None, "threads_batch": None, "batch_size": None, "ubatch_size": None, "flash_attn": None,
+        "cache_type_k": None, "cache_type_v": None})), logs)
+    kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
+    kld, allowed = quality_inputs(run, quant_types, kld_budget)
+    # The baseline must run: it is the yardstick (a failure here is the step's failure).
+    if m.measure(base, "screen-baseline", p.screen_n_predict, answer_tokens=e.n_predict) is None:
+        raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
+    deadline = started + 60.0 * p.budget_minutes
+    per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline, e.n_predict)
+    finalists = [base] + [config_from_row(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
+    finalists = list(dict.fromkeys(finalists))
+    screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
+    log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
+             p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s)
+    confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
+    chosen = choose(confirmed, base, kld)
+    if full not in chosen:
+        raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
+    main = chosen[full]
+    agreement = (agreement_runs(m, run, config_from_row(main), list(p.image_budgets), mm_types, e.n_predict, full)
+                 if p.agreement else pd.DataFrame())
+    quality = {"kld": kld, "kld_budget": kld_budget, "allowed": sorted(allowed),
+               "mmproj_nmse": mmproj_nmse(run, mmproj, full),
+               "synthetic": run.params.model.source == "tiny"}
+    result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
+    result.recommended = tune_report.write_results(run, result, base, chosen, full, cli, mmproj, text, image, prompt)
+    result.figures = tune_report.figures(run, result, base)
+    log.info("%s (%.0f s)", result, time.monotonic() - started)
+    return result

@@ -1,0 +1,129 @@
+"""07_tune's configurations and the statistics it decides with (pure: no tools, no files).
+
+A `Config` is one llama-mtmd-cli configuration (None: the tool's default). The seed's command is
+`baseline_config`. `compare` is the significance rule: A is faster than B only when every measured
+run of A beat every run of B (their min-max ranges do not overlap).
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
+
+SEED_TYPE = "Q5_K_M"
+SEED_TEMPLATE = "vicuna"
+
+
+class TuneError(RuntimeError):
+    """The step cannot run (missing inputs, no configuration worked)."""
+
+
+# ----------------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class Config:
+    """One llama-mtmd-cli configuration; None means the tool's default."""
+
+    quant: str
+    mmproj: str = "f16"
+    budget: str = "full"
+    threads: int | None = None
+    flash_attn: str | None = None
+    cache_type: str | None = None
+    ubatch_size: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        parts = [self.quant, f"mmproj {self.mmproj}", f"budget {self.budget}"]
+        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("fa", self.flash_attn), ("kv", self.cache_type),
+                                          ("ub", self.ubatch_size)) if v is not None]
+        return ", ".join(parts + list(self.extra_args))
+
+    def evaluate_update(self) -> dict[str, Any]:
+        """The `evaluate` params keys this configuration sets (for MtmdOptions and the params snippet)."""
+        return {"threads": self.threads, "threads_batch": self.threads, "flash_attn": self.flash_attn,
+                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type, "ubatch_size": self.ubatch_size}
+
+
+def baseline_config(quant_types: Iterable[str]) -> Config:
+    """The seed's command: Q5_K_M when the run has it, f16 mmproj, full budget, tool defaults."""
+    types = list(quant_types)
+    if not types:
+        raise TuneError("no quantized text GGUF to tune (run `make quantize` first)")
+    return Config(quant=SEED_TYPE if SEED_TYPE in types else types[0])
+
+
+def default_threads(cores: int | None = None) -> list[int]:
+    """1 ... cores, powers of two above 8 (and the core count itself)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores)
+    if cores <= 8:
+        return list(range(1, cores + 1))
+    return sorted({*(2 ** i for i in range(int(math.log2(cores)) + 1)), cores})
+
+
+def runtime_grid(base: Config, flash_attn: list[str], cache_types: list[str],
+                 ubatch_sizes: list[int | None]) -> tuple[list[Config], list[tuple[Config, str]]]:
+    """Stage 3's candidates, and the pairs skipped without running (with why)."""
+    out, skipped = [], []
+    for fa in flash_attn:
+        for ct in cache_types:
+            for ub in ubatch_sizes:
+                cfg = replace(base, flash_attn=fa, cache_type=ct, ubatch_size=ub)
+                if fa == "off" and ct not in ("f16", "f32", "bf16"):
+                    skipped.append((cfg, "a quantized V cache needs flash attention"))
+                else:
+                    out.append(cfg)
+    return out, skipped
+
+
+# ----------------------------------------------------------------------------- statistics
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Median, min, max and the relative range of repeated measurements."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "rel_range": None, "n": 0}
+    med = statistics.median(vals)
+    return {"median": med, "min": min(vals), "max": max(vals),
+            "rel_range": (max(vals) - min(vals)) / med if med else None, "n": len(vals)}
+
+
+def compare(a: list[float], b: list[float]) -> str:
+    """'faster' when every run of A beat every run of B, 'slower' for the reverse, else 'same'.
+
+    The difference counts only beyond the spread: the two [min, max] ranges must not overlap.
+    """
+    a, b = [v for v in a if v is not None], [v for v in b if v is not None]
+    if not a or not b:
+        return "same"
+    if max(a) < min(b):
+        return "faster"
+    if max(b) < min(a):
+        return "slower"
+    return "same"
+
+
+def answer_seconds(row: dict[str, Any], n_predict: int) -> float | None:
+    """Start to a full-length answer: time to first token + (n_predict - 1) x generation time per token."""
+    ttft, per_token = row.get("ttft_ms"), row.get("eval_ms_per_token")
+    if ttft is None or not math.isfinite(ttft):
+        return None
+    if per_token is None or not math.isfinite(per_token):
+        per_token = row.get("itl_median_ms")
+    if per_token is None or not math.isfinite(per_token):
+        return None if n_predict > 1 else ttft / 1000.0
+    return (ttft + per_token * max(n_predict - 1, 0)) / 1000.0
+
+
+def config_from_row(row: dict) -> Config:
+    """The Config of a table row (pandas turns None into NaN and ints into floats in mixed columns)."""
+    def clean(key: str, value: Any) -> Any:
+        if key == "extra_args":
+            return tuple(value) if isinstance(value, (list, tuple)) else ()
+        if isinstance(value, float):
+            return None if math.isnan(value) else int(value)
+        return value
+    return Config(**{k: clean(k, v) for k, v in row.items() if k in Config.__dataclass_fields__})

@@ -1,0 +1,358 @@
+"""Step 07: the significance rule, the staged search, failing configurations, mmproj budget variants,
+the run-llava.sh override semantics and a tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from llava_gguf import mmproj_variants, tune_config
+from llava_gguf.reports import tune as tune_report
+from llava_gguf.steps import tune
+from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
+from llava_gguf.gguf_io import read_gguf
+from llava_gguf.params import EvaluateParams, TuneParams
+
+# Answer times (s) recorded on this project's 2-core machine: llama-mtmd-cli on the tiny model,
+# three confirmation runs per configuration (a loaded, shared machine: note the spread).
+RECORDED = {
+    "seed": [2.91, 3.40, 3.05],
+    "t2-fa-on": [2.20, 2.31, 2.47],
+    "t1": [2.85, 3.62, 3.10],
+    "single": [0.88, 0.93, 1.41],
+}
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_compare_needs_disjoint_ranges():
+    assert tune_config.compare(RECORDED["t2-fa-on"], RECORDED["seed"]) == "faster"
+    assert tune_config.compare(RECORDED["seed"], RECORDED["t2-fa-on"]) == "slower"
+    # Medians differ (3.05 vs 3.10) but the ranges overlap: no claim either way.
+    assert tune_config.compare(RECORDED["seed"], RECORDED["t1"]) == tune_config.compare(RECORDED["t1"], RECORDED["seed"]) == "same"
+    # One slow outlier (1.41 s) still below the other's fastest run: faster.
+    assert tune_config.compare(RECORDED["single"], RECORDED["t2-fa-on"]) == "faster"
+    assert tune_config.compare([], RECORDED["seed"]) == "same"
+
+
+def test_spread_of_recorded_runs():
+    s = tune_config.spread(RECORDED["seed"])
+    assert s["median"] == 3.05 and s["min"] == 2.91 and s["max"] == 3.40 and s["n"] == 3
+    assert s["rel_range"] == pytest.approx((3.40 - 2.91) / 3.05)
+    assert tune_config.spread([None, float("nan")])["median"] is None
+
+
+def test_answer_seconds_normalises_to_n_predict():
+    row = {"ttft_ms": 1500.0, "eval_ms_per_token": 100.0}
+    assert tune_config.answer_seconds(row, 11) == pytest.approx(2.5)
+    # An early end-of-generation does not make a run look faster: per-token time x the full length.
+    assert tune_config.answer_seconds({"ttft_ms": 1500.0, "eval_ms_per_token": None, "itl_median_ms": 100.0}, 11) == 2.5
+    assert tune_config.answer_seconds({"ttft_ms": None}, 11) is None
+
+
+def test_pareto_front():
+    pts = [(3.0, 0.0), (2.0, 0.01), (2.5, 0.02), (1.0, 0.05), (1.5, 0.05)]
+    assert tune_report.pareto_front(pts) == [3, 1, 0]
+
+
+def test_default_threads_and_runtime_grid():
+    assert tune_config.default_threads(2) == [1, 2]
+    assert tune_config.default_threads(16) == [1, 2, 4, 8, 16]
+    assert tune_config.default_threads(12) == [1, 2, 4, 8, 12]
+    grid, skipped = tune_config.runtime_grid(tune_config.Config("Q4_0"), ["on", "off"], ["f16", "q8_0"], [None])
+    assert {(c.flash_attn, c.cache_type) for c in grid} == {("on", "f16"), ("on", "q8_0"), ("off", "f16")}
+    assert [(c.flash_attn, c.cache_type) for c, _ in skipped] == [("off", "q8_0")]
+
+
+def test_baseline_is_the_seed_command():
+    assert tune_config.baseline_config(["Q8_0", "Q5_K_M", "Q4_K_M"]) == tune_config.Config("Q5_K_M")
+    assert tune_config.baseline_config(["Q8_0", "Q4_K_M"]).quant == "Q8_0"
+    assert tune_config.Config("Q5_K_M").evaluate_update() == dict.fromkeys(
+        ["threads", "threads_batch", "flash_attn", "cache_type_k", "cache_type_v", "ubatch_size"])
+    with pytest.raises(tune_config.TuneError):
+        tune_config.baseline_config([])
+
+
+# ----------------------------------------------------------------------------- the search (simulated tool)
+@dataclass
+class FakeRun:
+    """What run_mtmd returns, as far as the tuner reads it."""
+
+    ttft_ms: float
+    ms_per_token: float
+    image_tokens: int
+    command: list = field(default_factory=list)
+
+    def summary(self):
+        return {"answer": "a cat", "ttft_ms": self.ttft_ms, "eval_ms_per_token": self.ms_per_token,
+                "image_tokens": self.image_tokens, "image_encode_ms": 100.0, "prompt_eval_ms": self.ttft_ms - 300,
+                "load_ms": 200.0, "eval_ms": self.ms_per_token * 3}
+
+
+def simulated_tool(calls: list):
+    """A machine where 2 threads, Q4_K_M, flash attention and fewer image tokens are faster; Q4_0 fails."""
+    tokens = {"full": 2880, "wide-tall": 1728, "single": 576}
+
+    def runner(cli, text, mmproj, image, prompt, opts: MtmdOptions, log_path):
+        e = opts.evaluate
+        calls.append((Path(text).name, Path(mmproj).name, e.threads, e.flash_attn, e.cache_type_k, e.n_predict))
+        if "Q4_0" in str(text) or "--bogus" in opts.extra_args:
+            raise EvaluationError(f"llama-mtmd-cli failed (exit status 1); full log kept at {log_path}. "
+                                  "error: invalid argument")
+        budget = Path(mmproj).stem.split("-")[-1] if "-" in Path(mmproj).stem else "full"
+        budget = {"tall": "wide-tall"}.get(budget, budget)
+        prefill = tokens.get(budget, 2880) / (20.0 if e.threads == 2 else 12.0)
+        prefill *= 0.8 if e.flash_attn == "on" else 1.0
+        per_tok = {"Q4_K_M": 90.0, "Q5_K_M": 110.0, "Q8_0": 150.0}.get(Path(text).stem, 120.0)
+        return FakeRun(1000.0 * prefill / 100.0 + 300.0, per_tok, tokens.get(budget, 2880))
+    return runner
+
+
+def _measurer(tmp_path, calls, types=("Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0")):
+    text = {q: tmp_path / f"{q}.gguf" for q in types}
+    mmproj = {(t, b): tmp_path / (f"mmproj-{t}.gguf" if b == "full" else f"mmproj-{t}-{b}.gguf")
+              for t in ("f16", "q8_0") for b in ("full", "wide-tall", "single")}
+    return tune.Measurer(Path("llama-mtmd-cli"), text, mmproj, tmp_path / "img.jpg", "Describe.",
+                         MtmdOptions(EvaluateParams(n_predict=8)), tmp_path / "logs", runner=simulated_tool(calls))
+
+
+def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
+    calls = []
+    m = _measurer(tmp_path, calls)
+    p = TuneParams(threads=[1, 2], ubatch_size=[None])
+    base = tune_config.Config("Q5_K_M")
+    types = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"]
+    per_budget, skipped = tune.screen(m, base, p, types, allowed=set(types) - {"Q8_0"}, n_predict=4,
+                                      deadline=float("inf"))
+    best_full = per_budget["full"][0]
+    assert (best_full["threads"], best_full["quant"], best_full["flash_attn"]) == (2, "Q4_K_M", "on")
+    assert per_budget["single"][0]["answer_s"] < per_budget["wide-tall"][0]["answer_s"] < best_full["answer_s"]
+    # Q4_0 failed: recorded with its error, not fatal, and never retried.
+    failed = [r for r in m.rows if r["status"] == "failed"]
+    assert [r["quant"] for r in failed] == ["Q4_0"] and "invalid argument" in failed[0]["error"]
+    assert sum(1 for c in calls if c[0] == "Q4_0.gguf") == 1
+    n_calls = len(calls)
+    assert m.measure(tune_config.config_from_row(failed[0]), "again", 4) is None and len(calls) == n_calls
+    # Q8_0 is over the KLD budget: never run, listed as skipped with why.
+    assert not any(c[0] == "Q8_0.gguf" for c in calls)
+    whys = {s["why"] for s in skipped}
+    assert "KL divergence over tune.kld_budget" in whys and "a quantized V cache needs flash attention" in whys
+    assert all(c[-1] == 4 for c in calls)  # screening runs are short
+
+
+def test_search_respects_the_time_budget(tmp_path):
+    calls = []
+    m = _measurer(tmp_path, calls)
+    per_budget, skipped = tune.screen(m, tune_config.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M"], {"Q5_K_M"},
+                                      n_predict=4, deadline=0.0)
+    assert calls == [] and per_budget == {b: [] for b in TuneParams().image_budgets}
+    over = [s for s in skipped if "budget_minutes" in s["why"]]
+    assert len(over) == 2 + (8 - 2) + 5  # threads, runtime grid minus the 2 pruned, mmproj x budget minus the base
+
+
+def test_confirm_and_choose_apply_the_rule(tmp_path):
+    calls = []
+    m = _measurer(tmp_path, calls)
+    base, fast, bad = tune_config.Config("Q5_K_M"), tune_config.Config("Q4_K_M", threads=2, flash_attn="on"), \
+        tune_config.Config("Q5_K_M", extra_args=("--bogus",))
+    confirmed = tune.confirm(m, [base, fast, bad], repetitions=3, n_predict=8)
+    ok = confirmed.set_index("config")
+    assert ok.loc[base.label, "runs"] == 3 and ok.loc[bad.label, "status"] == "failed"
+    # warm-up + 3 runs for each working configuration, one failed attempt for the broken one
+    assert sum(1 for r in m.rows if r["phase"] == "warmup" and r["status"] == "ok") == 2 and len(calls) == 9
+    chosen = tune.choose(confirmed, base)
+    assert chosen["full"]["config"] == fast.label and chosen["full"]["vs_baseline"] == "faster"
+
+
+def test_choose_prefers_the_precise_one_within_the_spread():
+    import pandas as pd
+
+    def row(cfg, runs):
+        return {"config": cfg.label, **cfg.__dict__, "status": "ok", "answer_s": sorted(runs)[1], "answer_s_all": runs}
+    base = tune_config.Config("Q5_K_M")
+    q8 = tune_config.Config("Q5_K_M", mmproj="q8_0", budget="single", threads=1)
+    f16 = tune_config.Config("Q5_K_M", budget="single", threads=1)
+    q4 = tune_config.Config("Q4_K_M", budget="single", threads=1)
+    # Recorded confirmation runs of the tiny model (single budget): q8_0's median is lower, the ranges overlap.
+    confirmed = pd.DataFrame([row(base, RECORDED["seed"]), row(q8, [0.50, 0.53, 0.79]), row(f16, [0.55, 0.55, 0.57]),
+                              row(q4, [0.40, 0.42, 0.44])])
+    chosen = tune.choose(confirmed, base, {"Q5_K_M": 0.005, "Q4_K_M": 0.02})
+    assert chosen["full"]["config"] == base.label and chosen["full"]["vs_baseline"] == "same"
+    # Q4_K_M beats both beyond the spread, so its higher KLD (within the budget) does not matter.
+    assert chosen["single"]["config"] == q4.label and chosen["single"]["vs_baseline"] == "faster"
+    confirmed = confirmed[confirmed["quant"] != "Q4_K_M"]
+    assert tune.choose(confirmed, base)["single"]["config"] == f16.label
+
+
+# ----------------------------------------------------------------------------- the script
+def test_script_overrides_and_default_image(tmp_path):
+    echo = tmp_path / "llama-mtmd-cli"
+    echo.write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n")
+    echo.chmod(0o755)
+    cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
+    flags = tune_report.tool_flags(cfg, 4096)
+    assert flags == ["-c", "4096", "-t", "2", "-tb", "2", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
+                     "--chat-template", "vicuna"]
+    script = tmp_path / "run-llava.sh"
+    script.write_text(tune_report.script_text(echo, Path("/m/text.gguf"), Path("/m/mm proj.gguf"), flags,
+                                              Path("/img/test-1.jpeg"), "Describe this image.", ["header"]))
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[out.index("--mmproj") + 1] == "/m/mm proj.gguf"
+    assert out[out.index("--image") + 1] == "/img/test-1.jpeg" and out[out.index("-p") + 1] == "Describe this image."
+    out = subprocess.run(["bash", str(script), "--image", "mine.png", "-t", "1"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out.count("--image") == 1 and out[-3:] == ["mine.png", "-t", "1"] and "-p" in out
+    assert "llama-server" in script.read_text()
+
+
+# ----------------------------------------------------------------------------- with llama.cpp
+@pytest.fixture(scope="module")
+def tiny_mmproj(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    from llava_gguf.steps import surgery, text_export as text, vision_export as vision
+
+    d = tmp_path_factory.mktemp("tune-ggufs")
+    text.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
+    vision.export_mmproj(surgery.analyze(tiny_checkpoint), d / "mmproj-f16.gguf")
+    return {"text": d / "text-f16.gguf", "mmproj": d / "mmproj-f16.gguf"}
+
+
+def test_mmproj_variant_changes_only_its_key(tiny_mmproj, tmp_path):
+    src = read_gguf(tiny_mmproj["mmproj"])
+    assert mmproj_variants.PINPOINTS_KEY in src.fields
+    single = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "single.gguf", []))
+    two = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "two.gguf", [[672, 336], [336, 672]]))
+    assert mmproj_variants.PINPOINTS_KEY not in single.fields and two.fields[mmproj_variants.PINPOINTS_KEY] == [672, 336, 336, 672]
+    for g in (single, two):
+        assert {k: v for k, v in g.fields.items() if k != mmproj_variants.PINPOINTS_KEY} == \
+            {k: v for k, v in src.fields.items() if k != mmproj_variants.PINPOINTS_KEY}
+        assert [(t.name, t.qtype, t.shape) for t in g.tensors.values()] == \
+            [(t.name, t.qtype, t.shape) for t in src.tensors.values()]
+        assert all(bytes(g.tensors[n].data) == bytes(t.data) for n, t in src.tensors.items())
+
+
+def test_q8_mmproj_quantizes_the_matrices(tiny_mmproj, tmp_path):
+    import gguf
+
+    src = read_gguf(tiny_mmproj["mmproj"])
+    q8 = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
+    assert q8.fields[mmproj_variants.PINPOINTS_KEY] == src.fields[mmproj_variants.PINPOINTS_KEY]
+    changed = {n for n, t in q8.tensors.items() if t.qtype != src.tensors[n].qtype}
+    assert changed and all(q8.tensors[n].qtype == gguf.GGMLQuantizationType.Q8_0 for n in changed)
+    assert all(".attn_" in n or ".ffn_" in n or n.startswith("mm.") for n in changed), changed
+    assert not any("patch_embd" in n or "position_embd" in n for n in changed)
+    for n in list(changed)[:3]:
+        ref = src.tensors[n].values()
+        err = float(((q8.tensors[n].values() - ref) ** 2).sum() / (ref ** 2).sum())
+        assert 0 < err < 1e-3, (n, err)
+    assert q8.path.stat().st_size < src.path.stat().st_size
+
+
+@pytest.mark.llama_cpp
+def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
+
+    cli = llama_tool("llama-mtmd-cli")
+    image = toolchain.source_asset(DEFAULT_IMAGE)
+    info = read_gguf(tiny_mmproj["mmproj"]).fields
+    per_view = (info["clip.vision.image_size"] // info["clip.vision.patch_size"]) ** 2
+    tokens = {}
+    for name, pins in {"full": None, "wide-tall": [[672, 336], [336, 672]], "single": []}.items():
+        mm = mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / f"{name}.gguf", pins)
+        r = run_mtmd(cli, tiny_mmproj["text"], mm, image, "Describe this image.",
+                     MtmdOptions(EvaluateParams(n_predict=2, threads=2)), tmp_path / f"{name}.log")
+        tokens[name] = r.timings.image_tokens
+    assert tokens["single"] == per_view  # no pinpoints: one image_size view
+    assert tokens["single"] < tokens["wide-tall"] < tokens["full"]
+
+
+@pytest.mark.llama_cpp
+def test_last_option_wins_in_the_pinned_build(tiny_mmproj, llama_tool, tmp_path):
+    """What run-llava.sh relies on: a repeated option takes its last value."""
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
+
+    cli = llama_tool("llama-mtmd-cli")
+    r = run_mtmd(cli, tiny_mmproj["text"], tiny_mmproj["mmproj"], toolchain.source_asset(DEFAULT_IMAGE), "Hi",
+                 MtmdOptions(EvaluateParams(n_predict=6, threads=2), extra_args=["-n", "3", "-t", "1"]),
+                 tmp_path / "last.log")
+    assert r.n_tokens <= 3 and r.timings.eval["runs"] <= 2
+    assert "n_threads = 1" in Path(r.log_path).read_text()
+
+
+@pytest.mark.llama_cpp
+def test_tune_step_end_to_end(write_params, llama_tool):
+    from llava_gguf import pipeline, workspace
+
+    llama_tool("llama-mtmd-cli")
+    run = workspace.open_run(write_params({
+        "run": "tune-e2e", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M", "Q5_K_M"]},
+        "evaluate": {"n_predict": 6, "threads": 2, "cases": [{"prompt": "Describe this image."}]},
+        "tune": {"threads": [2], "flash_attn": ["on"], "cache_type": ["f16"], "ubatch_size": [None],
+                 "repetitions": 2, "finalists": 1, "screen_n_predict": 2,
+                 "image_budgets": {"full": None, "single": []}}}))
+    done = pipeline.run_steps(run, ["tune"])
+    assert done[-1] == ("tune", "ran")
+    rec = json.loads(run.resolve(run.artifacts()["tune"]["recommended"]).read_text())
+    assert rec["baseline"]["config"].startswith("Q5_K_M, mmproj f16, budget full") and rec["baseline"]["runs"] == 2
+    assert set(rec["budgets"]) == {"full", "single"}
+    assert rec["budgets"]["single"]["image_tokens"] < rec["budgets"]["full"]["image_tokens"]
+    assert rec["notes"] and "carries no meaning" in rec["notes"][0]
+    assert rec["quality"]["mmproj_nmse"]["q8_0"] > 0
+    for name in ("run-llava.sh", "run-llava-full.sh", "run-llava-single.sh"):
+        assert (run.dir / name).stat().st_mode & 0o111
+    out = subprocess.run(["bash", str(run.dir / "run-llava-single.sh"), "-n", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "faster than the seed's command" in (run.dir / "reports" / "index.html").read_text()
+    assert (run.dir / "plots" / "tune_latency.png").exists() and (run.dir / "plots" / "tune_pareto.png").exists()
+    import yaml
+
+    snippet = yaml.safe_load((run.dir / "tune" / "params-snippet.yaml").read_text())["evaluate"]
+    settings = rec["recommended"]["settings"]
+    assert snippet["threads"] == settings["threads"] and snippet["flash_attn"] == settings["flash_attn"]
+    assert snippet["chat_template"] == "vicuna" and "cache_type_k" in snippet
+
+
+def test_config_survives_a_table_round_trip():
+    import pandas as pd
+
+    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M")]
+    rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
+    assert [tune_config.config_from_row(r) for r in rows] == cfgs and tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
+
+
+@pytest.mark.llama_cpp
+def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool, tmp_path):
+    from llava_gguf.llama_cpp import toolchain
+    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE
+
+    cli = llama_tool("llama-mtmd-cli")
+    m = tune.Measurer(cli, {"F16": tiny_mmproj["text"]}, {("f16", "full"): tiny_mmproj["mmproj"]},
+                      toolchain.source_asset(DEFAULT_IMAGE), "Hi", MtmdOptions(EvaluateParams(threads=2)), tmp_path)
+    bad = tune_config.Config("F16", extra_args=("--flash-attn-v2",))  # an option of no llama.cpp build
+    assert m.measure(bad, "screen", 2) is None
+    row = m.rows[-1]
+    assert row["status"] == "failed" and "--flash-attn-v2" in row["error"] and Path(row["log"]).exists()
+    good = m.measure(tune_config.Config("F16", threads=2), "screen", 2)
+    assert good["status"] == "ok" and good["answer_s"] > 0 and good["image_tokens"]
+
+
+def test_screening_ranks_by_the_projected_full_answer(tmp_path):
+    calls = []
+    m = _measurer(tmp_path, calls)
+    short = m.measure(tune_config.Config("Q5_K_M"), "screen", 4)
+    projected = m.measure(tune_config.Config("Q5_K_M", threads=1), "screen", 4, answer_tokens=135)
+    assert calls[-1][-1] == 4  # the run itself is short
+    assert projected["answer_s"] == pytest.approx(tune_config.answer_seconds(projected, 135))
+    assert projected["answer_s"] - short["answer_s"] > 0.110 * 130 * 0.9  # 131 more tokens at ~110 ms
+
+
+def test_params_snippet_keys_are_evaluate_keys():
+    import yaml
+
+    cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
+    text = yaml.safe_dump({"evaluate": {**cfg.evaluate_update(), "chat_template": "vicuna"}})
+    e = EvaluateParams(**yaml.safe_load(text)["evaluate"])  # 'on' stays a string, null is the tool's default
+    assert (e.threads, e.threads_batch, e.flash_attn, e.cache_type_v, e.ubatch_size) == (2, 2, "on", "q8_0", None)
