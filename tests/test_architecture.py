@@ -153,3 +153,24 @@ def test_a_new_step_runs_through_make_the_cli_and_the_index(hello_step):
     again = subprocess.run(["make", "-s", "-C", str(ROOT), "hello", f"PARAMS={params}"], env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "hello: up to date, skipped" in again.stderr.replace("step ", "")
+
+
+def test_every_package_import_resolves_function_level_ones_included():
+    """A moved module leaves no stale import behind in a function that the tests may not reach."""
+    import ast
+    import importlib
+
+    stale = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        here = ["llava_gguf", *parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("llava_gguf")):
+                continue
+            base = here[:len(here) - (node.level - 1)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            module = importlib.import_module(target)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{target}.{alias.name}") is None:
+                    stale.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {target}.{alias.name}")
+    assert stale == []

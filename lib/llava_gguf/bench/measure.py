@@ -331,7 +331,8 @@ def _llama_bench(bench: _Bench, tool: Path, files: dict[str, Path], threads: lis
 
 
 def _mtmd_runs(bench: _Bench, tool: Path, files: dict[str, Path], mmproj: Path, threads: int) -> pd.DataFrame:
-    from ..llama_cpp.mtmd import MtmdOptions, case_inputs, run_mtmd
+    from ..llama_cpp.mtmd import MtmdOptions, run_mtmd
+    from ..steps.evaluate import case_inputs
 
     run = bench.run
     image, prompt = case_inputs(run)[0]
