@@ -109,7 +109,7 @@ def test_modelscope_gguf_prebuilt(monkeypatch, tmp_path, write_params):
     repo.mkdir(parents=True)
     for name, ftype in (("llava-v1.6-vicuna-7B-Q5_K_M.gguf", gguf.LlamaFileType.MOSTLY_Q5_K_M),
                         ("mmproj-model-f16.gguf", gguf.LlamaFileType.MOSTLY_F16)):
-        w = gguf.GGUFWriter(repo / name, "llama")
+        w = gguf.GGUFWriter(repo / name, "clip" if name.startswith("mmproj") else "llama")
         w.add_file_type(ftype)
         w.add_tensor("t", np.zeros(4, dtype=np.float32))
         w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()

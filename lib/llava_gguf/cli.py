@@ -31,10 +31,13 @@ def _cmd_run(args) -> int:
 
 def _cmd_step(args) -> int:
     """The step's library entry point, as the notebook's main cell calls it, checks included."""
+    from . import preflight
+
     step = registry.get(args.name)
     run = workspace.open_run(args.params)
-    with run.lock():
+    with run.lock(), workspace.forcing(args.force):
         run.remove_stale_partials()
+        preflight.check(run, [step.name])
         result = step.entry_point()(run)
     log.info("%s: %s", args.name, result)
     if getattr(result, "ok", True) is False:
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("step", help="call one step's library function directly (no notebook)")
     p.add_argument("name", help=f"one of: {', '.join(registry.steps())}")
     p.add_argument("--params", default=None)
+    p.add_argument("--force", action="store_true", help="make again what the step would reuse")
     p.set_defaults(func=_cmd_step)
 
     p = sub.add_parser("make-tiny", help="write a synthetic LLaVA 1.6 checkpoint")
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from .checkpoint import CheckpointError
+    from .diskspace import DiskFullError
     from .params import ParamsError
 
     # SIGTERM (a service stop, a killed make) unwinds like Ctrl-C: kernels and tools are stopped.
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         log.error("interrupted: %s", err or "SIGINT")
         return 130
-    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError,
+    except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError,
             KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2

@@ -81,9 +81,10 @@ class GGUFFile:
         return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def read_gguf(path: Path | str, what: str = "GGUF file", *, arrays: bool = True) -> GGUFFile:
+def read_gguf(path: Path | str, what: str = "GGUF file", *, arrays: bool = True, fix: str = _FIX) -> GGUFFile:
     """Metadata and tensor table of a GGUF, or a GGUFError naming the file (`what` says which) and
-    the fix. `arrays=False` keeps each array value as its length (fast: no vocabulary decoding)."""
+    the fix (`fix`: for a file the user supplied, not one a step made). `arrays=False` keeps each
+    array value as its length (fast: no vocabulary decoding)."""
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: {what} not found", "does not exist")
@@ -93,12 +94,12 @@ def read_gguf(path: Path | str, what: str = "GGUF file", *, arrays: bool = True)
         problem = str(err)
     except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError) as err:
         problem = f"is damaged and cannot be read ({type(err).__name__}: {err})"
-    raise GGUFError(f"{path}: {what} {problem}; {_FIX}", problem) from None
+    raise GGUFError(f"{path}: {what} {problem}; {fix}", problem) from None
 
 
-def open_gguf(path: Path | str, what: str = "GGUF file") -> GGUFFile:
+def open_gguf(path: Path | str, what: str = "GGUF file", fix: str = _FIX) -> GGUFFile:
     """The header of a GGUF without decoding its arrays (`read_gguf(..., arrays=False)`)."""
-    return read_gguf(path, what, arrays=False)
+    return read_gguf(path, what, arrays=False, fix=fix)
 
 
 class _Cursor:

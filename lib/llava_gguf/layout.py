@@ -124,6 +124,10 @@ class Split:
 def split_checkpoint(ckpt) -> Split:
     """Classify every tensor of a `Checkpoint`; refuse what cannot be converted, before any write."""
     config_file = ckpt.path / "config.json"
+    archs = ckpt.config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise LayoutError(f"{config_file}: key 'architectures' is {archs!r}, not a list of class names "
+                          "(e.g. [\"LlavaLlamaForCausalLM\"]); fix or replace config.json")
     lay = detect_layout(ckpt.config, set(ckpt.tensors))
     parts: dict[str, list[SplitTensor]] = {TEXT: [], VISION: [], PROJECTOR: [], IGNORED: []}
     unknown, seen = [], {}
@@ -156,6 +160,11 @@ def split_checkpoint(ckpt) -> Split:
         raise LayoutError(f"{ckpt.path}: no mm_projector tensors: not a LLaVA checkpoint (a plain language "
                           "model?). Point model.path / model.repo at a LLaVA checkpoint.")
     proj_type = config.get("mm_projector_type")
+    if proj_type is None:
+        # LLaVA's own builder then makes a 'linear' projector; LLaVA 1.5 and 1.6 always name theirs.
+        raise LayoutError(f"{config_file}: key 'mm_projector_type' is missing; LLaVA 1.5 and 1.6 checkpoints set it "
+                          f"to one of: {', '.join(SUPPORTED_PROJECTORS)} (mm_projector.0 and .2 tensors, as this "
+                          "checkpoint should have). Use the checkpoint's original config.json")
     if proj_type not in SUPPORTED_PROJECTORS:
         raise LayoutError(f"{config_file}: mm_projector_type {proj_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_PROJECTORS)}, the projector of LLaVA 1.5 and 1.6); "

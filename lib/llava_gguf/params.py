@@ -279,10 +279,17 @@ def parse_params(data: object, where: str = "<params>") -> Params:
 def load_params(path: str | Path) -> Params:
     """Load and validate a params YAML file; errors name the file and the offending key."""
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, not a params file (pass PARAMS=params/<name>.yaml)")
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (pass PARAMS=params/<name>.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: is not a text file (byte {err.object[err.start]:#04x} at offset {err.start} "
+                          "is not UTF-8); a params file is UTF-8 YAML like params/default.yaml") from None
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     params = parse_params(data, str(path))

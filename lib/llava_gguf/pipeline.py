@@ -26,11 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import registry
+from . import preflight, registry
 from .fingerprint import fingerprint
 from .llama_cpp import toolchain
 from .reports import html
-from .workspace import Run, resolve, write_json
+from .workspace import Run, forcing, resolve, write_json
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
     try:
         with run.lock():
             run.remove_stale_partials()
+            preflight.check(run, steps)  # every problem the steps would meet, before any of them runs
             return _run_locked(run, steps, forced)
     finally:
         for sig, handler in previous.items():
@@ -266,7 +267,8 @@ def _run_locked(run: Run, steps: list[registry.Step], forced: set[str]) -> list[
             state.pop(step.name, None)
             write_json(_state_file(run), state)
             started = time.time()
-            execute_notebook(step, run)
+            with forcing(step.name in forced):
+                execute_notebook(step, run)
             missing = [p for p in step.products_for(run.params.model.format) if p not in run.artifacts()]
             if missing:
                 raise StepFailed(f"step '{step.name}' finished without recording {missing} in {run.artifacts_file}")

@@ -105,19 +105,32 @@ class TextHParams:
 
 def read_hparams(config: dict, config_file: Path) -> TextHParams:
     """The Llama hyper-parameters of config.json (or its `text_config`), validated."""
-    from .hf_layout import is_hf_config, text_config
+    from .hf_layout import HFLayoutError, is_hf_config, text_config
 
     # llava-hf's text_config states only what differs from LlamaConfig's defaults: filled in there.
-    cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
+    try:
+        cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
+    except HFLayoutError as err:
+        raise TextExportError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from None
+    if not isinstance(cfg, dict):
+        raise TextExportError(f"{config_file}: key 'text_config' is a {type(cfg).__name__}, not an object of keys")
     where = f"{config_file}" + (" (text_config)" if cfg is not config else "")
 
-    def need(key: str):
+    def need(key: str, kind: type = int):
         if key not in cfg or cfg[key] is None:
             raise TextExportError(f"{where}: key '{key}' is missing; the text model's hyper-parameters need it")
-        return cfg[key]
+        return number(key, kind)
 
-    n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+    def number(key: str, kind: type = int):
+        value = cfg[key]
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not ok:
+            what = "a whole number" if kind is int else "a number"
+            raise TextExportError(f"{where}: key '{key}' is {value!r}, not {what}; fix config.json")
+        return kind(value)
+
+    n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+    n_head_kv = number("num_key_value_heads") if cfg.get("num_key_value_heads") else n_head
     if n_head <= 0 or n_embd % n_head:
         raise TextExportError(f"{where}: num_attention_heads {n_head} does not divide hidden_size {n_embd}; "
                               "the head size must be a whole number (a corrupted config.json?)")
@@ -133,10 +146,13 @@ def read_hparams(config: dict, config_file: Path) -> TextHParams:
     n_ctx = cfg.get("max_sequence_length", cfg.get("max_position_embeddings"))
     if n_ctx is None:
         raise TextExportError(f"{where}: key 'max_position_embeddings' is missing (the training context)")
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool):
+        raise TextExportError(f"{where}: key 'max_position_embeddings' is {n_ctx!r}, not a whole number")
+    rope_theta = number("rope_theta", float) if cfg.get("rope_theta") is not None else None
     return TextHParams(
-        n_vocab=int(need("vocab_size")), n_embd=n_embd, n_ff=int(need("intermediate_size")),
-        n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv, n_ctx=int(n_ctx),
-        norm_eps=float(need("rms_norm_eps")), rope_theta=cfg.get("rope_theta"),
+        n_vocab=need("vocab_size"), n_embd=n_embd, n_ff=need("intermediate_size"),
+        n_layer=need("num_hidden_layers"), n_head=n_head, n_head_kv=n_head_kv, n_ctx=n_ctx,
+        norm_eps=need("rms_norm_eps", float), rope_theta=rope_theta,
         rope_scale=_rope_scale(cfg.get("rope_scaling"), where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
@@ -179,7 +195,7 @@ def read_vocab(folder: Path, n_vocab: int | None = None) -> Vocab:
     model_file = folder / "tokenizer.model"
     if not model_file.is_file():
         raise TextExportError(f"{model_file}: missing; the text GGUF's vocabulary comes from the SentencePiece "
-                              "tokenizer.model (download it with the checkpoint: make download)")
+                              "tokenizer.model, which belongs with the checkpoint's other files: copy it in")
     try:
         tokens, scores, types = token_arrays(model_file)
         proto = sp_pb2.ModelProto()

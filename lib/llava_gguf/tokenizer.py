@@ -78,6 +78,23 @@ def check_tokenizer_vectors(tokenizer_model: Path, vocab_gguf: Path) -> list[str
     return bad
 
 
+def model_problem(tokenizer_model: Path) -> str | None:
+    """Why SentencePiece cannot use this tokenizer.model, phrased to follow "<path>: " (None: it can)."""
+    import sentencepiece as spm
+
+    path = Path(tokenizer_model)
+    if not path.is_file():
+        return ("missing; the text GGUF's vocabulary comes from the SentencePiece tokenizer.model, which every "
+                "LLaVA 1.5/1.6 checkpoint has")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        return f"not a SentencePiece model ({str(err).strip().splitlines()[-1] if str(err).strip() else err})"
+    if sp.get_piece_size() == 0:
+        return "not a SentencePiece model (it holds no pieces)"
+    return None
+
+
 def token_arrays(tokenizer_model: Path) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Pieces (UTF-8), scores and SentencePiece piece types of a tokenizer.model, in id order."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2

@@ -22,16 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import partials
 from .params import DEFAULT_PARAMS, Params, load_params, parse_params
 from .registry import producer, repo_root
 
 log = logging.getLogger(__name__)
 
 PARAMS_ENV = "LLAVA_GGUF_PARAMS"
+# Set (to 1) while a step runs under FORCE=1: steps that reuse their own earlier files make them again.
+FORCE_ENV = "LLAVA_GGUF_FORCE"
 CACHE_ENV = "LLAVA_GGUF_CACHE"
 OUTPUTS_ENV = "LLAVA_GGUF_OUTPUTS"
 
 
+def forced() -> bool:
+    """Whether the running step was forced (FORCE=1, `run --force`): reuse nothing."""
+    return os.environ.get(FORCE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def forcing(force: bool) -> Iterator[None]:
+    """Set FORCE_ENV for what runs inside (notebook kernels inherit it), then restore it."""
+    old = os.environ.get(FORCE_ENV)
+    os.environ[FORCE_ENV] = "1" if force else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FORCE_ENV, None)
+        else:
+            os.environ[FORCE_ENV] = old
 
 
 def outputs_dir() -> Path:
@@ -67,13 +87,16 @@ def resolve(path: Path | str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it to `final` only if the block succeeds.
+
+    The temporary name carries this process's id and it stays locked while the block runs, so that
+    `partials.remove_stale` can tell a leftover of a killed run from a file being written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".partial", dir=final.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=partials.prefix(final), suffix=suffix + partials.SUFFIX, dir=final.parent)
     tmp_path = Path(tmp)
     try:
+        partials.hold(fd)
         yield tmp_path
         if tmp_path.exists():
             # mkstemp makes owner-only files; products get the usual umask-based mode.
@@ -84,6 +107,7 @@ def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 def write_json(path: Path | str, data: Any) -> Path:
@@ -193,12 +217,9 @@ class Run:
                 f.truncate()
 
     def remove_stale_partials(self) -> list[Path]:
-        """Delete what interrupted writers left (`.<name>.XXXX.partial`); call it holding lock()."""
-        stale = [p for p in self.dir.rglob(".*.partial") if p.is_file()]
-        for p in stale:
-            log.info("removing %s, left half-written by an interrupted run", p)
-            p.unlink(missing_ok=True)
-        return stale
+        """Delete what interrupted writers left (`.<name>.<pid>-<start>.XXXX.partial`), keeping the
+        files of writers still at work (a notebook open in JupyterLab holds no run lock); see partials.py."""
+        return partials.remove_stale(self.dir)
 
 
 class RunBusy(RuntimeError):

@@ -42,6 +42,11 @@ from .timings import Timings, parse_timings
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "tools/mtmd/test-1.jpeg"
+# What llama-mtmd-cli decodes itself (stb_image), as Pillow names the formats. WebP and video go
+# through ffmpeg, when the build has it and ffmpeg is installed: not counted on here.
+READABLE_IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TGA", "PSD", "PPM")
+# The tool's log when it could not decode an image (it then tries video, "is ffprobe in PATH?").
+_UNREADABLE_IMAGE = re.compile(r"failed to decode .*image|ffprobe failed|failed to load image|unable to load image", re.I)
 _READ_SIZE = 65536
 
 
@@ -133,6 +138,29 @@ class EvalRun:
 
 
 # ----------------------------------------------------------------------------- one run
+def image_problem(path: Path | str) -> str | None:
+    """Why llama-mtmd-cli cannot read this file as an image, phrased to follow the path (None: it can)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not an image file"
+    if not path.is_file():
+        return "not found"
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.load()  # decodes it: a cut-off file fails here
+    except UnidentifiedImageError:
+        return "is not an image (no image format recognises it); give a JPEG or PNG file"
+    except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for damaged files
+        return f"is not an image llama-mtmd-cli can read ({err}); give an intact JPEG or PNG file"
+    if fmt not in READABLE_IMAGE_FORMATS:
+        return (f"is a {fmt} image, which llama-mtmd-cli's image loader does not read "
+                f"(it reads {', '.join(READABLE_IMAGE_FORMATS)}); convert it to PNG or JPEG")
+    return None
+
+
 def check_input(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -213,7 +241,8 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     if timed_out:
         raise EvaluationError(f"llama-mtmd-cli ran past evaluate.timeout_s={timeout_s}s and was killed; "
                               f"log kept at {log_path}")
-    _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)})
+    _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)},
+                      Path(image))
 
     text = log_path.read_text(encoding="utf-8", errors="replace")
     timings = parse_timings(text)
@@ -261,9 +290,18 @@ def _gguf_problems(files: dict[str, Path]) -> list[str]:
     return problems
 
 
-def _raise_for_status(rc: int, cmd: list[str], log_path: Path, inputs: dict[str, Path]) -> None:
+def _raise_for_status(rc: int, cmd: list[str], log_path: Path, inputs: dict[str, Path],
+                      image: Path | None = None) -> None:
     if rc == 0:
         return
+    if image is not None and rc > 0 and \
+            _UNREADABLE_IMAGE.search(log_path.read_text(encoding="utf-8", errors="replace")):
+        # Its last words are about ffprobe (its video fallback), which is not what to fix.
+        problem = image_problem(image) or ("is in a form its image loader does not decode (e.g. a CMYK or 12-bit "
+                                           "JPEG); convert it to an 8-bit RGB PNG or JPEG")
+        raise EvaluationError(f"llama-mtmd-cli could not read {image} as an image: it "
+                              f"{problem if problem.startswith('is ') else 'was ' + problem}; full log kept at "
+                              f"{log_path}\n  command: {' '.join(cmd)}")
     if rc < 0:
         try:
             name = signal.Signals(-rc).name

@@ -22,8 +22,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint
-from ..gguf_io import quant_type_of
+from .. import diskspace
+from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
+from ..gguf_io import GGUFError, open_gguf, quant_type_of
+from ..tokenizer import model_problem as tokenizer_problem
 from ..workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,53 @@ def _snapshot(run: Run, patterns: list[str] | None) -> Path:
             ms = importlib.import_module("modelscope.hub.snapshot_download")
             path = ms.snapshot_download(model_id=p.repo, revision=p.revision, allow_patterns=patterns)
     except Exception as err:  # the hub clients raise many types for "no network"
+        cache = hub_cache_dir(run)
+        # A full disk is reported as what it is, not as "no network" (the clients wrap the OSError).
+        chain, cause = [], err
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(diskspace.is_full_disk(e, cache) for e in chain):
+            raise diskspace.DiskFullError(
+                f"no space left on {diskspace.where(cache)} for the download of {p.repo} into {cache} "
+                f"(free {diskspace.size_text(diskspace.free_bytes(cache))}); free some space there, or move the "
+                f"hub cache to a bigger disk ({'HF_HOME' if p.source == 'huggingface' else 'MODELSCOPE_CACHE'})"
+            ) from err
         raise _offline_hint(run, err) from err
     return Path(path)
+
+
+def hub_cache_dir(run: Run) -> Path:
+    """Where the hub client stores what it downloads."""
+    if run.params.model.source == "huggingface":
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    from modelscope.hub.utils.utils import get_cache_dir
+
+    return Path(get_cache_dir())
+
+
+def _check_download_space(run: Run, remote: dict[str, tuple[int | None, str | None]]) -> None:
+    """Refuse a hub download that cannot fit: the published sizes of the files still to fetch
+    (huggingface_hub keeps LFS files as blobs named by their sha256, finished or `.incomplete`)."""
+    p = run.params.model
+    cache = hub_cache_dir(run)
+    total = sum(size or 0 for size, _ in remote.values())
+    if p.source != "huggingface":
+        if diskspace.free_bytes(cache) < total:
+            log.warning("%s: %s free, the files are %s in all (what is already downloaded is not counted)",
+                        diskspace.where(cache), diskspace.size_text(diskspace.free_bytes(cache)),
+                        diskspace.size_text(total))
+        return
+    blobs = cache / f"models--{p.repo.replace('/', '--')}" / "blobs"
+    have = 0
+    for size, sha in remote.values():
+        for name in (sha, f"{sha}.incomplete") if sha else ():
+            if (blobs / name).is_file():
+                have += min((blobs / name).stat().st_size, size or 0)
+                break
+    diskspace.ensure_space(blobs, total - have, f"the download of {p.repo}")
 
 
 def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
@@ -97,15 +144,26 @@ def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
 
 
 # ----------------------------------------------------------------------------- checks
-def _expected_files(folder: Path) -> list[str]:
+def fix_hint(run: Run, folder: Path) -> str:
+    """How to repair the model's files, for where they came from: a local folder is the user's to
+    complete, a hub download resumes, the synthetic model is made again."""
+    p = run.params.model
+    if p.source == "local":
+        return (f"copy the missing or damaged files into {folder} (params model.path), or point model.path at a "
+                "complete copy")
+    if p.source == "tiny":
+        return f"delete {folder}; the next run makes it again"
+    return "rerun `make download` to resume the download"
+
+
+def _expected_files(folder: Path, run: Run) -> list[str]:
     extra = ["tokenizer.model"] if (folder / "tokenizer.model").exists() else []
     for index in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index).exists():
             try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise DownloadError(f"{folder / index}: not a valid index ({err}); the download was cut "
-                                    "short: rerun `make download` to resume") from None
+                shards = sorted(set(index_weight_map(folder / index).values()))
+            except CheckpointError as err:
+                raise DownloadError(f"{err.problem}; {fix_hint(run, folder)}") from None
             return ["config.json", index, *shards, *extra]
     singles = [f for f in SINGLE_FILES if (folder / f).exists()]
     return ["config.json", *singles, *extra]
@@ -131,16 +189,18 @@ def check_files(folder: Path, names: list[str], remote: dict[str, tuple[int | No
     return pd.DataFrame(rows)
 
 
-def _fail_on(table: pd.DataFrame, folder: Path) -> None:
+def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
     bad = table[~table["ok"]]
     if len(bad):
         lines = [f"{folder / r.file}: {r.problem}" for r in bad.itertuples()]
-        raise DownloadError("downloaded files do not check out (rerun `make download` to resume):\n" + "\n".join(lines))
+        raise DownloadError(f"the model's files do not check out ({fix_hint(run, folder)}):\n" + "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- sources
 def _tiny(run: Run) -> Path:
-    from ..tiny import is_current, make_tiny
+    import math
+
+    from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
 
     t = run.params.model.tiny
     hf = "-hf" if t.layout == "hf" else ""
@@ -152,52 +212,95 @@ def _tiny(run: Run) -> Path:
     if folder.exists():  # made by an older version of make-tiny: our own product, made again
         log.info("remaking synthetic checkpoint %s (its config.json is not the current one)", folder)
         shutil.rmtree(folder)
-    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
+    needed = sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[t.size]))  # bf16 weights
+    diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
+    with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):
+        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
+
+
+def params_problems(run: Run) -> list[str]:
+    """What in the `model` params cannot work, each naming the key (nothing is read or fetched)."""
+    p, where, out = run.params.model, run.params_file, []
+    if p.source == "tiny" and p.format == "gguf":
+        out.append(f"{where}: model.source tiny makes a checkpoint; use model.format checkpoint")
+    if p.source == "local":
+        if not p.path:
+            out.append(f"{where}: model.source local needs model.path (the checkpoint folder)")
+        elif not resolve(p.path).is_dir():
+            out.append(f"{resolve(p.path)}: not a folder (params key model.path in {where})")
+    if p.format == "gguf" and (not p.text_file or not p.mmproj_file):
+        out.append(f"{where}: model.format gguf needs model.text_file and model.mmproj_file")
+    return out
+
+
+def gguf_input_problems(folder: Path, run: Run) -> list[str]:
+    """What is wrong with the ready GGUF files (model.format gguf): missing, truncated, not a GGUF, or
+    the text model and the mmproj swapped. These are the user's files: the fix is another copy."""
+    p = run.params.model
+    out = []
+    for name, key, want_clip in ((p.text_file, "model.text_file", False), (p.mmproj_file, "model.mmproj_file", True)):
+        f = folder / name
+        if not f.is_file():
+            out.append(f"{f}: not found (params key {key} in {run.params_file})")
+            continue
+        fix = f"replace it with a complete copy (it is params {key}; {fix_hint(run, folder)})"
+        try:
+            arch = open_gguf(f, f"the GGUF named by {key}", fix=fix).fields.get("general.architecture")
+        except GGUFError as err:
+            out.append(str(err))
+            continue
+        if want_clip and arch != "clip":
+            out.append(f"{f}: params {key} names a {arch!r} model, not an mmproj (clip); check model.text_file "
+                       "and model.mmproj_file")
+        elif not want_clip and arch == "clip":
+            out.append(f"{f}: params {key} names an mmproj (clip), not a text model; check model.text_file and "
+                       "model.mmproj_file")
+    return out
 
 
 def _gguf_products(folder: Path, run: Run) -> dict:
+    problems = gguf_input_problems(folder, run)
+    if problems:
+        raise DownloadError("\n".join(problems))
     p = run.params.model
-    if not p.text_file or not p.mmproj_file:
-        raise DownloadError(f"{run.params_file}: model.format gguf needs model.text_file and model.mmproj_file")
-    text, mmproj = folder / p.text_file, folder / p.mmproj_file
-    for f, key in ((text, "model.text_file"), (mmproj, "model.mmproj_file")):
-        if not f.is_file():
-            raise DownloadError(f"{f}: not found (params key {key} in {run.params_file})")
-    return {"mmproj": mmproj, "quantized": {quant_type_of(text): text}}
+    text = folder / p.text_file
+    return {"mmproj": folder / p.mmproj_file, "quantized": {quant_type_of(text): text}}
 
 
 def run_download(run: Run) -> DownloadResult:
     """Make, locate or download the model named by the params; record what later steps need."""
     p = run.params.model
+    problems = params_problems(run)
+    if problems:
+        raise DownloadError("\n".join(problems))
     if p.source == "tiny":
-        if p.format == "gguf":
-            raise DownloadError(f"{run.params_file}: model.source tiny makes a checkpoint; use model.format checkpoint")
         folder, remote = _tiny(run), {}
     elif p.source == "local":
-        if not p.path:
-            raise DownloadError(f"{run.params_file}: model.source local needs model.path (the checkpoint folder)")
         folder, remote = resolve(p.path), {}
-        if not folder.is_dir():
-            raise DownloadError(f"{folder}: not a folder (params key model.path in {run.params_file})")
     else:
         if p.format == "gguf":
             patterns = p.allow_patterns or [f for f in (p.text_file, p.mmproj_file) if f]
         else:
             patterns = p.allow_patterns or CHECKPOINT_PATTERNS
-        folder = _snapshot(run, patterns)
         remote = {k: v for k, v in remote_files(run).items()
                   if any(fnmatch.fnmatch(k, pat) for pat in patterns)}
+        _check_download_space(run, remote)
+        folder = _snapshot(run, patterns)
 
     if p.format == "gguf":
         products = _gguf_products(folder, run)
         names = [p.text_file, p.mmproj_file]
         table = check_files(folder, names, remote)
-        _fail_on(table, folder)
+        _fail_on(table, folder, run)
         result = DownloadResult(folder, p.source, "gguf", table, {}, products)
     else:
-        table = check_files(folder, _expected_files(folder), remote)
-        _fail_on(table, folder)
+        table = check_files(folder, _expected_files(folder, run), remote)
+        _fail_on(table, folder, run)
         ckpt = Checkpoint.open(folder)  # headers: completeness, truncation, duplicates
+        # The text export needs the tokenizer; a broken one is found now, not after the vision export.
+        problem = tokenizer_problem(folder / "tokenizer.model")
+        if problem:
+            raise DownloadError(f"{folder / 'tokenizer.model'}: {problem}; {fix_hint(run, folder)}")
         result = DownloadResult(folder, p.source, "checkpoint", table, ckpt.config, {"checkpoint": folder})
     for name, value in result.products.items():
         run.record(name, value)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from .. import machine
+from .. import machine, step_tools
 from ..checks import image_sequence as image_sequence_check
 from ..checks import quality
 from ..gguf_io import gguf_summary, open_gguf, quant_table
@@ -51,6 +51,9 @@ class EvalReport:
 def variants_for_run(run: Run) -> dict[str, Path]:
     """name -> text GGUF of every variant to evaluate, most precise first."""
     artifacts = run.artifacts()
+    # Ready GGUF files are the user's: the fix is another copy, not rerunning a step.
+    fix = {"fix": "replace it with a complete copy (params model.text_file / model.mmproj_file)"} \
+        if run.params.model.format == "gguf" else {}
     out: dict[str, Path] = {}
     quantized = {k: run.resolve(v) for k, v in (artifacts.get("quantized") or {}).items()}
     if run.params.evaluate.include_unquantized and "text_gguf" in artifacts:
@@ -66,7 +69,7 @@ def variants_for_run(run: Run) -> dict[str, Path]:
             f"{run.artifacts_file}: nothing to evaluate (no 'quantized' and no 'text_gguf'); run "
             f"`make quantize PARAMS={run.params_file}` first")
     for name, path in out.items():
-        open_gguf(path, f"text GGUF of variant '{name}'")
+        open_gguf(path, f"text GGUF of variant '{name}'", **fix)
     return {n: out[n] for n in plots.precision_order(out)}
 
 
@@ -198,19 +201,32 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.+-]", "_", name)
 
 
-def case_inputs(run) -> list[tuple[Path, str]]:
-    """(image, prompt) per params case; errors name the case before anything runs."""
+def case_problems(run) -> list[str]:
+    """What is wrong with the params cases' images, each naming the case (empty: nothing)."""
     out = []
+    if not run.params.evaluate.cases:
+        out.append(f"{run.params_file}: evaluate.cases is empty; list at least one {{image, prompt}} "
+                   "(image: null is llama.cpp's test image)")
     for i, case in enumerate(run.params.evaluate.cases):
         if case.image is None:
-            image = toolchain.source_asset(mtmd.DEFAULT_IMAGE)
-        else:
-            image = resolve(case.image)
-            if not image.is_file():
-                raise FileNotFoundError(f"{run.params_file}: evaluate.cases[{i}].image: {image} not found "
-                                        "(paths are absolute or relative to the repo root)")
-        out.append((image, case.prompt))
+            continue  # llama.cpp's own test image
+        image = resolve(case.image)
+        problem = mtmd.image_problem(image)
+        if problem == "not found":
+            problem += " (paths are absolute or relative to the repo root)"
+        if problem:
+            out.append(f"{run.params_file}: evaluate.cases[{i}].image: {image} {problem}")
     return out
+
+
+def case_inputs(run) -> list[tuple[Path, str]]:
+    """(image, prompt) per params case; errors name the case before anything runs."""
+    problems = case_problems(run)
+    if problems:
+        kind = FileNotFoundError if all(p.endswith("repo root)") for p in problems) else ValueError
+        raise kind("\n".join(problems))
+    return [(toolchain.source_asset(mtmd.DEFAULT_IMAGE) if case.image is None else resolve(case.image), case.prompt)
+            for case in run.params.evaluate.cases]
 
 
 def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
@@ -245,6 +261,12 @@ def run_evaluations(run, variants: dict[str, str | Path], mmproj: str | Path):
 
 def run_evaluate(run: Run) -> EvalReport:
     """Step 06: every variant on every case, then quality, tables, plots and the summary."""
+    step_tools.require(run.params, "evaluate")  # llama-perplexity is first run after every case
     variants = variants_for_run(run)
     runs = run_evaluations(run, variants, run.artifact_path("mmproj"))
     return report_metrics(run, runs, variants)
+
+
+def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
+    """(required, optional)."""
+    return ["llama-mtmd-cli", "llama-tokenize"] + (["llama-perplexity"] if params.evaluate.perplexity else []), []

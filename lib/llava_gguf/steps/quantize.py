@@ -10,7 +10,9 @@ measured on) and passed to every quantization.
 Outputs go to `outputs/<run>/models/<stem>-<TYPE>.gguf`, where <stem> is the text GGUF's name
 without its float suffix (`-f16`). llama-quantize writes straight to the path it is given, so it
 is given a temporary name that is renamed when the tool succeeded. A file already there is reused
-when it is newer than the text GGUF and its metadata says the same type and imatrix use.
+when it is newer than the text GGUF, its metadata says the same type and imatrix use, the same
+llama.cpp build made it and its content is what was written (`stamps`: size, times, sha256);
+`FORCE=1` (`workspace.forced()`) makes every file again.
 """
 from __future__ import annotations
 
@@ -23,16 +25,23 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..llama_cpp import corpus, toolchain
-from ..reports import tables
+from .. import diskspace, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
+from ..llama_cpp import corpus, toolchain
 from ..params import TEXT_OUTTYPES
+from ..reports import tables
 from ..workspace import Run, atomic_path, resolve
 
 log = logging.getLogger(__name__)
 
 # Suffixes that name the float type of an unquantized export; dropped before adding the quant type.
 _FLOAT_SUFFIX = re.compile(rf"[-_.]({'|'.join(TEXT_OUTTYPES)})$", re.I)
+# Bits per weight of a Llama's matrices in each type, rounded up (llama.cpp's own table; the mixed
+# _S/_M/_L types include their heavier tensors; measured at 7B: Q8_0 8.50, Q5_K_M 5.68, Q4_K_M 4.84,
+# Q4_0 4.54). Only used to check the free disk before llama-quantize writes.
+BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0": 5.5, "Q5_1": 6.0,
+                   "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.6, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9,
+                   "Q3_K_S": 3.5, "Q2_K": 3.4, "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 16.0, "BF16": 16.0}
 
 
 @dataclass
@@ -59,18 +68,30 @@ def threads(run: Run) -> int:
     return run.params.quantize.threads or os.cpu_count() or 2
 
 
-def compute_imatrix(run: Run, text_gguf: Path) -> Path:
+def estimated_size(text_gguf: Path, qtype: str) -> int:
+    """About how many bytes llama-quantize will write for `qtype` (metadata as in the source, the
+    matrices at BITS_PER_WEIGHT, 1-D tensors kept F32)."""
+    header = open_gguf(text_gguf, "text GGUF (artifact text_gguf)")
+    tensors = list(header.tensors.values())
+    meta = min((t.offset for t in tensors), default=0)
+    matrices = sum(t.n_elements for t in tensors if len(t.shape) > 1)
+    vectors = sum(t.n_elements for t in tensors if len(t.shape) <= 1)
+    return int(meta + matrices * BITS_PER_WEIGHT.get(qtype, 16.0) / 8 + 4 * vectors)
+
+
+# ----------------------------------------------------------------------------- tools
+def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
     """The importance matrix of the text model over the calibration corpus (reused when newer)."""
     q = run.params.quantize
     ctx = q.imatrix_ctx
     calib = corpus.corpus_path("calibration")
     out = run.sub("models") / f"{output_stem(text_gguf)}-imatrix-c{ctx}x{q.imatrix_chunks}.gguf"
     tool = toolchain.find_tool("llama-imatrix", run.params.llama_cpp.dir)
-    if out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime) \
-            and _made_by(out) == _tool_stamp(tool):
+    if not force and out.exists() and out.stat().st_mtime >= max(text_gguf.stat().st_mtime, calib.stat().st_mtime) \
+            and _reusable(out, tool):
         log.info("reusing importance matrix %s", out)
         return out
-    with atomic_path(out, suffix=".gguf") as tmp:
+    with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, None, "the importance matrix", tmp):
         log.info("computing importance matrix over %d chunks of %d tokens of %s", q.imatrix_chunks, ctx, calib.name)
         toolchain.run_tool([tool, "-m", text_gguf, "-f", calib, "-o", tmp, "-c", ctx, "--chunks",
                             q.imatrix_chunks, "-t", threads(run)], run.sub("logs") / "imatrix.log",
@@ -80,14 +101,17 @@ def compute_imatrix(run: Run, text_gguf: Path) -> Path:
     return out
 
 
-def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None) -> tuple[Path, bool]:
-    """Quantize `text_gguf` to `qtype`; returns (path, reused)."""
+def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None,
+                  force: bool = False) -> tuple[Path, bool]:
+    """Quantize `text_gguf` to `qtype` (again with `force`); returns (path, reused)."""
     out = run.sub("models") / f"{output_stem(text_gguf)}-{qtype}.gguf"
     tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
-    if _up_to_date(out, text_gguf, qtype, imatrix) and _made_by(out) == _tool_stamp(tool):
+    if not force and _up_to_date(out, text_gguf, qtype, imatrix) and _reusable(out, tool):
         return out, True
     extra = ["--imatrix", imatrix] if imatrix else []
-    with atomic_path(out, suffix=".gguf") as tmp:
+    needed = estimated_size(text_gguf, qtype)
+    diskspace.ensure_space(out, needed, f"the {qtype} file")
+    with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, needed, f"the {qtype} file", tmp):
         toolchain.run_tool([tool, *extra, text_gguf, tmp, qtype, threads(run)],
                            run.sub("logs") / f"quantize-{qtype}.log", what=f"llama-quantize {qtype}")
         got = gguf_summary(tmp)["file_type"]
@@ -104,17 +128,20 @@ def _tool_stamp(tool: Path) -> str:
     return f"{tool.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _stamp_file(out: Path) -> Path:
-    return out.with_name(out.name + ".made-by")
-
-
 def _stamp(out: Path, tool: Path) -> None:
-    _stamp_file(out).write_text(_tool_stamp(tool))
+    stamps.record(out, tool=_tool_stamp(tool))
 
 
-def _made_by(out: Path) -> str | None:
-    f = _stamp_file(out)
-    return f.read_text() if f.exists() else None
+def _reusable(out: Path, tool: Path) -> bool:
+    """Made by this build and unchanged since (see `stamps.unchanged`)."""
+    ok, why = stamps.unchanged(out, tool=_tool_stamp(tool))
+    if not ok and stamps.read(out) == {"tool": _tool_stamp(tool)}:
+        # Made by this build before content hashes were recorded: hash it now rather than redo it.
+        _stamp(out, tool)
+        ok, why = True, "same build, hash recorded now"
+    if not ok:
+        log.info("%s: made again: %s", out.name, why)
+    return ok
 
 
 def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
@@ -130,8 +157,10 @@ def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- step
-def run_quantize(run: Run) -> QuantizeResult:
-    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`."""
+def run_quantize(run: Run, force: bool | None = None) -> QuantizeResult:
+    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`.
+    `force` (default: `workspace.forced()`, i.e. FORCE=1) makes every file again."""
+    force = workspace.forced() if force is None else force
     if run.params.model.format == "gguf":
         # Ready-made GGUF files: the download step recorded `quantized`; nothing to make here.
         quantized = {k: run.resolve(v) for k, v in run.artifact("quantized").items()}
@@ -140,17 +169,18 @@ def run_quantize(run: Run) -> QuantizeResult:
     text_gguf = run.artifact_path("text_gguf")
     # Read before the tools run, for a clearer message than theirs on a broken file.
     source_type = open_gguf(text_gguf, "text GGUF (artifact text_gguf)").file_type
+    step_tools.require(run.params, "quantize")  # before the importance matrix takes its minutes
     types = run.params.quantize.types
     if not types:
         raise ValueError(f"{run.params_file}: quantize.types is empty; list at least one type, e.g. [Q5_K_M]")
     if source_type not in ("F32", "F16", "BF16"):
         raise ValueError(f"{run.params_file}: convert.outtype made a {source_type} text GGUF, which llama-quantize "
                          f"will not requantize to {types}; set convert.outtype: f16 (or bf16/f32) for quantize.types")
-    imatrix = compute_imatrix(run, text_gguf) if run.params.quantize.imatrix else None
+    imatrix = compute_imatrix(run, text_gguf, force) if run.params.quantize.imatrix else None
     quantized: dict[str, Path] = {}
     reused: list[str] = []
     for qtype in tqdm(types, desc="llama-quantize", unit="type"):
-        path, was_reused = quantize_file(run, text_gguf, qtype, imatrix)
+        path, was_reused = quantize_file(run, text_gguf, qtype, imatrix, force)
         quantized[qtype] = path
         if was_reused:
             reused.append(qtype)
@@ -163,3 +193,10 @@ def run_quantize(run: Run) -> QuantizeResult:
     source = {source_type: text_gguf}
     table = quant_table({**source, **{k: v for k, v in quantized.items() if k not in source}})
     return QuantizeResult(quantized, table, imatrix, logs, reused)
+
+
+def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
+    """(required, optional)."""
+    if params.model.format == "gguf":
+        return [], []
+    return ["llama-quantize"] + (["llama-imatrix"] if params.quantize.imatrix else []), []

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import diskspace, step_tools
 from ..checks import text as text_check
 from ..gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
 from ..checks.hf import HFCheck, verify_hf
@@ -185,7 +186,9 @@ def write_text_gguf(source: dict | Path | str, out_path: Path | str, outtype: st
                                t.nbytes, raw_dtype=t.qtype)
     log.info("writing %s: %d tensors, %.2f GiB (%s)", out_path.name, len(plan.tensors), plan.nbytes / 2**30,
              plan.outtype)
-    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp:
+    diskspace.ensure_space(out_path, plan.nbytes, "the text GGUF")
+    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp, \
+            diskspace.disk_errors(out_path, plan.nbytes, "the text GGUF", tmp):
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
@@ -217,6 +220,7 @@ def output_path(run: Run) -> Path:
 def run_text(run: Run) -> TextResult:
     """Step 04: plan from the surgery manifest, write `outputs/<run>/models/<name>-<OUTTYPE>.gguf`
     (artifact `text_gguf`), then check it against PyTorch (`convert.verify`)."""
+    step_tools.require(run.params, "text")  # the check's tools, before minutes of writing
     manifest = load_manifest(run)
     plan = plan_from_manifest(manifest, run.params.convert.outtype)
     result = write_text_gguf(manifest, output_path(run), plan.outtype, model_name(run), plan)
@@ -224,3 +228,8 @@ def run_text(run: Run) -> TextResult:
     result.check = text_check.verify_text(run)
     result.hf_check = verify_hf(run, "text")  # skipped unless the checkpoint is in the llava-hf layout
     return result
+
+
+def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
+    """(required, optional): the check's tools."""
+    return (["llama-debug", "llama-tokenize"] if params.convert.verify and params.model.format != "gguf" else []), []

@@ -321,3 +321,8 @@ def run_tune(run: Run) -> TuneResult:
     result.figures = tune_report.figures(run, result, base)
     log.info("%s (%.0f s)", result, time.monotonic() - started)
     return result
+
+
+def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
+    """(required, optional): llama-mtmd-debug only for the q8_0 mmproj's embedding NMSE."""
+    return ["llama-mtmd-cli"], ["llama-mtmd-debug"]

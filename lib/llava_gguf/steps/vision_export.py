@@ -1,8 +1,7 @@
 """Step 03: the vision tower and projector as llama.cpp's `mmproj-model-f16.gguf`.
 
-Written straight from the checkpoint's tensors with gguf-py's `GGUFWriter`, one tensor at a time
-(tensor infos first, then each tensor loaded, converted and written), without building a
-transformers model. The file is meant to be equivalent to what llama.cpp's recipe writes:
+Written from the checkpoint's tensors with gguf-py's `GGUFWriter`, one tensor at a time, without
+building a transformers model; equivalent to what llama.cpp's recipe writes:
 
     llava_surgery_v2.py -C -m <model>                       # llava.clip + llava.projector
     convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector \\
@@ -31,9 +30,7 @@ tower LLaVA fine-tuned. `vision_config()` builds the same dictionary offline:
   keys copied as they are when present: image_grid_pinpoints, image_aspect_ratio,
   image_crop_resolution, image_split_resolution, mm_patch_merge_type, mm_projector_type
   (LLaVA 1.5 has only the last three).
-- CLIP's image_mean [0.48145466, 0.4578275, 0.40821073] and image_std [0.26862954, 0.26130258,
-  0.27577711] (the script's defaults with --clip-model-is-vision, equal to CLIP's preprocessor
-  config).
+- CLIP's image_mean and image_std (`vision_config.CLIP_IMAGE_MEAN/STD`, the script's defaults).
 - `_name_or_path` is config_vit.json's, "vit-large336-custom"; the script writes it as general.name.
 
 `num_hidden_layers` is the number of layers kept plus one: the script always drops the last layer
@@ -58,6 +55,7 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
                   KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
 from tqdm.auto import tqdm
 
+from .. import diskspace
 from ..gguf_io import metadata_table, read_gguf, tensor_table
 from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
@@ -353,7 +351,10 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
     vcfg, plan = plan_mmproj(manifest, outtype, vision_config_file)
     out_path = Path(out_path)
-    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp:
+    nbytes = sum(t.nbytes for t in plan)
+    diskspace.ensure_space(out_path, nbytes, "the mmproj GGUF")
+    with open_checked(manifest) as ckpt, atomic_path(out_path) as tmp, \
+            diskspace.disk_errors(out_path, nbytes, "the mmproj GGUF", tmp):
         writer = GGUFWriter(path=None, arch=ARCH)
         try:
             for key, method, value in metadata(vcfg, outtype):
@@ -393,3 +394,7 @@ def run_vision(run: Run) -> VisionResult:
 def read_metadata(path: str | Path) -> dict[str, object]:
     """Every key/value of a GGUF file, decoded to Python values."""
     return read_gguf(path, "mmproj").fields
+
+
+def llama_cpp_tools(params) -> tuple[list[str], list[str]]:  # (required, optional): the checks skip without it
+    return [], (["llama-mtmd-debug"] if params.convert.verify and params.model.format != "gguf" else [])
