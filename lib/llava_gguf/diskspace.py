@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import re
 import shutil
 from pathlib import Path

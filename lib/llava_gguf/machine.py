@@ -65,7 +65,7 @@ def _read(path: str | Path) -> str:
 def parse_cpuinfo(text: str) -> dict:
     """Model, per-core-type counts and flags from /proc/cpuinfo text (x86-64 or aarch64)."""
     blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
-    cores, flags, models = [], set(), []
+    flags, models = set(), []
     hardware = None
     for block in blocks:
         fields = {}

@@ -146,6 +146,12 @@ def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
             super().__init__(**kw)
             started.append(self)
 
+        async def _async_interrupt_kernel(self):
+            # jupyter_client interrupts before every shutdown; the kernel of a finished notebook is
+            # idle, so that SIGINT would only log "KeyboardInterrupt caught in kernel" in a good run.
+            if not getattr(self, "shutting_down", False):
+                await super()._async_interrupt_kernel()
+
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop())
             kw.update(stdout=self._log, stderr=self._log)

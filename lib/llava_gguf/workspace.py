@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -108,6 +109,19 @@ def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
         if tmp_path.exists():
             tmp_path.unlink()
         os.close(fd)
+
+
+def json_safe(value: Any) -> Any:
+    """numpy scalars -> Python numbers, NaN/inf -> None (JSON has neither), through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_json(path: Path | str, data: Any) -> Path:

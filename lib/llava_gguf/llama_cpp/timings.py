@@ -27,11 +27,12 @@ none of the patterns is kept in `unparsed` with its line number, never dropped.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..workspace import json_safe
 
 # A printf %f / %d figure, including what printf writes for a division by zero.
 NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|nan)"
@@ -69,17 +70,6 @@ def _num(text: str | None) -> float | None:
     if text is None:
         return None
     return float(text)
-
-
-def _clean(value: Any) -> Any:
-    """inf/nan (printf's output for a zero duration) are not JSON; they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 @dataclass
@@ -130,12 +120,12 @@ class Timings:
         data["image_encode_ms"] = self.image_encode_ms
         data["image_decode_ms"] = self.image_decode_ms
         data["image_tokens"] = self.image_tokens
-        return _clean(data)
+        return json_safe(data)
 
     def summary(self) -> dict[str, Any]:
         """A flat row for tables."""
         pe, ev = self.prompt_eval or {}, self.eval or {}
-        return _clean({
+        return json_safe({
             "load_ms": self.load_ms,
             "image_encode_ms": self.image_encode_ms,
             "image_decode_ms": self.image_decode_ms,

@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from ..workspace import Run
+from ..workspace import Run, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ def choose_variant(table: pd.DataFrame, budget: float) -> tuple[dict | None, lis
     timed = table.dropna(subset=["answer_ms"])
     if "kld" not in timed or timed["kld"].isna().all():
         best = timed.loc[timed["answer_ms"].idxmin()]
-        return _clean(best.to_dict()), list(timed["variant"]), "fastest overall (no KLD measured)"
+        return json_safe(best.to_dict()), list(timed["variant"]), "fastest overall (no KLD measured)"
     within = timed[timed["kld"] <= budget]
     if within.empty:
         best = timed.loc[timed["kld"].idxmin()]
-        return _clean(best.to_dict()), [], f"no variant within KLD {budget}; the closest one"
+        return json_safe(best.to_dict()), [], f"no variant within KLD {budget}; the closest one"
     best = within.loc[within["answer_ms"].idxmin()]
-    return _clean(best.to_dict()), list(within["variant"]), f"fastest with mean KLD <= {budget}"
+    return json_safe(best.to_dict()), list(within["variant"]), f"fastest with mean KLD <= {budget}"
 
 
 def build_summary(run: Run, table: pd.DataFrame, quant: pd.DataFrame, reference: str | None,
@@ -94,7 +94,7 @@ def build_summary(run: Run, table: pd.DataFrame, quant: pd.DataFrame, reference:
     best, within, how = choose_variant(table, budget)
     real = is_real_model(quant)
     model = quant.iloc[0][["params", "layers", "width"]].to_dict() if len(quant) else {}
-    return _clean({
+    return json_safe({
         "run": run.params.run, "kld_budget": budget, "reference": reference, "chosen": best,
         "within_budget": within, "chosen_how": how, "real_model": real,
         "model": model, "seed": SEED if real else None, "notes": notes,
@@ -102,19 +102,6 @@ def build_summary(run: Run, table: pd.DataFrame, quant: pd.DataFrame, reference:
         "perplexity_ctx": run.params.evaluate.perplexity_ctx,
         "perplexity_chunks": run.params.evaluate.perplexity_chunks,
     })
-
-
-def _clean(value):
-    """numpy scalars -> Python, NaN -> None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------- HTML

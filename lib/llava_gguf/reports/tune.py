@@ -17,31 +17,18 @@ import platform
 import shlex
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from . import plots
-from ..workspace import Run, atomic_path, write_json
+from ..workspace import Run, atomic_path, json_safe, write_json
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, so answer agreement between "
                   "configurations carries no meaning here and is not a quality measure")
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def tool_flags(cfg, ctx_size: int | None) -> list[str]:
@@ -97,7 +84,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     folder = run.sub("tune")
     confirmed = result.confirmed
     b = confirmed[(confirmed["config"] == base.label) & (confirmed["status"] == "ok")]
-    baseline = _clean(b.iloc[0].to_dict()) if len(b) else {}
+    baseline = json_safe(b.iloc[0].to_dict()) if len(b) else {}
     e = run.params.evaluate
     budgets: dict[str, dict] = {}
     for name, row in chosen.items():
@@ -115,7 +102,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
             names.append(f"run-llava-{name}.sh")
         paths = [_write_script(run.dir / n, script) for n in names]
         kld = result.quality["kld"].get(cfg.quant)
-        budgets[name] = _clean({
+        budgets[name] = json_safe({
             "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
             "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
             "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
@@ -137,7 +124,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
     main = budgets[full]
     # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
-    info = _clean({
+    info = json_safe({
         "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
         "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
         "setup": {"machine": {"host": platform.node(), "cores": os.cpu_count()},

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

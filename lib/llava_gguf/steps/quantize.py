@@ -30,7 +30,7 @@ from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, toolchain
 from ..params import TEXT_OUTTYPES
 from ..reports import tables
-from ..workspace import Run, atomic_path, resolve
+from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 
