@@ -56,6 +56,17 @@ def tiny_variant(tmp_path_factory, tiny_checkpoint, tiny_bin_checkpoint):
     return _get
 
 
+@pytest.fixture(scope="session")
+def tiny_ggufs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoint's f16 text GGUF and f16 mmproj, made once per session. Read-only."""
+    from llava_gguf.steps import surgery, text_export, vision_export
+
+    d = tmp_path_factory.mktemp("ggufs")
+    text_export.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
+    vision_export.export_mmproj(surgery.analyze(tiny_checkpoint), d / "mmproj-f16.gguf")
+    return {"text": d / "text-f16.gguf", "mmproj": d / "mmproj-f16.gguf"}
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below a folder (to prove a source was not modified)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

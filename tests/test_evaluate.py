@@ -129,16 +129,6 @@ def test_exit_status_keeps_log(tmp_path, fake_inputs):
 
 # ----------------------------------------------------------------------------- with llama.cpp
 @pytest.fixture(scope="module")
-def tiny_ggufs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    from llava_gguf.steps import surgery, text_export as text, vision_export as vision
-
-    d = tmp_path_factory.mktemp("ggufs")
-    text.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
-    vision.export_mmproj(surgery.analyze(tiny_checkpoint), d / "mmproj-f16.gguf")
-    return {"text": d / "text-f16.gguf", "mmproj": d / "mmproj-f16.gguf"}
-
-
-@pytest.fixture(scope="module")
 def jpeg():
     from llava_gguf.llama_cpp import toolchain
 

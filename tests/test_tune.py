@@ -208,21 +208,11 @@ def test_script_overrides_and_default_image(tmp_path):
 
 
 # ----------------------------------------------------------------------------- with llama.cpp
-@pytest.fixture(scope="module")
-def tiny_mmproj(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    from llava_gguf.steps import surgery, text_export as text, vision_export as vision
-
-    d = tmp_path_factory.mktemp("tune-ggufs")
-    text.write_text_gguf(tiny_checkpoint, d / "text-f16.gguf")
-    vision.export_mmproj(surgery.analyze(tiny_checkpoint), d / "mmproj-f16.gguf")
-    return {"text": d / "text-f16.gguf", "mmproj": d / "mmproj-f16.gguf"}
-
-
-def test_mmproj_variant_changes_only_its_key(tiny_mmproj, tmp_path):
-    src = read_gguf(tiny_mmproj["mmproj"])
+def test_mmproj_variant_changes_only_its_key(tiny_ggufs, tmp_path):
+    src = read_gguf(tiny_ggufs["mmproj"])
     assert mmproj_variants.PINPOINTS_KEY in src.fields
-    single = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "single.gguf", []))
-    two = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "two.gguf", [[672, 336], [336, 672]]))
+    single = read_gguf(mmproj_variants.mmproj_variant(tiny_ggufs["mmproj"], tmp_path / "single.gguf", []))
+    two = read_gguf(mmproj_variants.mmproj_variant(tiny_ggufs["mmproj"], tmp_path / "two.gguf", [[672, 336], [336, 672]]))
     assert mmproj_variants.PINPOINTS_KEY not in single.fields and two.fields[mmproj_variants.PINPOINTS_KEY] == [672, 336, 336, 672]
     for g in (single, two):
         assert {k: v for k, v in g.fields.items() if k != mmproj_variants.PINPOINTS_KEY} == \
@@ -232,11 +222,11 @@ def test_mmproj_variant_changes_only_its_key(tiny_mmproj, tmp_path):
         assert all(bytes(g.tensors[n].data) == bytes(t.data) for n, t in src.tensors.items())
 
 
-def test_q8_mmproj_quantizes_the_matrices(tiny_mmproj, tmp_path):
+def test_q8_mmproj_quantizes_the_matrices(tiny_ggufs, tmp_path):
     import gguf
 
-    src = read_gguf(tiny_mmproj["mmproj"])
-    q8 = read_gguf(mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
+    src = read_gguf(tiny_ggufs["mmproj"])
+    q8 = read_gguf(mmproj_variants.mmproj_variant(tiny_ggufs["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
     assert q8.fields[mmproj_variants.PINPOINTS_KEY] == src.fields[mmproj_variants.PINPOINTS_KEY]
     changed = {n for n, t in q8.tensors.items() if t.qtype != src.tensors[n].qtype}
     assert changed and all(q8.tensors[n].qtype == gguf.GGMLQuantizationType.Q8_0 for n in changed)
@@ -250,18 +240,18 @@ def test_q8_mmproj_quantizes_the_matrices(tiny_mmproj, tmp_path):
 
 
 @pytest.mark.llama_cpp
-def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
+def test_budget_token_counts_from_the_log(tiny_ggufs, llama_tool, tmp_path):
     from llava_gguf.llama_cpp import toolchain
     from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
 
     cli = llama_tool("llama-mtmd-cli")
     image = toolchain.source_asset(DEFAULT_IMAGE)
-    info = read_gguf(tiny_mmproj["mmproj"]).fields
+    info = read_gguf(tiny_ggufs["mmproj"]).fields
     per_view = (info["clip.vision.image_size"] // info["clip.vision.patch_size"]) ** 2
     tokens = {}
     for name, pins in {"full": None, "wide-tall": [[672, 336], [336, 672]], "single": []}.items():
-        mm = mmproj_variants.mmproj_variant(tiny_mmproj["mmproj"], tmp_path / f"{name}.gguf", pins)
-        r = run_mtmd(cli, tiny_mmproj["text"], mm, image, "Describe this image.",
+        mm = mmproj_variants.mmproj_variant(tiny_ggufs["mmproj"], tmp_path / f"{name}.gguf", pins)
+        r = run_mtmd(cli, tiny_ggufs["text"], mm, image, "Describe this image.",
                      MtmdOptions(EvaluateParams(n_predict=2, threads=2)), tmp_path / f"{name}.log")
         tokens[name] = r.timings.image_tokens
     assert tokens["single"] == per_view  # no pinpoints: one image_size view
@@ -269,13 +259,13 @@ def test_budget_token_counts_from_the_log(tiny_mmproj, llama_tool, tmp_path):
 
 
 @pytest.mark.llama_cpp
-def test_last_option_wins_in_the_pinned_build(tiny_mmproj, llama_tool, tmp_path):
+def test_last_option_wins_in_the_pinned_build(tiny_ggufs, llama_tool, tmp_path):
     """What run-llava.sh relies on: a repeated option takes its last value."""
     from llava_gguf.llama_cpp import toolchain
     from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
 
     cli = llama_tool("llama-mtmd-cli")
-    r = run_mtmd(cli, tiny_mmproj["text"], tiny_mmproj["mmproj"], toolchain.source_asset(DEFAULT_IMAGE), "Hi",
+    r = run_mtmd(cli, tiny_ggufs["text"], tiny_ggufs["mmproj"], toolchain.source_asset(DEFAULT_IMAGE), "Hi",
                  MtmdOptions(EvaluateParams(n_predict=6, threads=2), extra_args=["-n", "3", "-t", "1"]),
                  tmp_path / "last.log")
     assert r.n_tokens <= 3 and r.timings.eval["runs"] <= 2
@@ -324,12 +314,12 @@ def test_config_survives_a_table_round_trip():
 
 
 @pytest.mark.llama_cpp
-def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_mmproj, llama_tool, tmp_path):
+def test_a_flag_the_build_lacks_is_reported_and_skipped(tiny_ggufs, llama_tool, tmp_path):
     from llava_gguf.llama_cpp import toolchain
     from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE
 
     cli = llama_tool("llama-mtmd-cli")
-    m = tune.Measurer(cli, {"F16": tiny_mmproj["text"]}, {("f16", "full"): tiny_mmproj["mmproj"]},
+    m = tune.Measurer(cli, {"F16": tiny_ggufs["text"]}, {("f16", "full"): tiny_ggufs["mmproj"]},
                       toolchain.source_asset(DEFAULT_IMAGE), "Hi", MtmdOptions(EvaluateParams(threads=2)), tmp_path)
     bad = tune_config.Config("F16", extra_args=("--flash-attn-v2",))  # an option of no llama.cpp build
     assert m.measure(bad, "screen", 2) is None
