@@ -54,6 +54,32 @@ def test_parse_logs_without_results_raise():
     assert quality.parse_perplexity_log("I Final estimate: PPL = 12.5 +/- 0.25") == {"ppl": 12.5, "ppl_err": 0.25}
 
 
+def _flaky_tool(tmp_path: Path, lines_lost: int) -> Path:
+    """A stand-in tool that exits 0 but drops its result line on its first `lines_lost` runs."""
+    tool = tmp_path / "fake-perplexity"
+    tool.write_text(f"""#!/bin/sh
+n=$(cat "{tmp_path}/runs" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "{tmp_path}/runs"
+echo "chunk PPL ..."
+[ $n -gt {lines_lost} ] && echo "Mean    KLD:   0.019885 ±   0.000318"
+exit 0
+""")
+    tool.chmod(0o755)
+    return tool
+
+
+@pytest.mark.parametrize("lines_lost, runs, found", [(0, 1, True), (1, 2, True), (2, 2, False)])
+def test_run_tool_reruns_once_when_the_result_line_was_lost(tmp_path, caplog, lines_lost, runs, found):
+    from llava_gguf.llama_cpp import toolchain
+    log_file = tmp_path / "logs" / "kld.log"
+    text = toolchain.run_tool([_flaky_tool(tmp_path, lines_lost)], log_file, expect="Mean    KLD")
+    assert int((tmp_path / "runs").read_text()) == runs
+    assert ("Mean    KLD" in text) is found and text == log_file.read_text()
+    assert ("running it once more" in caplog.text) is (runs == 2)
+    if not found:  # the caller's parser then names the missing line
+        with pytest.raises(quality.QualityError, match="Mean KLD"):
+            quality.parse_kld_log(text)
+
+
 def test_reference_variant_prefers_unquantized():
     assert quality.reference_variant(["Q4_0", "F16", "Q8_0"]) == "F16"
     assert quality.reference_variant(["Q4_K_M", "Q5_K_M"]) == "Q5_K_M"

@@ -115,7 +115,7 @@ def base_logits(run: Run, base_gguf: Path, corpus: Path) -> tuple[Path, dict]:
     with atomic_path(out, suffix=".bin") as tmp:
         text = toolchain.run_tool([tool, "-m", base_gguf, "-f", corpus, "--kl-divergence-base", tmp,
                                    *_perplexity_args(run)], log_file, timeout=e.timeout_s,
-                                  what="llama-perplexity (reference logits)")
+                                  what="llama-perplexity (reference logits)", expect="Final estimate")
         meta = {"key": key, "base": str(base_gguf), "corpus": str(corpus), "log": str(log_file),
                 **parse_perplexity_log(text)}
     write_json(meta_file, meta)
@@ -153,7 +153,7 @@ def kld_table(base_gguf: Path | str, variants: dict[str, Path | str], corpus: Pa
             log_file = run.sub("logs") / f"kld-{_safe(name)}.log"
             text = toolchain.run_tool([tool, "-m", path, "--kl-divergence-base", base_file, "--kl-divergence",
                                        *_perplexity_args(run)], log_file, timeout=run.params.evaluate.timeout_s,
-                                      what=f"llama-perplexity --kl-divergence ({name})")
+                                      what=f"llama-perplexity --kl-divergence ({name})", expect="Mean KLD")
             try:
                 row.update(parse_kld_log(text), reference=False, log=str(log_file))
             except QualityError as err:

@@ -260,13 +260,17 @@ def _ended(rc: int | None, timeout: float | None) -> str:
 
 
 def run_tool(cmd: list, log_file: Path | None = None, timeout: float | None = None, what: str = "", *,
-             env: dict | None = None, stdin_text: str | None = None, capture: bool = False):
+             env: dict | None = None, stdin_text: str | None = None, capture: bool = False,
+             expect: str | None = None):
     """Run a llama.cpp tool, the one way every step does.
 
     With `log_file` (the default use), stdout+stderr go to that file, kept also on failure, and the
     log text is returned. With `capture=True` (tools whose stdout is the result: token ids, a chat
     template) the CompletedProcess is returned with stdout and stderr apart. Either way a non-zero
     exit, a crash or a timeout raises ToolFailed naming the command, how it ended and the output's tail.
+    `expect` names text the finished log must hold (the result line a caller parses). A build
+    without patch 0003 can exit 0 with its last log lines lost (llama.cpp's log worker is never
+    joined, upstream #22142), so when it is missing the tool runs once more.
     """
     cmd = [str(c) for c in cmd]
     what = what or Path(cmd[0]).name
@@ -284,7 +288,15 @@ def run_tool(cmd: list, log_file: Path | None = None, timeout: float | None = No
             return proc
         tail = "\n".join(tail.strip().splitlines()[-8:])
         raise ToolFailed(f"{what} {_ended(rc, timeout)}\ncommand: {' '.join(cmd)}\nlast lines:\n{tail}", None)
-    log_file = Path(log_file)
+    text = _run_logged(cmd, Path(log_file), timeout, what, env, stdin, stdin_text)
+    if expect is not None and expect not in text:
+        log.warning("%s exited 0 but its log %s lacks %r: llama.cpp's log can drop its last lines at exit "
+                    "(a build without patches/llama.cpp/0003); running it once more", what, log_file, expect)
+        text = _run_logged(cmd, Path(log_file), timeout, what, env, stdin, stdin_text)
+    return text
+
+
+def _run_logged(cmd: list[str], log_file: Path, timeout, what: str, env, stdin, stdin_text) -> str:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w", encoding="utf-8", errors="replace") as f:
         f.write("$ " + " ".join(cmd) + "\n")
