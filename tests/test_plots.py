@@ -23,7 +23,7 @@ def runs() -> pd.DataFrame:
     for i, v in enumerate(VARIANTS):
         for case in (0, 1):
             rows.append({"variant": v, "case": case, "load_ms": 100.0 + i, "image_encode_ms": 900.0,
-                         "image_decode_ms": 2000.0 + 100 * i, "prompt_eval_ms": 2500.0 + 100 * i,
+                         "image_decode_ms": 2000.0 + 100 * i, "prompt_eval_ms": 3200.0 + 100 * i,
                          "eval_ms": 300.0 * (i + 1), "eval_tokens_per_s": 10.0 / (i + 1)})
     return pd.DataFrame(rows)
 
@@ -47,9 +47,9 @@ def test_latency_breakdown(local_run, runs):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["F16", "Q8_0", "Q4_K_M"]
     labels = ax.get_legend_handles_labels()[1]
     assert labels == [label for _, label in plots.STAGES]
-    # Bars stack to the stage sum; the text prompt is prompt eval minus the image decodes.
+    # Bars stack to the stage sum; prompt eval already spans the image encode and decodes.
     f16 = runs[runs.variant == "F16"].iloc[0]
-    total = f16.load_ms + f16.image_encode_ms + f16.prompt_eval_ms + f16.eval_ms
+    total = f16.load_ms + f16.prompt_eval_ms + f16.eval_ms
     tops = [p.get_y() + p.get_height() for p in ax.patches if abs(p.get_x() + p.get_width() / 2) < 1e-9]
     assert max(tops) == pytest.approx(total / 1000.0)
     assert fig._repr_png_()[:4] == b"\x89PNG"  # shows inline in notebooks without pyplot
@@ -77,3 +77,15 @@ def test_size_kld_speed(local_run):
     # Missing KLD (ready-made files, perplexity off) still plots, labelled as such.
     fig = plots.size_kld_speed(table.assign(kld=float("nan")), None)
     assert all("(no KLD)" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_text_prompt_is_prompt_eval_less_image_encode_and_decode():
+    from llava_gguf.reports.summary import SEED
+    runs = pd.DataFrame({"prompt_eval_ms": [SEED["prompt_eval_ms"], 500.0, 900.0],
+                         "image_encode_ms": [SEED["image_encode_ms"], None, 400.0],
+                         "image_decode_ms": [SEED["image_decode_ms"], 300.0, 800.0]})
+    got = plots.with_stages(runs)["text_prompt_ms"].tolist()
+    # The seed's 16 text tokens at its ~10 tokens/s prompt rate: ~1.7 s, not the 11.6 s left
+    # when only the decodes are taken off. A build that books less is never negative.
+    assert got[0] == pytest.approx(SEED["text_prompt_ms"]) and 1500 < got[0] < 1800
+    assert got[1:] == [200.0, 0.0]

@@ -214,11 +214,7 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
     sel = sel.sort_values("off").drop_duplicates("config")
     sel["variant"] = sel["config"].map(names)
     sel = sel.set_index("variant").loc[[n for n in names.values() if n in set(sel["variant"])]].reset_index()
-    # mtmd-cli decodes the text before the image first, then encodes and decodes chunk by chunk, so
-    # llama.cpp's prompt eval time spans every image encode as well as the image decodes.
-    sel["text_prompt_ms"] = (sel["prompt_eval_ms"] - sel["image_decode_ms"].fillna(0.0)
-                             - sel["image_encode_ms"].fillna(0.0)).clip(lower=0.0)
-    fig = plots.latency_breakdown(sel, None)
+    fig = plots.latency_breakdown(sel.drop(columns="text_prompt_ms", errors="ignore"), None)
     fig.axes[0].set_ylabel("seconds (the median run)")
     plots.save(fig, run, "tune_stages")
     return fig
