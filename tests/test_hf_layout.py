@@ -380,3 +380,17 @@ def test_a_wrong_mmproj_fails_the_transformers_check(tiny_checkpoint, tiny_hf, t
     mmproj = vision.export_mmproj(surgery.analyze(other), tmp_path / "other-mmproj.gguf").path
     res = hf_check.check_hf(tiny_hf, mmproj, None, "", images=("pattern",), workdir=tmp_path / "w")
     assert res.status == "failed" and res.vision["pattern"] > 0.1 and "image features (pattern)" in res.message
+
+
+@pytest.mark.parametrize("gib_free, dtype", [(64, torch.float32), (24, torch.bfloat16), (8, None)])
+def test_reference_dtype_for_a_7b(gib_free, dtype):
+    assert hf_check.reference_dtype(7_063_000_000, available=gib_free << 30) == dtype
+
+
+def test_cross_check_that_does_not_fit_is_skipped_with_the_sizes(tiny_hf, monkeypatch):
+    """On a board's RAM the LlavaNext cross-check is skipped, named as such, before any tool runs."""
+    monkeypatch.setattr(hf_check, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(hf_check.toolchain, "find_tool", lambda *a, **k: pytest.fail("no tool should run"))
+    res = hf_check.check_hf(tiny_hf, Path("unused-mmproj.gguf"), Path("unused.gguf"), "")
+    assert res.status == "skipped" and "not passed" in res.message and "GiB in bf16" in res.message
+    assert "streamed float32 text check" in res.message
