@@ -137,6 +137,11 @@ def _os_release() -> str | None:
     return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_info() -> dict:
     """The machine this process runs on (no host name, no serials: it may end up in a public card)."""
     cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
@@ -145,7 +150,7 @@ def machine_info() -> dict:
         "cpu": cpu["model"] or cpu["hardware"] or platform.processor() or None,
         "core_types": cpu["core_types"],
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "max_mhz": _max_freqs_mhz(),
         "features": cpu["features"],
         "flags": cpu["flags"],

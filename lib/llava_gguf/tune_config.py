@@ -7,10 +7,11 @@ run of A beat every run of B (their min-max ranges do not overlap).
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
+
+from .machine import usable_cores
 
 SEED_TYPE = "Q5_K_M"
 SEED_TEMPLATE = "vicuna"
@@ -58,7 +59,7 @@ def baseline_config(quant_types: Iterable[str]) -> Config:
 def default_threads(cores: int | None = None) -> list[int]:
     """1 ... cores, powers of two above 8 (and the core count itself)."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
     cores = max(1, cores)
     if cores <= 8:
         return list(range(1, cores + 1))

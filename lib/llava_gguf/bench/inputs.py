@@ -5,14 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import machine
 from ..tiny import is_current
 from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
@@ -88,14 +86,10 @@ def read_through(files: list[Path], chunk: int = 16 * MiB) -> float:
     return took
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def thread_counts(run: Run) -> list[int]:
     if run.params.bench.threads:
         return sorted(set(run.params.bench.threads))
-    limit, out, n = usable_cores(), [], 1
+    limit, out, n = machine.usable_cores(), [], 1
     while n < limit:
         out.append(n)
         n *= 2
@@ -103,24 +97,10 @@ def thread_counts(run: Run) -> list[int]:
 
 
 def machine_info(run: Run) -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "kernel": platform.release(), "cores": usable_cores(),
-                            "python": sys.version.split()[0]}
-    with contextlib.suppress(OSError):
-        cpuinfo: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            cpuinfo.setdefault(key.strip().lower(), value.strip())
-        # x86 names the CPU in "model name" ("model" is a number there); ARM boards name the board in "Model".
-        for key in ("model name", "hardware", "model"):
-            if cpuinfo.get(key) and not cpuinfo[key].isdigit():
-                info["cpu"] = cpuinfo[key]
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_GiB"] = round(int(line.split()[1]) * 1024 / GiB, 1)
-    usage = shutil.disk_usage(run.dir)
-    info["disk_free_GiB"] = round(usage.free / GiB, 1)
+    """machine.machine_info() plus what the benchmark report states: RAM in GiB, free disk, llama.cpp."""
+    info: dict[str, Any] = machine.machine_info()
+    info["memory_GiB"] = round(info["ram_mib"] / 1024, 1) if info.get("ram_mib") else None
+    info["disk_free_GiB"] = round(shutil.disk_usage(run.dir).free / GiB, 1)
     with contextlib.suppress(Exception):
         from ..llama_cpp import toolchain
 

@@ -180,7 +180,7 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     info.update(checkpoint=str(ckpt), checkpoint_GiB=_gib(ckpt_bytes), parameters=n_params,
                 largest_tensor=largest_info, quant_main=main_type, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     log.info("benchmark of %s (%.2f GiB, %d shards) on %s cores, %s GiB RAM", ckpt, ckpt_bytes / GiB, len(shards),
-             info["cores"], info.get("memory_GiB"))
+             info["usable_cores"], info.get("memory_GiB"))
 
     bench = _Bench(run)
     bench.state["machine"] = info

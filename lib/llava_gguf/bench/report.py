@@ -26,7 +26,7 @@ def render(run: Run | str | Path) -> BenchResult:
     legacy_left = data.get("legacy_left", {})
     totals = totals_table(records, any(r.recipe == LEGACY for r in records))
     targets = targets_table(records, totals, data.get("project_left", {}), legacy_left, info["parameters"],
-                            info["largest_tensor"], info["cores"])
+                            info["largest_tensor"], _cores(info))
     conversion = _write_tables(run, records, totals, targets, files_table, inference, mtmd)
     plots = make_plots(run, records, inference)
     report = write_report(run, info, conversion, totals, targets, files_table, inference, mtmd, plots)
@@ -226,7 +226,7 @@ def write_report(run: Run, info: dict, conversion: pd.DataFrame, totals: pd.Data
     if len(t):
         t["met"] = t["met"].map({True: "yes", False: "**no**"})
     lines = ["# Conversion and inference benchmark", "",
-             f"{info.get('started', '')}, {info.get('cpu', info['machine'])}, {info['cores']} usable cores, "
+             f"{info.get('started', '')}, {info.get('cpu') or info.get('arch') or info.get('machine')}, {_cores(info)} usable cores, "
              f"{info.get('memory_GiB', '?')} GiB RAM, {info['disk_free_GiB']} GiB free at the start; "
              f"llama.cpp {info.get('llama_cpp', {}).get('version', '?')}.", "",
              f"Checkpoint: `{info['checkpoint']}` ({info['checkpoint_GiB']} GiB, {info['parameters']:,} parameters), "
@@ -234,7 +234,7 @@ def write_report(run: Run, info: dict, conversion: pd.DataFrame, totals: pd.Data
              f"left unchanged: {'yes' if info.get('source_untouched') else '**no**'}. "
              f"The whole benchmark took {info.get('total_s', '?')} s; load average (1/5/15 min) "
              f"{info.get('load_average_start', '?')} at the start, {info.get('load_average_end', '?')} at the end "
-             f"(above {info['cores']}: other work shared the cores, and every time here is longer for it).", "",
+             f"(above {_cores(info)}: other work shared the cores, and every time here is longer for it).", "",
              "## Targets", "", to_markdown(t), ""]
     missed = t[t["met"] != "yes"] if len(t) else t
     if len(missed):
@@ -285,3 +285,8 @@ def write_report(run: Run, info: dict, conversion: pd.DataFrame, totals: pd.Data
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out
+
+
+def _cores(info: dict) -> int:
+    # Records written before machine.machine_info was shared call the usable cores "cores".
+    return info.get("usable_cores") or info["cores"]
