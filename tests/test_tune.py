@@ -222,12 +222,15 @@ def test_mmproj_variant_changes_only_its_key(tiny_ggufs, tmp_path):
         assert all(bytes(g.tensors[n].data) == bytes(t.data) for n, t in src.tensors.items())
 
 
-def test_q8_mmproj_quantizes_the_matrices(tiny_ggufs, tmp_path):
+def test_q8_mmproj_quantizes_the_matrices(tiny_ggufs, tmp_path, caplog):
     import gguf
 
     src = read_gguf(tiny_ggufs["mmproj"])
     q8 = read_gguf(mmproj_variants.mmproj_variant(tiny_ggufs["mmproj"], tmp_path / "q8.gguf", None, "q8_0"))
     assert q8.fields[mmproj_variants.PINPOINTS_KEY] == src.fields[mmproj_variants.PINPOINTS_KEY]
+    if "general.file_type" in src.fields:  # restated once, not written twice (gguf-py warns and overwrites)
+        assert q8.fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+        assert "Duplicated key" not in caplog.text
     changed = {n for n, t in q8.tensors.items() if t.qtype != src.tensors[n].qtype}
     assert changed and all(q8.tensors[n].qtype == gguf.GGMLQuantizationType.Q8_0 for n in changed)
     assert all(".attn_" in n or ".ffn_" in n or n.startswith("mm.") for n in changed), changed

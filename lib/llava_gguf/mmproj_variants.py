@@ -50,12 +50,13 @@ def mmproj_variant(src: Path, dst: Path, pinpoints: list[list[int]] | None = Non
         for key, value in g.fields.items():
             if key in ("general.architecture", "general.alignment") or (key == PINPOINTS_KEY and pinpoints is not None):
                 continue
+            if key == "general.file_type" and qtype == "q8_0":
+                w.add_uint32(key, int(gguf.LlamaFileType.MOSTLY_Q8_0))
+                continue
             types = g.types[key]
             w.add_key_value(key, value, types[0], sub_type=types[1] if len(types) > 1 else None)
         if pinpoints:
             w.add_array(PINPOINTS_KEY, [int(v) for pair in pinpoints for v in pair])
-        if qtype == "q8_0" and "general.file_type" in g.fields:
-            w.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q8_0))
         for t in g.tensors.values():
             if qtype == "q8_0" and _to_q8(t):
                 q = gguf.quants.quantize(t.values().astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
