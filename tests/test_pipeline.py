@@ -66,6 +66,17 @@ def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(declare_step, wri
     assert cli.main(["run", "boom", "--params", str(path)]) == 1
 
 
+def test_headless_progress_bars_refresh_rarely(declare_step, write_params):
+    declare_step("bars", "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(60)): time.sleep(0.05)",
+                 "from llava_gguf import workspace\nworkspace.open_run(params_file).record('thing', 'x')", number=97)
+    run = workspace.open_run(write_params({"run": "pm-bars", "model": {"source": "tiny"}}))
+    assert pipeline.run_steps(run, ["bars"]) == [("bars", "ran")]
+    nb = nbformat.read(run.dir / "notebooks" / "97_bars.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for o in nb.cells[2].outputs)  # cells: parameters, injected, bars
+    # 3 s of work: the first and the final refresh, not one per 0.1 s (tqdm's default).
+    assert "60/60" in text and text.count("it/s]") <= 3, text
+
+
 def test_step_that_records_nothing_fails(declare_step, write_params):
     declare_step("quiet", "print('did nothing')", number=98)
     run = workspace.open_run(write_params({"run": "pm-quiet", "model": {"source": "tiny"}}))

@@ -131,6 +131,7 @@ def keep_previous(step: registry.Step, run: Run) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- the kernel
+HEADLESS_BAR_INTERVAL = 10  # seconds between tqdm refreshes in a headless step's kernel
 def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
     """The kernel manager nbclient makes: IPC in a private folder, the kernel's own output in
     `log_file`, each instance appended to `started` so that it can be killed from outside.
@@ -154,7 +155,11 @@ def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop())
-            kw.update(stdout=self._log, stderr=self._log)
+            # The executed notebook keeps every progress-bar refresh as its own output (a 7B export
+            # made ~150 of them); headless, one every HEADLESS_BAR_INTERVAL s says as much.
+            env = {**(kw.get("env") or os.environ)}
+            env.setdefault("TQDM_MININTERVAL", str(HEADLESS_BAR_INTERVAL))
+            kw.update(stdout=self._log, stderr=self._log, env=env)
             await super()._async_launch_kernel(kernel_cmd, **kw)
 
         def stop(self) -> None:
