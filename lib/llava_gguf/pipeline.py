@@ -132,6 +132,8 @@ def keep_previous(step: registry.Step, run: Run) -> Path | None:
 
 # ----------------------------------------------------------------------------- the kernel
 HEADLESS_BAR_INTERVAL = 10  # seconds between tqdm refreshes in a headless step's kernel
+
+
 def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
     """The kernel manager nbclient makes: IPC in a private folder, the kernel's own output in
     `log_file`, each instance appended to `started` so that it can be killed from outside.
