@@ -27,10 +27,16 @@ def test_unknown_key_names_key_and_file(write_params):
     ({"run": "x", "model": {"source": "http"}}, "model.source"),
     ({"run": "a/b"}, "run"),
     ({"model": {"source": "tiny"}}, "run"),
+    ({"run": "x", "tune": {"image_budgets": {"single": []}}}, "tune.image_budgets"),
 ])
 def test_wrong_values_name_the_key(data, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         parse_params(data, "f.yaml")
+
+
+def test_tune_budgets_without_the_full_one_say_how_to_fix():
+    with pytest.raises(ParamsError, match="add `full: null`"):
+        parse_params({"run": "x", "tune": {"image_budgets": {"single": [], "wide": [[672, 336]]}}}, "f.yaml")
 
 
 def test_not_a_mapping_and_bad_yaml(tmp_path):

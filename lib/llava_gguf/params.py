@@ -205,6 +205,10 @@ class TuneParams(_Strict):
     def _budgets(cls, budgets: dict[str, list[list[int]] | None]) -> dict:
         if not budgets:
             raise ValueError("name at least one image budget, e.g. {full: null}")
+        if None not in budgets.values():
+            # The seed's command runs at the mmproj's own pinpoints, and every ratio is to it.
+            raise ValueError(f"no budget keeps the mmproj's own pinpoints ({sorted(budgets)}): add `full: null`, "
+                             "the budget of the seed's command that every speed-up is measured against")
         for name, pins in budgets.items():
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"budget name '{name}': letters, digits, '-' and '_' only (it names files)")

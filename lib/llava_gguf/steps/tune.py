@@ -287,7 +287,7 @@ def run_tune(run: Run) -> TuneResult:
     # f16 always: the baseline and the agreement reference use it.
     mm_types = list(dict.fromkeys(["f16", *p.mmproj_types]))
     mmproj = make_mmproj_files(run, run.artifact_path("mmproj"), mm_types, p.image_budgets)
-    full = next((b for b, pins in p.image_budgets.items() if pins is None), next(iter(p.image_budgets)))
+    full = next(b for b, pins in p.image_budgets.items() if pins is None)  # params require one
     base = replace(base, budget=full)
     image, prompt = case_inputs(run)[0]
     logs = run.sub("tune") / "logs"
