@@ -142,6 +142,28 @@ def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
     assert all(c[-1] == 4 for c in calls)  # screening runs are short
 
 
+def test_smaller_budgets_try_the_quant_types_again(tmp_path):
+    """Q5_K_M prefills faster and Q4_K_M generates faster (as Q5_K_M and Q4_0 did at 7B here): the
+    full budget is prefill-bound and the single view generation-bound, so each gets its own type."""
+    calls = []
+    tokens = {"full": 2340, "single": 576}
+
+    def runner(cli, text, mmproj, image, prompt, opts, log_path):
+        quant, budget = Path(text).stem, "single" if "single" in Path(mmproj).stem else "full"
+        calls.append((quant, budget))
+        prefill_ms, gen_ms = {"Q5_K_M": (40.0, 350.0), "Q4_K_M": (60.0, 200.0)}[quant]
+        return FakeRun(prefill_ms * tokens[budget], gen_ms, tokens[budget])
+
+    m = _measurer(tmp_path, calls, types=("Q5_K_M", "Q4_K_M"))
+    m.runner = runner
+    p = TuneParams(threads=[2], flash_attn=["off"], cache_type=["f16"], ubatch_size=[None], mmproj_types=["f16"],
+                   image_budgets={"full": None, "single": []})
+    per_budget, _ = tune.screen(m, tune_config.Config("Q5_K_M"), p, ["Q5_K_M", "Q4_K_M"], {"Q5_K_M", "Q4_K_M"},
+                                n_predict=4, deadline=float("inf"), answer_tokens=135)
+    assert per_budget["full"][0]["quant"] == "Q5_K_M" and per_budget["single"][0]["quant"] == "Q4_K_M"
+    assert ("Q4_K_M", "single") in calls and ("Q5_K_M", "single") in calls
+
+
 def test_search_respects_the_time_budget(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
@@ -286,8 +308,12 @@ def test_tune_step_end_to_end(write_params, llama_tool):
         "tune": {"threads": [2], "flash_attn": ["on"], "cache_type": ["f16"], "ubatch_size": [None],
                  "repetitions": 2, "finalists": 1, "screen_n_predict": 2,
                  "image_budgets": {"full": None, "single": []}}}))
+    stale = run.sub("tune") / "logs" / "000-screen-baseline-from-an-earlier-tune.log"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("an earlier tune's log\n")
     done = pipeline.run_steps(run, ["tune"])
     assert done[-1] == ("tune", "ran")
+    assert not stale.exists()  # tune/logs holds this run's logs only
     rec = json.loads(run.resolve(run.artifacts()["tune"]["recommended"]).read_text())
     assert rec["baseline"]["config"].startswith("Q5_K_M, mmproj f16, budget full") and rec["baseline"]["runs"] == 2
     assert set(rec["budgets"]) == {"full", "single"}

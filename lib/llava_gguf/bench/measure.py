@@ -276,7 +276,7 @@ def _measured_runner(bench: _Bench, steps: dict[str, str]):
     def measured(cmd: list[str], log_file: Path, cwd: Path) -> None:
         step = steps.get(Path(cmd[1]).name, Path(cmd[1]).name)
         bench.measure(LEGACY, step, procmon.measure_command, cmd, log_file=log_file, cwd=cwd,
-                      env=legacy.script_env(), note=Path(cmd[1]).name)
+                      env=legacy.script_env(cmd[0]), note=Path(cmd[1]).name)
 
     return measured
 

@@ -18,11 +18,12 @@ Differences, all forced by running offline and never writing into the source:
 - vit/ holds symlinks to llava.clip / llava.projector instead of copies (the same bytes are read).
 
 The image-encoder script needs transformers < 5 (`CLIPVisionModel.from_pretrained` of a .bin
-with the 4.x loading path); the project runs transformers 5. `legacy_env()` makes, once, a venv
-under `cache_dir()/legacy-env` holding only the pinned packages below, with a .pth file that
-appends the project venv's site-packages (found from sys.prefix), so torch, numpy and safetensors
-are reused. The scripts import gguf-py from the pinned llama.cpp source (PYTHONPATH). Every
-function returns paths and sends the scripts' output to a log file in the work folder.
+with the 4.x loading path); the project runs transformers 5. `legacy_env()` makes, once per Python
+version, a venv under `cache_dir()/legacy-env` holding only the pinned packages below. The scripts
+it runs get PYTHONPATH = gguf-py of the pinned llama.cpp source, that venv's site-packages, then the
+running project venv's (found from sys.prefix), so torch, numpy and safetensors are reused and every
+checkout shares one legacy venv. Every function returns paths and sends the scripts' output to a
+log file in the work folder.
 """
 from __future__ import annotations
 
@@ -83,17 +84,14 @@ def _env_python(root: Path) -> Path:
     return root / "bin" / "python"
 
 
-def _env_site_packages(python: Path) -> Path:
-    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
+def _env_site_packages(root: Path) -> Path:
+    return root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
 def legacy_env(force: bool = False) -> Path:
     """The python of the legacy venv (made once, ~10 s with network to the package index)."""
     root = cache_dir() / ENV_NAME
-    want = {"pins": list(LEGACY_PINS), "site_packages": _main_site_packages(),
-            "python": sys.version.split()[0]}
+    want = {"pins": list(LEGACY_PINS), "python": sys.version.split()[0]}
     stamp = root / STAMP
     if not force and stamp.is_file() and json.loads(stamp.read_text()) == want and _env_python(root).exists():
         return _env_python(root)
@@ -106,10 +104,9 @@ def legacy_env(force: bool = False) -> Path:
         python = _env_python(tmp)
         _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-input",
               "--disable-pip-version-check", *LEGACY_PINS], logf, log_file)
-        # Appended after the venv's own site-packages: its transformers 4.x wins, torch & co. come from .venv.
-        (_env_site_packages(python) / "zz_llava_gguf_main_venv.pth").write_text("\n".join(want["site_packages"]) + "\n")
         _run([str(python), "-c", "import transformers, torch, numpy; assert transformers.__version__ == "
-              f"{LEGACY_PINS[0].split('==')[1]!r}, transformers.__version__"], logf, log_file)
+              f"{LEGACY_PINS[0].split('==')[1]!r}, transformers.__version__"], logf, log_file,
+             env=script_env(legacy_root=tmp))
     write_json(tmp / STAMP, want)
     if stamp.is_file() and json.loads(stamp.read_text()) == want:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,10 +117,15 @@ def legacy_env(force: bool = False) -> Path:
     return _env_python(root)
 
 
-def script_env() -> dict[str, str]:
+def script_env(python: str | Path | None = None, legacy_root: Path | None = None) -> dict[str, str]:
+    """The environment of a script run by `python`. For the legacy venv's python (or the venv at
+    `legacy_root`, while it is made) its transformers 4.x comes first, then the project venv's torch & co."""
     env = dict(os.environ)
-    gguf_py = str(source_dir() / "gguf-py")
-    env["PYTHONPATH"] = os.pathsep.join([gguf_py, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    paths = [str(source_dir() / "gguf-py")]
+    root = legacy_root or (Path(python).parent.parent if python else None)
+    if root is not None and (legacy_root is not None or root == cache_dir() / ENV_NAME):
+        paths += [str(_env_site_packages(root)), *_main_site_packages()]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
 
@@ -144,7 +146,7 @@ def run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
     own `runner` with this signature to measure each script's process tree."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as logf:
-        _run(cmd, logf, log_file, cwd=cwd, env=script_env())
+        _run(cmd, logf, log_file, cwd=cwd, env=script_env(cmd[0]))
 
 
 def _fresh_dir(path: Path) -> Path:
