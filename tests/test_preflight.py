@@ -27,12 +27,9 @@ def _copy(src: Path, dest: Path) -> Path:
 
 
 @pytest.fixture
-def no_tools(tmp_path, monkeypatch):
+def no_tools(some_tools):
     """LLAMA_CPP_DIR pointing at a build that has none of the tools."""
-    empty = tmp_path / "empty-llama" / "bin"
-    empty.mkdir(parents=True)
-    monkeypatch.setenv(toolchain.ENV_DIR, str(empty.parent))
-    return empty
+    some_tools()
 
 
 @pytest.fixture

@@ -76,10 +76,8 @@ def reference_model(checkpoint: str | Path, dtype: torch.dtype | None = None):
     from transformers import LlavaNextForConditionalGeneration
 
     checkpoint = Path(checkpoint)
-    n_params = checkpoint_params(checkpoint)
-    dtype = dtype or reference_dtype(n_params) or torch.bfloat16
-    log.info("transformers LlavaNextForConditionalGeneration from %s (%.2f B parameters, %s)", checkpoint,
-             n_params / 1e9, dtype)
+    dtype = dtype or reference_dtype(checkpoint_params(checkpoint)) or torch.bfloat16
+    log.info("transformers LlavaNextForConditionalGeneration from %s (%s)", checkpoint, dtype)
     model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
     return model.eval()
 
@@ -158,7 +156,7 @@ def check_hf(checkpoint: str | Path, mmproj: Path | None, text_gguf: Path | None
     if mmproj is None and text_gguf is None:
         raise ValueError("check_hf needs an mmproj, a text GGUF or both")
     checkpoint = Path(checkpoint)
-    if dtype is None:
+    if dtype is None:  # decided here, so that a model that cannot fit is skipped before any tool runs
         n_params = checkpoint_params(checkpoint)
         dtype = reference_dtype(n_params)
         if dtype is None:

@@ -120,11 +120,12 @@ def legacy_env(force: bool = False) -> Path:
 def script_env(python: str | Path | None = None, legacy_root: Path | None = None) -> dict[str, str]:
     """The environment of a script run by `python`. For the legacy venv's python (or the venv at
     `legacy_root`, while it is made) its transformers 4.x comes first, then the project venv's torch & co."""
+    if legacy_root is None and python is not None and Path(python).parent.parent == cache_dir() / ENV_NAME:
+        legacy_root = cache_dir() / ENV_NAME
     env = dict(os.environ)
     paths = [str(source_dir() / "gguf-py")]
-    root = legacy_root or (Path(python).parent.parent if python else None)
-    if root is not None and (legacy_root is not None or root == cache_dir() / ENV_NAME):
-        paths += [str(_env_site_packages(root)), *_main_site_packages()]
+    if legacy_root is not None:
+        paths += [str(_env_site_packages(legacy_root)), *_main_site_packages()]
     env["PYTHONPATH"] = os.pathsep.join([*paths, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
