@@ -1,10 +1,14 @@
 """What a step's result depends on, hashed: when it is unchanged the step is skipped.
 
-A step's fingerprint hashes the params sections it declares, its notebook, the source of every
-package module its notebook imports (transitively, through the import graph below), the
+A step's fingerprint hashes the params sections it declares, its notebook, the normalized code of
+every package module its notebook imports (transitively, through the import graph below), the
 fingerprints of the steps it needs, the llama.cpp build for steps that run its tools, and the
 files of a local checkpoint. The same import graph backs the test that the package has no
 import cycles.
+
+A module counts by its code, not its text: its syntax tree without docstrings, comments or line
+numbers (`normalized_code`), so editing a comment or a docstring reruns nothing (at 7B a rerun of
+every step takes hours), while any change to what the code does reruns the steps that import it.
 """
 from __future__ import annotations
 
@@ -103,6 +107,19 @@ def code_closure(modules: set[str]) -> list[Path]:
     return [module_file(m) for m in sorted(seen)]
 
 
+def normalized_code(path: Path) -> bytes:
+    """The module's syntax tree less docstrings, comments and positions: what its code does."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                # An empty body is not valid Python, so a docstring-only body keeps a placeholder.
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def fingerprint(step: Step, params: dict, upstream: list[str], llama_cpp: dict | None = None,
                 local_files: Path | None = None) -> str:
     """`params`: the run's params as JSON data; `upstream`: the needed steps' fingerprints;
@@ -112,7 +129,7 @@ def fingerprint(step: Step, params: dict, upstream: list[str], llama_cpp: dict |
     h.update(json.dumps({k: params.get(k) for k in step.params}, sort_keys=True).encode())
     h.update(step.source.read_bytes())
     for path in code_closure(notebook_imports(step.source)):
-        h.update(str(path.relative_to(_PKG_DIR)).encode() + path.read_bytes())
+        h.update(str(path.relative_to(_PKG_DIR)).encode() + b"\0" + normalized_code(path))
     for fp in upstream:
         h.update(fp.encode())
     if step.uses_llama_cpp and llama_cpp:
