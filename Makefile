@@ -60,8 +60,10 @@ compare: setup ## one page comparing run folders: make compare RUNS="outputs/o6 
 publish: setup ## model card into outputs/<run>/publish/README.md; UPLOAD=1 uploads to params publish.repo (token: HF_TOKEN / MODELSCOPE_API_TOKEN)
 	$(PY) -m llava_gguf publish --params "$(PARAMS)" $(if $(filter 1 yes true,$(UPLOAD)),--upload,)
 
-lab: setup ## open JupyterLab on notebooks/, reading PARAMS
-	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/
+# JupyterLab refuses to start as root without --allow-root (a board's default login often is root).
+lab: setup ## open JupyterLab on notebooks/, reading PARAMS; LAB_ARGS="--no-browser --port 8890" passes options through
+	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/ \
+	  $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 test: setup llama-cpp ## run the test suite (unit tests, notebooks with nbval, a papermill run on the tiny model)
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider

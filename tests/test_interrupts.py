@@ -40,6 +40,8 @@ def test_a_signal_to_the_group_stops_the_kernel_and_its_tools(declare_step, tmp_
     assert proc.returncode == 130, err
     assert _processes(f"sleep {marker}") == []  # nothing orphaned
     assert "interrupted" in err and "Traceback" not in err, err
+    assert "()" not in err and "step 'sleeper' interrupted" in err, err
+    assert f"to resume: make sleeper PARAMS={params}" in err, err
     assert "KeyboardInterrupt caught in kernel" not in err
 
 

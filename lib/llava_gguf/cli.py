@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
-        log.error("interrupted: %s", err or "SIGINT")
+        log.error("%s", str(err) if "to resume:" in str(err) else f"interrupted ({str(err) or 'SIGINT'})")
         return 130
     except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError,
             KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:

@@ -220,7 +220,7 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
                 km.stop()
             worker.join(30)
             html.render_notebook(out, run)
-            raise Interrupted(f"step '{step.name}' interrupted ({err or 'SIGINT'}); its kernel and tools "
+            raise Interrupted(f"step '{step.name}' interrupted ({str(err) or 'SIGINT'}); its kernel and tools "
                               f"were stopped; partly executed notebook: {out}") from None
         finally:
             for km in kernels:
@@ -234,6 +234,12 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
         raise StepFailed(f"step '{step.name}' stopped: {type(err).__name__}: {err}\n"
                          f"partly executed notebook: {out}; kernel log: {kernel_log}")
     return out
+
+
+def resume_command(run: Run, targets: list[str]) -> str:
+    params = f" PARAMS={run.params_file}" if run.params_file else ""
+    named = "all" if not targets or list(targets) == available_steps() else " ".join(targets)
+    return f"make {named}{params}"
 
 
 def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> list[tuple[str, str]]:
@@ -250,6 +256,10 @@ def run_steps(run: Run, targets: list[str], force: bool | set[str] = False) -> l
             run.remove_stale_partials()
             preflight.check(run, steps)  # every problem the steps would meet, before any of them runs
             return _run_locked(run, steps, forced)
+    except Interrupted as err:
+        what = str(err) if str(err).startswith("step ") else f"interrupted ({str(err) or 'SIGINT'})"
+        raise Interrupted(f"{what}\nto resume: {resume_command(run, targets)} (the steps that finished are "
+                          "skipped)") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
