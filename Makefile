@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help setup constraints llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish
+.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
@@ -25,6 +25,18 @@ help: ## list the targets
 	@echo "  variables: PARAMS=$(PARAMS) FORCE=1 LLAMA_CPP_DIR=<existing llama.cpp build>"
 
 setup: $(STAMP) ## create .venv with the pinned Python packages (idempotent)
+
+# Before anything slow: a venv with only pydantic and PyYAML (seconds) validates PARAMS, so a bad
+# key or path stops `make all` before setup installs torch and before the llama.cpp build.
+CHECKER := $(VENV)/.params-checker
+$(CHECKER): $(wildcard constraints/*.txt)
+	@$(PINS) constraints-file >/dev/null
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet pydantic pyyaml -c "$$($(PINS) constraints-file)"
+	@touch $@
+
+check-params: $(CHECKER) ## validate PARAMS (every key, type and path) in seconds, before setup and the build
+	@PYTHONPATH="$(abspath lib)" $(PY) -m llava_gguf.params_check "$(PARAMS)"
 
 # The constraints file pins every package for this machine and Python (an unsupported pair stops
 # here, naming the supported ones, before a venv or a resolver run).
@@ -44,10 +56,10 @@ constraints: $(STAMP) ## regenerate constraints/*.txt from requirements.txt with
 llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/llava-gguf (skipped with LLAMA_CPP_DIR)
 	$(PY) -m llava_gguf build-llama-cpp
 
-all: setup llama-cpp ## run every step on PARAMS, then render reports into outputs/<run>/reports/
+all: check-params setup llama-cpp ## run every step on PARAMS, then render reports into outputs/<run>/reports/
 	$(PY) -m llava_gguf run all --params "$(PARAMS)" $(FORCE_FLAG)
 
-$(STEPS): setup
+$(STEPS): check-params setup
 	@if $(REGISTRY) uses-llama-cpp $@; then $(MAKE) --no-print-directory llama-cpp; fi
 	$(PY) -m llava_gguf run $@ --params "$(PARAMS)" $(FORCE_FLAG)
 
