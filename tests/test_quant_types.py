@@ -157,3 +157,20 @@ def test_this_machine_is_read_without_error():
     cpu = quant_candidates.this_cpu()
     assert cpu.source == "cpuinfo" and cpu.features
     assert {"Q4_0", "Q5_K_M", "Q8_0"} <= {c.name for c in quant_candidates.quant_candidates(cpu)}
+
+
+def test_an_amx_build_takes_its_types_before_cpu_repack():
+    """Flags of an AMX-capable Xeon (a hand-picked subset, not a recorded list)."""
+    cpu = quant_candidates.from_cpuinfo(["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"])
+    got = cpu.repacked_ggml_types()
+    assert got["q4_K"] == got["q6_K"] == "amx" and got["iq4_nl"] == "iq4_nl_8x8" and got["q2_K"] == "q2_K_8x8"
+
+
+def test_loader_names_are_the_model_loaders_own():
+    assert quant_types.from_loader_name("(guessed) Q4_K - Medium").name == "Q4_K_M"
+    assert quant_types.from_loader_name("Q4_0").name == "Q4_0" and quant_types.from_loader_name("Q9") is None
+    src = toolchain.cache_dir() / f"llama.cpp-{toolchain.LLAMA_CPP_COMMIT}-src" / "src/llama-model-loader.cpp"
+    if not src.exists():
+        pytest.skip(f"{src} not extracted (make llama-cpp)")
+    names = set(re.findall(r'LLAMA_FTYPE_PREFIX "([^"]+)"', src.read_text()))
+    assert {q.loader for q in quant_types.QUANT_TYPES.values()} <= names

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import machine
-from .quant_types import QUANT_TYPES, repacked_ggml_types
+from .quant_types import AMX_TYPES, QUANT_TYPES, repacked_ggml_types
 from .tune_config import SEED_TYPE
 
 # Always measured, repacked here or not: the 4-bit families, the seed's type and the two precise ones.
@@ -48,10 +48,12 @@ class CpuFeatures:
     source: str = "system_info"  # or "cpuinfo"
 
     def repacked_ggml_types(self) -> dict[str, str]:
-        """ggml type -> layout for every type this build repacks (none when built without REPACK)."""
-        if self.repack_built is False:
-            return {}
-        return repacked_ggml_types(self.features, self.sve_bytes, self.rvv_bits)
+        """ggml type -> layout for every type this build repacks (CPU_REPACK's none when built without
+        it; "amx" for the types an AMX build's buffer takes first)."""
+        out = {} if self.repack_built is False else repacked_ggml_types(self.features, self.sve_bytes, self.rvv_bits)
+        if AMX_TYPES["needs"] <= self.features:
+            out.update({t: "amx" for t in AMX_TYPES["types"]})
+        return out
 
 
 def from_system_info(text: str) -> CpuFeatures:

@@ -32,6 +32,11 @@ class QuantType:
     # Heavier ggml types llama-quantize gives some matrices of a Llama (n_gqa 1, no experts, no imatrix):
     # type -> which tensors. token_embd keeps `main` unless listed; it is never repacked (GET_ROWS).
     others: dict[str, str] = field(default_factory=dict)
+    loader: str = ""  # how the model loader names it (`print_info: file type = ...`); "": as `name`
+
+    def __post_init__(self):
+        if not self.loader:
+            object.__setattr__(self, "loader", self.name)
 
     @property
     def ggml_types(self) -> tuple[str, ...]:
@@ -43,30 +48,32 @@ class QuantType:
 _OUTPUT = "output.weight"
 _MORE_BITS = "attn_v and ffn_down of the first and last eighth of the layers and every third between"
 _TABLE = [
-    QuantType("F32", 32.0, "f32"),
+    QuantType("F32", 32.0, "f32", loader="all F32"),
     QuantType("F16", 16.0, "f16"),
     QuantType("BF16", 16.0, "bf16"),
     QuantType("Q8_0", 8.5, "q8_0"),
     QuantType("Q6_K", 6.56, "q6_K"),
     QuantType("Q5_1", 6.0, "q5_1", {"q6_K": _OUTPUT}),
-    QuantType("Q5_K_M", 5.69, "q5_K", {"q6_K": f"{_OUTPUT}; {_MORE_BITS}"}),
-    QuantType("Q5_K_S", 5.54, "q5_K", {"q6_K": _OUTPUT}),
+    QuantType("Q5_K_M", 5.69, "q5_K", {"q6_K": f"{_OUTPUT}; {_MORE_BITS}"}, loader="Q5_K - Medium"),
+    QuantType("Q5_K_S", 5.54, "q5_K", {"q6_K": _OUTPUT}, loader="Q5_K - Small"),
     QuantType("Q5_0", 5.5, "q5_0", {"q6_K": _OUTPUT}),
     QuantType("Q4_1", 5.0, "q4_1", {"q6_K": _OUTPUT}),
-    QuantType("Q4_K_M", 4.89, "q4_K", {"q6_K": f"{_OUTPUT}; {_MORE_BITS}"}),
+    QuantType("Q4_K_M", 4.89, "q4_K", {"q6_K": f"{_OUTPUT}; {_MORE_BITS}"}, loader="Q4_K - Medium"),
     QuantType("Q4_K_S", 4.58, "q4_K", {"q5_K": "attn_v of the first 4 layers, ffn_down of the first eighth",
-                                       "q6_K": _OUTPUT}),
+                                       "q6_K": _OUTPUT}, loader="Q4_K - Small"),
     QuantType("IQ4_NL", 4.5, "iq4_nl", {"q5_K": "ffn_down of the first eighth (without imatrix)",
-                                        "q6_K": _OUTPUT}),
+                                        "q6_K": _OUTPUT}, loader="IQ4_NL - 4.5 bpw"),
     QuantType("Q4_0", 4.5, "q4_0", {"q6_K": _OUTPUT}),
-    QuantType("Q3_K_L", 4.27, "q3_K", {"q5_K": "attn_v, attn_output, ffn_down", "q6_K": _OUTPUT}),
+    QuantType("Q3_K_L", 4.27, "q3_K", {"q5_K": "attn_v, attn_output, ffn_down", "q6_K": _OUTPUT},
+              loader="Q3_K - Large"),
     QuantType("IQ4_XS", 4.25, "iq4_xs", {"q5_K": "ffn_down of the first eighth (without imatrix)",
-                                         "q6_K": _OUTPUT}),
+                                         "q6_K": _OUTPUT}, loader="IQ4_XS - 4.25 bpw"),
     QuantType("Q3_K_M", 3.91, "q3_K", {"q4_K": "attn_v (but the first 2), attn_output, most ffn_down",
                                        "q5_K": "attn_v of the first 2 layers, ffn_down of the first 16th",
-                                       "q6_K": _OUTPUT}),
-    QuantType("Q3_K_S", 3.5, "q3_K", {"q6_K": _OUTPUT}),
-    QuantType("Q2_K", 3.35, "q2_K", {"q3_K": "attn_v, attn_output, ffn_down", "q6_K": _OUTPUT}),
+                                       "q6_K": _OUTPUT}, loader="Q3_K - Medium"),
+    QuantType("Q3_K_S", 3.5, "q3_K", {"q6_K": _OUTPUT}, loader="Q3_K - Small"),
+    QuantType("Q2_K", 3.35, "q2_K", {"q3_K": "attn_v, attn_output, ffn_down", "q6_K": _OUTPUT},
+              loader="Q2_K - Medium"),
 ]
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _TABLE}
 # What the run parameters accept (F32 is only ever an export, never something to quantize to).
@@ -76,6 +83,12 @@ QUANTIZE_TYPES = tuple(n for n in QUANT_TYPES if n != "F32")
 def get(name: str) -> QuantType | None:
     """The table row of a file type (any case), None for a name llama.cpp uses but the table lacks."""
     return QUANT_TYPES.get(str(name).upper())
+
+
+def from_loader_name(text: str) -> QuantType | None:
+    """The row for the model loader's file-type text ("Q4_K - Medium", "(guessed) Q4_0", ...)."""
+    text = text.strip().removeprefix("(guessed) ")
+    return next((q for q in QUANT_TYPES.values() if q.loader == text), None)
 
 
 def bits_per_weight(name: str, default: float = 0.0) -> float:
@@ -147,6 +160,11 @@ REPACK_RULES: tuple[RepackRule, ...] = (
     RepackRule("q1_0", "q1_0_4x8", (_I8MM,), 4),
     RepackRule("q1_0", "q1_0_4x4", (_DOT,), 4),
 )
+# A build with AMX_INT8 and AVX512_VNNI (Xeon Sapphire Rapids and later) puts its `AMX` buffer before
+# CPU_REPACK, so these types go there instead (ggml-cpu/amx/common.h qtype_has_amx_kernels); the AMD
+# and Arm CPUs this project targets have no AMX.
+AMX_TYPES = {"needs": frozenset({"AMX_INT8", "AVX512_VNNI"}),
+             "types": ("q4_0", "q4_1", "q8_0", "q4_K", "q5_K", "q6_K", "iq4_xs")}
 # The pinned source's revision these tables were read from.
 SOURCE_COMMIT = "0c1e570"
 

@@ -24,17 +24,19 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..quant_types import from_loader_name
 from .timings import NUM, strip_line
 
-# Buffer names of the CPU backend's extra (repacking) buffer types; CPU_AARCH64 is the old name.
-REPACK_BUFFERS = ("CPU_REPACK", "CPU_AARCH64")
-EXTRA_BUFFERS = (*REPACK_BUFFERS, "CPU_KLEIDIAI", "AMX")
+# The CPU backend's extra buffer types: each holds weights converted at load time to its kernels'
+# layout (CPU_AARCH64 is CPU_REPACK's name before mid-2025; KleidiAI and AMX builds add theirs).
+REPACK_BUFFERS = ("CPU_REPACK", "CPU_AARCH64", "CPU_KLEIDIAI", "AMX")
 
 _LOAD = re.compile(r"llama_model_loader: loaded meta data with \d+ key-value pairs and (?P<n>\d+) tensors from "
                    r"(?P<path>.+?)(?: \(version [^)]*\))?$")
 _TYPE = re.compile(r"llama_model_loader: - type\s+(?P<type>\w+):\s*(?P<n>\d+) tensors$")
 _FTYPE = re.compile(r"print_info: file type\s*=\s*(?P<ftype>.+?)$")
-_BUFFER = re.compile(rf"(?:load_tensors|llm_load_tensors):\s+(?P<buf>\S+) model buffer size =\s*(?P<mib>{NUM}) MiB$")
+_BUFFER = re.compile(rf"(?:load_tensors|llm_load_tensors):\s+(?P<buf>\S+) model buffer size =\s*(?P<mib>{NUM}) MiB$",
+                     re.I)
 _REPACK = re.compile(r"repack: repack tensor (?P<tensor>\S+) with (?P<layout>(?P<type>\w+?)_\d+x\d+)$")
 _MOVED = re.compile(r"done_getting_tensors: tensor '(?P<tensor>[^']+)' \((?P<type>\w+)\) \(and (?P<others>\d+) others\) "
                     r"cannot be used with preferred buffer type (?P<preferred>\S+), using (?P<used>\S+) instead$")
@@ -106,13 +108,14 @@ class RepackLog:
         """The flat figures a table row carries."""
         f = self.final or ModelLoad()
         moved = f.not_repacked or {}
+        row = from_loader_name(f.file_type) if f.file_type else None
         return {"repacked": self.repacked, "repack_MiB": f.repack_mib,
                 "other_weights_MiB": (sum(v for k, v in f.buffers.items() if k not in REPACK_BUFFERS)
                                       if f.buffers else None),
                 "repacked_tensors": len(f.repacked) or None,
                 "layouts": ", ".join(f"{k} x{v}" for k, v in sorted(f.layouts().items())) or None,
                 "not_repacked_tensors": moved["others"] + 1 if moved else None,
-                "file_type": f.file_type}
+                "file_type": f.file_type, "quant": row.name if row else None}
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "loads": [asdict(ld) for ld in self.loads]}
