@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-
 from llava_gguf import quant_candidates
 from llava_gguf.llama_cpp import repack_log
 
