@@ -12,13 +12,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .quant_types import QUANTIZE_TYPES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS = "params/default.yaml"
-QUANT_TYPES = (
-    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
-    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "F16", "BF16",
-)
 
 
 # The precisions the exports write (text: convert.outtype, mmproj: convert.mmproj_outtype).
@@ -87,9 +85,9 @@ class QuantizeParams(_Strict):
     @field_validator("types")
     @classmethod
     def _known_types(cls, types: list[str]) -> list[str]:
-        unknown = [t for t in types if t.upper() not in QUANT_TYPES]
+        unknown = [t for t in types if t.upper() not in QUANTIZE_TYPES]
         if unknown:
-            raise ValueError(f"unknown quant type(s) {unknown}; known: {', '.join(QUANT_TYPES)}")
+            raise ValueError(f"unknown quant type(s) {unknown}; known: {', '.join(QUANTIZE_TYPES)}")
         return [t.upper() for t in types]
 
 

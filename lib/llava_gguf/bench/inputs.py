@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import machine
+from .. import machine, quant_types
 from ..tiny import is_current
 from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
@@ -108,10 +108,9 @@ def machine_info(run: Run) -> dict[str, Any]:
     return info
 
 
-# Approximate bits per weight of llama-quantize's output for the 7B (to size the disk check).
-_BPW = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9,
-        "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
-        "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 0.0, "BF16": 16.0}
+def _written_bpw(qtype: str) -> float:
+    """Bits per weight of the file the benchmark writes for `qtype` (F16 is the export itself: none)."""
+    return 0.0 if qtype.upper() == "F16" else quant_types.file_bits_per_weight(qtype, 8.5)
 
 
 def disk_needed(run: Run, ckpt_bytes: int) -> int:
@@ -119,8 +118,8 @@ def disk_needed(run: Run, ckpt_bytes: int) -> int:
     b = run.params.bench
     text = ckpt_bytes  # an f16 file is about the bf16 checkpoint's size
     types = set(b.quant_types) | {run.params.quantize.types[0]}
-    project = text + sum(text * _BPW.get(t, 8.5) / 16 for t in types)
-    legacy = 2 * text + text * _BPW.get(run.params.quantize.types[0], 8.5) / 16 + 0.1 * text if b.legacy else 0
+    project = text + sum(text * _written_bpw(t) / 16 for t in types)
+    legacy = 2 * text + text * _written_bpw(run.params.quantize.types[0]) / 16 + 0.1 * text if b.legacy else 0
     if b.keep_outputs:
         return int(project + legacy)
     return int(max(ckpt_bytes, project, legacy))  # the plain copy, the project's files, the legacy recipe's

@@ -22,19 +22,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .. import quant_types
 from ..llama_cpp import toolchain
 from ..gguf_io import open_gguf
 from ..workspace import Run, atomic_path, write_json
 
 log = logging.getLogger(__name__)
-
-# Nominal bits per weight of llama.cpp file types (7B Llama, from llama-quantize's help): ranks
-# variants by precision when choosing a reference.
-NOMINAL_BPW = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_1": 6.0, "Q5_K_M": 5.69,
-    "Q5_K_S": 5.54, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "IQ4_NL": 4.5, "Q4_0": 4.5,
-    "IQ4_XS": 4.25, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 2.96,
-}
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf)"
 _PM = r"\s*(?:±|\+/-)\s*"
@@ -58,9 +51,10 @@ class QualityError(RuntimeError):
 
 
 def reference_variant(names) -> str | None:
-    """The most precise of the variant names (unquantized first), None when there are none."""
+    """The most precise of the variant names (unquantized first, by quant_types' bits per weight),
+    None when there are none."""
     names = list(names)
-    return max(names, key=lambda n: NOMINAL_BPW.get(str(n).upper(), 0.0)) if names else None
+    return max(names, key=lambda n: quant_types.bits_per_weight(n, 0.0)) if names else None
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -143,7 +143,8 @@ def to_json(timings: Timings, indent: int | None = 2) -> str:
     return json.dumps(timings.to_dict(), indent=indent)
 
 
-def _strip(line: str) -> str:
+def strip_line(line: str) -> str:
+    """A log line without colour codes, line end and the current builds' time-and-level prefix."""
     line = _ANSI.sub("", line).rstrip("\r\n ")
     return _PREFIX.sub("", line, count=1)
 
@@ -165,7 +166,7 @@ class _Parser:
         return True
 
     def line(self, lineno: int, raw: str) -> None:
-        text = _strip(raw)
+        text = strip_line(raw)
         if not text:
             return
         t = self.t

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .. import quant_types
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,8 @@ class PlotFigure(Figure):
 
 def precision_order(variants) -> list[str]:
     """Most precise first (F16, Q8_0, ..., Q4_0), unknown names last in their given order."""
-    from ..checks.quality import NOMINAL_BPW
-
     names = list(dict.fromkeys(variants))
-    return sorted(names, key=lambda n: -NOMINAL_BPW.get(str(n).upper(), -1.0))
+    return sorted(names, key=lambda n: -quant_types.bits_per_weight(n, -1.0))
 
 
 def save(fig: Figure, run: Run | None, name: str, folder: Path | None = None) -> Path | None:

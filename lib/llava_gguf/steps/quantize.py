@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import diskspace, stamps, step_tools, workspace
+from .. import diskspace, quant_types, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, toolchain
 from ..params import TEXT_OUTTYPES
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 
 # Suffixes that name the float type of an unquantized export; dropped before adding the quant type.
 _FLOAT_SUFFIX = re.compile(rf"[-_.]({'|'.join(TEXT_OUTTYPES)})$", re.I)
-# Bits per weight of a Llama's matrices in each type, rounded up (llama.cpp's own table; the mixed
-# _S/_M/_L types include their heavier tensors; measured at 7B: Q8_0 8.50, Q5_K_M 5.68, Q4_K_M 4.84,
-# Q4_0 4.54). Only used to check the free disk before llama-quantize writes.
-BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0": 5.5, "Q5_1": 6.0,
-                   "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.6, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9,
-                   "Q3_K_S": 3.5, "Q2_K": 3.4, "IQ4_NL": 4.5, "IQ4_XS": 4.3, "F16": 16.0, "BF16": 16.0}
 
 
 @dataclass
@@ -70,13 +64,13 @@ def threads(run: Run) -> int:
 
 def estimated_size(text_gguf: Path, qtype: str) -> int:
     """About how many bytes llama-quantize will write for `qtype` (metadata as in the source, the
-    matrices at BITS_PER_WEIGHT, 1-D tensors kept F32)."""
+    matrices at quant_types.file_bits_per_weight, 1-D tensors kept F32): to check the free disk."""
     header = open_gguf(text_gguf, "text GGUF (artifact text_gguf)")
     tensors = list(header.tensors.values())
     meta = min((t.offset for t in tensors), default=0)
     matrices = sum(t.n_elements for t in tensors if len(t.shape) > 1)
     vectors = sum(t.n_elements for t in tensors if len(t.shape) <= 1)
-    return int(meta + matrices * BITS_PER_WEIGHT.get(qtype, 16.0) / 8 + 4 * vectors)
+    return int(meta + matrices * quant_types.file_bits_per_weight(qtype) / 8 + 4 * vectors)
 
 
 # ----------------------------------------------------------------------------- tools
