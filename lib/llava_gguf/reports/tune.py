@@ -63,7 +63,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
     `m` is the step's Measurer: the scripts are rendered from the settings it ran with."""
     from ..llama_cpp import toolchain
     from ..steps.evaluate import write_table
-    from ..tune_config import SEED_TEMPLATE, config_from_row
+    from ..tune_config import SEED_TEMPLATE, TuneError, config_from_row
 
     folder = run.sub("tune")
     confirmed = result.confirmed
@@ -84,6 +84,12 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         if len(chosen) > 1:
             names.append(f"run-llava-{name}.sh")
         paths = [_write_script(run.dir / n, script_text(m, cfg, e.n_predict, header, n)) for n in names]
+        measured = measured_run(result.runs, cfg.label)
+        rendered = flags.command(m.cli, settings, flags.MTMD, extra)
+        if measured["command"] is not None and measured["command"] != rendered:
+            raise TuneError(f"run-llava script for budget '{name}' would run {shlex.join(rendered)}, but 07_tune "
+                            f"measured {shlex.join(measured['command'])}: a configuration field is lost on its "
+                            "way through the runs table (tune_config.config_from_row)")
         kld = result.quality["kld"].get(cfg.quant)
         budgets[name] = json_safe({
             "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
@@ -92,7 +98,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
             "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
             "text_gguf": settings["model"], "mmproj": settings["mmproj"],
             "flags": flags.flag_args(flags.runtime(settings)) + extra,
-            **measured_run(result.runs, cfg.label), "flag_table": flags.table(settings),
+            **measured, "flag_table": flags.table(settings),
             "scripts": [str(p) for p in paths],
             "stages": {k: row.get(k) for k in ("load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms",
                                                "prompt_tokens_per_s", "eval_ms_per_token")}})
