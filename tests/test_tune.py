@@ -343,9 +343,12 @@ def test_tune_step_end_to_end(write_params, llama_tool):
 def test_config_survives_a_table_round_trip():
     import pandas as pd
 
-    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M")]
+    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M"),
+            tune_config.Config("Q5_K_M", threads=4, threads_batch=8, cpu_mask="0xf0", cpu_mask_batch="0xff0",
+                               cpu_strict=1)]
     rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
     assert [tune_config.config_from_row(r) for r in rows] == cfgs and tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
+    assert cfgs[2].label.endswith("t 4, tb 8, C 0xf0, Cb 0xff0, strict 1")
 
 
 @pytest.mark.llama_cpp
