@@ -73,7 +73,7 @@ def test_count_check_against_eval_runs():
     assert not evaluate._check_count(8, "n_predict", Timings(), 8)[0]
 
 
-def test_options_from_params_pass_through():
+def test_options_from_params_pass_through():  # every option: tests/test_flags.py
     ev = EvaluateParams(n_predict=64, seed=7, threads=3, threads_batch=4, batch_size=256, ubatch_size=128,
                         ctx_size=2048, flash_attn="on", cache_type_k="q8_0", cache_type_v="f16", chat_template="vicuna")
     args = MtmdOptions(ev).args()

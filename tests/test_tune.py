@@ -1,10 +1,10 @@
 """Step 07: the significance rule, the staged search, failing configurations, mmproj budget variants,
-the run-llava.sh override semantics and a tiny end-to-end run."""
+run-llava.sh as the measured command and a tiny end-to-end run (overrides: tests/test_flags.py)."""
 from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from llava_gguf import mmproj_variants, tune_config
 from llava_gguf.reports import tune as tune_report
 from llava_gguf.steps import tune
+from llava_gguf.llama_cpp import flags
 from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
 from llava_gguf.gguf_io import read_gguf
 from llava_gguf.params import EvaluateParams, TuneParams
@@ -69,8 +70,11 @@ def test_default_threads_and_runtime_grid():
 def test_baseline_is_the_seed_command():
     assert tune_config.baseline_config(["Q8_0", "Q5_K_M", "Q4_K_M"]) == tune_config.Config("Q5_K_M")
     assert tune_config.baseline_config(["Q8_0", "Q4_K_M"]).quant == "Q8_0"
-    assert tune_config.Config("Q5_K_M").evaluate_update() == dict.fromkeys(
-        ["threads", "threads_batch", "flash_attn", "cache_type_k", "cache_type_v", "ubatch_size"])
+    # The seed's command: every setting tune decides at the tool's default, each one a flag-table row.
+    settings = tune_config.Config("Q5_K_M").settings()
+    assert set(settings.values()) == {None} and set(settings) <= set(flags.BY_KEY)
+    assert {"threads", "threads_batch", "cpu_mask", "cpu_mask_batch", "cpu_strict", "flash_attn", "cache_type_k",
+            "cache_type_v", "ubatch_size"} <= set(settings)
     with pytest.raises(tune_config.TuneError):
         tune_config.baseline_config([])
 
@@ -209,24 +213,29 @@ def test_choose_prefers_the_precise_one_within_the_spread():
 
 
 # ----------------------------------------------------------------------------- the script
-def test_script_overrides_and_default_image(tmp_path):
+def test_script_runs_what_measure_runs(tmp_path):
+    """run-llava.sh is rendered from the settings `Measurer.measure` runs with: same argv, greedy, -n."""
     echo = tmp_path / "llama-mtmd-cli"
-    echo.write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n")
+    echo.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
     echo.chmod(0o755)
-    cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
-    flags = tune_report.tool_flags(cfg, 4096)
-    assert flags == ["-c", "4096", "-t", "2", "-tb", "2", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
-                     "--chat-template", "vicuna"]
-    script = tmp_path / "run-llava.sh"
-    script.write_text(tune_report.script_text(echo, Path("/m/text.gguf"), Path("/m/mm proj.gguf"), flags,
-                                              Path("/img/test-1.jpeg"), "Describe this image.", ["header"]))
-    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[out.index("--mmproj") + 1] == "/m/mm proj.gguf"
-    assert out[out.index("--image") + 1] == "/img/test-1.jpeg" and out[out.index("-p") + 1] == "Describe this image."
-    out = subprocess.run(["bash", str(script), "--image", "mine.png", "-t", "1"], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out.count("--image") == 1 and out[-3:] == ["mine.png", "-t", "1"] and "-p" in out
-    assert "llama-server" in script.read_text()
+    calls = []
+    m = _measurer(tmp_path, calls)
+    m.cli = echo
+    seen = []
+    m.runner = lambda cli, text, mmproj, image, prompt, opts, log_path: (
+        seen.append(opts.command(cli, text, mmproj, image, prompt)) or FakeRun(500.0, 100.0, 576, seen[-1]))
+    cfg = tune_config.Config("Q4_K_M", budget="single", threads=2, cpu_mask="0x3", cpu_strict=1, flash_attn="on",
+                             cache_type="q8_0")
+    row = m.measure(cfg, "confirm", 8)
+    script = tmp_path / "run-llava-single.sh"
+    script.write_text(tune_report.script_text(m, cfg, 8, ["header"], script.name))
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    assert [str(echo), *out.stdout.splitlines()] == row["command"] == flags.executed_argv(out.stderr, script.name)
+    pairs = dict(zip(row["command"][1::2], row["command"][2::2]))
+    assert (pairs["--temp"], pairs["--seed"], pairs["-n"], pairs["-t"], pairs["-tb"], pairs["-C"],
+            pairs["--cpu-strict"], pairs["--chat-template"]) == ("0.0", "42", "8", "2", "2", "0x3", "1", "vicuna")
+    assert pairs["--mmproj"].endswith("mmproj-f16-single.gguf") and pairs["--image"] == str(tmp_path / "img.jpg")
+    assert "llama-server" in script.read_text() and "--image" not in script.read_text().split("llama-server")[1]
 
 
 # ----------------------------------------------------------------------------- with llama.cpp
@@ -284,20 +293,6 @@ def test_budget_token_counts_from_the_log(tiny_ggufs, llama_tool, tmp_path):
 
 
 @pytest.mark.llama_cpp
-def test_last_option_wins_in_the_pinned_build(tiny_ggufs, llama_tool, tmp_path):
-    """What run-llava.sh relies on: a repeated option takes its last value."""
-    from llava_gguf.llama_cpp import toolchain
-    from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, run_mtmd
-
-    cli = llama_tool("llama-mtmd-cli")
-    r = run_mtmd(cli, tiny_ggufs["text"], tiny_ggufs["mmproj"], toolchain.source_asset(DEFAULT_IMAGE), "Hi",
-                 MtmdOptions(EvaluateParams(n_predict=6, threads=2), extra_args=["-n", "3", "-t", "1"]),
-                 tmp_path / "last.log")
-    assert r.n_tokens <= 3 and r.timings.eval["runs"] <= 2
-    assert "n_threads = 1" in Path(r.log_path).read_text()
-
-
-@pytest.mark.llama_cpp
 def test_tune_step_end_to_end(write_params, llama_tool):
     from llava_gguf import pipeline, workspace
 
@@ -322,8 +317,19 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert rec["quality"]["mmproj_nmse"]["q8_0"] > 0
     for name in ("run-llava.sh", "run-llava-full.sh", "run-llava-single.sh"):
         assert (run.dir / name).stat().st_mode & 0o111
+    # Run bare, each script runs the measured command (greedy, its -n) on the image in the run folder,
+    # gives the measured answer and exits 0 (it used to sample until the context was full, then exit 1).
+    for budget, name in (("full", "run-llava.sh"), ("single", "run-llava-single.sh")):
+        measured = rec["budgets"][budget]
+        out = subprocess.run([str(run.dir / name)], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        argv = flags.executed_argv(out.stderr, name)
+        assert argv == measured["command"] and argv[argv.index("-n") + 1] == "6" and "--temp" in argv
+        assert Path(argv[argv.index("--image") + 1]).parent == run.dir / "tune"
+        assert out.stdout.strip() == measured["answer"]
     out = subprocess.run(["bash", str(run.dir / "run-llava-single.sh"), "-n", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert flags.executed_argv(out.stderr, "run-llava-single.sh").count("-n") == 1
     assert "faster than the seed's command" in (run.dir / "reports" / "index.html").read_text()
     assert (run.dir / "plots" / "tune_latency.png").exists() and (run.dir / "plots" / "tune_pareto.png").exists()
     import yaml
@@ -337,9 +343,12 @@ def test_tune_step_end_to_end(write_params, llama_tool):
 def test_config_survives_a_table_round_trip():
     import pandas as pd
 
-    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M")]
+    cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M"),
+            tune_config.Config("Q5_K_M", threads=4, threads_batch=8, cpu_mask="0xf0", cpu_mask_batch="0xff0",
+                               cpu_strict=1)]
     rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
     assert [tune_config.config_from_row(r) for r in rows] == cfgs and tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
+    assert cfgs[2].label.endswith("t 4, tb 8, C 0xf0, Cb 0xff0, strict 1")
 
 
 @pytest.mark.llama_cpp
@@ -372,6 +381,8 @@ def test_params_snippet_keys_are_evaluate_keys():
     import yaml
 
     cfg = tune_config.Config("Q4_K_M", threads=2, flash_attn="on", cache_type="q8_0")
-    text = yaml.safe_dump({"evaluate": {**cfg.evaluate_update(), "chat_template": "vicuna"}})
+    cfg = replace(cfg, cpu_mask="0xff", cpu_strict=1)
+    text = yaml.safe_dump({"evaluate": {**cfg.settings(), "chat_template": "vicuna"}})
     e = EvaluateParams(**yaml.safe_load(text)["evaluate"])  # 'on' stays a string, null is the tool's default
     assert (e.threads, e.threads_batch, e.flash_attn, e.cache_type_v, e.ubatch_size) == (2, 2, "on", "q8_0", None)
+    assert (e.cpu_mask, e.cpu_strict, e.cpu_mask_batch) == ("0xff", 1, None)

@@ -106,6 +106,10 @@ class EvaluateParams(_Strict):
     temperature: float = 0.0
     threads: int | None = None
     threads_batch: int | None = None
+    # -C / -Cb (hex CPU masks) and --cpu-strict 0|1: the keys of llama_cpp/flags.py's table.
+    cpu_mask: str | None = Field(None, pattern=r"^(0x)?[0-9a-fA-F]+$")
+    cpu_mask_batch: str | None = Field(None, pattern=r"^(0x)?[0-9a-fA-F]+$")
+    cpu_strict: Literal[0, 1] | None = None
     batch_size: int | None = None
     ubatch_size: int | None = None
     ctx_size: int = 4096

@@ -24,28 +24,43 @@ class TuneError(RuntimeError):
 # ----------------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
 class Config:
-    """One llama-mtmd-cli configuration; None means the tool's default."""
+    """One llama-mtmd-cli configuration; None means the tool's default.
+
+    The runtime fields are named after the rows of the flag table (llama_cpp/flags.py), except
+    `cache_type` (K and V alike); `threads_batch` None follows `threads`, as tune measures them together.
+    """
 
     quant: str
     mmproj: str = "f16"
     budget: str = "full"
     threads: int | None = None
+    threads_batch: int | None = None
+    cpu_mask: str | None = None
+    cpu_mask_batch: str | None = None
+    cpu_strict: int | None = None
     flash_attn: str | None = None
     cache_type: str | None = None
+    batch_size: int | None = None
     ubatch_size: int | None = None
     extra_args: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         parts = [self.quant, f"mmproj {self.mmproj}", f"budget {self.budget}"]
-        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("fa", self.flash_attn), ("kv", self.cache_type),
+        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("tb", self.threads_batch), ("C", self.cpu_mask),
+                                          ("Cb", self.cpu_mask_batch), ("strict", self.cpu_strict),
+                                          ("fa", self.flash_attn), ("kv", self.cache_type), ("b", self.batch_size),
                                           ("ub", self.ubatch_size)) if v is not None]
         return ", ".join(parts + list(self.extra_args))
 
-    def evaluate_update(self) -> dict[str, Any]:
-        """The `evaluate` params keys this configuration sets (for MtmdOptions and the params snippet)."""
-        return {"threads": self.threads, "threads_batch": self.threads, "flash_attn": self.flash_attn,
-                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type, "ubatch_size": self.ubatch_size}
+    def settings(self) -> dict[str, Any]:
+        """The flag-table settings this configuration decides (every one, None: the tool's default);
+        all of them are `evaluate` params keys too (MtmdOptions, the params snippet)."""
+        return {"threads": self.threads,
+                "threads_batch": self.threads if self.threads_batch is None else self.threads_batch,
+                "cpu_mask": self.cpu_mask, "cpu_mask_batch": self.cpu_mask_batch, "cpu_strict": self.cpu_strict,
+                "batch_size": self.batch_size, "ubatch_size": self.ubatch_size, "flash_attn": self.flash_attn,
+                "cache_type_k": self.cache_type, "cache_type_v": self.cache_type}
 
 
 def baseline_config(quant_types: Iterable[str]) -> Config:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..params import EvaluateParams
+from . import flags
 from .timings import Timings, parse_timings
 
 log = logging.getLogger(__name__)
@@ -54,35 +55,37 @@ class EvaluationError(RuntimeError):
     """A `llama-mtmd-cli` run failed; the message names the run's log, which is kept."""
 
 
-# The llama-mtmd-cli flag of each `evaluate` params key passed through; None means the tool's default.
-MTMD_FLAGS = {"n_predict": "-n", "seed": "--seed", "temperature": "--temp", "ctx_size": "-c", "threads": "-t",
-              "threads_batch": "-tb", "batch_size": "-b", "ubatch_size": "-ub", "flash_attn": "-fa",
-              "cache_type_k": "-ctk", "cache_type_v": "-ctv", "chat_template": "--chat-template"}
-
-
 @dataclass
 class MtmdOptions:
     """How llama-mtmd-cli is run: the `evaluate` params (override keys with
-    `evaluate.model_copy(update=...)`) plus the options that are no params keys."""
+    `evaluate.model_copy(update=...)`) plus the options that are no params keys. Every option goes
+    through the flag table (`flags.FLAGS`)."""
 
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode
-    # times and the final perf block. At its default (3) neither is printed.
+    # 4 ("trace"): the log lines the timings are read from (see flags.FLAGS).
     log_verbosity: int | None = 4
     extra_args: list[str] = field(default_factory=list)
 
+    def settings(self) -> dict[str, Any]:
+        """The flag table's settings of a run (files and image/prompt apart)."""
+        return {**flags.params_settings(self.evaluate), "log_verbosity": self.log_verbosity}
+
     def args(self) -> list[str]:
-        pairs = [(flag, getattr(self.evaluate, key)) for key, flag in MTMD_FLAGS.items()]
-        out: list[str] = []
-        for flag, value in pairs + [("-lv", self.log_verbosity)]:
-            if value is not None:
-                out += [flag, str(value)]
-        return out + list(self.extra_args)
+        return flags.flag_args(self.settings()) + list(self.extra_args)
+
+    def run_settings(self, text_gguf: str | Path, mmproj: str | Path, image: str | Path, prompt: str) -> dict[str, Any]:
+        """The settings of one run, files and image/prompt included: what `command` and scripts render."""
+        return {"model": str(text_gguf), "mmproj": str(mmproj), "image": str(image), "prompt": prompt,
+                **self.settings()}
+
+    def command(self, cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, image: str | Path,
+                prompt: str) -> list[str]:
+        return flags.command(cli_path, self.run_settings(text_gguf, mmproj, image, prompt), flags.MTMD,
+                             self.extra_args)
 
     def to_dict(self) -> dict[str, Any]:
         """What a run used, for its metrics record."""
-        return {**{k: getattr(self.evaluate, k) for k in MTMD_FLAGS}, "timeout_s": self.evaluate.timeout_s,
-                "log_verbosity": self.log_verbosity, "extra_args": list(self.extra_args)}
+        return {**self.settings(), "timeout_s": self.evaluate.timeout_s, "extra_args": list(self.extra_args)}
 
 
 @dataclass
@@ -177,8 +180,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     check_input(Path(text_gguf), "text GGUF")
     check_input(Path(mmproj), "mmproj GGUF")
     check_input(Path(cli_path), "llama-mtmd-cli")
-    cmd = [str(cli_path), "-m", str(text_gguf), "--mmproj", str(mmproj), "--image", str(image),
-           "-p", prompt, *opts.args()]
+    cmd = opts.command(cli_path, text_gguf, mmproj, image, prompt)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log.info("llama-mtmd-cli %s on %s (log %s)", Path(text_gguf).name, Path(image).name, log_path)

@@ -1,10 +1,10 @@
 """Step 07's products: recommended.json, run-llava*.sh, the params snippet, plots, the index headline.
 
-`run-llava.sh` holds the exact llama-mtmd-cli command of the recommendation. Options given on its
-command line come after its own, and llama.cpp's argument parser keeps the last value of an option,
-so they override (checked on the pinned build by tests/test_tune.py). `--image` is the exception:
-each occurrence adds an image, so the script's default image (and prompt) are only added when the
-command line has none.
+`run-llava.sh` runs, given no options, the llama-mtmd-cli command that 07_tune measured for the
+recommendation (greedy, its `-n`, threads and flags, on the step's image and prompt); both are
+rendered from the flag table (llama_cpp/flags.py). Each option given on its command line replaces
+the script's own value of it; `--image` replaces the default image. recommended.json records the
+measured argv (`command`), which tests/test_tune.py compares with the argv a script prints.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from . import plots
+from ..llama_cpp import flags
 from ..workspace import Run, atomic_path, json_safe, write_json
 
 log = logging.getLogger(__name__)
@@ -31,39 +32,22 @@ SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, 
                   "configurations carries no meaning here and is not a quality measure")
 
 
-def tool_flags(cfg, ctx_size: int | None) -> list[str]:
-    """The flags of a configuration as llama-mtmd-cli / llama-server take them (defaults left out)."""
-    from ..llama_cpp.mtmd import MTMD_FLAGS
-    from ..tune_config import SEED_TEMPLATE
-
-    update = {**cfg.evaluate_update(), "ctx_size": ctx_size, "chat_template": SEED_TEMPLATE}
-    out: list[str] = []
-    for key in ("ctx_size", "threads", "threads_batch", "ubatch_size", "flash_attn", "cache_type_k",
-                "cache_type_v", "chat_template"):
-        if update.get(key) is not None:
-            out += [MTMD_FLAGS[key], str(update[key])]
-    return out + list(cfg.extra_args)
+def script_text(m, cfg, n_predict: int, header: list[str], name: str = "run-llava.sh") -> str:
+    """run-llava*.sh: the command `m.measure` ran for this configuration, with the matching llama-server
+    command in a comment (build it with the llama-server target if missing)."""
+    settings, extra = m.run_settings(cfg, n_predict)
+    server = flags.server_command(Path(m.cli).with_name(flags.SERVER), settings, extra)
+    header = [*header, f"The matching {flags.SERVER} command:", "  " + shlex.join(server)]
+    return flags.script_text(m.cli, settings, extra, header, name=name)
 
 
-def script_text(cli: Path, text: Path, mmproj: Path, flags: list[str], image: Path, prompt: str,
-                header: list[str]) -> str:
-    """A bash script running llama-mtmd-cli with these files and flags; "$@" comes last and overrides."""
-    q = shlex.quote
-    server = cli.with_name("llama-server")
-    lines = ["#!/usr/bin/env bash", *[f"# {h}" for h in header],
-             "# Options on this script's command line override its own (llama.cpp keeps an option's last value);",
-             "# the default image and prompt are only added when the command line has no --image / -p.",
-             "# The matching llama-server command (build it with the llama-server target if missing):",
-             f"#   {' '.join(q(str(a)) for a in [server, '-m', text, '--mmproj', mmproj, *flags])}",
-             "set -euo pipefail",
-             "has_image=0; has_prompt=0",
-             'for a in "$@"; do case "$a" in --image|--audio|--video) has_image=1;; -p|--prompt|-f|--file) has_prompt=1;; esac; done',
-             "defaults=()",
-             f"[ $has_image = 1 ] || defaults+=(--image {q(str(image))})",
-             f"[ $has_prompt = 1 ] || defaults+=(-p {q(prompt)})",
-             f"exec {q(str(cli))} -m {q(str(text))} --mmproj {q(str(mmproj))} {' '.join(q(f) for f in flags)} "
-             '${defaults[@]+"${defaults[@]}"} "$@"', ""]
-    return "\n".join(lines)
+def measured_run(runs: pd.DataFrame, label: str) -> dict:
+    """The argv and the (greedy) answer of a configuration's first confirmation run, as run_mtmd ran it."""
+    rows = runs[(runs["config"] == label) & (runs["phase"] == "confirm") & (runs["status"] == "ok")] \
+        if "command" in runs else runs.iloc[:0]
+    if not len(rows):
+        return {"command": None, "answer": None}
+    return {"command": list(rows["command"].iloc[0]), "answer": rows["answer"].iloc[0]}
 
 
 def _write_script(path: Path, body: str) -> Path:
@@ -74,12 +58,12 @@ def _write_script(path: Path, body: str) -> Path:
     return path
 
 
-def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cli: Path,
-                  mmproj: dict, text: dict, image: Path, prompt: str) -> dict:
-    """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`."""
+def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m) -> dict:
+    """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`.
+    `m` is the step's Measurer: the scripts are rendered from the settings it ran with."""
     from ..llama_cpp import toolchain
     from ..steps.evaluate import write_table
-    from ..tune_config import config_from_row
+    from ..tune_config import SEED_TEMPLATE, TuneError, config_from_row
 
     folder = run.sub("tune")
     confirmed = result.confirmed
@@ -89,37 +73,44 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
     budgets: dict[str, dict] = {}
     for name, row in chosen.items():
         cfg = config_from_row(row)
-        flags = tool_flags(cfg, e.ctx_size)
+        settings, extra = m.run_settings(cfg, e.n_predict)
         speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
         header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
                   f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
                   f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
                   f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
                   f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
-        script = script_text(cli, text[cfg.quant], mmproj[(cfg.mmproj, cfg.budget)], flags, image, prompt, header)
         names = ["run-llava.sh"] if name == full else []
         if len(chosen) > 1:
             names.append(f"run-llava-{name}.sh")
-        paths = [_write_script(run.dir / n, script) for n in names]
+        paths = [_write_script(run.dir / n, script_text(m, cfg, e.n_predict, header, n)) for n in names]
+        measured = measured_run(result.runs, cfg.label)
+        rendered = flags.command(m.cli, settings, flags.MTMD, extra)
+        if measured["command"] is not None and measured["command"] != rendered:
+            raise TuneError(f"run-llava script for budget '{name}' would run {shlex.join(rendered)}, but 07_tune "
+                            f"measured {shlex.join(measured['command'])}: a configuration field is lost on its "
+                            "way through the runs table (tune_config.config_from_row)")
         kld = result.quality["kld"].get(cfg.quant)
         budgets[name] = json_safe({
             "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
             "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
             "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
             "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
-            "text_gguf": str(text[cfg.quant]), "mmproj": str(mmproj[(cfg.mmproj, cfg.budget)]),
-            "flags": flags, "scripts": [str(p) for p in paths],
+            "text_gguf": settings["model"], "mmproj": settings["mmproj"],
+            "flags": flags.flag_args(flags.runtime(settings)) + extra,
+            **measured, "flag_table": flags.table(settings),
+            "scripts": [str(p) for p in paths],
             "stages": {k: row.get(k) for k in ("load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms",
                                                "prompt_tokens_per_s", "eval_ms_per_token")}})
     snippet = folder / "params-snippet.yaml"
     main_cfg = config_from_row(chosen[full])
     # Every key, null ones included: null is the tool's default, which a params file's value would override.
-    keys = main_cfg.evaluate_update()
+    keys = main_cfg.settings()
     with atomic_path(snippet, suffix=".yaml") as tmp:
         tmp.write_text(f"# Add to {run.params_file} so `make evaluate` runs with the recommendation:\n"
                        f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
                        "the mmproj type and image budget are in run-llava.sh)\n"
-                       + yaml.safe_dump({"evaluate": {**keys, "chat_template": "vicuna"}}, sort_keys=False))
+                       + yaml.safe_dump({"evaluate": {**keys, "chat_template": SEED_TEMPLATE}}, sort_keys=False))
     notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
     main = budgets[full]
@@ -128,11 +119,12 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, cl
         "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
         "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
         "setup": {"machine": {"host": platform.node(), "cores": os.cpu_count()},
-                  "llama_cpp": toolchain.tool_version(cli), "image": str(image), "prompt": prompt,
+                  "llama_cpp": toolchain.tool_version(m.cli), "image": str(m.image), "prompt": m.prompt,
                   "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
                   "rule": "A is faster than B only when A's slowest run beats B's fastest "
                           "(min-max ranges do not overlap)"},
-        "baseline": {"config": base.label, "command_flags": tool_flags(base, e.ctx_size), **{
+        "baseline": {"config": base.label, "command": measured_run(result.runs, base.label)["command"],
+                     "command_flags": flags.flag_args(flags.runtime(m.run_settings(base, e.n_predict)[0])), **{
             k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
                                          "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
                                          "prompt_eval_ms", "eval_ms_per_token")}},

@@ -43,7 +43,7 @@ from ..mmproj_variants import make_mmproj_files, mmproj_nmse
 from .evaluate import case_inputs
 from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
                           config_from_row, default_threads, runtime_grid, spread)
-from ..workspace import Run
+from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,17 @@ class Measurer:
     failed: dict[Config, str] = field(default_factory=dict)
 
     def options(self, cfg: Config, n_predict: int) -> MtmdOptions:
-        update = {k: v for k, v in cfg.evaluate_update().items()}
         # Always the seed's template, so every configuration (and run-llava.sh) formats the prompt alike.
-        update.update(n_predict=n_predict, chat_template=SEED_TEMPLATE)
+        update = {**cfg.settings(), "n_predict": n_predict, "chat_template": SEED_TEMPLATE}
         return MtmdOptions(self.base_opts.evaluate.model_copy(update=update), self.base_opts.log_verbosity,
                            list(self.base_opts.extra_args) + list(cfg.extra_args))
+
+    def run_settings(self, cfg: Config, n_predict: int) -> tuple[dict[str, Any], list[str]]:
+        """(flag-table settings, extra args) of a run on the step's image and prompt: what `measure`
+        runs and what run-llava*.sh is rendered from."""
+        opts = self.options(cfg, n_predict)
+        return (opts.run_settings(self.text[cfg.quant], self.mmproj[(cfg.mmproj, cfg.budget)], self.image,
+                                  self.prompt), list(opts.extra_args))
 
     def measure(self, cfg: Config, phase: str, n_predict: int, rep: int = 0, image: Path | None = None,
                 prompt: str | None = None, case: int = 0, answer_tokens: int | None = None) -> dict[str, Any] | None:
@@ -296,12 +302,12 @@ def run_tune(run: Run) -> TuneResult:
     full = next(b for b, pins in p.image_budgets.items() if pins is None)  # params require one
     base = replace(base, budget=full)
     image, prompt = case_inputs(run)[0]
+    image = stage_image(run, image)
     logs = run.sub("tune") / "logs"
     for stale in logs.glob("*.log"):  # a previous tune's: the same numbered names, its tables replaced too
         stale.unlink()
-    m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update={
-        "threads": None, "threads_batch": None, "batch_size": None, "ubatch_size": None, "flash_attn": None,
-        "cache_type_k": None, "cache_type_v": None})), logs)
+    # What tune decides starts at the tool's defaults (the seed's command), whatever the params say.
+    m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update=base.settings())), logs)
     kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
     kld, allowed = quality_inputs(run, quant_types, kld_budget)
     # The baseline must run: it is the yardstick (a failure here is the step's failure).
@@ -325,10 +331,22 @@ def run_tune(run: Run) -> TuneResult:
                "mmproj_nmse": mmproj_nmse(run, mmproj, full),
                "synthetic": run.params.model.source == "tiny"}
     result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
-    result.recommended = tune_report.write_results(run, result, base, chosen, full, cli, mmproj, text, image, prompt)
+    result.recommended = tune_report.write_results(run, result, base, chosen, full, m)
     result.figures = tune_report.figures(run, result, base)
     log.info("%s (%.0f s)", result, time.monotonic() - started)
     return result
+
+
+def stage_image(run: Run, image: Path) -> Path:
+    """The measured image, copied into the run folder: run-llava*.sh names it, and it must outlive
+    the llama.cpp source cache the default image comes from."""
+    import shutil
+
+    target = (run.sub("tune") / image.name).absolute()
+    if not target.exists() or target.read_bytes() != image.read_bytes():
+        with atomic_path(target, suffix=image.suffix) as tmp:
+            shutil.copyfile(image, tmp)
+    return target
 
 
 def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
