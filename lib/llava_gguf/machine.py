@@ -1,10 +1,11 @@
-"""The machine a run measured on: CPU, cores, memory, OS, and the llama.cpp build that ran.
+"""The machine a run measured on: CPU, cores and their clusters, memory, OS, and the llama.cpp build.
 
 Speeds mean little without the board they were measured on, so step 06 writes
 `outputs/<run>/machine.json` (artifact `machine`) and the comparison page and the model card read
 it. Everything comes from what Linux exposes without privileges (/proc/cpuinfo, /proc/meminfo,
-/sys, /etc/os-release) and from the llama.cpp tools themselves (`--version`, the `system_info:`
-line their logs carry, the build's CMakeCache.txt), so it works the same on x86-64 and aarch64.
+/sys, /etc/os-release; the CPU clusters from topology.py) and from the llama.cpp tools themselves
+(`--version`, the `system_info:` line their logs carry, the build's CMakeCache.txt), so it works the
+same on x86-64 and aarch64.
 """
 from __future__ import annotations
 

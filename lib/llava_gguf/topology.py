@@ -196,6 +196,9 @@ def _online(root: Path, notes: list[str]) -> list[int]:
     listed = sorted(int(p.name[3:]) for p in cpu_dir.glob("cpu[0-9]*") if p.name[3:].isdigit())
     if not listed:
         listed = sorted(core_types_by_cpu(_read(root / "proc/cpuinfo") or ""))
+    if not listed and root == Path("/"):  # no /sys or /proc (not Linux): the CPUs Python counts
+        listed = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else list(range(os.cpu_count() or 1)))
     notes.append(f"no {cpu_dir / 'online'}: every CPU listed taken as online")
     return listed
 
