@@ -1,15 +1,15 @@
-"""The machine a run measured on: CPU, cores, memory, OS, and the llama.cpp build that ran.
+"""The machine a run measured on: CPU, cores and their clusters, memory, OS, and the llama.cpp build.
 
 Speeds mean little without the board they were measured on, so step 06 writes
 `outputs/<run>/machine.json` (artifact `machine`) and the comparison page and the model card read
 it. Everything comes from what Linux exposes without privileges (/proc/cpuinfo, /proc/meminfo,
-/sys, /etc/os-release) and from the llama.cpp tools themselves (`--version`, the `system_info:`
-line their logs carry, the build's CMakeCache.txt), so it works the same on x86-64 and aarch64.
+/sys, /etc/os-release; the CPU clusters from topology.py) and from the llama.cpp tools themselves
+(`--version`, the `system_info:` line their logs carry, the build's CMakeCache.txt), so it works the
+same on x86-64 and aarch64.
 """
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import re
 import subprocess
@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from . import topology
 from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,6 @@ FEATURES_OF_INTEREST = {
     "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16", "avx512vbmi": "avx512vbmi",
     "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16",
 }
-
-# Arm Ltd (implementer 0x41) core part numbers: aarch64 /proc/cpuinfo has no model name.
-ARM_PARTS = {
-    0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57", 0xd08: "Cortex-A72",
-    0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76", 0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77",
-    0xd40: "Neoverse-V1", 0xd41: "Cortex-A78", 0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710",
-    0xd48: "Cortex-X2", 0xd49: "Neoverse-N2", 0xd4a: "Neoverse-E1", 0xd4b: "Cortex-A78C", 0xd4d: "Cortex-A715",
-    0xd4e: "Cortex-X3", 0xd4f: "Neoverse-V2", 0xd80: "Cortex-A520", 0xd81: "Cortex-A720", 0xd82: "Cortex-X4",
-    0xd84: "Neoverse-V3", 0xd85: "Cortex-X925", 0xd87: "Cortex-A725", 0xd8e: "Neoverse-N3",
-}
-ARM_IMPLEMENTERS = {0x41: "Arm", 0x48: "HiSilicon", 0x51: "Qualcomm", 0x61: "Apple", 0xc0: "Ampere"}
 
 _CMAKE_OPTION = re.compile(r"^([A-Z0-9_]+):(?:BOOL|STRING)=(.*)$")
 # The build options that change what runs on a CPU board (CMakeCache also lists every backend's
@@ -64,21 +54,15 @@ def _read(path: str | Path) -> str:
 # ----------------------------------------------------------------------------- CPU
 def parse_cpuinfo(text: str) -> dict:
     """Model, per-core-type counts and flags from /proc/cpuinfo text (x86-64 or aarch64)."""
-    blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
     flags, models = set(), []
     hardware = None
-    for block in blocks:
-        fields = {}
-        for line in block.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip().lower()] = value.strip()
+    for fields in topology.cpuinfo_blocks(text):
         if "hardware" in fields:  # 32-bit Arm kernels put the SoC in a trailing block
             hardware = fields["hardware"]
         if "processor" not in fields or not fields["processor"].isdigit():
             continue
         flags |= set((fields.get("flags") or fields.get("features") or "").split())
-        models.append(fields.get("model name") or _arm_core_name(fields))
+        models.append(topology.core_name(fields))
     counted = Counter(m for m in models if m)
     return {
         "model": " + ".join(f"{n}x {m}" if len(counted) > 1 else m for m, n in counted.items()) or None,
@@ -88,26 +72,6 @@ def parse_cpuinfo(text: str) -> dict:
         "flags": sorted(flags),
         "features": sorted({name for flag, name in FEATURES_OF_INTEREST.items() if flag in flags}),
     }
-
-
-def _arm_core_name(fields: dict) -> str | None:
-    try:
-        implementer = int(fields["cpu implementer"], 16)
-        part = int(fields["cpu part"], 16)
-    except (KeyError, ValueError):
-        return None
-    if implementer == 0x41 and part in ARM_PARTS:
-        return ARM_PARTS[part]
-    return f"{ARM_IMPLEMENTERS.get(implementer, hex(implementer))} part {hex(part)}"
-
-
-def _max_freqs_mhz() -> list[int]:
-    freqs = []
-    for f in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/cpuinfo_max_freq")):
-        text = _read(f).strip()
-        if text.isdigit():
-            freqs.append(int(text) // 1000)
-    return sorted(set(freqs))
 
 
 def _board() -> str | None:
@@ -138,20 +102,24 @@ def _os_release() -> str | None:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPUs this process may run on: online and in its affinity (a container's or taskset's limit)."""
+    return len(topology.read_topology().usable)
 
 
 def machine_info() -> dict:
     """The machine this process runs on (no host name, no serials: it may end up in a public card)."""
     cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
+    topo = topology.read_topology()
     return {
         "board": _board(),
         "cpu": cpu["model"] or cpu["hardware"] or platform.processor() or None,
         "core_types": cpu["core_types"],
-        "cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "max_mhz": _max_freqs_mhz(),
+        "cores": len(topo.online),
+        "usable_cores": len(topo.usable),
+        "max_mhz": sorted({c.max_mhz for c in topo.cpus if c.max_mhz}),
+        "clusters": [c.as_dict() for c in topo.clusters],
+        "clusters_ranked_by": list(topo.ranked_by),
+        "topology_notes": list(topo.notes),
         "features": cpu["features"],
         "flags": cpu["flags"],
         **parse_meminfo(_read("/proc/meminfo")),
@@ -261,10 +229,29 @@ def record_machine(run: Run) -> Path:
     return path
 
 
+def describe_clusters(machine: dict) -> str | None:
+    """'big 0,9-11 (4x Cortex-A720, 2600-2500 MHz) / medium ... / little ...'; None for one cluster or none."""
+    clusters = (machine or {}).get("clusters") or []
+    if len(clusters) < 2:
+        return None
+    parts = []
+    for c in clusters:
+        mhz = c.get("max_mhz") or []
+        detail = ", ".join(x for x in (
+            f"{len(c['cpus'])}x {c['core_type']}" if c.get("core_type") else f"{len(c['cpus'])} CPUs",
+            (f"{mhz[0]}-{mhz[-1]} MHz" if len(mhz) > 1 else f"{mhz[0]} MHz") if mhz else None) if x)
+        parts.append(f"{c['label']} {c['cpu_list']} ({detail})")
+    return " / ".join(parts)
+
+
 def describe(machine: dict) -> str:
-    """One line: board, CPU, cores, RAM, OS (for tables and the model card)."""
+    """One line: board, CPU, cores (and their clusters), RAM, OS (for tables and the model card)."""
     m = machine or {}
-    parts = [m.get("board"), m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
+    cores = f"{m['cores']} cores" if m.get("cores") else None
+    if cores and m.get("usable_cores") and m["usable_cores"] != m["cores"]:
+        cores += f" ({m['usable_cores']} usable)"
+    clusters = describe_clusters(m)
+    parts = [m.get("board"), m.get("cpu"), f"{cores}: {clusters}" if cores and clusters else cores,
              f"{m['ram_mib'] / 1024:.0f} GiB RAM" if m.get("ram_mib") else None, m.get("os"),
              f"Linux {m['kernel']}" if m.get("kernel") else None]
     return ", ".join(str(p) for p in parts if p) or "unknown machine"

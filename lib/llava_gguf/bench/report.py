@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..reports.bench_plots import make_plots
 from ..gguf_io import gguf_summary
+from ..machine import describe_clusters
 from ..workspace import Run, atomic_path, open_run
 from .procmon import GiB
 from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, MiB, TARGET_LEFT_FACTOR, TARGET_PEAK_ANON, TARGET_VS_COPY,
@@ -226,7 +227,8 @@ def write_report(run: Run, info: dict, conversion: pd.DataFrame, totals: pd.Data
     if len(t):
         t["met"] = t["met"].map({True: "yes", False: "**no**"})
     lines = ["# Conversion and inference benchmark", "",
-             f"{info.get('started', '')}, {info.get('cpu') or info.get('arch') or info.get('machine')}, {_cores(info)} usable cores, "
+             f"{info.get('started', '')}, {info.get('cpu') or info.get('arch') or info.get('machine')}, {_cores(info)} usable cores"
+             f"{f' ({clusters})' if (clusters := describe_clusters(info)) else ''}, "
              f"{info.get('memory_GiB', '?')} GiB RAM, {info['disk_free_GiB']} GiB free at the start; "
              f"llama.cpp {info.get('llama_cpp', {}).get('version', '?')}.", "",
              f"Checkpoint: `{info['checkpoint']}` ({info['checkpoint_GiB']} GiB, {info['parameters']:,} parameters), "

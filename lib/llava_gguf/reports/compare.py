@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from ..machine import describe
+from ..machine import describe, describe_clusters
 from .summary import format_value
 from ..workspace import atomic_path, outputs_dir
 
@@ -250,7 +250,7 @@ def _run_section(r: RunRecord, page: Path) -> str:
     compiled = ((b.get("system_info") or {}).get("backends") or {})
     machine = _kv_html([
         ("board", m.get("board")), ("CPU", m.get("cpu")), ("cores", m.get("cores")),
-        ("max MHz", m.get("max_mhz")), ("CPU features", m.get("features")),
+        ("usable cores", m.get("usable_cores")), ("clusters", describe_clusters(m)), ("max MHz", m.get("max_mhz")), ("CPU features", m.get("features")),
         ("RAM (MiB)", m.get("ram_mib")), ("OS", m.get("os")), ("kernel", m.get("kernel")), ("arch", m.get("arch")),
         ("llama.cpp", b.get("version") or b.get("error")), ("built with", b.get("built_with")),
         ("build options", b.get("cmake_options")),
