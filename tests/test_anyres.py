@@ -61,7 +61,7 @@ def test_llava_hf_count_and_grid_are_transformers(tokenizer, name):
     pins = PINPOINT_LISTS[name]
     proc = transformers_processor(tokenizer, pins)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    rule = anyres_rule(hf_config(pins))
+    rule = anyres_rule(hf_config(pins), "llava-hf")
     for w, h in SIZES:
         out = proc(images=Image.new("RGB", (w, h), (90, 120, 200)), text="<image>", return_tensors="pt")
         theirs = out["input_ids"][0].tolist().count(image_token)
@@ -80,7 +80,7 @@ def test_copying_a_transformers_list_unchanged_tiles_transposed(tokenizer):
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     out = proc(images=Image.new("RGB", (240, 180)), text="<image>", return_tensors="pt")
     theirs = out["input_ids"][0].tolist().count(image_token)
-    rule = anyres_rule(hf_config(pins))
+    rule = anyres_rule(hf_config(pins), "llava-hf")
     assert llava_image_token_count(240, 180, rule.pinpoints, rounding=rule.rounding) == theirs == 1368
     assert llava_image_token_count(240, 180, pins) == 1026 != theirs
 
@@ -88,7 +88,7 @@ def test_copying_a_transformers_list_unchanged_tiles_transposed(tokenizer):
 @pytest.mark.parametrize("name", PINPOINT_LISTS)
 def test_original_layout_count_is_llavas(name):
     pins = PINPOINT_LISTS[name]
-    rule = anyres_rule(llava_config(pins))
+    rule = anyres_rule(llava_config(pins), "llava")
     assert rule.pinpoints == tuple(map(tuple, pins)) and rule.rounding == "int(x)"
     for w, h in SIZES:
         assert llava_image_token_count(w, h, rule.pinpoints, rounding=rule.rounding) == \
@@ -102,7 +102,7 @@ def test_original_layout_count_is_llava_packages(name):
     mm_utils = pytest.importorskip("llava.mm_utils", reason="llava-torch not installed")
     llava_arch = pytest.importorskip("llava.model.llava_arch", reason="llava-torch not installed")
     pins = PINPOINT_LISTS[name]
-    rule = anyres_rule(llava_config(pins))
+    rule = anyres_rule(llava_config(pins), "llava")
     for w, h in SIZES:
         across, down = mm_utils.get_anyres_image_grid_shape((w, h), pins, 336)
         # prepare_inputs_labels_for_multimodal: 24x24 features per tile merged, unpadded, a newline per row.
@@ -114,7 +114,7 @@ def test_original_layout_count_is_llava_packages(name):
 
 def test_the_two_layouts_differ_only_in_order_and_rounding():
     pins = PINPOINT_LISTS["asymmetric"]  # (height, width) for llava-hf; the same pairs transposed for LLaVA
-    hf, orig = anyres_rule(hf_config(pins)), anyres_rule(llava_config(anyres.transpose(pins)))
+    hf, orig = anyres_rule(hf_config(pins), "llava-hf"), anyres_rule(llava_config(anyres.transpose(pins)), "llava")
     assert hf.pinpoints == orig.pinpoints == tuple(anyres.transpose(pins))
     same = [s for s in SIZES if s not in ((55, 88), (176, 55))]
     for w, h in same:
@@ -127,7 +127,7 @@ def test_the_two_layouts_differ_only_in_order_and_rounding():
 def test_missing_llava_hf_pinpoints_take_transformers_default_and_say_so():
     from transformers import LlavaNextConfig
 
-    rule = anyres_rule(hf_config())
+    rule = anyres_rule(hf_config(), "llava-hf")
     default = LlavaNextConfig().image_grid_pinpoints
     assert rule.default_pinpoints and rule.is_llava_16
     assert rule.pinpoints == tuple((w, h) for h, w in default)
@@ -135,7 +135,6 @@ def test_missing_llava_hf_pinpoints_take_transformers_default_and_say_so():
     assert warning.startswith("ckpt/config.json has no image_grid_pinpoints") and str(default) in warning
     assert "LlavaNextConfig's default" in rule.describe()
     assert anyres.missing_pinpoints_warning(hf_config(default)) is None
-    assert anyres.missing_pinpoints_warning(llava_config(default)) is None
 
 
 def test_pinpoints_are_parsed_or_refused_naming_the_key():
@@ -144,4 +143,4 @@ def test_pinpoints_are_parsed_or_refused_naming_the_key():
         with pytest.raises(ValueError, match="image_grid_pinpoints"):
             anyres.parse_pinpoints(bad)
     with pytest.raises(ValueError, match="empty"):
-        anyres_rule(hf_config([]))
+        anyres_rule(hf_config([]), "llava-hf")

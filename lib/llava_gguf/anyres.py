@@ -74,11 +74,8 @@ def hf_grid_pinpoints(config: dict) -> tuple[list[tuple[int, int]], bool]:
 
 
 def missing_pinpoints_warning(config: dict, where: str = "config.json") -> str | None:
-    """The warning for a llava-hf config without image_grid_pinpoints (None when it has them, or is not
-    a llava-hf config)."""
-    from .hf_layout import is_hf_config
-
-    if not is_hf_config(config) or config.get("image_grid_pinpoints") is not None:
+    """The warning for a llava-hf config.json without image_grid_pinpoints (None when it has them)."""
+    if config.get("image_grid_pinpoints") is not None:
         return None
     return (f"{where} has no image_grid_pinpoints; using LlavaNextConfig's default {HF_DEFAULT_PINPOINTS} "
             f"((height, width), as transformers reads it), written to the mmproj as (width, height) "
@@ -110,17 +107,17 @@ class AnyresRule:
                 f"({self.layout} layout: read as ({PINPOINT_ORDER[self.layout]}) from {src})")
 
 
-def anyres_rule(config: dict) -> AnyresRule:
-    """The rule of a checkpoint's config.json: the original layout's flat keys, or a llava-hf config
-    (LlavaNext always tiles and unpads; its pinpoints are (height, width), see hf_layout)."""
-    from .hf_layout import is_hf_config
-
-    if is_hf_config(config):
+def anyres_rule(config: dict, layout: str) -> AnyresRule:
+    """The rule of a checkpoint's config.json in its layout (`layout.detect_layout`): the original
+    layout's flat keys, or a llava-hf config (LlavaNext always tiles and unpads; (height, width) pairs)."""
+    if layout not in PINPOINT_ORDER:
+        raise ValueError(f"layout must be one of {sorted(PINPOINT_ORDER)}, not {layout!r}")
+    if layout == "llava-hf":
         pinpoints, default = hf_grid_pinpoints(config)
-        return AnyresRule("llava-hf", tuple(pinpoints), "spatial_unpad", default)
+        return AnyresRule(layout, tuple(pinpoints), "spatial_unpad", default)
     pinpoints = parse_pinpoints(config.get("image_grid_pinpoints"))
     # LLaVA's getattr(config, 'mm_patch_merge_type', 'flat').
-    return AnyresRule("llava", tuple(pinpoints), config.get("mm_patch_merge_type", "flat"))
+    return AnyresRule(layout, tuple(pinpoints), config.get("mm_patch_merge_type", "flat"))
 
 
 # ----------------------------------------------------------------------------- the arithmetic

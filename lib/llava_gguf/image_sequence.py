@@ -21,6 +21,7 @@ from PIL import Image
 from .anyres import (PINPOINT_ORDER, UNPAD_ROUNDING, AnyresLayout, AnyresRule, anyres_layout, anyres_rule,  # noqa: F401
                      flat_token_count, llava_image_token_count, parse_pinpoints, select_best_resolution, unpad_box)
 from .checks.clip_reference import ReferenceModel, VisionCheckError
+from .layout import detect_layout
 from .vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,15 @@ class ReferenceSequence:
         return arrange(self.overview, self.tiles, self.newline, self.layout, arrangement)
 
 
+def checkpoint_rule(ref: ReferenceModel) -> AnyresRule:
+    """The anyres rule of the checkpoint `ref` reads, in its layout."""
+    return anyres_rule(ref.ckpt.config, detect_layout(ref.ckpt.config, set(ref.ckpt.tensors)))
+
+
 def reference_sequence(ref: ReferenceModel, image: str | Path | Image.Image) -> ReferenceSequence:
     """LLaVA 1.6's image embeddings for one image file, from the checkpoint's tensors in f32, placed by
     the checkpoint's own rule (`anyres_rule`)."""
-    rule = anyres_rule(ref.ckpt.config)
+    rule = checkpoint_rule(ref)
     if not rule.is_llava_16 or "image_newline" not in ref._projector:
         raise VisionCheckError(f"the checkpoint is not LLaVA 1.6 ({rule.describe()}; image_newline "
                                f"{'present' if 'image_newline' in ref._projector else 'absent'}); the whole-image "

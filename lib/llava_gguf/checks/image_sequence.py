@@ -20,8 +20,8 @@ from .numeric import nmse
 from .vision import TOOL, read_dump, write_placeholder_text_model
 from ..gguf_io import open_gguf, read_gguf
 from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, AnyresLayout, AnyresRule,  # noqa: F401
-                             ReferenceSequence, anyres_layout, anyres_rule, flat_token_count, llava_image_token_count,
-                             reference_sequence)
+                             ReferenceSequence, anyres_layout, checkpoint_rule, flat_token_count,
+                             llava_image_token_count, reference_sequence)
 from ..llama_cpp import toolchain
 from ..vision_config import params_vision_config
 from ..workspace import Run, write_json
@@ -205,7 +205,7 @@ def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, imag
                 for name in images]
     out = []
     with ReferenceModel(checkpoint, vision_config_file) as ref:
-        rule = anyres_rule(ref.ckpt.config)
+        rule = checkpoint_rule(ref)
         status, msg = applies(rule, mmproj_anyres(Path(mmproj)), Path(mmproj))
         if status != "run":
             (log.info if status == "skipped" else log.warning)("image sequence check %s: %s", status, msg)

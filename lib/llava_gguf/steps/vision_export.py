@@ -346,8 +346,9 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
                   vision_config_file: str | Path | None = None) -> VisionResult:
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
     vcfg, plan = plan_mmproj(manifest, outtype, vision_config_file)
-    warnings = [w for w in [missing_pinpoints_warning(manifest["config"], str(Path(manifest["source"]) / "config.json"))]
-                if w]
+    where = str(Path(manifest["source"]) / "config.json")
+    warned = missing_pinpoints_warning(manifest["config"], where) if manifest.get("layout") == "llava-hf" else None
+    warnings = [warned] if warned else []
     for warning in warnings:
         log.warning("%s", warning)
     out_path = Path(out_path)
