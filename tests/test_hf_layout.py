@@ -469,11 +469,17 @@ def test_whole_image_check_follows_the_written_mmproj(tiny_hf, tmp_path):
 
 
 @pytest.mark.llama_cpp
-def test_hf_whole_image_check_passes(tiny_hf, both_exports, llama_tool, tmp_path):
+@pytest.mark.parametrize("pinpoints", ["given", "missing"])
+def test_hf_whole_image_check_passes(pinpoints, tiny_hf, llama_tool, tmp_path):
+    """llama.cpp on the mmproj tiles as transformers does: with the tiny's (height, width) list, and with
+    none (LlavaNextConfig's default, whose small-image grid differs from the original layout's)."""
     from llava_gguf.checks import image_sequence as seq
 
     tool = llama_tool("llama-mtmd-debug")
+    folder = tiny_hf if pinpoints == "given" else _hf_copy(tiny_hf, tmp_path / "ckpt", image_grid_pinpoints=None)
+    mm = vision.export_mmproj(surgery.analyze(folder), tmp_path / "mmproj.gguf").path
     images = seq.sample_images(tmp_path / "images")
-    checks = seq.check_image_sequence(tiny_hf, both_exports["hf"][0], images, tool=tool, workdir=tmp_path)
-    report = seq.ImageSequenceReport(checks)
+    report = seq.ImageSequenceReport(seq.check_image_sequence(folder, mm, images, tool=tool, workdir=tmp_path))
     assert report.ok, report.message
+    grids = report.table()["grid"].to_dict()
+    assert grids == {"test-1": "2x2", "wide": "2x1", "tall": "1x2", "small": "1x2" if pinpoints == "given" else "2x1"}
