@@ -35,6 +35,7 @@ VOCAB_TENSORS = {"token_embd.weight", "output.weight"}
 # mmproj keys the original config.json holds and llava-hf's does not (training-time crop settings,
 # not read by llama.cpp): left out rather than invented.
 ORIGINAL_ONLY_MMPROJ_KEYS = {"clip.vision.image_crop_resolution", "clip.vision.image_split_resolution"}
+PINPOINTS_KEY = "clip.vision.image_grid_pinpoints"
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +111,8 @@ def test_resolved_config_equals_transformers(source, tiny_hf):
         assert flat["vision_config"][key] == getattr(vc, key), key
     assert flat["mm_vision_select_layer"] == theirs.vision_feature_layer
     assert flat["mm_hidden_size"] == vc.hidden_size
-    assert flat["image_grid_pinpoints"] == theirs.image_grid_pinpoints
+    # transformers' (height, width) pairs, as (width, height): the original layout's and llama.cpp's order.
+    assert flat["image_grid_pinpoints"] == [[w, h] for h, w in theirs.image_grid_pinpoints]
     assert (flat["mm_projector_type"], flat["mm_patch_merge_type"], flat["mm_vision_select_feature"]) == \
         ("mlp2x_gelu", "spatial_unpad", "patch")
     hp = text_model.read_hparams(cfg, Path("config.json"))
@@ -145,7 +147,13 @@ def test_7b_plans_equal_from_the_real_hf_config():
     assert plans["llava-hf"][0] == plans["llava"][0] and len(plans["llava"][0]) == 378
     dropped = {k for k, _, _ in plans["llava"][1]} - {k for k, _, _ in plans["llava-hf"][1]}
     assert dropped == ORIGINAL_ONLY_MMPROJ_KEYS
-    assert [kv for kv in plans["llava"][1] if kv[0] not in dropped] == plans["llava-hf"][1]
+    # Both configs hold the same literal list; transformers reads llava-hf's as (height, width), so
+    # the mmproj holds it transposed, and the pinpoints are the one key that differs.
+    pins = {lay: dict((k, v) for k, _, v in kv)[PINPOINTS_KEY] for lay, (_, kv) in plans.items()}
+    assert pins["llava"] == [v for w, h in REAL_HF_CONFIG["image_grid_pinpoints"] for v in (w, h)]
+    assert pins["llava-hf"] == [v for h, w in REAL_HF_CONFIG["image_grid_pinpoints"] for v in (w, h)]
+    assert [kv for kv in plans["llava"][1] if kv[0] not in dropped | {PINPOINTS_KEY}] == \
+        [kv for kv in plans["llava-hf"][1] if kv[0] != PINPOINTS_KEY]
     a = text_model.read_hparams(llava_config(s), Path("config.json"))
     b = text_model.read_hparams(REAL_HF_CONFIG, Path("config.json"))
     assert b == a.__class__(**{**a.__dict__, "n_vocab": 32064})
@@ -394,3 +402,84 @@ def test_cross_check_that_does_not_fit_is_skipped_with_the_sizes(tiny_hf, monkey
     res = hf_check.check_hf(tiny_hf, Path("unused-mmproj.gguf"), Path("unused.gguf"), "")
     assert res.status == "skipped" and "not passed" in res.message and "GiB in bf16" in res.message
     assert "streamed float32 text check" in res.message
+
+
+# ----------------------------------------------------------------------------- grid pinpoints
+def _hf_copy(tiny_hf: Path, folder: Path, **config) -> Path:
+    """tiny_hf with config.json changed (None removes a key); the weights linked, not copied."""
+    folder.mkdir(parents=True)
+    for f in tiny_hf.iterdir():
+        (folder / f.name).symlink_to(f)
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    for key, value in config.items():
+        cfg.pop(key) if value is None else cfg.__setitem__(key, value)
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_tiny_hf_pinpoints_are_transformers_order(tiny_checkpoint, tiny_hf, both_exports):
+    from transformers import LlavaNextConfig
+
+    orig = json.loads((tiny_checkpoint / "config.json").read_text())["image_grid_pinpoints"]
+    theirs = LlavaNextConfig.from_pretrained(tiny_hf).image_grid_pinpoints
+    assert theirs == [[h, w] for w, h in orig] != orig  # (height, width): transformers tiles as LLaVA does
+    for layout in ("llava", "hf"):
+        assert vision.read_metadata(both_exports[layout][0])[PINPOINTS_KEY] == [v for p in orig for v in p]
+
+
+def test_missing_pinpoints_warn_and_write_transformers_default(tiny_hf, tmp_path, caplog):
+    from transformers import LlavaNextConfig
+
+    folder = _hf_copy(tiny_hf, tmp_path / "ckpt", image_grid_pinpoints=None)
+    default = LlavaNextConfig().image_grid_pinpoints
+    with caplog.at_level("WARNING"):
+        res = vision.export_mmproj(surgery.analyze(folder), tmp_path / "mmproj.gguf")
+    assert len(res.warnings) == 1 and "has no image_grid_pinpoints" in res.warnings[0]
+    assert str(default) in res.warnings[0] and f"WARNING: {res.warnings[0]}" in res.message
+    assert any(r.levelname == "WARNING" and res.warnings[0] in r.getMessage() for r in caplog.records)
+    meta = vision.read_metadata(res.path)
+    assert meta[PINPOINTS_KEY] == [v for h, w in default for v in (w, h)]
+    assert meta["clip.vision.mm_patch_merge_type"] == "spatial_unpad"
+    assert vision.export_mmproj(surgery.analyze(tiny_hf), tmp_path / "given.gguf").warnings == []
+
+
+def test_whole_image_check_follows_the_written_mmproj(tiny_hf, tmp_path):
+    """The check decides from the mmproj the run wrote: default pinpoints run it (no skip saying 'flat,
+    0 pinpoints' beside an mmproj with 5); an mmproj holding the list transposed fails it."""
+    from llava_gguf.checks import image_sequence as seq
+    from llava_gguf.image_sequence import checkpoint_rule
+    from llava_gguf.checks.clip_reference import ReferenceModel
+    from llava_gguf.mmproj_variants import mmproj_variant
+
+    folder = _hf_copy(tiny_hf, tmp_path / "ckpt", image_grid_pinpoints=None)
+    mm = vision.export_mmproj(surgery.analyze(folder), tmp_path / "mmproj.gguf").path
+    with ReferenceModel(folder) as ref:
+        rule = checkpoint_rule(ref)
+    assert rule.default_pinpoints and seq.applies(rule, seq.mmproj_anyres(mm), mm) == ("run", "")
+    swapped = mmproj_variant(mm, tmp_path / "swapped.gguf", [[w, h] for h, w in rule.pinpoints])
+    status, why = seq.applies(rule, seq.mmproj_anyres(swapped), swapped)
+    assert status == "failed" and "transposed" in why and "swapped.gguf" in why
+    flat = mmproj_variant(mm, tmp_path / "flat.gguf", [])
+    status, why = seq.applies(rule, seq.mmproj_anyres(flat), flat)
+    assert status == "failed" and "flat.gguf holds clip.vision.mm_patch_merge_type 'spatial_unpad' and 0 grid" in why
+    images = {"x": tmp_path / "x.png"}
+    checks = seq.check_image_sequence(folder, swapped, images, tool=tmp_path / "no-tool-needed")
+    assert [c.status for c in checks] == ["failed"] and not seq.ImageSequenceReport(checks).export_ok
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("pinpoints", ["given", "missing"])
+def test_hf_whole_image_check_passes(pinpoints, tiny_hf, llama_tool, tmp_path):
+    """llama.cpp on the mmproj tiles as transformers does: with the tiny's (height, width) list, and with
+    none (LlavaNextConfig's default, whose small-image grid differs from the original layout's)."""
+    from llava_gguf.checks import image_sequence as seq
+
+    tool = llama_tool("llama-mtmd-debug")
+    folder = tiny_hf if pinpoints == "given" else _hf_copy(tiny_hf, tmp_path / "ckpt", image_grid_pinpoints=None)
+    mm = vision.export_mmproj(surgery.analyze(folder), tmp_path / "mmproj.gguf").path
+    images = seq.sample_images(tmp_path / "images")
+    report = seq.ImageSequenceReport(seq.check_image_sequence(folder, mm, images, tool=tool, workdir=tmp_path))
+    assert report.ok, report.message
+    grids = report.table()["grid"].to_dict()
+    assert grids == {"test-1": "2x2", "wide": "2x1", "tall": "1x2", "small": "1x2" if pinpoints == "given" else "2x1"}

@@ -290,11 +290,16 @@ def test_real_unpatched_build_reports_flat(tiny_checkpoint, mmproj, images, tmp_
 
 def test_llava_15_checkpoint_is_skipped_not_failed(tiny_variant, images, tmp_path):
     fake = _fake_old_tool(tmp_path) / "bin" / vision_check.TOOL
-    checks = image_sequence_check.check_image_sequence(tiny_variant(variant="1.5"), tmp_path / "unused.gguf", images,
-                                                 tool=fake)
+    ckpt = tiny_variant(variant="1.5")
+    mm = vision.export_mmproj(surgery.analyze(ckpt), tmp_path / "mmproj-15.gguf").path
+    checks = image_sequence_check.check_image_sequence(ckpt, mm, images, tool=fake)
     report = image_sequence_check.ImageSequenceReport(checks)
     assert {c.status for c in checks} == {"skipped"} and report.export_ok and not report.ok
-    assert "not a LLaVA 1.6 checkpoint" in report.message
+    # The reason names what the written mmproj holds, as llama.cpp will read it.
+    meta = vision.read_metadata(mm)
+    assert "clip.vision.image_grid_pinpoints" not in meta and meta["clip.vision.mm_patch_merge_type"] == "flat"
+    assert "not LLaVA 1.6 (mmproj-15.gguf holds clip.vision.mm_patch_merge_type 'flat' and 0 grid pinpoints" \
+        in report.message
 
 
 def test_missing_tool_is_skipped(seq_run, tmp_path, monkeypatch):

@@ -11,6 +11,12 @@
   what differs from the config classes' defaults. `text_config` / `vision_config` / `llava_config` fill in
   those defaults (the tables below, which the tests compare with transformers' own classes) and give
   the flat keys of the original layout that the exporters read (`mm_vision_select_layer`, ...).
+- `image_grid_pinpoints`: transformers reads each pair as (height, width) (image_processing_utils
+  select_best_resolution, modeling_llava_next get_anyres_image_grid_shape), the original LLaVA code and
+  llama.cpp as (width, height). `anyres.hf_grid_pinpoints` transposes them, so the flat config and the mmproj hold
+  (width, height) and llama.cpp tiles as transformers does; a config without the key gets
+  LlavaNextConfig's default list, as transformers does, with a warning naming it
+  (`anyres.missing_pinpoints_warning`).
 - the vocabulary: `tokenizer.model` holds Llama's 32000 pieces; `<image>` (32000) and `<pad>` (32001)
   are added tokens (added_tokens.json, tokenizer_config.json, tokenizer.json), and the embedding and
   output matrices have 32064 rows (`vocab_size`), padded to a multiple of 64. The text GGUF keeps all
@@ -28,6 +34,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from .anyres import HF_DEFAULT_PINPOINTS, hf_grid_pinpoints, parse_pinpoints, transpose
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ CLIP_VISION_DEFAULTS = {
 # LlavaNextConfig's own defaults; with no vision_config at all it builds CLIP ViT-L/14-336.
 LLAVA_NEXT_DEFAULTS = {
     "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
-    "vision_feature_layer": -2, "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "vision_feature_layer": -2, "image_grid_pinpoints": HF_DEFAULT_PINPOINTS,
     "multimodal_projector_bias": True,
 }
 LLAVA_NEXT_VISION_DEFAULTS = {**CLIP_VISION_DEFAULTS, "intermediate_size": 4096, "hidden_size": 1024, "patch_size": 14,
@@ -135,13 +143,17 @@ def vision_config(config: dict) -> dict:
 def llava_config(config: dict) -> dict:
     """A llava-hf config.json as the original layout's flat config.json: the Llama keys at the top, the
     LLaVA keys the exporters read (mm_vision_select_layer, mm_vision_select_feature, mm_hidden_size,
-    mm_projector_type, image_aspect_ratio, mm_patch_merge_type, image_grid_pinpoints), and
+    mm_projector_type, image_aspect_ratio, mm_patch_merge_type, image_grid_pinpoints as (width, height)), and
     `vision_config` resolved. Keys the checkpoint does not hold (image_crop_resolution,
     image_split_resolution, mm_vision_tower: training-time settings) are not invented."""
     if not is_hf_config(config):
         return config
     top = {**LLAVA_NEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     vision = vision_config(config)
+    try:
+        pinpoints, _ = hf_grid_pinpoints(config)
+    except ValueError as err:
+        raise HFLayoutError(str(err)) from None
     strategy = top["vision_feature_select_strategy"]
     if strategy not in SELECT_FEATURE:
         raise HFLayoutError(f"config.json: vision_feature_select_strategy {strategy!r} is not one of "
@@ -165,7 +177,8 @@ def llava_config(config: dict) -> dict:
         # LlavaNext always tiles (anyres) and unpads with image_newline (spatial_unpad).
         "image_aspect_ratio": "anyres",
         "mm_patch_merge_type": "spatial_unpad",
-        "image_grid_pinpoints": top["image_grid_pinpoints"],
+        # (width, height), the original layout's order.
+        "image_grid_pinpoints": [list(p) for p in pinpoints],
         "image_token_index": top["image_token_index"],
         "vision_config": vision,
     }
@@ -316,7 +329,8 @@ def tiny_source(plan: list[tuple[str, tuple[int, ...]]], vocab: int, seed: int, 
 
 def hf_config(flat: dict, vocab: int, vision: dict, dtype: str = "float16") -> dict:
     """config.json as llava-hf writes it for the flat original config `flat` (tiny.llava_config): nested
-    configs that state only what differs from transformers' defaults."""
+    configs that state only what differs from transformers' defaults, pinpoints as (height, width) so
+    that transformers tiles as the original does."""
     text = {
         "_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": flat["hidden_size"], "intermediate_size": flat["intermediate_size"],
@@ -332,7 +346,7 @@ def hf_config(flat: dict, vocab: int, vision: dict, dtype: str = "float16") -> d
     return {
         "architectures": list(ARCHITECTURES),
         "ignore_index": -100,
-        "image_grid_pinpoints": flat["image_grid_pinpoints"],
+        "image_grid_pinpoints": [list(p) for p in transpose(parse_pinpoints(flat["image_grid_pinpoints"]))],
         "image_token_index": HF_ADDED_TOKENS["<image>"],
         "model_type": "llava_next",
         "projector_hidden_act": "gelu",

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .anyres import (PINPOINT_ORDER, UNPAD_ROUNDING, AnyresLayout, AnyresRule, anyres_layout, anyres_rule,  # noqa: F401
+                     flat_token_count, llava_image_token_count, parse_pinpoints, select_best_resolution, unpad_box)
 from .checks.clip_reference import ReferenceModel, VisionCheckError
+from .layout import detect_layout
 from .vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
 log = logging.getLogger(__name__)
@@ -39,81 +42,6 @@ ARRANGEMENTS = {
 TEST_IMAGE = "tools/mtmd/test-1.jpeg"
 FIX_HINT = ("Use the project's patched build (`make llama-cpp`, LLAMA_CPP_DIR unset), or apply "
             "patches/llama.cpp/*.patch to your llama.cpp and rebuild it.")
-
-
-# ----------------------------------------------------------------------------- LLaVA's arithmetic
-def select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
-    """llava/mm_utils.py select_best_resolution: (width, height) of the chosen pinpoint."""
-    ow, oh = size
-    best, max_eff, min_waste = None, 0, float("inf")
-    for w, h in pinpoints:
-        scale = min(w / ow, h / oh)
-        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-        waste = w * h - eff
-        if eff > max_eff or (eff == max_eff and waste < min_waste):
-            best, max_eff, min_waste = (int(w), int(h)), eff, waste
-    if best is None:
-        raise ValueError(f"no grid pinpoints to choose from: {pinpoints!r}")
-    return best
-
-
-def unpad_box(cur_w: int, cur_h: int, orig_w: int, orig_h: int) -> tuple[int, int, int, int]:
-    """llava_arch.py unpad_image on a cur_w x cur_h feature grid: (x0, y0, width, height) kept."""
-    if orig_w / orig_h > cur_w / cur_h:
-        new_h = int(orig_h * (cur_w / orig_w))
-        pad = (cur_h - new_h) // 2
-        return 0, pad, cur_w, cur_h - 2 * pad
-    new_w = int(orig_w * (cur_h / orig_h))
-    pad = (cur_w - new_w) // 2
-    return pad, 0, cur_w - 2 * pad, cur_h
-
-
-@dataclass(frozen=True)
-class AnyresLayout:
-    """Where LLaVA 1.6 puts an image of a given size: grid, unpadded box and token count."""
-
-    width: int
-    height: int
-    resolution: tuple[int, int]  # the chosen pinpoint (width, height)
-    grid: tuple[int, int]  # tiles (across, down)
-    side: int  # features per tile edge (image_size / patch)
-    box: tuple[int, int, int, int]  # unpadded (x0, y0, w, h) on the merged feature grid
-
-    @property
-    def n_tiles(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def n_tokens(self, arrangement: str = "llava") -> int:
-        ov, (_, _, w, h) = self.side ** 2, self.box
-        gw, gh = self.grid[0] * self.side, self.grid[1] * self.side
-        return {"llava": ov + h * (w + 1), "no_newline": ov + h * w, "no_unpad": ov + gh * (gw + 1),
-                "wrong_grid": ov + h * (w + 1), "flat": ov * (1 + self.n_tiles),
-                "flat_tiles_first": ov * (1 + self.n_tiles)}[arrangement]
-
-
-def anyres_layout(width: int, height: int, pinpoints, patch: int = 14, image_size: int = 336) -> AnyresLayout:
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    res = select_best_resolution((width, height), pinpoints)
-    if res[0] % image_size or res[1] % image_size:
-        raise ValueError(f"grid pinpoint {res} is not a multiple of the tile size {image_size}")
-    grid = (res[0] // image_size, res[1] // image_size)
-    side = image_size // patch
-    return AnyresLayout(width, height, res, grid, side, unpad_box(grid[0] * side, grid[1] * side, width, height))
-
-
-def llava_image_token_count(width: int, height: int, pinpoints, patch: int = 14, image_size: int = 336) -> int:
-    """The number of image embeddings LLaVA 1.6's own code feeds the language model for one image."""
-    return anyres_layout(width, height, pinpoints, patch, image_size).n_tokens()
-
-
-def flat_token_count(width: int, height: int, pinpoints, patch: int = 14, image_size: int = 336) -> int:
-    """What the pinned llama.cpp without patch 0002 uses: 576 per tile plus the overview, and no
-    tiles at all when the image fits in one tile (its llava-uhd slicer)."""
-    side = image_size // patch
-    if width <= image_size and height <= image_size:
-        return side * side
-    return anyres_layout(width, height, pinpoints, patch, image_size).n_tokens("flat")
 
 
 # ----------------------------------------------------------------------------- LLaVA's preprocessing
@@ -179,27 +107,23 @@ class ReferenceSequence:
         return arrange(self.overview, self.tiles, self.newline, self.layout, arrangement)
 
 
-def anyres_config(config: dict) -> tuple[list, str]:
-    """(pinpoints, merge type) from config.json (original LLaVA keys; llava-hf implies spatial_unpad)."""
-    pinpoints = config.get("image_grid_pinpoints")
-    if isinstance(pinpoints, str):
-        import ast
-        pinpoints = ast.literal_eval(pinpoints)
-    merge = config.get("mm_patch_merge_type", "spatial_unpad" if "vision_config" in config and pinpoints else "flat")
-    return pinpoints or [], merge
+def checkpoint_rule(ref: ReferenceModel) -> AnyresRule:
+    """The anyres rule of the checkpoint `ref` reads, in its layout."""
+    return anyres_rule(ref.ckpt.config, detect_layout(ref.ckpt.config, set(ref.ckpt.tensors)))
 
 
 def reference_sequence(ref: ReferenceModel, image: str | Path | Image.Image) -> ReferenceSequence:
-    """LLaVA 1.6's image embeddings for one image file, from the checkpoint's tensors in f32."""
-    pinpoints, merge = anyres_config(ref.ckpt.config)
-    if not pinpoints or merge != "spatial_unpad" or "image_newline" not in ref._projector:
-        raise VisionCheckError("the checkpoint is not LLaVA 1.6 (needs image_grid_pinpoints, mm_patch_merge_type "
-                               "spatial_unpad and image_newline in config.json / the weights); the whole-image "
+    """LLaVA 1.6's image embeddings for one image file, from the checkpoint's tensors in f32, placed by
+    the checkpoint's own rule (`anyres_rule`)."""
+    rule = checkpoint_rule(ref)
+    if not rule.is_llava_16 or "image_newline" not in ref._projector:
+        raise VisionCheckError(f"the checkpoint is not LLaVA 1.6 ({rule.describe()}; image_newline "
+                               f"{'present' if 'image_newline' in ref._projector else 'absent'}); the whole-image "
                                "check covers LLaVA 1.6 only")
     img = image if isinstance(image, Image.Image) else Image.open(image)
     img = img.convert("RGB")
     s = ref.spec
-    layout = anyres_layout(*img.size, pinpoints, s.patch_size, s.image_size)
+    layout = anyres_layout(*img.size, rule.pinpoints, s.patch_size, s.image_size, rule.rounding)
     feats = [ref.embeddings(_clip_normalize(v)) for v in anyres_views(img, layout, s.image_size)]
     newline = ref.ckpt.load(ref._projector["image_newline"].stored).to(torch.float32)
     return ReferenceSequence(layout, feats[0], torch.stack(feats[1:]), newline)

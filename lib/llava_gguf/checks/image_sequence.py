@@ -19,9 +19,9 @@ from .clip_reference import ReferenceModel, VisionCheckError
 from .numeric import nmse
 from .vision import TOOL, read_dump, write_placeholder_text_model
 from ..gguf_io import open_gguf, read_gguf
-from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, AnyresLayout, ReferenceSequence,  # noqa: F401
-                             anyres_config, anyres_layout, flat_token_count, llava_image_token_count,
-                             reference_sequence)
+from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, AnyresLayout, AnyresRule,  # noqa: F401
+                             ReferenceSequence, anyres_layout, checkpoint_rule, flat_token_count,
+                             llava_image_token_count, reference_sequence)
 from ..llama_cpp import toolchain
 from ..vision_config import params_vision_config
 from ..workspace import Run, write_json
@@ -174,6 +174,26 @@ def sample_images(out_dir: Path) -> dict[str, Path]:
     return out
 
 
+def applies(rule: AnyresRule, written: dict, mmproj: Path) -> tuple[str, str]:
+    """("run", "") when the whole-image check applies; else ("skipped" | "failed", why), judged from the
+    checkpoint's rule and what the mmproj file actually holds (what llama.cpp will read)."""
+    in_file = (f"{mmproj.name} holds clip.vision.mm_patch_merge_type {written['merge']!r} and "
+               f"{len(written['pinpoints'])} grid pinpoints")
+    if not rule.is_llava_16 and not (written["pinpoints"] and written["merge"] == "spatial_unpad"):
+        return "skipped", (f"image sequence check skipped: not LLaVA 1.6 ({in_file}; the checkpoint: "
+                           f"{rule.describe()}); one 576-token view, covered by the per-slice check")
+    if not rule.is_llava_16 or not (written["pinpoints"] and written["merge"] == "spatial_unpad"):
+        return "failed", (f"image sequence check failed: {in_file}, but the checkpoint has {rule.describe()}; the "
+                          "mmproj does not describe this checkpoint (re-export it)")
+    wrote = [tuple(p) for p in written["pinpoints"]]
+    if wrote != list(rule.pinpoints):
+        hint = (" (the same pairs transposed: (height, width) and (width, height) confused)"
+                if wrote == [(b, a) for a, b in rule.pinpoints] else "")
+        return "failed", (f"image sequence check failed: {mmproj.name} holds the grid pinpoints {wrote} (width, height),"
+                          f" the checkpoint means {list(rule.pinpoints)} ({rule.describe()}){hint}; re-export the mmproj")
+    return "run", ""
+
+
 def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, images: dict[str, Path],
                          tool: Path | None = None, workdir: Path | None = None, threads: int | None = None,
                          tolerance: float = NMSE_TOL, vision_config_file: Path | None = None) -> list[SequenceCheck]:
@@ -185,19 +205,19 @@ def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, imag
                 for name in images]
     out = []
     with ReferenceModel(checkpoint, vision_config_file) as ref:
-        pinpoints, merge = anyres_config(ref.ckpt.config)
-        if not pinpoints or merge != "spatial_unpad":
-            msg = (f"image sequence check skipped: not a LLaVA 1.6 checkpoint (mm_patch_merge_type {merge!r}, "
-                   f"{len(pinpoints)} grid pinpoints); one 576-token view, covered by the per-slice check")
-            return [SequenceCheck("skipped", msg, name) for name in images]
+        rule = checkpoint_rule(ref)
+        status, msg = applies(rule, mmproj_anyres(Path(mmproj)), Path(mmproj))
+        if status != "run":
+            (log.info if status == "skipped" else log.warning)("image sequence check %s: %s", status, msg)
+            return [SequenceCheck(status, msg, name) for name in images]
         for name, path in images.items():
             refseq = reference_sequence(ref, path)
             lay = refseq.layout
             try:
                 emb = mtmd_sequence(mmproj, path, tool=tool, workdir=workdir, threads=threads)
             except SequenceModeMissing as err:
-                n_flat = flat_token_count(lay.width, lay.height, anyres_config(ref.ckpt.config)[0],
-                                          ref.spec.patch_size, ref.spec.image_size)
+                n_flat = flat_token_count(lay.width, lay.height, rule.pinpoints, ref.spec.patch_size,
+                                          ref.spec.image_size)
                 res = SequenceCheck("failed", "", name, (lay.width, lay.height), lay.grid, n_flat,
                                     lay.n_tokens(), arrangement="flat_tiles_first", tolerance=tolerance,
                                     cause="llama.cpp build without patch 0002")

@@ -1,45 +1,35 @@
 """Step 03: the vision tower and projector as llama.cpp's `mmproj-model-f16.gguf`.
 
-Written from the checkpoint's tensors with gguf-py's `GGUFWriter`, one tensor at a time, without
-building a transformers model; equivalent to what llama.cpp's recipe writes:
+Written from the checkpoint's tensors with gguf-py's `GGUFWriter`, one tensor at a time; equivalent to
+what llama.cpp's recipe writes:
 
     llava_surgery_v2.py -C -m <model>                       # llava.clip + llava.projector
     convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector \\
         --output-dir vit --clip-model-is-vision             # vit/config.json = config_vit.json
 
-i.e. the same metadata keys and values, tensor names, shapes, types and values (`legacy.py` runs
-that recipe; the tests compare both files key by key and tensor by tensor).
+(`legacy.py` runs that recipe; the tests compare both files key by key and tensor by tensor).
 
 Where the vision configuration comes from
 -----------------------------------------
-The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf), a CLIPVisionConfig for the
-tower LLaVA fine-tuned. `vision_config()` builds the same dictionary offline:
+The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf); `vision_config()` builds it offline:
 
-- the tower's CLIPVisionConfig (`vision_config.resolve_vision_config`): params
-  `convert.vision_config` (e.g. the recipe's config_vit.json), else the `vision_config` object
-  config.json carries, else the known config of the tower `mm_vision_tower` names (OpenAI CLIP
-  ViT-L/14-336 for every LLaVA 1.5/1.6 release: 16 heads, quick_gelu, layer_norm_eps 1e-5,
-  projection_dim 768), only when the tensor shapes are that tower's; otherwise the export is
-  refused. Its sizes are checked against the tensors: `hidden_size` (class_embedding),
-  `patch_size` and `num_channels` (patch_embedding, [hidden, 3, p, p]), `image_size`
-  (p * sqrt(positions - 1), position_embedding), `intermediate_size` (mlp.fc1), the number of
-  layers (encoder.layers.N); the head count must divide the width. The head count, activation
-  (`clip.use_gelu`), epsilon and projection_dim (metadata, unused by LLaVA) come from it.
-- from the checkpoint's config.json: `mm_vision_select_layer` (-2: the penultimate layer's
-  output feeds the projector, so layers after it and post_layernorm are dropped), and the LLaVA
-  keys copied as they are when present: image_grid_pinpoints, image_aspect_ratio,
-  image_crop_resolution, image_split_resolution, mm_patch_merge_type, mm_projector_type
-  (LLaVA 1.5 has only the last three).
-- CLIP's image_mean and image_std (`vision_config.CLIP_IMAGE_MEAN/STD`, the script's defaults).
-- `_name_or_path` is config_vit.json's, "vit-large336-custom"; the script writes it as general.name.
+- the tower's CLIPVisionConfig, checked against the tensors (`vision_config.py` says where it comes
+  from): the head count, activation (`clip.use_gelu`), epsilon and projection_dim.
+- from config.json: `mm_vision_select_layer` (-2: the penultimate layer feeds the projector, so
+  later layers and post_layernorm are dropped) and the LLaVA keys present: image_aspect_ratio,
+  image_crop_resolution, image_split_resolution, mm_patch_merge_type, mm_projector_type (LLaVA 1.5
+  has the last three), image_grid_pinpoints, written as (width, height), llama.cpp's order: the
+  original layout's as they are, llava-hf's (height, width) transposed, LlavaNextConfig's default
+  with a warning when a llava-hf config.json has none (`anyres`).
+- CLIP's image_mean and image_std (the script's defaults); general.name "vit-large336-custom"
+  (config_vit.json's `_name_or_path`).
 
-`num_hidden_layers` is the number of layers kept plus one: the script always drops the last layer
-of the model it loads when the config names no feature layer (config_vit.json names none), so for
-select layer -2 it equals the checkpoint's layer count (24 for the 7B, 23 kept, block_count 23).
+`num_hidden_layers` is the layers kept plus one: the script drops the last layer when the config
+names no feature layer (config_vit.json names none); for select layer -2 it is the checkpoint's
+layer count (24 for the 7B, 23 kept, block_count 23).
 
-Types (as the script writes them): the patch convolution f16 (ggml's convolution wants an f16
-kernel), the projector's matrices f16 (also with `convert.mmproj_outtype: f32`, like the script's
---use-f32), the tower's 2-D `.weight` matrices f16 for f16 and f32 for f32, everything else f32.
+Types, as the script writes them: the patch convolution and the projector's matrices f16 (also for
+`convert.mmproj_outtype: f32`, like --use-f32), the tower's 2-D `.weight` matrices the outtype, the rest f32.
 """
 from __future__ import annotations
 
@@ -56,6 +46,7 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
 from tqdm.auto import tqdm
 
 from .. import diskspace
+from ..anyres import missing_pinpoints_warning, parse_pinpoints
 from ..gguf_io import metadata_table, read_gguf, tensor_table
 from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
@@ -137,6 +128,7 @@ class VisionResult:
     check: "vision_check.VisionReport | None" = field(default=None, repr=False)  # convert.verify
     hf_check: "HFCheck | None" = field(default=None, repr=False)  # llava-hf: transformers' LlavaNext
     sequence: "image_sequence_check.ImageSequenceReport | None" = field(default=None, repr=False)  # whole images
+    warnings: list[str] = field(default_factory=list)  # e.g. llava-hf pinpoints taken from the default
 
     @property
     def ok(self) -> bool:
@@ -147,13 +139,12 @@ class VisionResult:
 
     @property
     def message(self) -> str:
-        hf = f"\n{self.hf_check.message}" if self.hf_check is not None and self.hf_check.status != "skipped" else ""
-        sequence = f"\n{self.sequence.message}" if self.sequence is not None else ""
-        return (self.check.message if self.check is not None else "not verified") + sequence + hf
+        parts = [self.check.message if self.check is not None else "not verified"]
+        parts += [self.sequence.message] if self.sequence is not None else []
+        parts += [self.hf_check.message] if self.hf_check is not None and self.hf_check.status != "skipped" else []
+        return "\n".join(parts + [f"WARNING: {w}" for w in self.warnings])
 
-    @property
-    def size_mib(self) -> float:
-        return self.size_bytes / 2**20
+    size_mib = property(lambda self: self.size_bytes / 2**20)
 
     def table(self) -> pd.DataFrame:
         return tensor_table(self.path)
@@ -251,6 +242,11 @@ def vision_config(config: dict, vision: dict[str, dict], where: str = "config.js
         "torch_dtype": "float32",
     }
     cfg.update({k: config[k] for k in LLAVA_KEYS if k in config})
+    if "image_grid_pinpoints" in cfg:
+        try:
+            cfg["image_grid_pinpoints"] = [list(p) for p in parse_pinpoints(cfg["image_grid_pinpoints"])]
+        except ValueError as err:
+            raise VisionExportError(f"{where}: {err}") from None
     return cfg
 
 
@@ -350,6 +346,11 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
                   vision_config_file: str | Path | None = None) -> VisionResult:
     """Write the mmproj GGUF for a surgery manifest; validates everything before the file is opened."""
     vcfg, plan = plan_mmproj(manifest, outtype, vision_config_file)
+    where = str(Path(manifest["source"]) / "config.json")
+    warned = missing_pinpoints_warning(manifest["config"], where) if manifest.get("layout") == "llava-hf" else None
+    warnings = [warned] if warned else []
+    for warning in warnings:
+        log.warning("%s", warning)
     out_path = Path(out_path)
     nbytes = sum(t.nbytes for t in plan)
     diskspace.ensure_space(out_path, nbytes, "the mmproj GGUF")
@@ -372,7 +373,7 @@ def export_mmproj(manifest: dict, out_path: str | Path, outtype: str = "f16",
             writer.close()
     size = out_path.stat().st_size
     log.info("%s: %d tensors, %.1f MiB (%s)", out_path, len(plan), size / 2**20, outtype)
-    return VisionResult(out_path, len(plan), size, outtype, vcfg, plan)
+    return VisionResult(out_path, len(plan), size, outtype, vcfg, plan, warnings=warnings)
 
 
 def run_vision(run: Run) -> VisionResult:
@@ -391,8 +392,7 @@ def run_vision(run: Run) -> VisionResult:
 
 
 # ----------------------------------------------------------------------------- reading back
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """Every key/value of a GGUF file, decoded to Python values."""
+def read_metadata(path: str | Path) -> dict[str, object]:  # every key/value, decoded to Python values
     return read_gguf(path, "mmproj").fields
 
 
