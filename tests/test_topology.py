@@ -224,3 +224,33 @@ def test_machine_json_and_the_comparison_page_name_the_clusters(write_params, tm
 
 
 _real_read = topology.read_topology
+
+
+# ----------------------------------------------------------------------------- tune's thread stage
+def test_tune_screens_one_pinned_configuration_per_core_set_on_the_o6(tmp_path):
+    from llava_gguf.llama_cpp import flags
+    from llava_gguf.tune_config import Config, thread_candidates
+
+    cands = thread_candidates(Config(quant="Q5_K_M"), None, topology.read_topology(fake_root(tmp_path, O6)))
+    assert [(c.cores, c.threads, c.cpu_mask, c.cpu_strict) for c in cands] == [
+        ("big", 4, "0xe01", 1), ("big+medium", 8, "0xfe1", 1), ("all", 12, None, None)]
+    argv = flags.flag_args(cands[0].settings())
+    # Both pools pinned: with -tb given, common.cpp no longer copies -C/--cpu-strict to the batch pool.
+    for option, value in (("-t", "4"), ("-tb", "4"), ("-C", "0xe01"), ("-Cb", "0xe01"), ("--cpu-strict", "1"),
+                          ("--cpu-strict-batch", "1")):
+        assert argv[argv.index(option) + 1] == value, argv
+    assert "cores big" in cands[0].label
+
+
+def test_tune_sweeps_thread_counts_on_one_cluster_and_honours_tune_threads(tmp_path):
+    from llava_gguf.tune_config import Config, thread_candidates
+
+    base = Config(quant="Q5_K_M")
+    pi5 = thread_candidates(base, None, topology.read_topology(fake_root(tmp_path, PI5)))
+    assert [(c.threads, c.cpu_mask, c.cores) for c in pi5] == [(1, None, None), (2, None, None), (3, None, None),
+                                                              (4, None, None)]
+    rk = thread_candidates(base, None, topology.read_topology(fake_root(tmp_path / "rk", RK3588)))
+    assert [(c.cores, c.threads, c.cpu_mask) for c in rk] == [("big", 4, "0xf0"), ("all", 8, None)]
+    # tune.threads given: the user's counts, unplaced, whatever the clusters.
+    assert [c.threads for c in thread_candidates(base, [2, 6], topology.read_topology(fake_root(tmp_path / "o6", O6)))] \
+        == [2, 6]

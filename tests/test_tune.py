@@ -385,4 +385,4 @@ def test_params_snippet_keys_are_evaluate_keys():
     text = yaml.safe_dump({"evaluate": {**cfg.settings(), "chat_template": "vicuna"}})
     e = EvaluateParams(**yaml.safe_load(text)["evaluate"])  # 'on' stays a string, null is the tool's default
     assert (e.threads, e.threads_batch, e.flash_attn, e.cache_type_v, e.ubatch_size) == (2, 2, "on", "q8_0", None)
-    assert (e.cpu_mask, e.cpu_strict, e.cpu_mask_batch) == ("0xff", 1, None)
+    assert (e.cpu_mask, e.cpu_strict, e.cpu_mask_batch, e.cpu_strict_batch) == ("0xff", 1, None, 1)

@@ -110,6 +110,8 @@ class EvaluateParams(_Strict):
     cpu_mask: str | None = Field(None, pattern=r"^(0x)?[0-9a-fA-F]+$")
     cpu_mask_batch: str | None = Field(None, pattern=r"^(0x)?[0-9a-fA-F]+$")
     cpu_strict: Literal[0, 1] | None = None
+    # With threads_batch given, llama.cpp stops copying cpu_strict to the prompt's thread pool.
+    cpu_strict_batch: Literal[0, 1] | None = None
     batch_size: int | None = None
     ubatch_size: int | None = None
     ctx_size: int = 4096

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from .machine import usable_cores
+from .topology import core_sets, read_topology
 
 SEED_TYPE = "Q5_K_M"
 SEED_TEMPLATE = "vicuna"
@@ -38,6 +39,8 @@ class Config:
     cpu_mask: str | None = None
     cpu_mask_batch: str | None = None
     cpu_strict: int | None = None
+    # The core set's name when the threads were placed by cluster ("big", "big+medium", "all").
+    cores: str | None = None
     flash_attn: str | None = None
     cache_type: str | None = None
     batch_size: int | None = None
@@ -47,7 +50,7 @@ class Config:
     @property
     def label(self) -> str:
         parts = [self.quant, f"mmproj {self.mmproj}", f"budget {self.budget}"]
-        parts += [f"{k} {v}" for k, v in (("t", self.threads), ("tb", self.threads_batch), ("C", self.cpu_mask),
+        parts += [f"{k} {v}" for k, v in (("cores", self.cores), ("t", self.threads), ("tb", self.threads_batch), ("C", self.cpu_mask),
                                           ("Cb", self.cpu_mask_batch), ("strict", self.cpu_strict),
                                           ("fa", self.flash_attn), ("kv", self.cache_type), ("b", self.batch_size),
                                           ("ub", self.ubatch_size)) if v is not None]
@@ -59,6 +62,8 @@ class Config:
         return {"threads": self.threads,
                 "threads_batch": self.threads if self.threads_batch is None else self.threads_batch,
                 "cpu_mask": self.cpu_mask, "cpu_mask_batch": self.cpu_mask_batch, "cpu_strict": self.cpu_strict,
+                # Given with -tb, the batch pool's strictness is no longer copied from -C's.
+                "cpu_strict_batch": self.cpu_strict,
                 "batch_size": self.batch_size, "ubatch_size": self.ubatch_size, "flash_attn": self.flash_attn,
                 "cache_type_k": self.cache_type, "cache_type_v": self.cache_type}
 
@@ -79,6 +84,24 @@ def default_threads(cores: int | None = None) -> list[int]:
     if cores <= 8:
         return list(range(1, cores + 1))
     return sorted({*(2 ** i for i in range(int(math.log2(cores)) + 1)), cores})
+
+
+def thread_candidates(base: Config, threads: list[int] | None = None, topology=None) -> list[Config]:
+    """Stage 1's candidates: the thread counts the user listed (tune.threads, unplaced), else one
+    configuration per core set when the CPU has clusters (big, big+medium, all: each set's threads
+    pinned to its CPUs), else 1 ... the usable cores."""
+    if threads:
+        return [replace(base, threads=t) for t in threads]
+    topology = topology or read_topology()
+    if len(topology.clusters) < 2:
+        return [replace(base, threads=t) for t in default_threads(len(topology.usable))]
+    out = []
+    for cs in core_sets(topology):
+        strict = 1 if cs.cpu_strict else None
+        mask = cs.cpu_mask if cs.cpu_strict else None
+        out.append(replace(base, cores=cs.label, threads=cs.threads, threads_batch=cs.threads, cpu_mask=mask,
+                           cpu_mask_batch=mask, cpu_strict=strict))
+    return out
 
 
 def runtime_grid(base: Config, flash_attn: list[str], cache_types: list[str],

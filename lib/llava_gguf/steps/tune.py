@@ -6,7 +6,8 @@ tool's default runtime settings and `--chat-template vicuna`, on `evaluate.cases
 
 The search is staged, not a cartesian product (each stage keeps the winner of the one before):
 
-1. threads (-t and -tb together) on the baseline's text GGUF;
+1. threads (-t and -tb together) on the baseline's text GGUF: on a CPU with clusters, one core set
+   per stage candidate (big, big+medium, all; topology.py), its threads pinned to its CPUs;
 2. quant types (only those within the KL-divergence budget can be recommended; step 06 measured it);
 3. flash attention x KV-cache type x ubatch;
 4. mmproj type x image budget (x the allowed quant types, below the full budget).
@@ -42,7 +43,7 @@ from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
 from .evaluate import case_inputs
 from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
-                          config_from_row, default_threads, runtime_grid, spread)
+                          config_from_row, runtime_grid, spread, thread_candidates)
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,7 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
             log.info("screen %s: %d runs, ~%.1f s each", name, len(configs), statistics.median(durations))
         return rows
 
-    threads = p.threads or default_threads()
-    best = _best(stage("threads", [replace(base, threads=t) for t in threads])) or {}
+    best = _best(stage("threads", thread_candidates(base, p.threads))) or {}
     cur = config_from_row(best) if best else base
     within = [q for q in quant_types if q in allowed]
     skipped += [{"config": replace(cur, quant=q).label, "why": "KL divergence over tune.kld_budget"}
