@@ -299,7 +299,8 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     llama_tool("llama-mtmd-cli")
     run = workspace.open_run(write_params({
         "run": "tune-e2e", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M", "Q5_K_M"]},
-        "evaluate": {"n_predict": 6, "threads": 2, "cases": [{"prompt": "Describe this image."}]},
+        "evaluate": {"n_predict": 6, "threads": 2, "cases": [{"prompt": "Describe this image."}],
+                     "board": "Test Board 1"},
         "tune": {"threads": [2], "flash_attn": ["on"], "cache_type": ["f16"], "ubatch_size": [None],
                  "repetitions": 2, "finalists": 1, "screen_n_predict": 2,
                  "image_budgets": {"full": None, "single": []}}}))
@@ -317,6 +318,13 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert rec["quality"]["mmproj_nmse"]["q8_0"] > 0
     for name in ("run-llava.sh", "run-llava-full.sh", "run-llava-single.sh"):
         assert (run.dir / name).stat().st_mode & 0o111
+    # The board is the name the user gave, never the host name, in every file a user may publish.
+    import socket
+
+    assert rec["setup"]["machine"]["board"] == "Test Board 1" and "Test Board 1" in (run.dir / "run-llava.sh").read_text()
+    host = socket.gethostname()
+    for path in [*run.dir.glob("*.sh"), *run.dir.rglob("*.json"), *(run.dir / "reports").glob("*.html")]:
+        assert len(host) < 4 or host not in path.read_text(errors="replace"), path
     # Run bare, each script runs the measured command (greedy, its -n) on the image in the run folder,
     # gives the measured answer and exits 0 (it used to sample until the context was full, then exit 1).
     for budget, name in (("full", "run-llava.sh"), ("single", "run-llava-single.sh")):

@@ -106,13 +106,17 @@ def usable_cores() -> int:
     return len(topology.read_topology().usable)
 
 
-def machine_info() -> dict:
-    """The machine this process runs on (no host name, no serials: it may end up in a public card)."""
+def machine_info(board: str | None = None) -> dict:
+    """The machine this process runs on (no host name, no serials: it may end up in a public card).
+
+    `board` is the name the user gives it (params evaluate.board); else the device tree model or
+    DMI product, else the CPU model."""
     cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
     topo = topology.read_topology()
+    cpu_model = cpu["model"] or cpu["hardware"] or platform.processor() or None
     return {
-        "board": _board(),
-        "cpu": cpu["model"] or cpu["hardware"] or platform.processor() or None,
+        "board": board or _board() or cpu_model,
+        "cpu": cpu_model,
         "core_types": cpu["core_types"],
         "cores": len(topo.online),
         "usable_cores": len(topo.usable),
@@ -217,7 +221,7 @@ def record_machine(run: Run) -> Path:
     """
     data = {
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        "machine": machine_info(run.params.evaluate.board),
         "llama_cpp": llama_cpp_build(run.params.llama_cpp.dir, run.dir / "logs"),
         "params": run.params.model_dump(mode="json"),
     }

@@ -128,6 +128,9 @@ class EvaluateParams(_Strict):
     # KL-divergence budget for the report's "fastest variant within budget" summary.
     kld_budget: float = 0.05
     timeout_s: int = 3600
+    # The machine's name in machine.json, the reports and the scripts' headers (never the host name);
+    # None: the device tree model or DMI product name, else the CPU model.
+    board: str | None = None
 
 
 class BenchParams(_Strict):

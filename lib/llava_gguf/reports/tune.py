@@ -12,8 +12,6 @@ import html
 import json
 import logging
 import math
-import os
-import platform
 import shlex
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import yaml
 
 from . import plots
 from ..llama_cpp import flags
+from ..machine import machine_info, usable_cores
 from ..workspace import Run, atomic_path, json_safe, write_json
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
     from ..tune_config import SEED_TEMPLATE, TuneError, config_from_row
 
     folder = run.sub("tune")
+    board = machine_info(run.params.evaluate.board)["board"]
     confirmed = result.confirmed
     b = confirmed[(confirmed["config"] == base.label) & (confirmed["status"] == "ok")]
     baseline = json_safe(b.iloc[0].to_dict()) if len(b) else {}
@@ -76,7 +76,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         settings, extra = m.run_settings(cfg, e.n_predict)
         speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
         header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
-                  f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
+                  f"{time.strftime('%Y-%m-%d %H:%M')}, {board})",
                   f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
                   f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
                   f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
@@ -118,7 +118,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
     info = json_safe({
         "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
         "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
-        "setup": {"machine": {"host": platform.node(), "cores": os.cpu_count()},
+        "setup": {"machine": {"board": board, "cores": usable_cores()},
                   "llama_cpp": toolchain.tool_version(m.cli), "image": str(m.image), "prompt": m.prompt,
                   "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
                   "rule": "A is faster than B only when A's slowest run beats B's fastest "
