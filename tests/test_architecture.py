@@ -174,3 +174,15 @@ def test_every_package_import_resolves_function_level_ones_included():
                 if not hasattr(module, alias.name) and importlib.util.find_spec(f"{target}.{alias.name}") is None:
                     stale.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {target}.{alias.name}")
     assert stale == []
+
+
+def test_no_module_writes_the_host_name():
+    """Run folders get published (model cards, pages): the machine is named by evaluate.board, not the host.
+    The run lock alone names the holder's host while it runs (it is emptied when released)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for call in ("platform.node(", "socket.gethostname(", "os.uname().nodename", "uname().nodename"):
+            if call in text and not (path.name == "workspace.py" and call == "socket.gethostname("):
+                offenders.append(f"{path.relative_to(PACKAGE)}: {call}")
+    assert not offenders, offenders
