@@ -208,7 +208,7 @@ def check_image_sequence(checkpoint: str | Path | Checkpoint, mmproj: Path, imag
         rule = checkpoint_rule(ref)
         status, msg = applies(rule, mmproj_anyres(Path(mmproj)), Path(mmproj))
         if status != "run":
-            (log.info if status == "skipped" else log.warning)("image sequence check %s: %s", status, msg)
+            (log.info if status == "skipped" else log.warning)("%s", msg)
             return [SequenceCheck(status, msg, name) for name in images]
         for name, path in images.items():
             refseq = reference_sequence(ref, path)
