@@ -165,13 +165,19 @@ def _recommended_text(rec: dict | None) -> str | None:
 
 
 def _recommended_items(rec: dict) -> list[tuple[str, object]]:
-    """What the page shows of tune/recommended.json: the figures a reader compares, formatted."""
+    """What the page shows of tune/recommended.json: the figures a reader compares, formatted
+    (a figure the file lacks is left out)."""
     main, setup = rec.get("recommended") or {}, rec.get("setup") or {}
-    items = [("configuration", rec.get("config")), ("answer (median)", format_seconds(rec.get("answer_s"))),
-             ("spread (min..max)", f"{format_seconds(main.get('answer_min_s'))} .. "
-                                   f"{format_seconds(main.get('answer_max_s'))}" if main else None),
-             ("seed's command", format_seconds(rec.get("seed_answer_s"))),
-             ("ratio to the seed's command", format_ratio(rec.get("speedup"))), ("verdict", rec.get("vs_seed")),
+
+    def secs(value):
+        return format_seconds(value) if value is not None else None
+
+    spread = (f"{format_seconds(main['answer_min_s'])} .. {format_seconds(main['answer_max_s'])}"
+              if main.get("answer_min_s") is not None and main.get("answer_max_s") is not None else None)
+    items = [("configuration", rec.get("config")), ("answer (median)", secs(rec.get("answer_s"))),
+             ("spread (min..max)", spread), ("seed's command", secs(rec.get("seed_answer_s"))),
+             ("ratio to the seed's command", format_ratio(rec["speedup"]) if rec.get("speedup") else None),
+             ("verdict", rec.get("vs_seed")),
              ("measured", f"{plural(int(setup['repetitions']), 'run')} of {setup.get('n_predict')} tokens"
                           if setup.get("repetitions") else None),
              ("flags", " ".join(map(str, main.get("flags") or [])))]
@@ -349,5 +355,5 @@ run's cases; runs with other cases or n_predict are not strictly comparable.</p>
 </body></html>"""
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    log.info("comparison of %d runs: %s", len(records), out)
+    log.info("comparison of %s: %s", plural(len(records), "run"), out)
     return out
