@@ -39,8 +39,12 @@ PAGE_CHECKS = r"""(() => {
   if (document.documentElement.scrollWidth > vw + 1)
     out.wide.push('page scrolls sideways: scrollWidth=' + document.documentElement.scrollWidth);
   const text = document.body.innerText;
-  const find = (re, key) => { for (const m of text.matchAll(re)) out[key].push(
-      text.slice(Math.max(0, m.index - 40), m.index + m[0].length + 20).replace(/\s+/g, ' ')); };
+  // Each finding is the line it is on (at most 240 characters around it).
+  const find = (re, key) => { for (const m of text.matchAll(re)) {
+    const start = Math.max(text.lastIndexOf('\n', m.index) + 1, m.index - 160);
+    const end = text.indexOf('\n', m.index);
+    out[key].push(text.slice(start, Math.min(end < 0 ? text.length : end, m.index + 80)).replace(/\s+/g, ' '));
+  } };
   find(/\d+\.\d{6,}/g, 'float_repr');
   find(/\{'[^'\n]*':|speedup=/g, 'dict_repr');
   find(/TqdmWarning|IProgress not found/g, 'tqdm_warning');

@@ -51,11 +51,11 @@ def test_every_page_of_a_tiny_run_passes_the_browser_checks(tiny_run, chromium, 
 def test_a_long_cell_log_is_a_tail_linking_the_whole_log_and_the_tool_logs(tiny_run):
     run, _ = tiny_run
     page = (run.dir / "reports" / "07_tune.html").read_text()
-    links = re.findall(r"href='(\.\./logs/07_tune-cell\d+\.log)'", page)
+    links = re.findall(r"href=[\"'](\.\./logs/07_tune-cell\d+\.log)[\"']", page)  # nbconvert re-quotes
     assert links, "the tune cell's log is long enough to be cut to its tail"
     whole = (run.dir / "reports" / links[0]).resolve()
     assert len(whole.read_text().splitlines()) > html.LOG_TAIL
-    tools = re.findall(r"href='(\.\./tune/logs/[^']+\.log)'", page)
+    tools = re.findall(r"href=[\"'](\.\./tune/logs/[^\"']+\.log)[\"']", page)
     assert tools and all((run.dir / "reports" / t).resolve().is_file() for t in tools)
     executed = nbformat.read(run.dir / "notebooks" / "07_tune.ipynb", as_version=4)
     kept = sum(o.get("text", "").count("\n") for c in executed.cells for o in c.get("outputs", [])

@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import registry
 from ..workspace import Run, atomic_path
 from . import summary
-from .tables import plain
+from .tables import plain, plural
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ def log_tails(nb, run: Run, stem: str) -> None:
                 tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
             tools = [p for p in dict.fromkeys(_LOG_PATH.findall("\n".join(lines))) if Path(p) != full]
             links = [(Path(p).name, _href(Path(p), run)) for p in tools]
-            named = ", ".join(f"<a href='{html.escape(h)}'>{html.escape(n)}</a>" for n, h in links if h)
+            named = [f"<a href='{html.escape(h)}'>{html.escape(n)}</a>" for n, h in links if h]
             note = (f"<p>Log: the last {LOG_TAIL} of {len(lines):,} lines (<a href='{html.escape(_href(full, run))}'>"
-                    f"the whole log</a>)." + (f" Tool logs: {named}." if named else "") + "</p>")
+                    f"the whole log</a>).</p>")
+            if named:  # a tuning run names dozens: folded
+                note += (f"<details><summary>{plural(len(named), 'tool log')} it names</summary>"
+                         f"<p>{', '.join(named)}</p></details>")
             shown.insert(0, v4.new_output("display_data", data={"text/html": note, "text/plain": f"log: the last {LOG_TAIL} of {len(lines)} lines; all of it: {full}"}))
         first_kept = sum(1 for o in outputs[:first] if o not in logs)
         cell["outputs"] = kept[:first_kept] + shown + kept[first_kept:]
