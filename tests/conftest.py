@@ -105,9 +105,46 @@ def _tool_or_skip(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium (tests/browser.py); skips locally (fails under CI) when none is installed
+    (.ci/run installs Debian's `chromium`)."""
+    import browser
+
+    binary = browser.find_chromium()
+    if binary is None:
+        message = f"no Chromium found (tried {', '.join(browser.CHROMIUM_NAMES)}): apt-get install chromium"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    b = browser.Chromium(binary)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
 def llama_tool():
     """llama_tool('llama-mtmd-cli') -> path; skips locally (fails under CI) when not built."""
     return _tool_or_skip
+
+
+TINY_RUN = {
+    "run": "e2e", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M"]},
+    "evaluate": {"n_predict": 8, "threads": 2, "cases": [{"prompt": "Describe this image."}]},
+    "tune": {"threads": [2], "ubatch_size": [None], "cache_type": ["f16"], "repetitions": 1, "finalists": 1,
+             "screen_n_predict": 2, "image_budgets": {"full": None, "single": []}}}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run, what run_steps returned): every step through papermill on the tiny model, once per
+    session (~4 min on 2 cores). Read-only: tests/test_workflow.py and tests/test_report_pages.py."""
+    from llava_gguf import pipeline
+
+    _tool_or_skip("llama-mtmd-cli")
+    params = tmp_path_factory.mktemp("tiny-run") / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_RUN))
+    run = workspace.open_run(params)
+    return run, pipeline.run_steps(run, pipeline.available_steps())
 
 
 @pytest.fixture

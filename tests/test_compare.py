@@ -110,9 +110,19 @@ def test_index_over_all_runs_and_clear_errors(write_params, tmp_path):
 
 def test_tuned_configuration_is_shown_when_present(write_params, tmp_path):
     run = make_evaluated_run(write_params, "tuned")
-    workspace.write_json(run.sub("tune") / "recommended.json", {"variant": "Q4_K_M", "threads": 6, "ubatch_size": 256})
+    label = "Q4_K_M, mmproj f16, budget full, t 6"
+    workspace.write_json(run.sub("tune") / "recommended.json", {  # the shape reports/tune.py writes
+        "config": label, "answer_s": 0.4168775620000146, "seed_answer_s": 1.0151124179997988,
+        "speedup": 2.435037311986015, "vs_seed": "faster", "setup": {"n_predict": 8, "repetitions": 1},
+        "recommended": {"budget": "full", "config": label, "answer_min_s": 0.41, "answer_max_s": 0.43,
+                        "flags": ["--threads", "6", "--ubatch-size", "256"]},
+        "budgets": {"full": {"config": label, "answer_s": 0.4168775620000146, "speedup": 2.435037311986015},
+                    "single": {"config": "Q4_K_M, mmproj f16, budget single", "answer_s": 2.32, "speedup": 0.437}}})
     page = compare.render_comparison([run.dir], tmp_path / "t.html").read_text()
-    assert "tune/recommended.json" in page and "ubatch_size" in page and "256" in page
+    assert "tune/recommended.json" in page and "--ubatch-size 256" in page
+    assert f"{label}: 417 ms (seed&#x27;s command 1.02 s, 2.44×, faster)" in page  # the overview's column
+    assert "1 run of 8 tokens" in page and "budget single: 2.32 s (0.437×)" in page
+    assert "speedup=" not in page and "0.4168775620000146" not in page
 
 
 @pytest.mark.llama_cpp

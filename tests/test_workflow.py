@@ -7,16 +7,10 @@ from llava_gguf import pipeline, registry, workspace
 
 
 @pytest.mark.llama_cpp
-def test_all_steps_on_tiny_model_then_nothing_to_do(write_params, llama_tool):
-    llama_tool("llama-mtmd-cli")
-    run = workspace.open_run(write_params({
-        "run": "e2e", "model": {"source": "tiny"}, "quantize": {"types": ["Q4_K_M"]},
-        "evaluate": {"n_predict": 8, "threads": 2, "cases": [{"prompt": "Describe this image."}]},
-        "tune": {"threads": [2], "ubatch_size": [None], "cache_type": ["f16"], "repetitions": 1, "finalists": 1,
-                 "screen_n_predict": 2, "image_budgets": {"full": None, "single": []}}}))
+def test_all_steps_on_tiny_model_then_nothing_to_do(tiny_run):
+    run, done = tiny_run  # conftest.py: every step, run once per session
     steps = pipeline.available_steps()
     assert steps[0] == "download"
-    done = pipeline.run_steps(run, steps)
     assert [name for name, _ in done] == steps and {what for _, what in done} == {"ran"}
     artifacts = run.artifacts()
     expected = {s for name in steps for s in registry.get(name).products} | {"llama_cpp"}

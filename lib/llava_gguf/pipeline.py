@@ -134,6 +134,16 @@ def keep_previous(step: registry.Step, run: Run) -> Path | None:
 HEADLESS_BAR_INTERVAL = 10  # seconds between tqdm refreshes in a headless step's kernel
 
 
+def headless_kernel_cmd(kernel_cmd: list[str]) -> list[str]:
+    """The kernel's command line plus the line it runs before the first cell (text progress bars,
+    readable numbers: reports/display.py). Only an ipykernel takes the option."""
+    from .reports.display import EXEC_LINE
+
+    if not any("ipykernel" in str(a) for a in kernel_cmd):
+        return list(kernel_cmd)
+    return [*kernel_cmd, f"--IPKernelApp.exec_lines={EXEC_LINE}"]
+
+
 def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
     """The kernel manager nbclient makes: IPC in a private folder, the kernel's own output in
     `log_file`, each instance appended to `started` so that it can be killed from outside.
@@ -162,7 +172,7 @@ def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
             env = {**(kw.get("env") or os.environ)}
             env.setdefault("TQDM_MININTERVAL", str(HEADLESS_BAR_INTERVAL))
             kw.update(stdout=self._log, stderr=self._log, env=env)
-            await super()._async_launch_kernel(kernel_cmd, **kw)
+            await super()._async_launch_kernel(headless_kernel_cmd(kernel_cmd), **kw)
 
         def stop(self) -> None:
             process = getattr(self.provisioner, "process", None) if self.provisioner else None

@@ -173,7 +173,10 @@ class Run:
         data = self.artifacts()
         data[name] = _relativize(value, self.dir)
         write_json(self.artifacts_file, data)
-        log.info("artifact %s -> %s", name, data[name])
+        shown = data[name]
+        if isinstance(shown, dict):  # "Q4_K_M: models/x.gguf, ...", not a dict's repr, in the notebook's log
+            shown = ", ".join(f"{k}: {v}" for k, v in shown.items())
+        log.info("artifact %s -> %s", name, shown)
 
     def forget(self, *names: str) -> None:
         data = self.artifacts()

@@ -143,7 +143,7 @@ def compare_sequence(ref: ReferenceSequence, emb: torch.Tensor, image: str = "im
         res.status = "passed"
         res.message = (f"llama.cpp's {emb.shape[0]} image embeddings match LLaVA 1.6's sequence: NMSE "
                        f"{res.nmse:.2e} <= {tolerance:.0e} (worst token {res.worst_token}, cosine "
-                       f"{res.worst_token_cos:.6f})")
+                       f"{res.worst_token_cos:.4f})")
     elif res.arrangement != "llava":
         res.message = (f"llama.cpp's sequence has LLaVA's length ({emb.shape[0]}) but is arranged as "
                        f"{res.arrangement!r} ({ARRANGEMENTS[res.arrangement]}): NMSE vs LLaVA {res.nmse:.2e}. "

@@ -174,7 +174,7 @@ class TextCheck:
             ("tokens identical", self.tokens_match),
             ("logits NMSE", f"{self.nmse:.3e}"),
             (f"NMSE bound ({self.outtype})", f"{self.bound:.0e}"),
-            ("max |logit diff|", f"{self.max_abs_diff:.4g}"),
+            ("max |logit diff|", f"{self.max_abs_diff:.3g}"),
             ("top-1 token (llama.cpp / reference)", f"{self.top1_llama} / {self.top1_reference}"),
             ("reference dtype", self.reference_dtype),
             ("tokenizer strings identical", f"{int(self.tokenizer['match'].sum())}/{len(self.tokenizer)}"),

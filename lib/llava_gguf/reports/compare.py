@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 from . import plots
 from ..machine import describe, describe_clusters
 from .summary import format_value
+from .tables import format_ratio, format_seconds, plain, plural
 from ..workspace import atomic_path, outputs_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ STAGES = [
     ("text_prompt_ms", "prompt eval (text)"),
     ("generation_ms", "generation (n_predict - 1 tokens)"),
 ]
+HATCHES = ["", "//", "..", "xx", "\\\\", "oo"]
 # (column, label, format) of each run's variant table.
 VARIANT_COLUMNS = [
     ("size_mib", "MiB", "{:,.0f}"),
@@ -154,9 +155,37 @@ def overview(records: list[RunRecord]) -> pd.DataFrame:
 
 
 def _recommended_text(rec: dict | None) -> str | None:
+    """tune/recommended.json in one line: 'Q4_K_M, t 2: 417 ms (2.44× the seed's command's speed: faster)'."""
     if not rec:
         return None
-    return ", ".join(f"{k}={v}" for k, v in rec.items() if not isinstance(v, (dict, list)))
+    vs = rec.get("vs_seed")
+    return (f"{rec.get('config')}: {format_seconds(rec.get('answer_s'))} (seed's command "
+            f"{format_seconds(rec.get('seed_answer_s'))}, {format_ratio(rec.get('speedup'))}"
+            + (f", {vs}" if vs else "") + ")")
+
+
+def _recommended_items(rec: dict) -> list[tuple[str, object]]:
+    """What the page shows of tune/recommended.json: the figures a reader compares, formatted
+    (a figure the file lacks is left out)."""
+    main, setup = rec.get("recommended") or {}, rec.get("setup") or {}
+
+    def secs(value):
+        return format_seconds(value) if value is not None else None
+
+    spread = (f"{format_seconds(main['answer_min_s'])} .. {format_seconds(main['answer_max_s'])}"
+              if main.get("answer_min_s") is not None and main.get("answer_max_s") is not None else None)
+    items = [("configuration", rec.get("config")), ("answer (median)", secs(rec.get("answer_s"))),
+             ("spread (min..max)", spread), ("seed's command", secs(rec.get("seed_answer_s"))),
+             ("ratio to the seed's command", format_ratio(rec["speedup"]) if rec.get("speedup") else None),
+             ("verdict", rec.get("vs_seed")),
+             ("measured", f"{plural(int(setup['repetitions']), 'run')} of {setup.get('n_predict')} tokens"
+                          if setup.get("repetitions") else None),
+             ("flags", " ".join(map(str, main.get("flags") or [])))]
+    for budget, b in (rec.get("budgets") or {}).items():
+        if budget != main.get("budget"):
+            items.append((f"image budget '{budget}'", f"{b.get('config')}: {format_seconds(b.get('answer_s'))} "
+                                                      f"({format_ratio(b.get('speedup'))})"))
+    return items
 
 
 # ----------------------------------------------------------------------------- plots
@@ -172,11 +201,12 @@ def latency_across_runs(records: list[RunRecord], folder: Path | None = None) ->
     fig = plots.PlotFigure(figsize=(max(6.0, 0.9 * len(bars) + 3), 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(bars))
-    for i, (_, label) in enumerate(STAGES):
-        ax.bar(range(len(bars)), data[:, i], bottom=bottom, label=label)
+    for i, (col, label) in enumerate(STAGES):
+        ax.bar(range(len(bars)), data[:, i], bottom=bottom, label=label, color=plots.STAGE_COLORS.get(col),
+               edgecolor="#636363", linewidth=0.5)
         bottom += data[:, i]
     for x, total in enumerate(bottom):
-        ax.annotate(f"{total:.1f} s", (x, total), ha="center", va="bottom", fontsize=7)
+        ax.annotate(format_seconds(total), (x, total), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(bars)), labels, fontsize=7, rotation=0 if len(bars) < 8 else 45)
     ax.set_ylabel("seconds per answer (mean over cases)")
     ax.set_title("Latency breakdown across runs (model load excluded)")
@@ -187,7 +217,8 @@ def latency_across_runs(records: list[RunRecord], folder: Path | None = None) ->
 
 
 def speed_across_runs(records: list[RunRecord], folder: Path | None = None) -> plots.PlotFigure:
-    """Prompt and generation tokens/s per variant, one bar per run (grouped by variant)."""
+    """Prompt and generation tokens/s per variant, one bar per run (grouped by variant): a bar has its
+    variant's colour (plots.config_color), a run its hatch."""
     variants = plots.precision_order([v for r in records for v in r.variants["variant"]])
     fig = plots.PlotFigure(figsize=(max(8.0, 1.4 * len(variants) * max(len(records), 1) / 2 + 4), 4.2))
     axes = fig.subplots(1, 2)
@@ -198,11 +229,13 @@ def speed_across_runs(records: list[RunRecord], folder: Path | None = None) -> p
             by_variant = r.variants.set_index("variant")
             values = [float(by_variant[col].get(v, np.nan)) if col in by_variant else np.nan for v in variants]
             ax.bar(np.arange(len(variants)) + (i - (len(records) - 1) / 2) * width, np.nan_to_num(values),
-                   width=width, label=r.label)
+                   width=width, label=r.label, color=[plots.config_color(v) for v in variants],
+                   hatch=HATCHES[i % len(HATCHES)], edgecolor="black", linewidth=0.5)
         ax.set_xticks(range(len(variants)), variants)
         ax.set_title(title)
         ax.set_ylabel("tokens/s")
-    axes[1].legend(fontsize=8)
+    if len(records) > 1:  # the runs by hatch; one run needs no legend
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     plots.save(fig, None, "speed_across_runs", folder)
     return fig
@@ -232,13 +265,9 @@ def _kv_html(items: list[tuple[str, object]]) -> str:
 
 
 def _plain(value) -> str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "–"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, list):
-        return " ".join(map(str, value))
-    return str(value)
+        return " ".join(map(plain, value))
+    return plain(value)
 
 
 def _link(target: Path, page: Path) -> str:
@@ -272,7 +301,7 @@ def _run_section(r: RunRecord, page: Path) -> str:
             f"{format_value(c.get('eval_tokens_per_s'), '{:.2f}')} tok/s, KLD {format_value(c.get('kld'), '{:.4f}')}.</p>"
             if c else "<p>No variant chosen (no timings).</p>")
     if r.recommended:
-        best += f"<p><b>Tuned configuration</b> (tune/recommended.json):</p>{_kv_html(list(r.recommended.items()))}"
+        best += f"<p><b>Tuned configuration</b> (tune/recommended.json):</p>{_kv_html(_recommended_items(r.recommended))}"
     report = r.dir / "reports" / "index.html"
     link = f" (<a href='{html.escape(_link(report, page))}'>run report</a>)" if report.exists() else ""
     return f"""<h2 id="{html.escape(r.label)}">{html.escape(r.label)}{link}</h2>
@@ -282,6 +311,8 @@ def _run_section(r: RunRecord, page: Path) -> str:
 <h3>Best configuration</h3>{best}"""
 
 
+ALT = {"latency_across_runs": "Latency breakdown across runs: seconds per stage of one answer, per run and variant",
+       "speed_across_runs": "Prompt and generation tokens per second, per variant and run"}
 OVERVIEW_COLUMNS = [
     ("machine", "machine", "{}"), ("features", "CPU features", "{}"), ("llama_cpp", "llama.cpp", "{}"),
     ("model", "model", "{}"), ("variants", "variants", "{}"), ("chosen", "chosen", "{}"),
@@ -303,16 +334,17 @@ def render_comparison(run_dirs: list[str | Path] | None = None, out: str | Path 
     files = out.parent / f"{out.stem}_files"
     latency_across_runs(records, files)
     speed_across_runs(records, files)
-    imgs = "".join(f"<p><img src='{html.escape(_link(files / f'{name}.png', out))}' alt='{name}' "
+    imgs = "".join(f"<p><img src='{html.escape(_link(files / f'{name}.png', out))}' alt='{html.escape(ALT[name])}' "
                    f"style='max-width:100%'></p>" for name in ("latency_across_runs", "speed_across_runs"))
     table = overview(records)
     nav = " · ".join(f"<a href='#{html.escape(r.label)}'>{html.escape(r.label)}</a>" for r in records)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>llava-gguf: {len(records)} runs compared</title>
+<title>llava-gguf: {plural(len(records), 'run')} compared</title>
 <style>body{{font-family:sans-serif;max-width:1300px;margin:2em auto}} td,th{{padding:3px 8px;
-border-bottom:1px solid #ddd;text-align:left;vertical-align:top}} table{{border-collapse:collapse;font-size:90%}}</style>
+border-bottom:1px solid #ddd;text-align:left;vertical-align:top}} table{{border-collapse:collapse;font-size:90%}}
+td,th,code{{overflow-wrap:anywhere}} img{{max-width:100%;height:auto}}</style>
 </head><body>
-<h1>{len(records)} runs compared</h1>
+<h1>{plural(len(records), 'run')} compared</h1>
 <p>{nav}</p>
 <p>Chosen variant per run: the fastest full answer (image encode + prompt eval + n_predict tokens, load
 excluded) whose mean KL divergence stays within the run's budget (step 06). Tokens/s are means over the
@@ -323,5 +355,5 @@ run's cases; runs with other cases or n_predict are not strictly comparable.</p>
 </body></html>"""
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    log.info("comparison of %d runs: %s", len(records), out)
+    log.info("comparison of %s: %s", plural(len(records), "run"), out)
     return out

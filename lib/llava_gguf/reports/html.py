@@ -6,7 +6,13 @@ ends with the run's history (older executed notebooks and reports kept by pipeli
 nbconvert inlines ~260 KB of JupyterLab CSS into every page; the <style> blocks of the page's head
 are written once per content to `reports/assets/notebook-<hash>.css` and linked instead (a <link>
 works from file:// too). Its inline scripts stay: the MathJax config must be inline, and a
-module script loaded from a file:// URL is blocked by browsers.
+module script loaded from a file:// URL is blocked by browsers. REPORT_CSS is added to that
+stylesheet: long code lines and table cells wrap, so that no element is wider than the page.
+
+The library logs to stderr, so a step's cell shows its log as red stderr boxes (tune: ~4,000 px).
+A report shows the last LOG_TAIL lines of a cell's log, with a link to the whole of it, written to
+`logs/<notebook>-cell<N>.log`, and links to the tool logs it names; the executed notebook keeps
+every line.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from pathlib import Path
 from .. import registry
 from ..workspace import Run, atomic_path
 from . import summary
+from .tables import plain, plural
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +43,86 @@ TEMPLATE = """{%- extends 'index.html.j2' -%}
 {% block data_png scoped %}{{ with_alt(super(), output, 'image/png') }}{% endblock data_png %}
 {% block data_jpg scoped %}{{ with_alt(super(), output, 'image/jpeg') }}{% endblock data_jpg %}
 """
+# Appended to the shared stylesheet (after the lab's rules, so these win).
+REPORT_CSS = """/* llava-gguf reports: nothing wider than the page */
+.jp-InputArea-editor pre, .jp-RenderedText pre, .highlight pre {
+  white-space: pre-wrap; overflow-wrap: anywhere; }
+.jp-RenderedHTMLCommon table { max-width: 100%; }
+.jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { white-space: normal; overflow-wrap: anywhere; }
+.jp-RenderedImage img, .jp-OutputArea-output img { max-width: 100%; height: auto; }
+"""
+LOG_TAIL = 8
+STDERR = "stderr"
+_LOG_PATH = re.compile(r"(/[^\s()'\"]+\.log)\b")
 _HEAD_STYLE = re.compile(r"<style[^>]*>(.*?)</style>\s*", re.S | re.I)
 _ASSET_LINK = re.compile(r"""href=["'](assets/[^"'/]+)["']""")
 
 
-def notebook_html(notebook: Path) -> str:
-    """The executed notebook as one HTML page (lab template, every image with an alt text)."""
+def notebook_html(notebook: Path, run: Run | None = None) -> str:
+    """The executed notebook as one HTML page (lab template, every image with an alt text; with a
+    run, each cell's log cut to its tail: log_tails)."""
     import nbformat
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab")
     exporter.raw_template = TEMPLATE
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    nb = nbformat.read(notebook, as_version=4)
+    if run is not None:
+        log_tails(nb, run, notebook.stem)
+    body, _ = exporter.from_notebook_node(nb)
     return body
+
+
+def terminal_lines(text: str) -> list[str]:
+    """Stream text as a terminal shows it: a carriage return rewrites its line (progress bars)."""
+    lines = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p]
+        lines.append(parts[-1] if parts else "")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def _href(path: Path, run: Run) -> str | None:
+    """`path` relative to reports/, None when it is not inside the run folder."""
+    try:
+        rel = path.resolve().relative_to(run.dir.resolve())
+    except (ValueError, OSError):
+        return None
+    return f"../{rel.as_posix()}"
+
+
+def log_tails(nb, run: Run, stem: str) -> None:
+    """Each code cell's stderr outputs merged into one; a log longer than LOG_TAIL lines is written to
+    logs/<stem>-cell<N>.log and shown as its last lines, after a note linking it and the tool logs it
+    names. Changes `nb` in place (the rendered copy, never the executed notebook)."""
+    from nbformat import v4
+
+    for number, cell in enumerate(nb.cells):
+        outputs = cell.get("outputs") or []
+        logs = [o for o in outputs if o.get("output_type") == "stream" and o.get("name") == STDERR]
+        if not logs:
+            continue
+        lines = terminal_lines("".join(o.get("text", "") for o in logs))
+        first = outputs.index(logs[0])
+        kept = [o for o in outputs if o not in logs]
+        shown = [v4.new_output("stream", name=STDERR, text="\n".join(lines[-LOG_TAIL:]) + "\n")] if lines else []
+        if len(lines) > LOG_TAIL:
+            full = run.sub("logs") / f"{stem}-cell{number}.log"
+            with atomic_path(full, suffix=".log") as tmp:
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            tools = [p for p in dict.fromkeys(_LOG_PATH.findall("\n".join(lines))) if Path(p) != full]
+            links = [(Path(p).name, _href(Path(p), run)) for p in tools]
+            named = [f"<a href='{html.escape(h)}'>{html.escape(n)}</a>" for n, h in links if h]
+            note = (f"<p>Log: the last {LOG_TAIL} of {len(lines):,} lines (<a href='{html.escape(_href(full, run))}'>"
+                    f"the whole log</a>).</p>")
+            if named:  # a tuning run names dozens: folded
+                note += (f"<details><summary>{plural(len(named), 'tool log')} it names</summary>"
+                         f"<p>{', '.join(named)}</p></details>")
+            shown.insert(0, v4.new_output("display_data", data={"text/html": note, "text/plain": f"log: the last {LOG_TAIL} of {len(lines)} lines; all of it: {full}"}))
+        first_kept = sum(1 for o in outputs[:first] if o not in logs)
+        cell["outputs"] = kept[:first_kept] + shown + kept[first_kept:]
 
 
 def shared_css(page: str, reports: Path) -> str:
@@ -59,7 +133,7 @@ def shared_css(page: str, reports: Path) -> str:
     blocks = list(_HEAD_STYLE.finditer(head))
     if not blocks:
         return page
-    css = "\n".join(m.group(1).strip() for m in blocks) + "\n"
+    css = "\n".join([*(m.group(1).strip() for m in blocks), REPORT_CSS])
     name = f"notebook-{hashlib.sha256(css.encode()).hexdigest()[:16]}.css"
     path = reports / ASSETS / name
     if not path.exists():  # same content, same name: an existing file is already right
@@ -76,7 +150,7 @@ def render_notebook(notebook: Path, run: Run) -> Path | None:
     if not notebook.exists():
         return None
     reports = run.sub("reports")
-    body = shared_css(notebook_html(notebook), reports)
+    body = shared_css(notebook_html(notebook, run), reports)
     out = reports / f"{notebook.stem}.html"
     with atomic_path(out) as tmp:
         tmp.write_text(body, encoding="utf-8")
@@ -150,12 +224,13 @@ def render_index(run: Run) -> Path:
         rows.append(f"<tr><td><a href='{html.escape(r.name)}'>{html.escape(r.stem)}</a></td>"
                     f"<td>{html.escape(step)}</td><td>{html.escape(status)}</td></tr>")
     artifacts = run.artifacts()
-    art_rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
+    art_rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(plain(v))}</code></td></tr>"
                        for k, v in artifacts.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>llava-gguf run {html.escape(run.params.run)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} td,th{{padding:4px 10px;
-border-bottom:1px solid #ddd;text-align:left}} code{{font-size:90%}}</style></head><body>
+border-bottom:1px solid #ddd;text-align:left}} code{{font-size:90%}} td,th,code{{overflow-wrap:anywhere}}
+img{{max-width:100%;height:auto}}</style></head><body>
 {_tune_headline(run)}
 <h1>Run <code>{html.escape(run.params.run)}</code></h1>
 <p>params: <code>{html.escape(str(run.params_file))}</code></p>

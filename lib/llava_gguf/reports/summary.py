@@ -15,6 +15,7 @@ import math
 import pandas as pd
 
 from ..workspace import Run, json_safe
+from .tables import plural
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,6 @@ def summary_html(run: Run) -> str | None:
 <p>{headline}</p>
 <p>Reference: {html.escape(str(info.get('reference')))}; KLD budget {info.get('kld_budget')}; text model
 {format_value(model.get('params'), '{:,.0f}')} parameters, {model.get('layers')} layers of width {model.get('width')}
-({which}). Means over {info.get('cases')} case(s), {info.get('n_predict')} tokens requested.</p>
+({which}). Means over {plural(int(info.get('cases') or 0), 'case')}, {info.get('n_predict')} tokens requested.</p>
 <table><tr><th></th>{''.join(head)}</tr>{''.join(rows)}</table>
 {f'<ul>{notes}</ul>' if notes else ''}{img}"""

@@ -11,6 +11,7 @@ and float columns no rule names, are left as they are.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -64,4 +65,87 @@ def rounded(df: pd.DataFrame | None) -> pd.DataFrame | None:
             continue
         how, digits = rule
         out[col] = out[col].round(digits) if how == "decimals" else round_significant(out[col], digits)
+    return out
+
+
+def format_number(value) -> str:
+    """A number as a reader takes it in: 3 significant digits, thousands separated from 1,000 on,
+    an exponent below 0.001 (never a float's repr: 0.4168775620000146 -> 0.417, 51531.498 -> 51,531)."""
+    if value is None:
+        return "–"
+    x = float(value)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if a >= 999.5:
+        return f"{x:,.0f}"
+    if a >= 0.001:
+        return f"{x:.{max(0, 2 - math.floor(math.log10(a)))}f}"
+    return f"{x:.2e}"
+
+
+def format_seconds(value) -> str:
+    """Seconds to 3 significant digits, below 1 s in ms: '0.417 s' reads as '417 ms'."""
+    if value is None or not math.isfinite(float(value)):
+        return "–"
+    x = float(value)
+    return f"{format_number(x * 1000.0)} ms" if abs(x) < 1.0 else f"{format_number(x)} s"
+
+
+def format_ratio(value) -> str:
+    """A speed ratio: '2.44×'."""
+    return "–" if value is None or not math.isfinite(float(value)) else f"{format_number(value)}×"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 run', '2 runs' (`words` for an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def mapping_table(data: dict, key: str = "name", value: str = "value") -> pd.DataFrame:
+    """A mapping as a two-column table, nested mappings flattened to 'outer / inner' rows and lists
+    joined: what a notebook shows instead of a dict's repr."""
+    rows = []
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict) and v:
+            for k, inner in v.items():
+                walk(f"{prefix} / {k}" if prefix else str(k), inner)
+        else:
+            rows.append({key: prefix, value: plain(v)})
+
+    walk("", data)
+    return pd.DataFrame(rows, columns=[key, value])
+
+
+def plain(value) -> str:
+    """A value as text: numbers by format_number, lists joined, mappings as 'k: v; ...'."""
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, (float, np.floating)):
+        return format_number(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {plain(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(v) for v in value) or "–"
+    return str(value)
+
+
+def params_table(section) -> pd.DataFrame:
+    """A params section (a pydantic model) as a parameter/value table."""
+    return mapping_table(section.model_dump(mode="json"), "parameter", "value")
+
+
+def readable(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose cells holding lists or mappings are text (plain), not their repr."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object and out[col].map(lambda v: isinstance(v, (list, tuple, dict))).any():
+            out[col] = out[col].map(lambda v: plain(v) if isinstance(v, (list, tuple, dict)) else v)
     return out
