@@ -1,0 +1,33 @@
+"""Step 08's plot: per-turn latency of a conversation with llama-server against the one-shot answer."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from ..workspace import Run
+
+
+def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None = None):
+    """Per turn (cases side by side): time to the first token and the whole answer; the one-shot
+    run-llava.sh answer (07_tune's median) as a line. Bars are labelled with the prompt tokens the
+    server processed / took from its cache."""
+    fig = plots.PlotFigure(figsize=(max(6.0, 1.1 * len(turns) + 2), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(turns))
+    total = turns["total_s"].to_numpy(dtype=float)
+    ttft = turns["ttft_s"].to_numpy(dtype=float)
+    colors = ["tab:red" if k == "first" else "tab:blue" for k in turns["kind"]]
+    ax.bar(x, total, color=colors, alpha=0.45, label="whole answer")
+    ax.bar(x, ttft, color=colors, label="time to first token")
+    for xi, t, p, c in zip(x, total, turns["prompt_n"], turns["cache_n"]):
+        ax.annotate(f"{p} new\n{c} cached", (xi, t), ha="center", va="bottom", fontsize=7)
+    if one_shot_s:
+        ax.axhline(one_shot_s, color="black", linestyle="--", linewidth=1,
+                   label=f"one-shot run-llava.sh ({one_shot_s:.2f} s, 07_tune)")
+    ax.set_xticks(x, [f"case {c}\nturn {t}" for c, t in zip(turns["case"], turns["turn"])], fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("A conversation with llama-server: first question (red) vs follow-ups (blue)")
+    ax.legend(fontsize=8)
+    plots.save(fig, run, "serve_turns")
+    return fig
