@@ -146,6 +146,27 @@ def test_the_server_counts_as_many_image_tokens_as_mtmd_cli(srv, tiny_ggufs, lla
     assert processed(before + marker + after, [other]) - text == r2.timings.image_tokens
 
 
+def test_a_restarted_server_answers_a_follow_up_from_a_saved_slot(tiny_ggufs, llama_tool, test_jpeg, tmp_path):
+    """Slot save/restore: the image is not encoded again after a restart (one slot, so it is slot 0)."""
+    exe, slots = llama_tool(flags.SERVER), tmp_path / "slots"
+    slots.mkdir()
+    st = {**settings(tiny_ggufs), "parallel": 1, "slot_save_path": f"{slots}/"}
+    with server.start(exe, st, tmp_path / "first.log") as s:
+        c = chat.Conversation(s.api_url, max_tokens=4)
+        first = c.ask("Describe this image.", [test_jpeg])
+        saved = s.slot_action("save", "conversation.bin")
+    assert saved["n_saved"] >= first.prompt_n and (slots / "conversation.bin").stat().st_size > 0
+    with server.start(exe, st, tmp_path / "second.log") as s:
+        restored = s.slot_action("restore", "conversation.bin")
+        assert restored["n_restored"] == saved["n_saved"]
+        again = chat.Conversation(s.api_url, max_tokens=4, messages=list(c.messages))
+        follow = again.ask("What colour is the sky in it?")
+        with pytest.raises(server.ServerError, match="HTTP 400"):  # a file that is not there: an error, not a crash
+            s.slot_action("restore", "no-such-file.bin")
+        assert s.get("/health")[0] == 200
+    assert follow.prompt_n < first.prompt_n / 20 and follow.cache_n >= first.prompt_n
+
+
 def test_a_taken_port_is_refused_before_the_server_starts(srv, tiny_ggufs, llama_tool, tmp_path):
     with pytest.raises(server.PortInUse, match=f"port {srv.port} on 127.0.0.1 is already in use"):
         server.start(llama_tool(flags.SERVER), settings(tiny_ggufs), tmp_path / "s.log", port=srv.port)

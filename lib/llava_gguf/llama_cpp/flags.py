@@ -93,6 +93,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("jinja", ("--jinja",), "runtime", (SERVER,), negative=("--no-jinja",),
          about="off: the chat template is applied as llama-mtmd-cli applies it (llama-server's default is on)"),
     Flag("parallel", ("-np", "--parallel"), "runtime", (SERVER,), about="server slots"),
+    Flag("slot_save_path", ("--slot-save-path",), "runtime", (SERVER,),
+         about="folder of saved slots (/slots/<id>?action=save|restore): a conversation outlives the server"),
     Flag("host", ("--host",), "network", (SERVER,), about="address the server binds (serve-llava.sh: 127.0.0.1)"),
     Flag("port", ("--port",), "network", (SERVER,)),
     # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode times

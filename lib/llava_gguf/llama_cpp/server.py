@@ -162,6 +162,14 @@ class Server:
     def post(self, path: str, body: Mapping[str, Any], timeout: float = 300) -> tuple[int, Any]:
         return request(self.url + path, body, timeout=timeout)
 
+    def slot_action(self, action: str, filename: str, slot: int = 0) -> dict[str, Any]:
+        """Save or restore a slot's KV cache and tokens (image chunks included) as a file in the
+        server's `--slot-save-path` folder (row `slot_save_path`); the server's answer, with its timings."""
+        status, body = self.post(f"/slots/{slot}?action={action}", {"filename": filename})
+        if status != 200:
+            raise ServerError(f"slot {slot} {action} of {filename} failed: HTTP {status}: {body}")
+        return body
+
     def stop(self, timeout: float = 30) -> int:
         """SIGINT (llama-server's clean shutdown), then SIGKILL if it has not ended within `timeout`."""
         if self.process.poll() is None:
