@@ -26,6 +26,7 @@ def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None 
         ax.axhline(one_shot_s, color="black", linestyle="--", linewidth=1,
                    label=f"one-shot run-llava.sh ({one_shot_s:.2f} s, 07_tune)")
     ax.set_xticks(x, [f"case {c}\nturn {t}" for c, t in zip(turns["case"], turns["turn"])], fontsize=8)
+    ax.set_ylim(0, 1.25 * max([*total, one_shot_s or 0.0]))  # room for the labels above the bars
     ax.set_ylabel("seconds")
     ax.set_title("A conversation with llama-server: first question (red) vs follow-ups (blue)")
     ax.legend(fontsize=8)
