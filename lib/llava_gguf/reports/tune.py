@@ -243,7 +243,7 @@ def headline_html(run: Run) -> str | None:
                  "(<a href='../run-llava.sh'>run-llava.sh</a>)")
     if info.get("notes"):
         parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")
-    served = run.dir / "serve" / "summary.json"
+    served = run.dir / "conversation" / "summary.json"
     if served.exists():  # step 08: a conversation with serve-llava.sh
         s = json.loads(served.read_text())
         parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s)"

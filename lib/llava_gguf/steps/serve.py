@@ -1,4 +1,4 @@
-"""Step 08: a conversation about each evaluate case's image with the run's serve-llava.sh, timed per turn.
+"""Step 08 (`make conversation`; `make serve` is the server itself): a conversation about each evaluate case's image with the run's serve-llava.sh, timed per turn.
 
 The server is started exactly as a user starts it (`serve-llava.sh`, written by step 07 with the
 recommended configuration) on a free loopback port, and stopped at the end, also on failure. Per
@@ -70,12 +70,12 @@ def start_script(run: Run, log_path: Path, ready_timeout_s: float) -> server.Ser
 
 
 def run_serve(run: Run) -> ServeResult:
-    """Step 08: the conversations, serve/turns.csv, serve/summary.json and the per-turn plot."""
+    """Step 08 (`conversation`): the conversations, conversation/turns.csv and summary.json, the per-turn plot."""
     from ..reports import serve as serve_report
     from .evaluate import case_inputs
 
     e = run.params.evaluate
-    folder = run.sub("serve")
+    folder = run.sub("conversation")
     rec_path = run.dir / "tune" / "recommended.json"
     rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
     rows = []
@@ -104,5 +104,5 @@ def run_serve(run: Run) -> ServeResult:
     turns.to_csv(folder / "turns.csv", index=False)
     write_json(folder / "summary.json", summary)
     fig = serve_report.turn_latency(turns, summary.get("one_shot_s"), run)
-    run.record("serve", {"turns": folder / "turns.csv", "summary": folder / "summary.json"})
+    run.record("conversation", {"turns": folder / "turns.csv", "summary": folder / "summary.json"})
     return ServeResult(turns, summary, fig)
