@@ -34,10 +34,10 @@ SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, 
 
 def script_text(m, cfg, n_predict: int, header: list[str], name: str = "run-llava.sh") -> str:
     """run-llava*.sh: the command `m.measure` ran for this configuration, with the matching llama-server
-    command in a comment (build it with the llama-server target if missing)."""
+    command (what serve-llava*.sh runs bare) in a comment."""
     settings, extra = m.run_settings(cfg, n_predict)
-    server = flags.server_command(Path(m.cli).with_name(flags.SERVER), settings, extra)
-    header = [*header, f"The matching {flags.SERVER} command:", "  " + shlex.join(server)]
+    served = flags.server_command(Path(m.cli).with_name(flags.SERVER), server.serve_settings(settings), extra)
+    header = [*header, f"The matching {flags.SERVER} command (serve-llava.sh runs it):", "  " + shlex.join(served)]
     return flags.script_text(m.cli, settings, extra, header, name=name)
 
 
