@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish
+.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab serve test test-fast bench clean-run compare publish
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
@@ -76,6 +76,9 @@ publish: setup ## model card into outputs/<run>/publish/README.md; UPLOAD=1 uplo
 lab: setup ## open JupyterLab on notebooks/, reading PARAMS; LAB_ARGS="--no-browser --port 8890" passes options through
 	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/ \
 	  $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
+
+serve: setup ## llama-server with the run's recommended configuration (after make tune): 127.0.0.1:8080, HOST=/PORT= to change; ARGS= more options
+	HOST="$(HOST)" PORT="$(PORT)" $(PY) -m llava_gguf serve --params "$(PARAMS)" -- $(ARGS)
 
 test: setup llama-cpp ## run the test suite (unit tests, notebooks with nbval, a papermill run on the tiny model)
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider

@@ -146,6 +146,33 @@ def test_a_user_option_replaces_the_scripts_own(tmp_path):
     assert "-p" not in got and got[-2:] == ["-f", "prompt.txt"]
 
 
+def test_serve_script_is_the_same_configuration_on_loopback(tmp_path):
+    """serve-llava.sh (llama_cpp/server.py): the run's files and runtime flags, the server's rows, no -n
+    and log level, --no-jinja; HOST/PORT from the environment, an option on the command line wins."""
+    import os
+
+    from llava_gguf.llama_cpp import server
+
+    tool = _echo_tool(tmp_path)
+    script = tmp_path / server.SCRIPT_NAME
+    script.write_text(server.script_text(tool, SETTINGS, name=script.name))
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PORT": str(server.free_port())})
+    got, printed = out.stdout.splitlines(), flags.executed_argv(out.stderr, script.name)
+    assert printed == [str(tool), *got]
+    for option in ("-n", "-lv", "--image", "-p", "--jinja"):
+        assert option not in got, option
+    assert got[got.index("-m") + 1] == "/m/text.gguf" and got[got.index("-C") + 1] == "0xf0"
+    assert "--no-jinja" in got and got[got.index("--chat-template") + 1] == "vicuna"
+    assert got[got.index("--host") + 1] == "127.0.0.1" and got.count("--port") == 1
+    assert "OpenAI-compatible API: http://127.0.0.1:" in out.stderr
+    out = subprocess.run(["bash", str(script), "--host", "::1", "--port", "1"], capture_output=True, text=True,
+                         env={**os.environ, "HOST": "0.0.0.0", "PORT": "2"})
+    got = flags.executed_argv(out.stderr, script.name)
+    assert got.count("--host") == 1 and got[got.index("--host") + 1] == "::1" and got[-2:] == ["--port", "1"]
+    assert "http://[::1]:1/v1" in out.stderr
+
+
 @pytest.mark.llama_cpp
 def test_a_later_option_wins_and_masks_add_up_in_the_pinned_build(tiny_ggufs, llama_tool, tmp_path):
     """Why scripts drop their own value instead of passing both: a repeated -t takes its last value

@@ -3,6 +3,7 @@ run-llava.sh as the measured command and a tiny end-to-end run (overrides: tests
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -335,6 +336,15 @@ def test_tune_step_end_to_end(write_params, llama_tool):
         assert argv == measured["command"] and argv[argv.index("-n") + 1] == "6" and "--temp" in argv
         assert Path(argv[argv.index("--image") + 1]).parent == run.dir / "tune"
         assert out.stdout.strip() == measured["answer"]
+    # serve-llava*.sh beside them: llama-server on the same files and flags (llama_cpp/server.py; started
+    # and stopped in tests/test_server.py), without the fixed answer length and the log level.
+    for budget, name in (("full", "serve-llava.sh"), ("full", "serve-llava-full.sh"), ("single", "serve-llava-single.sh")):
+        text = (run.dir / name).read_text()
+        assert (run.dir / name).stat().st_mode & 0o111
+        for option, value in (("-m", rec["budgets"][budget]["text_gguf"]), ("--mmproj", rec["budgets"][budget]["mmproj"]),
+                              ("--chat-template", "vicuna"), ("--host", "127.0.0.1")):
+            assert f"cmd+=({option} {shlex.quote(value)})" in text, (name, option)
+        assert "cmd+=(--no-jinja)" in text and "cmd+=(-n " not in text and "cmd+=(-lv " not in text
     out = subprocess.run(["bash", str(run.dir / "run-llava-single.sh"), "-n", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert flags.executed_argv(out.stderr, "run-llava-single.sh").count("-n") == 1

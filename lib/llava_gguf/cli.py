@@ -92,6 +92,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    """Exec the run's serve-llava.sh (written by step 07, tune) with the remaining arguments."""
+    from .llama_cpp import server
+
+    run = workspace.open_run(args.params)
+    script = run.dir / server.SCRIPT_NAME
+    if not script.exists():
+        raise FileNotFoundError(f"{script} does not exist: step 07 (tune) writes it beside run-llava.sh; "
+                                f"run `make tune PARAMS={args.params or 'params/default.yaml'}` first")
+    extra = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+    sys.stdout.flush()
+    os.execv("/bin/bash", ["bash", str(script), *extra])
+
+
 def _cmd_bench(args) -> int:
     from .bench.measure import run_bench
 
@@ -169,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None)
     p.add_argument("--upload", action="store_true", help="upload to params publish.repo (token from the environment)")
     p.set_defaults(func=_cmd_publish)
+
+    p = sub.add_parser("serve", help="start llama-server with the run's recommended configuration "
+                       "(outputs/<run>/serve-llava.sh; HOST/PORT in the environment or --host/--port)")
+    p.add_argument("--params", default=None)
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="more llama-server options")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="conversion and inference benchmarks at the 7B scale")
     p.add_argument("--params", default="params/bench.yaml")

@@ -34,11 +34,13 @@ BOTH = (MTMD, SERVER)
 class Flag:
     key: str
     names: tuple[str, ...]
-    group: str  # files | input | sampling | threads | runtime | log
+    group: str  # files | input | sampling | threads | runtime | network | log
     tools: tuple[str, ...] = BOTH  # the tools it is passed to
 
     replaced_by: tuple[str, ...] = ()
     about: str = ""
+    # An on/off switch without a value (--jinja / --no-jinja): True writes `option`, False `negative[0]`.
+    negative: tuple[str, ...] = ()
 
     @property
     def option(self) -> str:
@@ -47,7 +49,12 @@ class Flag:
     @property
     def overridden_by(self) -> tuple[str, ...]:
         """The options on a script's command line that drop the script's own value of this one."""
-        return self.names + self.replaced_by
+        return self.names + self.negative + self.replaced_by
+
+    def args(self, value: Any) -> list[str]:
+        if self.negative:
+            return [self.option if value else self.negative[0]]
+        return [self.option, value_text(value)]
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -81,7 +88,15 @@ FLAGS: tuple[Flag, ...] = (
          about="dynamic-resolution towers only; LLaVA 1.6's budget is the mmproj's pinpoints"),
     Flag("image_max_tokens", ("--image-max-tokens",), "runtime", about="as --image-min-tokens"),
     Flag("chat_template", ("--chat-template",), "runtime"),
+    # llama-mtmd-cli formats prompts without Jinja by default, llama-server with it: there a built-in
+    # template's name ("vicuna") would be read as a Jinja template and the prompt would be that word.
+    Flag("jinja", ("--jinja",), "runtime", (SERVER,), negative=("--no-jinja",),
+         about="off: the chat template is applied as llama-mtmd-cli applies it (llama-server's default is on)"),
     Flag("parallel", ("-np", "--parallel"), "runtime", (SERVER,), about="server slots"),
+    Flag("slot_save_path", ("--slot-save-path",), "runtime", (SERVER,),
+         about="folder of saved slots (/slots/<id>?action=save|restore): a conversation outlives the server"),
+    Flag("host", ("--host",), "network", (SERVER,), about="address the server binds (serve-llava.sh: 127.0.0.1)"),
+    Flag("port", ("--port",), "network", (SERVER,)),
     # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode times
     # and the final perf block, which the timings are read from. At its default (3) neither is printed.
     Flag("log_verbosity", ("-lv", "--verbosity", "--log-verbosity"), "log"),
@@ -117,7 +132,7 @@ def pairs(settings: Mapping[str, Any], tool: str = MTMD) -> list[tuple[Flag, str
 
 
 def flag_args(settings: Mapping[str, Any], tool: str = MTMD) -> list[str]:
-    return [a for f, v in pairs(settings, tool) for a in (f.option, v)]
+    return [a for f, _ in pairs(settings, tool) for a in f.args(settings[f.key])]
 
 
 def command(executable: str | Path, settings: Mapping[str, Any], tool: str = MTMD,
@@ -150,11 +165,14 @@ def table(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def script_text(executable: str | Path, settings: Mapping[str, Any], extra_args: Iterable[str] = (),
-                header: Iterable[str] = (), tool: str = MTMD, name: str = "run-llava.sh") -> str:
+                header: Iterable[str] = (), tool: str = MTMD, name: str = "run-llava.sh",
+                prelude: Iterable[str] = (), before_exec: Iterable[str] = ()) -> str:
     """A bash script running `command(executable, settings, tool, extra_args)` when given no options.
 
     Options on its command line come after its own; each one the user gives drops the script's own
     value of that option (see the module doc). The exact argv is printed to stderr before the exec.
+    `prelude` lines run before the command is assembled (they may add to `user`, the script's
+    arguments, and call `given`); `before_exec` lines run on the finished `cmd` array.
     """
     q = shlex.quote
     lines = ["#!/usr/bin/env bash", *[f"# {h}" for h in header],
@@ -171,13 +189,15 @@ def script_text(executable: str | Path, settings: Mapping[str, Any], extra_args:
              "  done",
              "  return 1",
              "}",
+             *prelude,
              f"cmd=({q(str(executable))})"]
-    for f, v in pairs(settings, tool):
-        lines.append(f"given {' '.join(q(o) for o in f.overridden_by)} || cmd+=({q(f.option)} {q(v)})")
+    for f, _ in pairs(settings, tool):
+        args = " ".join(q(a) for a in f.args(settings[f.key]))
+        lines.append(f"given {' '.join(q(o) for o in f.overridden_by)} || cmd+=({args})")
     extra = [q(a) for a in extra_args]
     if extra:
         lines.append(f"cmd+=({' '.join(extra)})")
-    lines += ['cmd+=(${user[@]+"${user[@]}"})',
+    lines += ['cmd+=(${user[@]+"${user[@]}"})', *before_exec,
               f"printf '%s:' {q(name)} >&2; printf ' %q' \"${{cmd[@]}}\" >&2; printf '\\n' >&2",
               'exec "${cmd[@]}"', ""]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 TOOLS = ("llama-quantize", "llama-mtmd-cli", "llama-perplexity", "llama-bench", "llama-debug",
-         "llama-mtmd-debug", "llama-imatrix", "llama-tokenize")
+         "llama-mtmd-debug", "llama-imatrix", "llama-tokenize", "llama-server")
 ENV_DIR = "LLAMA_CPP_DIR"
 # Directories within a llama.cpp folder where its tools may sit, in order of preference.
 _BIN_SUBDIRS = ("", "bin", "build/bin", "build")
@@ -145,8 +145,10 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
         marker.write_text("\n".join([build_key(), *(p.name for p in patch_files())]) + "\n")
     cmake_dir = build_dir / "cmake"
     log_file = build_dir / "build.log"
+    # The server's web page is left out (LLAMA_BUILD_UI stays OFF, no prebuilt download): the
+    # sdist has no built UI and building it needs npm; the API endpoints are all there.
     configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                 "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
                  "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     jobs = jobs or os.cpu_count() or 2
     build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]

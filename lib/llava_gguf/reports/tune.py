@@ -1,4 +1,4 @@
-"""Step 07's products: recommended.json, run-llava*.sh, the params snippet, plots, the index headline.
+"""Step 07's products: recommended.json, run-llava*.sh and serve-llava*.sh, the params snippet, plots, the index headline.
 
 `run-llava.sh` runs, given no options, the llama-mtmd-cli command that 07_tune measured for the
 recommendation (greedy, its `-n`, threads and flags, on the step's image and prompt); both are
@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from . import plots
-from ..llama_cpp import flags
+from ..llama_cpp import flags, server
 from ..machine import machine_info, usable_cores
 from ..workspace import Run, atomic_path, json_safe, write_json
 
@@ -33,11 +33,17 @@ SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, 
 
 def script_text(m, cfg, n_predict: int, header: list[str], name: str = "run-llava.sh") -> str:
     """run-llava*.sh: the command `m.measure` ran for this configuration, with the matching llama-server
-    command in a comment (build it with the llama-server target if missing)."""
+    command (what serve-llava*.sh runs bare) in a comment."""
     settings, extra = m.run_settings(cfg, n_predict)
-    server = flags.server_command(Path(m.cli).with_name(flags.SERVER), settings, extra)
-    header = [*header, f"The matching {flags.SERVER} command:", "  " + shlex.join(server)]
+    served = flags.server_command(Path(m.cli).with_name(flags.SERVER), server.serve_settings(settings), extra)
+    header = [*header, f"The matching {flags.SERVER} command (serve-llava.sh runs it):", "  " + shlex.join(served)]
     return flags.script_text(m.cli, settings, extra, header, name=name)
+
+
+def serve_script_text(m, cfg, n_predict: int, header: list[str], name: str = server.SCRIPT_NAME) -> str:
+    """serve-llava*.sh: llama-server with the settings `script_text` renders (llama_cpp/server.py)."""
+    settings, extra = m.run_settings(cfg, n_predict)
+    return server.script_text(Path(m.cli).with_name(flags.SERVER), settings, extra, header, name=name)
 
 
 def measured_run(runs: pd.DataFrame, label: str) -> dict:
@@ -84,6 +90,9 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         if len(chosen) > 1:
             names.append(f"run-llava-{name}.sh")
         paths = [_write_script(run.dir / n, script_text(m, cfg, e.n_predict, header, n)) for n in names]
+        paths += [_write_script(run.dir / n.replace("run-", "serve-"),
+                                serve_script_text(m, cfg, e.n_predict, header, n.replace("run-", "serve-")))
+                  for n in names]
         measured = measured_run(result.runs, cfg.label)
         rendered = flags.command(m.cli, settings, flags.MTMD, extra)
         if measured["command"] is not None and measured["command"] != rendered:
@@ -135,7 +144,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
     for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement)):
         if df is not None and len(df):
             write_table(df.drop(columns=[c for c in ("command",) if c in df]), folder / name)
-    run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh"})
+    run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh",
+                        "serve_script": run.dir / server.SCRIPT_NAME})
     return info
 
 
@@ -233,4 +243,10 @@ def headline_html(run: Run) -> str | None:
                  "(<a href='../run-llava.sh'>run-llava.sh</a>)")
     if info.get("notes"):
         parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")
+    served = run.dir / "conversation" / "summary.json"
+    if served.exists():  # step 08: a conversation with serve-llava.sh
+        s = json.loads(served.read_text())
+        parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s, "
+                     f"one-shot run-llava.sh {s['one_shot_s']:.1f} s)</b> with <a href='../serve-llava.sh'>serve-llava.sh</a>: {s['follow_up_prompt_n']} new prompt "
+                     f"tokens per follow-up instead of {s['first_prompt_n']} (median over {s['cases']} case(s))")
     return "".join(parts) + "</p>"

@@ -1,0 +1,253 @@
+"""llama-server for a run's recommended configuration: serve-llava.sh, and a server started from Python.
+
+Both take their argv from the flag table (`flags.server_command` / `flags.script_text` with the
+server as the tool), so the server runs with exactly the files, threads, masks, image budget and
+chat template that 07_tune measured for `run-llava.sh`.
+
+What a server run leaves out of the measured settings, and why (`SERVE_DROPS`):
+- `n_predict`: tune measures answers of a fixed length; as a server default it would cut every chat
+  answer there (a client asks for `max_tokens` per request);
+- `log_verbosity`: level 4 is for the timing lines of mtmd-cli's log; the server's own `timings`
+  object in each response carries what is measured here.
+And what it adds: `--no-jinja` (row `jinja`), so the chat template is applied as llama-mtmd-cli
+applied it in the measurement (the server's default, Jinja, reads "vicuna" as a template text).
+
+The server binds 127.0.0.1 (loopback) unless asked otherwise. The pinned llama-server only finds
+out that its port is taken after loading the model ("couldn't bind HTTP server socket"), so both
+the script and `start` check the port first and say which one and what to do.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import flags
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+SCRIPT_NAME = "serve-llava.sh"
+SERVE_DROPS = ("n_predict", "log_verbosity")
+
+
+class ServerError(RuntimeError):
+    """llama-server could not be started, did not get ready, or its port is taken; names its log."""
+
+
+class PortInUse(ServerError):
+    pass
+
+
+def serve_settings(settings: Mapping[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> dict[str, Any]:
+    """The settings of a run (files included) as the server takes them: SERVE_DROPS left out."""
+    return {**{k: v for k, v in settings.items() if k not in SERVE_DROPS}, "jinja": False, "host": host, "port": port}
+
+
+def port_taken_message(host: str, port: int, how: str = "") -> str:
+    return (f"port {port} on {host} is already in use (another llama-server, or a second `make serve`?). "
+            f"Stop the process listening there (`ss -ltnp 'sport = :{port}'` names it) or choose another "
+            f"port: {how or f'PORT={port + 1} make serve'}")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails because the address is taken (what llama-server would hit)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # llama-server's httplib sets SO_REUSEADDR too: a port in TIME_WAIT is not "in use" for it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port nothing listens on now (the kernel's pick)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- the script
+# serve-llava.sh's own lines around flags.script_text's: HOST/PORT from the environment, the port
+# check, the addresses. `exec` hands the terminal's Ctrl-C straight to llama-server, whose handler
+# stops it cleanly (slots finish, sockets close).
+_PRELUDE = [
+    "# HOST / PORT in the environment stand for --host / --port (an option on the command line wins).",
+    'if [ -n "${HOST:-}" ] && ! given --host; then user=(--host "$HOST" ${user[@]+"${user[@]}"}); fi',
+    'if [ -n "${PORT:-}" ] && ! given --port; then user=(--port "$PORT" ${user[@]+"${user[@]}"}); fi',
+]
+_BEFORE_EXEC = [
+    "value() {  # value OPTION: the last value the command gives it",
+    '  local i v=""',
+    '  for ((i = 1; i < ${#cmd[@]} - 1; i++)); do [ "${cmd[i]}" = "$1" ] && v="${cmd[i+1]}"; done',
+    "  printf '%s' \"$v\"",
+    "}",
+    'host="$(value --host)"; port="$(value --port)"',
+    'probe="$host"; case "$probe" in 0.0.0.0|"") probe=127.0.0.1;; "::") probe=::1;; esac',
+    "# A connection that succeeds means something already listens there: llama-server would load the",
+    "# model first and only then fail to bind.",
+    'if (exec 3<>"/dev/tcp/$probe/$port") 2>/dev/null; then',
+    f"  echo \"{SCRIPT_NAME}: port $port on $host is already in use (another llama-server, or a second"
+    " make serve?). Stop the process listening there (ss -ltnp 'sport = :$port' names it) or choose another"
+    " port: PORT=$((port + 1)) $0, or $0 --port $((port + 1))\" >&2",
+    "  exit 1",
+    "fi",
+    'show="$host"; case "$show" in *:*) show="[$show]";; esac',
+    f"echo \"  OpenAI-compatible API: http://$show:$port/v1 (chat: /v1/chat/completions; any api_key)\" >&2",
+    f"echo \"  web page:              http://$show:$port/ (llama-server's chat page where the build"
+    " embeds it; the project's build is API-only)\" >&2",
+    f"echo \"  ready once it logs 'listening on'; Ctrl-C stops it\" >&2",
+]
+
+
+def script_text(server: str | Path, settings: Mapping[str, Any], extra_args: Iterable[str] = (),
+                header: Iterable[str] = (), name: str = SCRIPT_NAME) -> str:
+    """serve-llava.sh: llama-server on a run's settings (files included), bound to 127.0.0.1:8080
+    unless HOST/PORT or --host/--port say otherwise."""
+    header = [*header, "Starts llama-server with this configuration; HOST=0.0.0.0 PORT=9000 or --host/--port",
+              "choose the address (default 127.0.0.1:8080, this machine only)."]
+    return flags.script_text(server, serve_settings(settings), extra_args, header, tool=flags.SERVER, name=name,
+                             prelude=_PRELUDE, before_exec=_BEFORE_EXEC)
+
+
+# ----------------------------------------------------------------------------- a server process
+@dataclass
+class Server:
+    """A running llama-server; `stop()` (or leaving the `with` block) ends it."""
+
+    argv: list[str]
+    host: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen
+    started_s: float = field(default_factory=time.perf_counter)
+    ready_s: float | None = None  # spawn -> /health answered 200
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def log_tail(self, n: int = 12) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, Any]:
+        """GET a server endpoint: (HTTP status, decoded JSON or text)."""
+        return request(self.url + path, timeout=timeout)
+
+    def post(self, path: str, body: Mapping[str, Any], timeout: float = 300) -> tuple[int, Any]:
+        return request(self.url + path, body, timeout=timeout)
+
+    def slot_action(self, action: str, filename: str, slot: int = 0) -> dict[str, Any]:
+        """Save or restore a slot's KV cache and tokens (image chunks included) as a file in the
+        server's `--slot-save-path` folder (row `slot_save_path`); the server's answer, with its timings."""
+        status, body = self.post(f"/slots/{slot}?action={action}", {"filename": filename})
+        if status != 200:
+            raise ServerError(f"slot {slot} {action} of {filename} failed: HTTP {status}: {body}")
+        return body
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGINT (llama-server's clean shutdown), then SIGKILL if it has not ended within `timeout`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("llama-server on port %d did not stop within %.0f s of SIGINT; killing it", self.port, timeout)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def request(url: str, body: Mapping[str, Any] | None = None, timeout: float = 300) -> tuple[int, Any]:
+    """One HTTP request; an error status is returned, not raised (its JSON body says why)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def start(server: str | Path, settings: Mapping[str, Any], log_path: str | Path, host: str = DEFAULT_HOST,
+          port: int | None = None, extra_args: Iterable[str] = (), ready_timeout_s: float = 300) -> Server:
+    """Start llama-server on a run's settings (files included); returns once /health says ready.
+
+    `port=None` takes a free port. The server's output goes to `log_path`. A taken port raises
+    PortInUse before anything starts; a server that exits or is not ready within `ready_timeout_s`
+    is stopped and raises ServerError with its log's last lines.
+    """
+    port = port or free_port(host)
+    if port_in_use(host, port):
+        raise PortInUse(port_taken_message(host, port, "start(..., port=None) takes a free one"))
+    argv = flags.server_command(server, serve_settings(settings, host, port), extra_args)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("starting llama-server on %s:%d (log %s)", host, port, log_path)
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    srv = Server(argv, host, port, log_path, proc)
+    try:
+        wait_ready(srv, ready_timeout_s)
+    except BaseException:
+        srv.stop(timeout=10)
+        raise
+    return srv
+
+
+def wait_ready(srv: Server, timeout_s: float) -> None:
+    """Poll /health: 503 while the model loads, 200 once the server takes requests."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        rc = srv.process.poll()
+        if rc is not None:
+            raise ServerError(f"llama-server exited with status {rc} before it was ready; log {srv.log_path}\n"
+                              f"command: {' '.join(srv.argv)}\nlast lines:\n{srv.log_tail()}")
+        try:
+            status, _ = srv.get("/health", timeout=5)
+            if status == 200:
+                srv.ready_s = time.perf_counter() - srv.started_s
+                log.info("llama-server ready at %s after %.1f s", srv.url, srv.ready_s)
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+            pass  # not listening yet
+        if time.perf_counter() > deadline:
+            raise ServerError(f"llama-server at {srv.url} not ready after {timeout_s:.0f} s; log {srv.log_path}\n"
+                              f"last lines:\n{srv.log_tail()}")
+        time.sleep(0.25)
