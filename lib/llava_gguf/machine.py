@@ -21,6 +21,11 @@ from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
 
+# Set by whatever runs the workflow under emulation (`make arm64-rehearsal` sets "qemu-user"): the
+# run's timings are the emulator's, and every report that shows the machine says so.
+EMULATION_ENV = "LLAVA_GGUF_EMULATION"
+EMULATION_NOTE = "timings are not board speed"
+
 # CPU features that decide which llama.cpp kernels run; /proc/cpuinfo name -> the usual name.
 # aarch64 spells dot product "asimddp" and half-precision arithmetic "fphp"/"asimdhp".
 FEATURES_OF_INTEREST = {
@@ -159,6 +164,7 @@ def machine_info() -> dict:
         "kernel": platform.release(),
         "arch": platform.machine(),
         "python": platform.python_version(),
+        "emulation": os.environ.get(EMULATION_ENV) or None,
     }
 
 
@@ -266,5 +272,6 @@ def describe(machine: dict) -> str:
     m = machine or {}
     parts = [m.get("board"), m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
              f"{m['ram_mib'] / 1024:.0f} GiB RAM" if m.get("ram_mib") else None, m.get("os"),
-             f"Linux {m['kernel']}" if m.get("kernel") else None]
+             f"Linux {m['kernel']}" if m.get("kernel") else None,
+             f"emulated ({m['emulation']}): {EMULATION_NOTE}" if m.get("emulation") else None]
     return ", ".join(str(p) for p in parts if p) or "unknown machine"
