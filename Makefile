@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help setup llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish \
+.PHONY: help setup constraints llama-cpp all $(STEPS) report lab test test-fast bench clean-run compare publish \
 	arm64-rehearsal rehearsal-x86
 
 help: ## list the targets
@@ -27,12 +27,20 @@ help: ## list the targets
 
 setup: $(STAMP) ## create .venv with the pinned Python packages (idempotent)
 
-$(STAMP): requirements.txt pyproject.toml
+# The constraints file pins every package for this machine and Python (an unsupported pair stops
+# here, naming the supported ones, before a venv or a resolver run).
+PINS := $(PYTHON) lib/llava_gguf/platform_pins.py
+$(STAMP): requirements.txt pyproject.toml $(wildcard constraints/*.txt)
+	@$(PINS) constraints-file >/dev/null
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c "$$($(PINS) constraints-file)"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
+
+constraints: $(STAMP) ## regenerate constraints/*.txt from requirements.txt with uv (TORCH_FIND_LINKS=<folder with the torch CPU wheel>)
+	$(PY) -m pip install --quiet uv==0.13.9
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) lib/llava_gguf/platform_pins.py compile $(if $(TORCH_FIND_LINKS),--torch-find-links "$(TORCH_FIND_LINKS)",)
 
 llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/llava-gguf (skipped with LLAMA_CPP_DIR)
 	$(PY) -m llava_gguf build-llama-cpp
