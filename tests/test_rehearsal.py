@@ -58,8 +58,8 @@ def test_host_pip_settings_keep_network_ones_drop_local_paths(monkeypatch):
 
 
 def test_gpu_packages_found_in_pip_list():
-    listing = "numpy==2.3.1\nnvidia-cublas==13.0.0\ntorch==2.10.0\ntriton==3.5.0\ncuda-bindings==13.0\ntritonclient==1\n"
-    assert rehearsal.gpu_packages(listing) == ["nvidia-cublas", "triton", "cuda-bindings"]
+    listing = "numpy==2.3.1\nnvidia_cublas==13.0.0\ntorch==2.10.0\ntriton==3.5.0\ncuda-bindings==13.0\ntritonclient==1\n"
+    assert rehearsal.gpu_packages(listing) == ["nvidia_cublas", "triton", "cuda-bindings"]
     assert rehearsal.gpu_packages("numpy==2.3.1\ntorch==2.10.0\n") == []
 
 

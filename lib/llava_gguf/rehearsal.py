@@ -273,13 +273,14 @@ PARAMS = "params/rehearsal.yaml"
 RUN_NAME = "rehearsal"
 OUT_NAME = "arm64-rehearsal"
 RECORDED = Path("tests/data/rehearsal")
-# Packages that mean CUDA came along (issue 17: PyPI's aarch64 torch >= 2.11 pulls several GB of it).
-_GPU_PACKAGE = re.compile(r"^(nvidia[-_]|cuda[-_]|triton\b)", re.I)
 
 
 def gpu_packages(pip_list: str) -> list[str]:
     """Names in `pip list --format=freeze` output that are CUDA / NVIDIA / triton packages."""
-    return [line.split("==")[0] for line in pip_list.splitlines() if _GPU_PACKAGE.match(line.strip())]
+    from .platform_pins import GPU_PACKAGE
+
+    names = (line.split("==")[0].strip() for line in pip_list.splitlines())
+    return [n for n in names if n and GPU_PACKAGE.match(n.replace("_", "-"))]
 
 
 def rehearse(jobs: int | None = None, record: bool = False) -> bool:
