@@ -100,3 +100,11 @@ def test_recorded_arm_run_agrees_with_x86():
         (f16,) = [v for v in text.values() if v["outtype"] == "f16"]
         assert math.isfinite(f16["nmse"]) and f16["nmse"] <= NMSE_BOUNDS["f16"]
     assert all(arm["kld"].get(t) is not None for t in crosscheck.REQUIRED_TYPES)
+
+
+def test_record_copies_what_the_summary_reads(tmp_path):
+    run = _synthetic_run(tmp_path / "run", ALL_KLD)
+    summary = crosscheck.record(run, tmp_path / "rec" / "arm64.json")
+    assert json.loads((tmp_path / "rec/arm64.json").read_text()) == summary
+    assert crosscheck.run_summary(tmp_path / "rec/arm64-run") == summary
+    assert (tmp_path / "rec/arm64-run/text_check/llava-tiny-F16.json").exists()

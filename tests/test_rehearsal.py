@@ -82,3 +82,13 @@ def test_phases_time_and_mark_failures():
     except RuntimeError:
         pass
     assert phases.results == {"good": "PASS", "bad": "FAIL"} and set(phases.seconds) == {"good", "bad"}
+
+
+def test_hwcap_flags_of_an_sve_i8mm_core():
+    def pair(key, value):
+        return key.to_bytes(8, "little") + value.to_bytes(8, "little")
+    hwcap = 1 << 1 | 1 << 20 | 1 << 22  # asimd, asimddp, sve
+    hwcap2 = 1 << 1 | 1 << 13 | 1 << 14  # sve2, i8mm, bf16
+    auxv = pair(6, 4096) + pair(16, hwcap) + pair(26, hwcap2) + pair(0, 0)
+    assert machine.hwcap_flags(auxv) == {"asimd", "asimddp", "sve", "sve2", "i8mm", "bf16"}
+    assert machine.hwcap_flags(pair(16, 1 << 1) + pair(0, 0)) == {"asimd"}

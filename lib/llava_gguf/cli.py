@@ -101,11 +101,9 @@ def _cmd_rehearse(args) -> int:
 
 
 def _cmd_summarize(args) -> int:
-    from .reports.crosscheck import format_checks, own_checks, run_summary
+    from .reports.crosscheck import format_checks, own_checks, record, run_summary
 
-    summary = run_summary(args.run_dir)
-    if args.out:
-        log.info("%s", workspace.write_json(args.out, summary))
+    summary = record(args.run_dir, args.out) if args.out else run_summary(args.run_dir)
     checks = own_checks(summary)
     sys.stdout.write(format_checks(checks) + "\n")
     return 0 if all(ok for _, ok, _ in checks) else 1

@@ -147,11 +147,42 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# aarch64 AT_HWCAP / AT_HWCAP2 bits (Linux arch/arm64/include/uapi/asm/hwcap.h) -> /proc/cpuinfo names.
+_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+_HWCAP2 = {1: "sve2", 9: "svei8mm", 13: "i8mm", 14: "bf16", 23: "sme"}
+
+
+def hwcap_flags(auxv: bytes) -> set[str]:
+    """The aarch64 features the kernel (or qemu-user) gives this process, from /proc/self/auxv bytes."""
+    pairs = {int.from_bytes(auxv[i:i + 8], "little"): int.from_bytes(auxv[i + 8:i + 16], "little")
+             for i in range(0, len(auxv) - 15, 16)}
+    hwcap, hwcap2 = pairs.get(16, 0), pairs.get(26, 0)  # AT_HWCAP, AT_HWCAP2
+    return ({name for bit, name in _HWCAP.items() if hwcap >> bit & 1}
+            | {name for bit, name in _HWCAP2.items() if hwcap2 >> bit & 1})
+
+
+def _cpu_of_this_process() -> dict:
+    """parse_cpuinfo of /proc/cpuinfo, unless that describes another CPU than the one running us:
+    under qemu-user /proc/cpuinfo is the host's (x86-64 flags seen by an aarch64 process), and the
+    features are then the emulated CPU's hardware capabilities from the auxiliary vector."""
+    cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
+    if platform.machine() == "aarch64" and (os.environ.get(EMULATION_ENV) or {"sse2", "pni"} & set(cpu["flags"])):
+        try:
+            flags = hwcap_flags(Path("/proc/self/auxv").read_bytes())
+        except OSError:
+            flags = set()
+        emulator = os.environ.get(EMULATION_ENV) or "emulated"
+        cpu = {**cpu, "model": f"{platform.machine()} ({emulator}, QEMU_CPU={os.environ.get('QEMU_CPU', 'default')})",
+               "core_types": {}, "flags": sorted(flags), "emulated": True,
+               "features": sorted({name for flag, name in FEATURES_OF_INTEREST.items() if flag in flags})}
+    return cpu
+
+
 def machine_info() -> dict:
     """The machine this process runs on (no host name, no serials: it may end up in a public card)."""
-    cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
+    cpu = _cpu_of_this_process()
     return {
-        "board": _board(),
+        "board": None if cpu.get("emulated") else _board(),  # under emulation the host's DMI is no board
         "cpu": cpu["model"] or cpu["hardware"] or platform.processor() or None,
         "core_types": cpu["core_types"],
         "cores": os.cpu_count(),

@@ -329,10 +329,9 @@ def rehearse(jobs: int | None = None, record: bool = False) -> bool:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             shutil.copytree(root / "root/llava-gguf/outputs" / RUN_NAME, run_dir, symlinks=True)
-            summary = crosscheck.run_summary(run_dir)
-            write_json(out_dir / "arm64.json", summary)
+            summary = crosscheck.record(run_dir, out_dir / "arm64.json")
             if record:
-                write_json(checkout / RECORDED / "arm64.json", summary)
+                crosscheck.record(run_dir, checkout / RECORDED / "arm64.json")
             x86 = json.loads((checkout / RECORDED / "x86_64.json").read_text())
             checks += crosscheck.compare(summary, x86)
             checks.append(("reports say aarch64 and emulated", summary["arch"] == "aarch64"

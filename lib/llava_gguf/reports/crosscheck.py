@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,28 @@ REQUIRED_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 # gives a KLD orders of magnitude higher.
 KLD_FACTOR = 2.0
 KLD_ABS = 1e-3
+
+
+# The run folder's files run_summary reads (recorded beside a summary, so a test can reread them).
+INPUTS = ("machine.json", "repack.json", "vision_check/*.json", "image_sequence/*.json", "text_check/*.json",
+          "metrics/runs.csv", "metrics/kld.csv")
+
+
+def record(run_dir: Path | str, out: Path | str) -> dict:
+    """Write run_summary(run_dir) to `out` and copy its inputs to `<out stem>-run/`; the summary."""
+    from ..workspace import write_json
+
+    run_dir, out = Path(run_dir), Path(out)
+    inputs = out.with_name(out.stem + "-run")
+    if inputs.exists():
+        shutil.rmtree(inputs)
+    for pattern in INPUTS:
+        for f in sorted(run_dir.glob(pattern)):
+            (inputs / f.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, inputs / f.relative_to(run_dir))
+    summary = run_summary(run_dir)
+    write_json(out, summary)
+    return summary
 
 
 def _json(path: Path) -> dict:
