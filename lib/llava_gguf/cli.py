@@ -97,7 +97,7 @@ def _cmd_repacks(args) -> int:
 def _cmd_rehearse(args) -> int:
     from .rehearsal import rehearse
 
-    return 0 if rehearse(jobs=args.jobs, record=args.record) else 1
+    return 0 if rehearse(jobs=args.jobs, record=args.record, keep_clone=args.keep_clone) else 1
 
 
 def _cmd_summarize(args) -> int:
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rehearse-arm64", help="make setup + make all in an emulated arm64 Debian 12 root (root only)")
     p.add_argument("--jobs", type=int, default=None, help="jobs of the llama.cpp cross build")
     p.add_argument("--record", action="store_true", help="also write the summary to tests/data/rehearsal/arm64.json")
+    p.add_argument("--keep-clone", action="store_true", help="reuse the root's clone and its .venv (reruns)")
     p.set_defaults(func=_cmd_rehearse)
 
     p = sub.add_parser("crosscheck", help="a run folder's numeric checks as JSON (what the rehearsal compares)")

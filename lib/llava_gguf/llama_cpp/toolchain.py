@@ -130,12 +130,32 @@ def source_dir() -> Path:
                 if m.name.startswith(SDIST_PREFIX):
                     m.name = m.name[len(SDIST_PREFIX):]
                     members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                # Python before 3.11.4 (Debian 12's 3.11.2: the board's) has no extraction filters. The
+                # archive's sha256 is pinned; paths leaving the tree are still refused, as "data" would.
+                bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts
+                       or (m.issym() or m.islnk()) and (m.linkname.startswith("/") or ".." in Path(m.linkname).parts
+                                                        and not _link_inside(m))]
+                if bad:
+                    raise RuntimeError(f"{sdist}: members leaving the source tree: {bad[:3]}")
+                tar.extractall(tmp, members=members)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
         Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty folder
     return target
+
+
+def _link_inside(member: tarfile.TarInfo) -> bool:
+    """A relative link whose target stays inside the extracted tree."""
+    depth = len(Path(member.name).parent.parts)
+    for part in Path(member.linkname).parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return False
+    return True
 
 
 def source_asset(rel: str) -> Path:
