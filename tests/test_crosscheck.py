@@ -90,6 +90,9 @@ def test_recorded_arm_run_agrees_with_x86():
     # the O6's kernels: SVE and i8mm seen by llama.cpp, K-quants and Q8_0 repacked (x86 AVX2 repacks fewer)
     assert "SVE = 1" in arm["system_info"] and "MATMUL_INT8 = 1" in arm["system_info"]
     assert {"q4_0", "q4_K", "q5_K", "q6_K", "q8_0"} <= set(arm["repacked_types"])
+    assert set(x86["repacked_types"]) == {"q4_0", "q4_K"}
+    # 128-bit SVE: Q4_0 takes the 4x8 i8mm layout (8x8 needs 256-bit SVE); x86 AVX2 takes 8x8
+    assert list(arm["repack"]["Q4_0"]["layouts"])[0] == "q4_0_4x8" and "q4_0_8x8" in x86["repack"]["Q4_0"]["layouts"]
     for summary in (arm, x86):
         failed = [(n, d) for n, ok, d in crosscheck.own_checks(summary) if not ok]
         assert failed == []

@@ -38,8 +38,9 @@ HOST_PACKAGES = ("qemu-user-static", "binfmt-support", "debootstrap", "crossbuil
 ROOT_PACKAGES = ("python3", "python3-venv", "python3-dev", "make", "git", "patch", "ca-certificates",
                  "build-essential")
 # A 128-bit SVE core with i8mm, as the O6's Cortex-A720/X4: `max` has SVE2, i8mm, dotprod and bf16;
-# sve128 fixes the vector length (qemu's default for max is the largest, 2048 bits), and
-# llama.cpp's Q4_0 8x8 repack path is taken only when the SVE width is 128 bits.
+# sve128 fixes the vector length at the O6's 128 bits (qemu's default for max is 2048): llama.cpp's
+# SVE kernels branch on svcntb(), and its Q4_0 repack takes the 8x8 layout only at 256 bits
+# (svcntb() == QK8_0), the 4x8 i8mm one below, as on the O6.
 QEMU_CPU = "max,sve128=on"
 EMULATION_ENV = "LLAVA_GGUF_EMULATION"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

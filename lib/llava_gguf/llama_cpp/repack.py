@@ -3,7 +3,7 @@
 ggml's CPU backend rewrites some quantized weights into interleaved layouts for the CPU it runs on
 (`ggml_repack_get_optimal_repack_type` in ggml-cpu/repack.cpp): on x86 with AVX2 Q4_0, Q4_K and
 IQ4_NL; on Armv8.6+ with i8mm (the O6) also Q5_K, Q6_K and Q8_0, and Q4_0 as 8x8 only when SVE is
-128 bits wide. Which kernels ran is therefore a property of the run, not of the file, and is read
+256 bits wide (4x8 at the O6's 128). Which kernels ran is therefore a property of the run, not of the file, and is read
 from two lines of the log:
 - `load_tensors:   CPU_REPACK model buffer size = 1.23 MiB` (INFO: some weights were repacked);
 - `repack: repack tensor blk.0.attn_q.weight with q4_K_8x8` (DEBUG, only with `-lv 5` / `-v`).
