@@ -15,10 +15,11 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab serve test test-fast bench clean-run compare publish
+.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab serve test test-fast bench clean-run \
+	compare publish arm64-rehearsal rehearsal-x86
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
+	@grep -hE '^[a-zA-Z0-9_-]+( [a-zA-Z0-9_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
 	  awk -F':.*## ' '{printf "  \033[1m%-22s\033[0m %s\n", $$1, $$2}'
 	@echo "  steps (make <step> runs it and what it needs when out of date):"
 	@$(REGISTRY) help
@@ -88,6 +89,15 @@ test-fast: setup ## tests that need no llama.cpp tools
 
 bench: setup llama-cpp ## 7B-scale conversion and inference benchmark into outputs/bench/ (not part of test)
 	$(PY) -m llava_gguf bench --params params/bench.yaml
+
+arm64-rehearsal: setup ## as root: make setup + make all in an emulated arm64 Debian 12 root (qemu-user; RECORD=1 updates tests/data/rehearsal/arm64.json, KEEP_CLONE=1 reuses its .venv)
+	$(PY) -m llava_gguf rehearse-arm64 $(if $(filter 1 yes true,$(RECORD)),--record,) $(if $(filter 1 yes true,$(KEEP_CLONE)),--keep-clone,)
+
+rehearsal-x86: PARAMS := params/rehearsal.yaml
+rehearsal-x86: all ## the rehearsal's params on this machine, its summary into tests/data/rehearsal/x86_64.json (PARAMS=params/rehearsal.yaml)
+	$(PY) -m llava_gguf repacks --params "$(PARAMS)"
+	$(PY) -m llava_gguf report --params "$(PARAMS)"
+	$(PY) -m llava_gguf crosscheck outputs/rehearsal --out tests/data/rehearsal/x86_64.json
 
 clean-run: ## delete outputs/<run>/ of PARAMS
 	LLAVA_GGUF_PARAMS="$(PARAMS)" $(PY) -c "import shutil; from llava_gguf import workspace as w; shutil.rmtree(w.open_run().dir)"

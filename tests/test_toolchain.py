@@ -59,3 +59,14 @@ def test_project_build_has_every_tool(llama_tool):
     for tool in toolchain.TOOLS:
         path = llama_tool(tool)
         assert os.access(path, os.X_OK)
+
+
+def test_sdist_links_are_checked_without_tarfile_filters():
+    import tarfile
+
+    def link(name, target):
+        m = tarfile.TarInfo(name)
+        m.type, m.linkname = tarfile.SYMTYPE, target
+        return m
+    assert toolchain._link_inside(link("a/b/c.h", "../d.h"))
+    assert not toolchain._link_inside(link("a/c.h", "../../etc/passwd"))

@@ -82,6 +82,33 @@ def _cmd_timings(args) -> int:
     return 0
 
 
+def _cmd_repacks(args) -> int:
+    from .llama_cpp import repack
+    from .steps.evaluate import variants_for_run
+
+    run = workspace.open_run(args.params)
+    bench = toolchain.find_tool("llama-bench", run.params.llama_cpp.dir)
+    found = {name: repack.probe(path, bench, run.sub("repack") / f"{name}.log")
+             for name, path in variants_for_run(run).items()}
+    log.info("%s", workspace.write_json(run.dir / "repack.json", found))
+    return 0
+
+
+def _cmd_rehearse(args) -> int:
+    from .rehearsal import rehearse
+
+    return 0 if rehearse(jobs=args.jobs, record=args.record, keep_clone=args.keep_clone) else 1
+
+
+def _cmd_summarize(args) -> int:
+    from .reports.crosscheck import format_checks, own_checks, record, run_summary
+
+    summary = record(args.run_dir, args.out) if args.out else run_summary(args.run_dir)
+    checks = own_checks(summary)
+    sys.stdout.write(format_checks(checks) + "\n")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
 def _cmd_report(args) -> int:
     from .reports import html as report
 
@@ -168,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("timings", help="parse a llama-mtmd-cli log and print its timings as JSON")
     p.add_argument("logfile")
     p.set_defaults(func=_cmd_timings)
+
+    p = sub.add_parser("repacks", help="which weights llama.cpp repacks on this CPU, per variant (repack.json)")
+    p.add_argument("--params", default=None)
+    p.set_defaults(func=_cmd_repacks)
+
+    p = sub.add_parser("rehearse-arm64", help="make setup + make all in an emulated arm64 Debian 12 root (root only)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs of the llama.cpp cross build")
+    p.add_argument("--record", action="store_true", help="also write the summary to tests/data/rehearsal/arm64.json")
+    p.add_argument("--keep-clone", action="store_true", help="reuse the root's clone and its .venv (reruns)")
+    p.set_defaults(func=_cmd_rehearse)
+
+    p = sub.add_parser("crosscheck", help="a run folder's numeric checks as JSON (what the rehearsal compares)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="JSON file to write (e.g. tests/data/rehearsal/x86_64.json)")
+    p.set_defaults(func=_cmd_summarize)
 
     p = sub.add_parser("report", help="re-render a run's HTML reports and index")
     p.add_argument("--params", default=None)

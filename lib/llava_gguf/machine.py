@@ -22,6 +22,11 @@ from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
 
+# Set by whatever runs the workflow under emulation (`make arm64-rehearsal` sets "qemu-user"): the
+# run's timings are the emulator's, and every report that shows the machine says so.
+EMULATION_ENV = "LLAVA_GGUF_EMULATION"
+EMULATION_NOTE = "timings are not board speed"
+
 # CPU features that decide which llama.cpp kernels run; /proc/cpuinfo name -> the usual name.
 # aarch64 spells dot product "asimddp" and half-precision arithmetic "fphp"/"asimdhp".
 FEATURES_OF_INTEREST = {
@@ -106,16 +111,47 @@ def usable_cores() -> int:
     return len(topology.read_topology().usable)
 
 
+# aarch64 AT_HWCAP / AT_HWCAP2 bits (Linux arch/arm64/include/uapi/asm/hwcap.h) -> /proc/cpuinfo names.
+_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+_HWCAP2 = {1: "sve2", 9: "svei8mm", 13: "i8mm", 14: "bf16", 23: "sme"}
+
+
+def hwcap_flags(auxv: bytes) -> set[str]:
+    """The aarch64 features the kernel (or qemu-user) gives this process, from /proc/self/auxv bytes."""
+    pairs = {int.from_bytes(auxv[i:i + 8], "little"): int.from_bytes(auxv[i + 8:i + 16], "little")
+             for i in range(0, len(auxv) - 15, 16)}
+    hwcap, hwcap2 = pairs.get(16, 0), pairs.get(26, 0)  # AT_HWCAP, AT_HWCAP2
+    return ({name for bit, name in _HWCAP.items() if hwcap >> bit & 1}
+            | {name for bit, name in _HWCAP2.items() if hwcap2 >> bit & 1})
+
+
+def _cpu_of_this_process() -> dict:
+    """parse_cpuinfo of /proc/cpuinfo, unless that describes another CPU than the one running us:
+    under qemu-user /proc/cpuinfo is the host's (x86-64 flags seen by an aarch64 process), and the
+    features are then the emulated CPU's hardware capabilities from the auxiliary vector."""
+    cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
+    if platform.machine() == "aarch64" and (os.environ.get(EMULATION_ENV) or {"sse2", "pni"} & set(cpu["flags"])):
+        try:
+            flags = hwcap_flags(Path("/proc/self/auxv").read_bytes())
+        except OSError:
+            flags = set()
+        emulator = os.environ.get(EMULATION_ENV) or "emulated"
+        cpu = {**cpu, "model": f"{platform.machine()} ({emulator}, QEMU_CPU={os.environ.get('QEMU_CPU', 'default')})",
+               "core_types": {}, "flags": sorted(flags), "emulated": True,
+               "features": sorted({name for flag, name in FEATURES_OF_INTEREST.items() if flag in flags})}
+    return cpu
+
+
 def machine_info(board: str | None = None) -> dict:
     """The machine this process runs on (no host name, no serials: it may end up in a public card).
 
     `board` is the name the user gives it (params evaluate.board); else the device tree model or
-    DMI product, else the CPU model."""
-    cpu = parse_cpuinfo(_read("/proc/cpuinfo"))
+    DMI product (not under emulation: the host's DMI is no board), else the CPU model."""
+    cpu = _cpu_of_this_process()
     topo = topology.read_topology()
     cpu_model = cpu["model"] or cpu["hardware"] or platform.processor() or None
     return {
-        "board": board or _board() or cpu_model,
+        "board": board or (None if cpu.get("emulated") else _board()) or cpu_model,
         "cpu": cpu_model,
         "core_types": cpu["core_types"],
         "cores": len(topo.online),
@@ -131,6 +167,7 @@ def machine_info(board: str | None = None) -> dict:
         "kernel": platform.release(),
         "arch": platform.machine(),
         "python": platform.python_version(),
+        "emulation": os.environ.get(EMULATION_ENV) or None,
     }
 
 
@@ -257,5 +294,6 @@ def describe(machine: dict) -> str:
     clusters = describe_clusters(m)
     parts = [m.get("board"), m.get("cpu"), f"{cores}: {clusters}" if cores and clusters else cores,
              f"{m['ram_mib'] / 1024:.0f} GiB RAM" if m.get("ram_mib") else None, m.get("os"),
-             f"Linux {m['kernel']}" if m.get("kernel") else None]
+             f"Linux {m['kernel']}" if m.get("kernel") else None,
+             f"emulated ({m['emulation']}): {EMULATION_NOTE}" if m.get("emulation") else None]
     return ", ".join(str(p) for p in parts if p) or "unknown machine"

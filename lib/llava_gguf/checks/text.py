@@ -35,7 +35,7 @@ from ..text_model import OUTTYPES, TextExportError
 from ..text_reference import reference_logits
 from ..tokenizer import VOCAB_GGUF, read_test_vectors
 from ..llama_cpp.toolchain import find_tool, run_tool, source_dir
-from ..workspace import Run
+from ..workspace import Run, write_json
 from .numeric import nmse
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,13 @@ class TextCheck:
             problems.append(f"tokenizer differs on {len(bad)} string(s){example}")
         return f"{self.gguf.name}: " + "; ".join(problems)
 
+    def to_json(self) -> dict:
+        """What `text_check/<gguf stem>.json` holds: a run folder alone says how the logits compared."""
+        return {"gguf": self.gguf.name, "outtype": self.outtype, "prompt": self.prompt, "skipped": self.skipped,
+                "passed": self.passed, "nmse": self.nmse, "bound": self.bound, "max_abs_diff": self.max_abs_diff,
+                "tokens_match": self.tokens_match, "tokenizer_match": self.tokenizer_match,
+                "top1_llama": self.top1_llama, "top1_reference": self.top1_reference, "message": self.message}
+
     def table(self) -> pd.DataFrame:
         if self.skipped:
             return pd.DataFrame([("verification", self.message)], columns=["check", "value"])
@@ -211,9 +218,11 @@ def verify_text(run: Run) -> TextCheck:
         log.info("%s", check.message)
         return check
     path = run.artifact_path("text_gguf")
-    return check_text_gguf(path, run.artifact_path("checkpoint"), run.params.convert.verify_prompt, outtype_of(path),
-                           find_tool("llama-debug", configured), find_tool("llama-tokenize", configured),
-                           run.params.convert.threads)
+    check = check_text_gguf(path, run.artifact_path("checkpoint"), run.params.convert.verify_prompt, outtype_of(path),
+                            find_tool("llama-debug", configured), find_tool("llama-tokenize", configured),
+                            run.params.convert.threads)
+    write_json(run.sub("text_check") / f"{path.stem}.json", check.to_json())
+    return check
 
 
 def outtype_of(path: Path) -> str:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -58,8 +59,35 @@ def build_key() -> str:
     return f"{LLAMA_CPP_COMMIT}-{h.hexdigest()[:10]}"
 
 
-def default_build_dir() -> Path:
-    return cache_dir() / f"llama.cpp-{build_key()}"
+@dataclass(frozen=True)
+class CrossTarget:
+    """A CPU to cross-compile for: the tools run there (or under qemu-user), not on this host."""
+    processor: str  # CMAKE_SYSTEM_PROCESSOR
+    triplet: str  # the GNU toolchain prefix, e.g. aarch64-linux-gnu
+    arm_arch: str  # GGML_CPU_ARM_ARCH, passed as -march=
+
+    @property
+    def name(self) -> str:
+        return f"{self.processor}-{self.arm_arch}"
+
+    def cmake_args(self) -> list[str]:
+        # GGML_NATIVE would probe the build host's CPU; the target's ISA is named instead. The
+        # find-root settings keep the x86 host's libraries out of an aarch64 link.
+        return ["-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={self.processor}",
+                f"-DCMAKE_C_COMPILER={self.triplet}-gcc", f"-DCMAKE_CXX_COMPILER={self.triplet}-g++",
+                "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY",
+                "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY", f"-DCMAKE_FIND_ROOT_PATH=/usr/{self.triplet}",
+                "-DGGML_NATIVE=OFF", f"-DGGML_CPU_ARM_ARCH={self.arm_arch}"]
+
+
+# The Radxa O6's CIX P1 (Cortex-A720/X4, Armv9.2 with 128-bit SVE2, i8mm, dotprod, bf16). GCC 12
+# (Debian 12) knows no -march newer than armv9-a, which is Armv8.5 + SVE2; i8mm and bf16 (mandatory
+# from Armv8.6) are added by name; dotprod and fp16 come with armv9-a.
+O6 = CrossTarget(processor="aarch64", triplet="aarch64-linux-gnu", arm_arch="armv9-a+i8mm+bf16")
+
+
+def default_build_dir(cross: CrossTarget | None = None) -> Path:
+    return cache_dir() / (f"llama.cpp-{build_key()}" + (f"-{cross.name}" if cross else ""))
 
 
 # ----------------------------------------------------------------------------- source
@@ -102,12 +130,32 @@ def source_dir() -> Path:
                 if m.name.startswith(SDIST_PREFIX):
                     m.name = m.name[len(SDIST_PREFIX):]
                     members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                # Python before 3.11.4 (Debian 12's 3.11.2: the board's) has no extraction filters. The
+                # archive's sha256 is pinned; paths leaving the tree are still refused, as "data" would.
+                bad = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts
+                       or (m.issym() or m.islnk()) and (m.linkname.startswith("/") or ".." in Path(m.linkname).parts
+                                                        and not _link_inside(m))]
+                if bad:
+                    raise RuntimeError(f"{sdist}: members leaving the source tree: {bad[:3]}")
+                tar.extractall(tmp, members=members)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
         Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty folder
     return target
+
+
+def _link_inside(member: tarfile.TarInfo) -> bool:
+    """A relative link whose target stays inside the extracted tree."""
+    depth = len(Path(member.name).parent.parts)
+    for part in Path(member.linkname).parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return False
+    return True
 
 
 def source_asset(rel: str) -> Path:
@@ -118,9 +166,13 @@ def source_asset(rel: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- build
-def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
-    """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent."""
-    build_dir = build_dir or default_build_dir()
+def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, force: bool = False,
+                    cross: CrossTarget | None = None) -> Path:
+    """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
+
+    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder).
+    """
+    build_dir = build_dir or default_build_dir(cross)
     bin_dir = build_dir / "bin"
     src = build_dir / "src"
     marker = src / ".patched"
@@ -149,13 +201,15 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     # sdist has no built UI and building it needs npm; the API endpoints are all there.
     configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                 "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+                 "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                 *(cross.cmake_args() if cross else [])]
     jobs = jobs or os.cpu_count() or 2
     build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]
     with open(log_file, "w") as logf:
         log.info("configuring llama.cpp (log: %s)", log_file)
         subprocess.run(configure, stdout=logf, stderr=subprocess.STDOUT, check=True)
-        log.info("building %s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS), jobs)
+        log.info("building %s%s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS),
+                 f" for {cross.name}" if cross else "", jobs)
         _run_with_progress(build, logf)
     # llama.cpp's CMakeLists sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <cmake dir>/bin itself (a -D
     # value is overridden), so the tools are copied from there.

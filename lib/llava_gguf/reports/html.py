@@ -194,6 +194,29 @@ def _tune_headline(run: Run) -> str:
         return ""
 
 
+def machine_html(run: Run) -> str:
+    """The "Machine" section: where the run measured, the CPU features llama.cpp saw, what it repacked."""
+    from ..machine import describe
+
+    info = json.loads((run.dir / "machine.json").read_text()) if (run.dir / "machine.json").exists() else {}
+    if not info:
+        return ""
+    m, llama = info.get("machine") or {}, info.get("llama_cpp") or {}
+    warn = (f"<p><b>Emulated ({html.escape(m['emulation'])}): timings are not board speed.</b></p>"
+            if m.get("emulation") else "")
+    system_info = (llama.get("system_info") or {}).get("line") or "not in the logs"
+    repack_file = run.dir / "repack.json"
+    repacks = json.loads(repack_file.read_text()) if repack_file.exists() else None
+    rows = [("machine", describe(m)), ("arch", m.get("arch")), ("CPU features", ", ".join(m.get("features") or [])),
+            ("llama.cpp", llama.get("version")), ("llama.cpp system_info", system_info)]
+    if repacks is not None:
+        rows += [(f"repacked ({name})", ", ".join(f"{k} x{n}" for k, n in (r.get("layouts") or {}).items())
+                  or "nothing") for name, r in repacks.items()]
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>"
+                    for k, v in rows)
+    return f"<h2>Machine</h2>{warn}<table>{cells}</table>"
+
+
 def history_html(run: Run) -> str:
     """The "History" section: each history/<time>/ folder, newest first, with links to the
     executed notebooks and reports it holds (relative to reports/)."""
@@ -234,6 +257,7 @@ img{{max-width:100%;height:auto}}</style></head><body>
 {_tune_headline(run)}
 <h1>Run <code>{html.escape(run.params.run)}</code></h1>
 <p>params: <code>{html.escape(str(run.params_file))}</code></p>
+{machine_html(run)}
 {_summary(run)}
 <h2>Steps</h2><table><tr><th>report</th><th>step</th><th>status</th></tr>{''.join(rows)}</table>
 <h2>Artifacts</h2><table>{art_rows}</table>
