@@ -10,6 +10,7 @@ same on x86-64 and aarch64.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import subprocess
