@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llava_gguf import mmproj_variants, tune_config
+from llava_gguf.reports import plots
 from llava_gguf.reports import tune as tune_report
 from llava_gguf.steps import tune
 from llava_gguf.llama_cpp import flags
@@ -56,7 +57,7 @@ def test_answer_seconds_normalises_to_n_predict():
 
 def test_pareto_front():
     pts = [(3.0, 0.0), (2.0, 0.01), (2.5, 0.02), (1.0, 0.05), (1.5, 0.05)]
-    assert tune_report.pareto_front(pts) == [3, 1, 0]
+    assert plots.pareto_front(pts) == [3, 1, 0]
 
 
 def test_default_threads_and_runtime_grid():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 import shlex
 import time
 from pathlib import Path
@@ -152,7 +151,7 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
 # ----------------------------------------------------------------------------- plots
 def figures(run: Run, result, base) -> dict:
     return {"latency": latency_spread(result.confirmed, base.label, run),
-            "pareto": pareto(result.confirmed, result.quality.get("kld") or {}, run),
+            "pareto": pareto(result.confirmed, result.quality.get("kld") or {}, run, base.label),
             "stages": stage_breakdown(result, base.label, run)}
 
 
@@ -173,36 +172,11 @@ def latency_spread(confirmed: pd.DataFrame, baseline: str, run: Run | None = Non
     return fig
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (latency, quality loss), by latency."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], math.inf
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def pareto(confirmed: pd.DataFrame, kld: dict, run: Run | None = None):
+def pareto(confirmed: pd.DataFrame, kld: dict, run: Run | None = None, baseline: str | None = None):
     """Answer time vs the quant type's KL divergence (unmeasured: 0), one marker per image budget."""
     ok = confirmed[confirmed["status"] == "ok"].reset_index(drop=True)
-    loss = [float(kld.get(q) or 0.0) for q in ok["quant"]]
-    fig = plots.PlotFigure(figsize=(7.5, 4.5))
-    ax = fig.add_subplot()
-    for marker, (budget, group) in zip("osD^v<>", ok.groupby("budget", sort=False)):
-        idx = group.index
-        ax.errorbar(group["answer_s"], [loss[i] for i in idx], fmt=marker, label=f"budget {budget}",
-                    xerr=[group["answer_s"] - group["answer_min_s"], group["answer_max_s"] - group["answer_s"]])
-    pts = list(zip(ok["answer_s"].astype(float), loss))
-    front = pareto_front(pts)
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("seconds to a full answer (median)")
-    ax.set_ylabel("mean KL divergence of the quant type")
-    ax.set_title("Latency vs quality (image budgets change the answer: see the agreement table)")
-    ax.legend(fontsize=8)
-    plots.save(fig, run, "tune_pareto")
-    return fig
+    points = ok.assign(kld=[kld.get(q) for q in ok["quant"]])
+    return plots.pareto_plot(points, baseline, run, "tune_pareto")
 
 
 def stage_breakdown(result, baseline: str, run: Run | None = None):
