@@ -19,20 +19,6 @@ from llava_gguf.reports import compare, html, plots, tables
 
 
 # ----------------------------------------------------------------------------- the pages of a tiny run
-# Findings whose fix lies in files another branch of issue 18 owns (steps/tune.py, reports/tune.py):
-# (page, check, text the finding contains). Each matches that one text only; delete it once fixed.
-PENDING_ELSEWHERE = [
-    ("07_tune.html", "float_repr", "TuneResult("),            # steps/tune.py TuneResult.__str__: raw floats
-    ("07_tune.html", "float_repr", "x the seed's command"),   # the same line, its second float
-    ("07_tune.html", "plural", "median of 1 runs"),           # reports/tune.py headline_html
-    ("index.html", "plural", "median of 1 runs"),             # the same headline on the index
-]
-
-
-def _pending(page: str, check: str, hit: str) -> bool:
-    return any(page == p and check == c and text in hit for p, c, text in PENDING_ELSEWHERE)
-
-
 @pytest.mark.llama_cpp
 def test_every_page_of_a_tiny_run_passes_the_browser_checks(tiny_run, chromium, tmp_path):
     run, _ = tiny_run
@@ -40,7 +26,7 @@ def test_every_page_of_a_tiny_run_passes_the_browser_checks(tiny_run, chromium, 
     reports = sorted((run.dir / "reports").glob("[0-9][0-9]_*.html"))
     assert [r.stem for r in reports] == [registry.get(s).source.stem for s in pipeline.available_steps()]
     found = {p.name: chromium.check(p) for p in [*reports, run.dir / "reports" / "index.html", page]}
-    failed = {name: {check: [h for h in hits if not _pending(name, check, h)] for check, hits in checks.items()}
+    failed = {name: {check: list(hits) for check, hits in checks.items()}
               for name, checks in found.items()}
     assert {name: {c: h for c, h in checks.items() if h} for name, checks in failed.items()
             if any(checks.values())} == {}

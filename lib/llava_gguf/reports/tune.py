@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from . import plots
+from .tables import plural
 from ..llama_cpp import flags, server
 from ..machine import machine_info, usable_cores
 from ..workspace import Run, atomic_path, json_safe, write_json
@@ -163,8 +164,8 @@ def latency_spread(confirmed: pd.DataFrame, baseline: str, run: Run | None = Non
     y = np.arange(len(ok))
     med = ok["answer_s"].to_numpy(dtype=float)
     err = [med - ok["answer_min_s"].to_numpy(dtype=float), ok["answer_max_s"].to_numpy(dtype=float) - med]
-    colors = ["tab:red" if c == baseline else "tab:blue" for c in ok["config"]]
-    ax.barh(y, med, xerr=err, color=colors, capsize=3)
+    ax.barh(y, med, xerr=err, color=[plots.config_color(c) for c in ok["config"]], capsize=3,
+            hatch=["//" if c == baseline else "" for c in ok["config"]], edgecolor="black", linewidth=0.5)
     ax.set_yticks(y, [("seed's command: " if c == baseline else "") + c for c in ok["config"]], fontsize=7)
     ax.set_xlabel("seconds to a full answer (median; bar = min..max of the runs)")
     ax.set_title("Confirmed configurations")
@@ -189,8 +190,10 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
     sel["off"] = (sel["answer_s"] - sel.groupby("config")["answer_s"].transform("median")).abs()
     sel = sel.sort_values("off").drop_duplicates("config")
     sel["variant"] = sel["config"].map(names)
+    ok = result.confirmed[result.confirmed["status"] == "ok"]
+    sel["answer_s"] = sel["config"].map(ok.set_index("config")["answer_s"])  # the headline's median
     sel = sel.set_index("variant").loc[[n for n in names.values() if n in set(sel["variant"])]].reset_index()
-    fig = plots.latency_breakdown(sel.drop(columns="text_prompt_ms", errors="ignore"), None)
+    fig = plots.latency_breakdown(sel.drop(columns="text_prompt_ms", errors="ignore"), None, total="answer_s")
     fig.axes[0].set_ylabel("seconds (the median run)")
     plots.save(fig, run, "tune_stages")
     return fig
@@ -213,7 +216,7 @@ def headline_html(run: Run) -> str | None:
     if others:
         parts.append("; smaller image budgets: " + ", ".join(others))
     setup = info.get("setup") or {}
-    parts.append(f" — {setup.get('n_predict')} tokens, median of {setup.get('repetitions')} runs "
+    parts.append(f" — {setup.get('n_predict')} tokens, median of {plural(int(setup.get('repetitions') or 0), 'run')} "
                  "(<a href='../run-llava.sh'>run-llava.sh</a>)")
     if info.get("notes"):
         parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
+from ..reports.tables import format_ratio, format_seconds, plural
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
 from .evaluate import case_inputs
 from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
@@ -123,8 +124,8 @@ class TuneResult:
 
     def __str__(self) -> str:
         rec = self.recommended.get("recommended") or {}
-        return (f"TuneResult({len(self.runs)} runs, recommended {rec.get('config')}: "
-                f"{rec.get('answer_s')} s, {rec.get('speedup')}x the seed's command)")
+        return (f"TuneResult({plural(len(self.runs), 'run')}, recommended {rec.get('config')}: "
+                f"{format_seconds(rec.get('answer_s'))}, {format_ratio(rec.get('speedup'))} the seed's command)")
 
 
 def _best(rows: list[dict | None]) -> dict | None:
