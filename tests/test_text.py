@@ -321,6 +321,8 @@ def test_verify_text_passes_and_leaves_the_source_alone(exports, vicuna_ckpt, so
     assert check.tokenizer_match and len(check.tokenizer) > 40
     assert check.nmse < text_check.NMSE_BOUNDS["f16"] and check.top1_llama == check.top1_reference
     assert check.table().set_index("check").loc["passed", "value"] is True
+    recorded = json.loads((run.dir / "text_check" / f"{check.gguf.stem}.json").read_text())
+    assert recorded["passed"] is True and recorded["nmse"] == check.nmse and recorded["outtype"] == "f16"
     assert tree_digest(vicuna_ckpt) == source_digest
 
 
