@@ -5,7 +5,6 @@ import json
 import math
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_gguf import image_sequence, workspace
+from llava_gguf import image_sequence
 from llava_gguf.checks import image_sequence as image_sequence_check
 from llava_gguf.checks import clip_reference
 from llava_gguf.checks import vision as vision_check
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.steps import download, surgery
 from llava_gguf.steps import vision_export as vision
-from llava_gguf.image_sequence import ARRANGEMENTS, anyres_layout, llava_image_token_count
+from llava_gguf.anyres import AnyresLayout, anyres_layout, flat_token_count, llava_image_token_count, unpad_box
+from llava_gguf.image_sequence import ARRANGEMENTS
 from llava_gguf.tiny import GRID_PINPOINTS
 
 UNPATCHED_ENV = "LLAMA_CPP_UNPATCHED_DIR"  # a build without patch 0002, as in test_vision_check
@@ -88,8 +88,8 @@ def test_token_count_of_the_seed_image():
     lay = anyres_layout(640, 488, GRID_PINPOINTS)
     assert lay.grid == (2, 2) and lay.box == (0, 6, 48, 36)
     assert lay.n_tokens() == 576 + 36 * 49 == 2340
-    assert image_sequence.flat_token_count(640, 488, GRID_PINPOINTS) == 2880
-    assert image_sequence.flat_token_count(300, 200, GRID_PINPOINTS) == 576  # no tiles when it fits in one
+    assert flat_token_count(640, 488, GRID_PINPOINTS) == 2880
+    assert flat_token_count(300, 200, GRID_PINPOINTS) == 576  # no tiles when it fits in one
 
 
 def test_token_count_with_other_pinpoints_and_tile_sizes():
@@ -177,8 +177,8 @@ def test_every_wrong_arrangement_fails_loudly(reference, name):
 
 def test_a_wrong_grid_shape_fails(reference):
     r = reference["test-1"]  # 2x2; llama.cpp using 2x1 (the 672x336 pinpoint) instead
-    other = image_sequence.AnyresLayout(640, 488, (672, 336), (2, 1), 24,
-                                        image_sequence.unpad_box(48, 24, 640, 488))
+    other = AnyresLayout(640, 488, (672, 336), (2, 1), 24,
+                                        unpad_box(48, 24, 640, 488))
     wrong = image_sequence.arrange(r.overview, r.tiles[:2], r.newline, other)
     res = image_sequence_check.compare_sequence(r, wrong, "test-1")
     assert res.status == "failed" and res.n_tokens != res.n_tokens_llava

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anyres import (PINPOINT_ORDER, UNPAD_ROUNDING, AnyresLayout, AnyresRule, anyres_layout, anyres_rule,  # noqa: F401
-                     flat_token_count, llava_image_token_count, parse_pinpoints, select_best_resolution, unpad_box)
+from .anyres import AnyresLayout, AnyresRule, anyres_layout, anyres_rule
 from .checks.clip_reference import ReferenceModel, VisionCheckError
 from .layout import detect_layout
 from .vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD

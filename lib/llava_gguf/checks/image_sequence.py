@@ -19,9 +19,9 @@ from .clip_reference import ReferenceModel, VisionCheckError
 from .numeric import nmse
 from .vision import TOOL, read_dump, write_placeholder_text_model
 from ..gguf_io import open_gguf, read_gguf
-from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, AnyresLayout, AnyresRule,  # noqa: F401
-                             ReferenceSequence, anyres_layout, checkpoint_rule, flat_token_count,
-                             llava_image_token_count, reference_sequence)
+from ..anyres import AnyresRule, anyres_layout, flat_token_count, llava_image_token_count
+from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, ReferenceSequence, checkpoint_rule,
+                             reference_sequence)
 from ..llama_cpp import toolchain
 from ..vision_config import params_vision_config
 from ..workspace import Run, write_json

@@ -110,10 +110,10 @@ _BEFORE_EXEC = [
     "  exit 1",
     "fi",
     'show="$host"; case "$show" in *:*) show="[$show]";; esac',
-    f"echo \"  OpenAI-compatible API: http://$show:$port/v1 (chat: /v1/chat/completions; any api_key)\" >&2",
-    f"echo \"  web page:              http://$show:$port/ (llama-server's chat page where the build"
+    "echo \"  OpenAI-compatible API: http://$show:$port/v1 (chat: /v1/chat/completions; any api_key)\" >&2",
+    "echo \"  web page:              http://$show:$port/ (llama-server's chat page where the build"
     " embeds it; the project's build is API-only)\" >&2",
-    f"echo \"  ready once it logs 'listening on'; Ctrl-C stops it\" >&2",
+    "echo \"  ready once it logs 'listening on'; Ctrl-C stops it\" >&2",
 ]
 
 
