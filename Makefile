@@ -90,8 +90,8 @@ test-fast: setup ## tests that need no llama.cpp tools
 bench: setup llama-cpp ## 7B-scale conversion and inference benchmark into outputs/bench/ (not part of test)
 	$(PY) -m llava_gguf bench --params params/bench.yaml
 
-arm64-rehearsal: setup ## as root: make setup + make all in an emulated arm64 Debian 12 root (qemu-user; RECORD=1 updates tests/data/rehearsal/arm64.json, KEEP_CLONE=1 reuses its .venv)
-	$(PY) -m llava_gguf rehearse-arm64 $(if $(filter 1 yes true,$(RECORD)),--record,) $(if $(filter 1 yes true,$(KEEP_CLONE)),--keep-clone,)
+arm64-rehearsal: setup ## as root: make setup + make all in an emulated arm64 Debian 12 root (qemu-user; RECORD=1 updates tests/data/rehearsal/arm64.json, KEEP_CLONE=1 reuses its .venv, KEEP_RUN=1 also its run folder)
+	$(PY) -m llava_gguf rehearse-arm64 $(if $(filter 1 yes true,$(RECORD)),--record,) $(if $(filter 1 yes true,$(KEEP_CLONE)),--keep-clone,) $(if $(filter 1 yes true,$(KEEP_RUN)),--keep-run,)
 
 rehearsal-x86: PARAMS := params/rehearsal.yaml
 rehearsal-x86: all ## the rehearsal's params on this machine, its summary into tests/data/rehearsal/x86_64.json (PARAMS=params/rehearsal.yaml)

@@ -92,3 +92,24 @@ def test_hwcap_flags_of_an_sve_i8mm_core():
     auxv = pair(6, 4096) + pair(16, hwcap) + pair(26, hwcap2) + pair(0, 0)
     assert machine.hwcap_flags(auxv) == {"asimd", "asimddp", "sve", "sve2", "i8mm", "bf16"}
     assert machine.hwcap_flags(pair(16, 1 << 1) + pair(0, 0)) == {"asimd"}
+
+
+def test_a_kept_clone_moves_to_head_and_keeps_its_run_folder_only_when_asked(tmp_path):
+    checkout, root = tmp_path / "checkout", tmp_path / "root"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", checkout], check=True)
+    (checkout / "README.md").write_text("one\n")
+    subprocess.run([*git, "-C", checkout, "add", "."], check=True)
+    subprocess.run([*git, "-C", checkout, "commit", "-qm", "one"], check=True)
+    target = rehearsal.clone_into(root, checkout)
+    run = target / "outputs" / rehearsal.RUN_NAME
+    run.mkdir(parents=True)
+    (target / ".venv").mkdir()
+    (checkout / "README.md").write_text("two\n")
+    subprocess.run([*git, "-C", checkout, "commit", "-qam", "two"], check=True)
+    rehearsal.clone_into(root, checkout, keep=True, keep_run=True)
+    assert (target / "README.md").read_text() == "two\n" and run.is_dir() and (target / ".venv").is_dir()
+    rehearsal.clone_into(root, checkout, keep=True)
+    assert not run.exists() and (target / ".venv").is_dir()
+    rehearsal.clone_into(root, checkout)
+    assert not (target / ".venv").exists()

@@ -97,7 +97,8 @@ def _cmd_repacks(args) -> int:
 def _cmd_rehearse(args) -> int:
     from .rehearsal import rehearse
 
-    return 0 if rehearse(jobs=args.jobs, record=args.record, keep_clone=args.keep_clone) else 1
+    return 0 if rehearse(jobs=args.jobs, record=args.record, keep_clone=args.keep_clone,
+                             keep_run=args.keep_run) else 1
 
 
 def _cmd_summarize(args) -> int:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="jobs of the llama.cpp cross build")
     p.add_argument("--record", action="store_true", help="also write the summary to tests/data/rehearsal/arm64.json")
     p.add_argument("--keep-clone", action="store_true", help="reuse the root's clone and its .venv (reruns)")
+    p.add_argument("--keep-run", action="store_true",
+                   help="with --keep-clone: keep its run folder too, so make all resumes (skips unchanged steps)")
     p.set_defaults(func=_cmd_rehearse)
 
     p = sub.add_parser("crosscheck", help="a run folder's numeric checks as JSON (what the rehearsal compares)")

@@ -202,12 +202,13 @@ def install_llama_cpp(root: Path, bin_dir: Path) -> str:
     return str(inside)
 
 
-def clone_into(root: Path, checkout: Path, keep: bool = False) -> Path:
+def clone_into(root: Path, checkout: Path, keep: bool = False, keep_run: bool = False) -> Path:
     """A fresh clone of the checkout's committed HEAD at /root/llava-gguf (what a board user gets).
 
     `keep` (make arm64-rehearsal KEEP_CLONE=1, for reruns after a fix): the earlier clone is moved to
-    HEAD instead, so its .venv (24 min of `make setup` under qemu here) is reused; the run folder
-    is deleted either way.
+    HEAD instead, so its .venv (24 min of `make setup` under qemu here) is reused. The run folder is
+    deleted, unless `keep_run` (KEEP_RUN=1) keeps it too: `make all` then skips every step whose
+    inputs and code did not change, as it does for a user rerunning after a fix.
     """
     target = root / "root/llava-gguf"
     head = _run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -219,7 +220,8 @@ def clone_into(root: Path, checkout: Path, keep: bool = False) -> Path:
         log.info("reusing the clone in the root (its .venv included), moved to %s", head[:10])
         _run(["git", "-C", target, "fetch", "--quiet", checkout, head])
         _run(["git", "-C", target, "checkout", "--quiet", "--force", head])
-        shutil.rmtree(target / "outputs" / RUN_NAME, ignore_errors=True)
+        if not keep_run:
+            shutil.rmtree(target / "outputs" / RUN_NAME, ignore_errors=True)
         return target
     if target.exists():
         shutil.rmtree(target)
@@ -295,7 +297,7 @@ def gpu_packages(pip_list: str) -> list[str]:
     return [n for n in names if n and GPU_PACKAGE.match(n.replace("_", "-"))]
 
 
-def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = False) -> bool:
+def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = False, keep_run: bool = False) -> bool:
     """The whole rehearsal; True when every phase and every check passed. See the module doc."""
     from .reports import crosscheck
     from .workspace import write_json
@@ -318,7 +320,7 @@ def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = F
         with phases.timed("provision and clone"):
             provision_network(root)
             env = chroot_env(install_llama_cpp(root, bin_dir))
-            clone_into(root, checkout, keep=keep_clone)
+            clone_into(root, checkout, keep=keep_clone, keep_run=keep_run)
         with mounted(root):
             with phases.timed("make setup (in the root)"):
                 in_root(root, "make setup", env, log_file)

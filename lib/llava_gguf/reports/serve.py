@@ -8,6 +8,9 @@ from . import plots
 from ..workspace import Run
 
 
+KIND_COLORS = {"first": "tab:red", "follow-up": "tab:blue"}  # any other kind: a cached image (orange)
+
+
 def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None = None):
     """Per turn (cases side by side): the server's time to the first token and whole answer, beside
     the one-shot run-llava.sh answer to the same question (gray). Bars are labelled with the prompt
@@ -18,7 +21,7 @@ def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None 
     w = 0.4
     total = turns["total_s"].to_numpy(dtype=float)
     ttft = turns["ttft_s"].to_numpy(dtype=float)
-    colors = ["tab:red" if k == "first" else "tab:blue" for k in turns["kind"]]
+    colors = [KIND_COLORS.get(k, "tab:orange") for k in turns["kind"]]
     ax.bar(x - w / 2, total, w, color=colors, alpha=0.45, label="server: whole answer")
     ax.bar(x - w / 2, ttft, w, color=colors, label="server: time to first token")
     shots = turns["one_shot_s"].to_numpy(dtype=float) if "one_shot_s" in turns else np.full(len(turns), np.nan)
@@ -29,7 +32,8 @@ def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None 
     ax.set_xticks(x, [f"case {c}\nturn {t}" for c, t in zip(turns["case"], turns["turn"])], fontsize=8)
     ax.set_ylim(0, 1.25 * max([*total, one_shot_s or 0.0]))  # room for the labels above the bars
     ax.set_ylabel("seconds")
-    ax.set_title("A conversation with llama-server: first question (red), follow-ups (blue), one-shot (gray)")
+    ax.set_title("A conversation with llama-server: first question (red), follow-ups (blue),\n"
+                 "a new question about an image already seen (orange), one-shot (gray)")
     ax.legend(fontsize=8)
     plots.save(fig, run, "serve_turns")
     return fig

@@ -44,11 +44,57 @@ class ServeResult:
     turns: pd.DataFrame
     summary: dict
     figure: object
+    checks: pd.DataFrame
 
     def __str__(self) -> str:
         s = self.summary
         return (f"{len(self.turns)} turns: first answer {s['first_total_s']:.2f} s, follow-up {s['follow_up_total_s']:.2f} s "
                 f"(median; time to first token {s['first_ttft_s']:.2f} s vs {s['follow_up_ttft_s']:.2f} s)")
+
+
+# A case's first question about an image the server has already seen (an earlier case with the
+# same image): the server finds the system prompt and the image in a slot or its prompt cache and
+# reuses them across conversations, so it is neither a cold first answer nor a follow-up.
+CACHED_IMAGE = "new question, cached image"
+
+
+def turn_kinds(turns: pd.DataFrame) -> list[str]:
+    """Per turn: "first" (the first question about an image new to this server), CACHED_IMAGE, or
+    "follow-up". Decided from what was sent (the turn's images), so the checks can test the outcome."""
+    seen: set[str] = set()
+    kinds = []
+    for turn, images in zip(turns["turn"], turns["images"]):
+        new = [i for i in images if i not in seen]
+        seen.update(images)
+        kinds.append("first" if new else CACHED_IMAGE if turn == 1 else "follow-up")
+    return kinds
+
+
+def check_turns(turns: pd.DataFrame) -> pd.DataFrame:
+    """The step's acceptance checks, one row each; raises ServeError naming the failed ones.
+
+    A turn that is not "first" must not have encoded its image again: it processed under 1/10 of the
+    prompt tokens of the turn that first sent the image, and took at least 90 % of them from the cache
+    (the image is the bulk of that prompt; only the question and the earlier answers are new).
+    """
+    rows = [{"check": "every case asked its first question and all follow-ups",
+             "ok": bool((turns.groupby("case")["turn"].max() == 1 + len(FOLLOW_UPS)).all()),
+             "detail": f"{turns['case'].nunique()} cases, {len(turns)} turns"}]
+    encoded = {}  # image -> prompt tokens of the turn that first sent it
+    for row in turns.itertuples():
+        if row.kind == "first":
+            encoded.update({i: row.prompt_n for i in row.images})
+            continue
+        base = max(encoded[i] for i in (row.images or turns[turns["case"] == row.case]["images"].iloc[0]))
+        ok = row.prompt_n < base / 10 and row.cache_n >= 0.9 * base
+        rows.append({"check": f"case {row.case} turn {row.turn} ({row.kind}) took the image from the cache",
+                     "ok": bool(ok), "detail": f"{row.prompt_n} new, {row.cache_n} cached; the image's turn had {base}"})
+    checks = pd.DataFrame(rows)
+    failed = checks[~checks["ok"]]
+    if len(failed):
+        raise ServeError("conversation checks failed:\n" + "\n".join(f"- {c}: {d}" for c, d in
+                                                                      zip(failed["check"], failed["detail"])))
+    return checks
 
 
 def start_script(run: Run, log_path: Path, ready_timeout_s: float) -> server.Server:
@@ -105,8 +151,9 @@ def run_serve(run: Run) -> ServeResult:
         row["one_shot_s"] = one_shot(run, cases[row["case"]][0], row["question"],
                                      folder / "one-shot" / f"case{row['case']}-turn{row['turn']}.log", e.timeout_s)
     turns = pd.DataFrame(rows)
+    turns["kind"] = turn_kinds(turns)
+    checks = check_turns(turns)
     turns["images"] = turns["images"].map(", ".join)
-    turns["kind"] = ["first" if t == 1 else "follow-up" for t in turns["turn"]]
     first, follow = turns[turns["kind"] == "first"], turns[turns["kind"] == "follow-up"]
     summary = {
         "cases": int(turns["case"].nunique()), "turns": len(turns), "server_ready_s": ready_s,
@@ -114,6 +161,7 @@ def run_serve(run: Run) -> ServeResult:
         "follow_up_ttft_s": float(follow["ttft_s"].median()), "follow_up_total_s": float(follow["total_s"].median()),
         "first_prompt_n": int(first["prompt_n"].median()), "follow_up_prompt_n": int(follow["prompt_n"].median()),
         "follow_up_cache_n": int(follow["cache_n"].median()),
+        "cached_image_questions": int((turns["kind"] == CACHED_IMAGE).sum()),
         "one_shot_s": float(turns["one_shot_s"].median()), "tune_answer_s": rec.get("answer_s"),
         "one_shot_config": rec.get("config"),
         "max_tokens": e.n_predict, "follow_ups": list(FOLLOW_UPS)}
@@ -122,4 +170,4 @@ def run_serve(run: Run) -> ServeResult:
     write_json(folder / "summary.json", summary)
     fig = serve_report.turn_latency(turns, summary.get("one_shot_s"), run)
     run.record("conversation", {"turns": folder / "turns.csv", "summary": folder / "summary.json"})
-    return ServeResult(turns, summary, fig)
+    return ServeResult(turns, summary, fig, checks)
