@@ -175,6 +175,15 @@ def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
             kw.update(stdout=self._log, stderr=self._log, env=env)
             await super()._async_launch_kernel(headless_kernel_cmd(kernel_cmd), **kw)
 
+        async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+            # nbclient shuts the kernel down when the notebook ends, a cell fails or runs past
+            # pipeline.cell_timeout_s; what its cells started (tools in groups or sessions of their
+            # own included) goes first, while the kernel is still their parent.
+            process = getattr(self.provisioner, "process", None) if self.provisioner else None
+            if process is not None and process.poll() is None:
+                kill_tree(process.pid, include_root=False)
+            await super().shutdown_kernel(now=now, restart=restart)
+
         def stop(self) -> None:
             process = getattr(self.provisioner, "process", None) if self.provisioner else None
             if process is not None and process.poll() is None:

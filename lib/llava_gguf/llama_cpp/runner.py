@@ -43,11 +43,12 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process, every descendant, and the process groups they lead (a tool's own group).
+def kill_tree(pid: int, include_root: bool = True) -> None:
+    """SIGKILL a process (unless not `include_root`), every descendant, and the process groups they
+    lead (a tool's own group).
 
     The descendants are collected first: once their parent is dead they are re-parented and no
-    longer found. This process's own group is never signalled."""
+    longer found. This process's own group is never signalled, nor the root's without the root."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -57,12 +58,23 @@ def kill_tree(pid: int) -> None:
     for p in procs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             groups.add(os.getpgid(p.pid))
-    for group in groups - {os.getpgrp()}:
+    spared = {os.getpgrp()} | (set() if include_root else {group_of(pid)})
+    if not include_root:
+        procs = procs[1:]
+    for group in groups - spared:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             p.kill()
+
+
+def group_of(pid: int) -> int | None:
+    """The process group of `pid` (None once it is gone)."""
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 class Supervised:

@@ -62,12 +62,13 @@ def _offline_hint(run: Run, err: Exception) -> DownloadError:
 
 def hub_errors() -> tuple[type[BaseException], ...]:
     """What the hub clients raise for no network, a missing repo or a refused token: OSError (their
-    HTTP errors and requests' are OSErrors), httpx's transport errors, modelscope's HubError,
-    RuntimeError and ValueError (a malformed id, an upload cut off). Imported only when one was raised."""
-    import httpx
+    HTTP status errors and requests' are OSErrors), the transport errors of httpx2 (huggingface_hub's
+    HTTP client), modelscope's HubError, RuntimeError and ValueError (a malformed id, an upload cut
+    off). Imported only when one was raised."""
+    import httpx2
     from modelscope_hub.errors import HubError
 
-    return OSError, RuntimeError, ValueError, httpx.HTTPError, HubError
+    return OSError, RuntimeError, ValueError, httpx2.HTTPError, HubError
 
 
 def _snapshot(run: Run, patterns: list[str] | None) -> Path:
