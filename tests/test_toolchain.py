@@ -197,3 +197,33 @@ def test_an_explicit_build_folder_is_repatched_after_a_patch_edit(fake_toolchain
     toolchain.build_llama_cpp(build_dir, jobs=1)
     assert (build_dir / "src" / "hello.c").read_text() == "int x = 2;\n"
     assert (build_dir / "bin" / toolchain.BUILT_STAMP).read_text().strip() == toolchain.build_key()
+
+
+def test_the_legacy_venv_is_made_once_when_two_ask_at_once(tmp_path, monkeypatch):
+    import threading
+
+    from llava_gguf.llama_cpp import legacy
+
+    monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(legacy, "script_env", lambda **kw: dict(os.environ))
+    made = []
+
+    def stand_in(cmd, log_file, what, limit, cwd=None, env=None):
+        if what == "python -m venv":  # a venv's python, after a while
+            made.append(cmd[-1])
+            import time
+
+            time.sleep(1)
+            (toolchain.Path(cmd[-1]) / "bin").mkdir(parents=True)
+            (toolchain.Path(cmd[-1]) / "bin" / "python").touch()
+
+    monkeypatch.setattr(legacy, "_run", stand_in)
+    pythons = []
+    threads = [threading.Thread(target=lambda: pythons.append(legacy.legacy_env())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    root = tmp_path / "cache" / legacy.ENV_NAME
+    assert len(made) == 1 and pythons == [root / "bin" / "python"] * 2
+    assert (root / legacy.STAMP).is_file() and _partials(tmp_path / "cache") == []
