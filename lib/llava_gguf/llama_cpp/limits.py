@@ -56,7 +56,7 @@ LIMITS: dict[str, Limit] = {
 }
 
 
-class LimitError(KeyError):
+class LimitError(LookupError):
     """A tool has no limit in LIMITS (add its row there)."""
 
 
