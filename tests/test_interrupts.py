@@ -73,3 +73,25 @@ def test_a_symlinked_run_folder_keeps_its_paths(tmp_path, monkeypatch, write_par
     assert pipeline.run_steps(run, ["surgery"]) == [("download", "ran"), ("surgery", "ran")]
     assert (disk / "surgery" / "manifest.json").exists()
     assert run.artifact_path("surgery") == run.dir / "surgery" / "manifest.json"
+
+
+def test_a_cell_past_its_limit_is_stopped_with_the_tools_it_started(declare_step, write_params):
+    """papermill's execution_timeout (params pipeline.cell_timeout_s): the step fails naming the limit and
+    the cell's last lines; the tools the cell started (one in a session of its own) do not outlive it."""
+    marker = f"7001.{os.getpid()}"
+    declare_step("hanger", "import subprocess, time\nprint('about to hang', flush=True)\n"
+                 f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
+                 f"subprocess.Popen(['sleep', '{marker}'])\ntime.sleep(600)")
+    run = workspace.open_run(write_params({"run": "hanger", "model": {"source": "tiny"},
+                                           "pipeline": {"cell_timeout_s": 5}}))
+    t0 = time.monotonic()
+    with pytest.raises(pipeline.StepFailed) as err:
+        pipeline.run_steps(run, ["hanger"])
+    assert time.monotonic() - t0 < 300
+    msg = str(err.value)
+    assert "step 'hanger': a cell ran past its limit of 5 s (params pipeline.cell_timeout_s)" in msg, msg
+    assert "about to hang" in msg.split("last lines:")[1], msg
+    deadline = time.time() + 30
+    while _processes(f"sleep {marker}") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes(f"sleep {marker}") == []

@@ -359,14 +359,22 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert snippet["chat_template"] == "vicuna" and "cache_type_k" in snippet
 
 
-def test_config_survives_a_table_round_trip():
-    import pandas as pd
-
+def test_config_survives_the_tables_round_trip(tmp_path):
+    """The step's own tables (`confirm`: None and int columns mixed, a failed row) and `choose`'s rows
+    give back the configurations they were made of."""
     cfgs = [tune_config.Config("Q4_K_M", threads=2, ubatch_size=256, flash_attn="on"), tune_config.Config("Q5_K_M"),
             tune_config.Config("Q5_K_M", threads=4, threads_batch=8, cpu_mask="0xf0", cpu_mask_batch="0xff0",
-                               cpu_strict=1)]
-    rows = pd.DataFrame([{"config": c.label, **c.__dict__} for c in cfgs]).to_dict("records")
-    assert [tune_config.config_from_row(r) for r in rows] == cfgs and tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
+                               cpu_strict=1),
+            tune_config.Config("Q4_0", extra_args=("--no-warmup",))]  # fails in the simulated tool
+    m = _measurer(tmp_path, [])
+    confirmed = tune.confirm(m, cfgs, repetitions=1, n_predict=4)
+    assert list(confirmed["status"]) == ["ok", "ok", "ok", "failed"]
+    rows = confirmed.to_dict("records")
+    assert [tune_config.config_from_row(r) for r in rows] == cfgs
+    assert [tune_config.config_from_row(r) for r in m.rows] == [c for c in cfgs for _ in range(2)][:7]
+    chosen = tune.choose(confirmed, cfgs[1])["full"]
+    assert tune_config.config_from_row(chosen) in cfgs[:3]
+    assert tune_config.config_from_row(rows[0]).label.endswith("t 2, fa on, ub 256")
     assert cfgs[2].label.endswith("t 4, tb 8, C 0xf0, Cb 0xff0, strict 1")
 
 

@@ -127,9 +127,12 @@ def disk_errors(final: Path | str, needed: int | None = None, what: str = "",
     final = Path(final)
     try:
         yield
-    except Exception as err:
-        if isinstance(err, DiskFullError):
-            raise
+    except DiskFullError:
+        raise
+    # How a write that ran out of disk surfaces: an OSError (with ENOSPC, or numpy's "N requested and
+    # M written"), a RuntimeError (a tool's ToolFailed with its log, torch's "PytorchStreamWriter
+    # failed writing file", a hub client's wrapped error), a ValueError (a reader of the cut-off file).
+    except (OSError, RuntimeError, ValueError) as err:
         text = ""
         log_file = getattr(err, "log_file", None)
         if log_file is not None:

@@ -2,8 +2,9 @@
 
 Speeds mean little without the board they were measured on, so step 06 writes
 `outputs/<run>/machine.json` (artifact `machine`) and the comparison page and the model card read
-it. Everything comes from what Linux exposes without privileges (/proc/cpuinfo, /proc/meminfo,
-/sys, /etc/os-release; the CPU clusters from topology.py) and from the llama.cpp tools themselves
+it. Everything comes from what Linux exposes without privileges (/proc/cpuinfo, /sys,
+/etc/os-release; memory from psutil; the CPU clusters from topology.py; a figure that cannot be
+read is recorded as None with the reason, never guessed) and from the llama.cpp tools themselves
 (`--version`, the `system_info:` line their logs carry, the build's CMakeCache.txt), so it works the
 same on x86-64 and aarch64.
 """
@@ -13,12 +14,14 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
+
 from . import topology
+from .topology import usable_cores  # noqa: F401 (the one core count; machine.usable_cores for the reports)
 from .workspace import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -89,14 +92,12 @@ def _board() -> str | None:
     return " ".join(v for v in (vendor, product) if v) or None
 
 
-def parse_meminfo(text: str) -> dict:
-    values = {}
-    for line in text.splitlines():
-        m = re.match(r"^(\w+):\s+(\d+) kB", line)
-        if m:
-            values[m.group(1)] = int(m.group(2))
-    return {"ram_mib": values["MemTotal"] // 1024 if "MemTotal" in values else None,
-            "swap_mib": values["SwapTotal"] // 1024 if "SwapTotal" in values else None}
+def memory() -> dict:
+    """RAM and swap in MiB (psutil); None and `memory_error` where they cannot be read."""
+    try:
+        return {"ram_mib": psutil.virtual_memory().total // 2**20, "swap_mib": psutil.swap_memory().total // 2**20}
+    except OSError as err:  # no /proc/meminfo, no sysinfo(2)
+        return {"ram_mib": None, "swap_mib": None, "memory_error": f"{type(err).__name__}: {err}"}
 
 
 def _os_release() -> str | None:
@@ -105,11 +106,6 @@ def _os_release() -> str | None:
         if m:
             return m.group(1)
     return None
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on: online and in its affinity (a container's or taskset's limit)."""
-    return len(topology.read_topology().usable)
 
 
 # aarch64 AT_HWCAP / AT_HWCAP2 bits (Linux arch/arm64/include/uapi/asm/hwcap.h) -> /proc/cpuinfo names.
@@ -163,7 +159,7 @@ def machine_info(board: str | None = None) -> dict:
         "topology_notes": list(topo.notes),
         "features": cpu["features"],
         "flags": cpu["flags"],
-        **parse_meminfo(_read("/proc/meminfo")),
+        **memory(),
         "os": _os_release() or platform.platform(),
         "kernel": platform.release(),
         "arch": platform.machine(),
@@ -237,9 +233,8 @@ def llama_cpp_build(configured: str | None = None, logs: Path | None = None) -> 
         return {"error": str(err)}
     out: dict = {"bin_dir": str(tool.parent)}
     try:
-        proc = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60)
-        text = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as err:
+        text = toolchain.version_output(tool)
+    except (OSError, toolchain.ToolFailed) as err:
         text = ""
         out["version_error"] = str(err)
     for key, pattern in (("version", r"^version:\s*(.+)$"), ("built_with", r"^built with (.+)$")):

@@ -127,7 +127,7 @@ class EvaluateParams(_Strict):
     perplexity_chunks: int = 4
     # KL-divergence budget for the report's "fastest variant within budget" summary.
     kld_budget: float = 0.05
-    timeout_s: int = 3600
+    timeout_s: int = Field(3600, ge=1)
     # The machine's name in machine.json, the reports and the scripts' headers (never the host name);
     # None: the device tree model or DMI product name, else the CPU model.
     board: str | None = None
@@ -239,6 +239,16 @@ class PublishParams(_Strict):
     license: str | None = None
 
 
+class PipelineParams(_Strict):
+    """How `make` / `python -m llava_gguf run` execute the step notebooks."""
+
+    # papermill's execution_timeout: a cell running longer is stopped, its kernel and tools killed, and
+    # the step fails naming the cell and the limit. Every tool inside has its own limit
+    # (llama_cpp/limits.py); this one bounds the Python between them. The longest cells are a 7B
+    # download on a slow link and 06 evaluate of five quant types at 7B on a board: hours.
+    cell_timeout_s: int = Field(12 * 3600, ge=1)
+
+
 class Params(_Strict):
     run: str
     model: ModelParams = ModelParams()
@@ -249,6 +259,7 @@ class Params(_Strict):
     bench: BenchParams = BenchParams()
     tune: TuneParams = TuneParams()
     publish: PublishParams = PublishParams()
+    pipeline: PipelineParams = PipelineParams()
 
     @field_validator("run")
     @classmethod

@@ -29,6 +29,7 @@ from pathlib import Path
 from . import preflight, registry
 from .fingerprint import fingerprint
 from .llama_cpp import toolchain
+from .llama_cpp.runner import kill_tree
 from .reports import html
 from .workspace import Run, forcing, resolve, write_json
 
@@ -174,13 +175,23 @@ def kernel_manager_class(log_file: Path, ipc_dir: Path, started: list):
             kw.update(stdout=self._log, stderr=self._log, env=env)
             await super()._async_launch_kernel(headless_kernel_cmd(kernel_cmd), **kw)
 
+        async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+            # nbclient shuts the kernel down when the notebook ends, a cell fails or runs past
+            # pipeline.cell_timeout_s; what its cells started (tools in groups or sessions of their
+            # own included) goes first, while the kernel is still their parent.
+            process = getattr(self.provisioner, "process", None) if self.provisioner else None
+            if process is not None and process.poll() is None:
+                kill_tree(process.pid, include_root=False)
+            await super().shutdown_kernel(now=now, restart=restart)
+
         def stop(self) -> None:
             process = getattr(self.provisioner, "process", None) if self.provisioner else None
             if process is not None and process.poll() is None:
+                # The kernel's group, and the tools it started in groups of their own (llama_cpp/runner.py).
+                kill_tree(process.pid)
                 try:
-                    os.killpg(process.pid, signal.SIGKILL)
                     process.wait(timeout=10)
-                except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                except subprocess.TimeoutExpired:
                     pass
             if getattr(self, "_log", None):
                 self._log.close()
@@ -205,6 +216,7 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
     parameters = {"params_file": str(run.params_file) if run.params_file else None,
                   "params": run.params.model_dump(mode="json")}
     kernel_log = run.sub("logs") / f"kernel-{step.name}.log"
+    cell_timeout = run.params.pipeline.cell_timeout_s
     outcome: dict[str, BaseException] = {}
 
     with tempfile.TemporaryDirectory(prefix="llava-gguf-kernel-") as ipc_dir:
@@ -216,7 +228,7 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
                 papermill.execute_notebook(
                     str(step.source), str(out), parameters=parameters, cwd=str(step.source.parent),
                     kernel_name="python3", progress_bar=False, request_save_on_cell_execute=True,
-                    kernel_manager_class=km_class)
+                    kernel_manager_class=km_class, execution_timeout=cell_timeout)
             except BaseException as err:  # handed to the main thread
                 outcome["error"] = err
 
@@ -240,10 +252,30 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
     if isinstance(err, papermill.PapermillExecutionError):
         raise StepFailed(f"step '{step.name}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                          f"partly executed notebook: {out}")
+    if isinstance(err, TimeoutError):  # nbclient's CellTimeoutError
+        raise StepFailed(f"step '{step.name}': a cell ran past its limit of {cell_timeout} s (params "
+                         f"pipeline.cell_timeout_s) and was stopped, its kernel and tools killed\n{err}\n"
+                         f"partly executed notebook: {out}; kernel log: {kernel_log}\n"
+                         f"last lines:\n{last_output_lines(out)}")
     if err is not None:  # the kernel died (e.g. killed for memory) or could not start
         raise StepFailed(f"step '{step.name}' stopped: {type(err).__name__}: {err}\n"
                          f"partly executed notebook: {out}; kernel log: {kernel_log}")
     return out
+
+
+def last_output_lines(executed: Path, n: int = 8) -> str:
+    """The last lines the last cell with output printed (its log), from an executed notebook."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(executed, as_version=4)
+    except (OSError, ValueError) as err:  # not written yet, or cut off mid-write
+        return f"(unreadable: {err})"
+    for cell in reversed(nb.cells):
+        text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+        if text.strip():
+            return "\n".join(text.strip().splitlines()[-n:])
+    return "(no output)"
 
 
 def resume_command(run: Run, targets: list[str]) -> str:

@@ -30,6 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .machine import describe
+from .steps.download import hub_errors
 from .workspace import Run, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def send(run: Run, result: PublishResult) -> PublishResult:
             remote = {}
         else:
             remote = hub.remote_sha256(p.repo)
-    except Exception as err:
+    except hub_errors() as err:
         raise PublishError(f"{where}: cannot be read or created ({type(err).__name__}: {err}); check that "
                            f"the token may write to '{p.repo.split('/')[0]}' and the name is right") from None
     skipped = [r.file for r in result.files.itertuples() if remote.get(r.file) == r.sha256]
@@ -357,7 +358,7 @@ def send(run: Run, result: PublishResult) -> PublishResult:
     log.info("uploading %s to %s (already there, same sha256: %s)", send, where, skipped or "none")
     try:
         hub.upload(p.repo, result.folder, send, f"llava-gguf run {run.params.run}: {', '.join(send)}")
-    except Exception as err:
+    except hub_errors() as err:
         raise PublishError(f"upload to {where} failed ({type(err).__name__}: {err}); rerun `make publish UPLOAD=1`: "
                            "files already on the hub with the same sha256 are not sent again") from None
     result.uploaded, result.skipped, result.url = send, skipped, hub.url(p.repo)

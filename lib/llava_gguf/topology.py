@@ -203,6 +203,24 @@ def _online(root: Path, notes: list[str]) -> list[int]:
     return listed
 
 
+def _usable(root: Path, affinity: set[int] | None, notes: list[str]) -> tuple[list[int], list[int]]:
+    """(online CPUs, those this process may use) below `root`."""
+    online = _online(root, notes)
+    if affinity is None and root == Path("/") and hasattr(os, "sched_getaffinity"):
+        affinity = set(os.sched_getaffinity(0))
+    usable = [c for c in online if affinity is None or c in affinity]
+    if not usable:
+        raise TopologyError(f"no usable CPU below {root} (online {format_cpu_list(online) or 'none'}, "
+                            f"affinity {format_cpu_list(affinity or [])}); is it a Linux root with /sys and /proc?")
+    return online, usable
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: online and in its affinity (a container's or taskset's limit).
+    The one core count: thread and job defaults everywhere come from it."""
+    return len(_usable(Path("/"), None, [])[1])
+
+
 def read_topology(root: str | Path = "/", affinity: set[int] | None = None) -> Topology:
     """The usable CPUs below `root`, ranked into clusters.
 
@@ -211,13 +229,7 @@ def read_topology(root: str | Path = "/", affinity: set[int] | None = None) -> T
     """
     root = Path(root)
     notes: list[str] = []
-    online = _online(root, notes)
-    if affinity is None and root == Path("/") and hasattr(os, "sched_getaffinity"):
-        affinity = set(os.sched_getaffinity(0))
-    usable = [c for c in online if affinity is None or c in affinity]
-    if not usable:
-        raise TopologyError(f"no usable CPU below {root} (online {format_cpu_list(online) or 'none'}, "
-                            f"affinity {format_cpu_list(affinity or [])}); is it a Linux root with /sys and /proc?")
+    online, usable = _usable(root, affinity, notes)
     types = core_types_by_cpu(_read(root / "proc/cpuinfo") or "")
     cpu_dir = root / "sys/devices/system/cpu"
     cpus = tuple(Cpu(c, _read_int(cpu_dir / f"cpu{c}/cpu_capacity"),

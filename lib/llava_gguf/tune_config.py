@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
 from .machine import usable_cores
@@ -155,6 +155,11 @@ def answer_seconds(row: dict[str, Any], n_predict: int) -> float | None:
     if per_token is None or not math.isfinite(per_token):
         return None if n_predict > 1 else ttft / 1000.0
     return (ttft + per_token * max(n_predict - 1, 0)) / 1000.0
+
+
+def config_row(cfg: Config) -> dict[str, Any]:
+    """The columns of a table row that name its configuration: the label and every field."""
+    return {"config": cfg.label, **asdict(cfg)}
 
 
 def config_from_row(row: dict) -> Config:

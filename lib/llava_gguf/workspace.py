@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
+
 from . import partials
 from .params import DEFAULT_PARAMS, Params, load_params, parse_params
 from .registry import producer, repo_root
@@ -68,6 +70,28 @@ def cache_dir() -> Path:
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-gguf"
     base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+@contextlib.contextmanager
+def cache_lock(target: Path | str) -> Iterator[None]:
+    """Hold the lock of a shared-cache entry (the file `.<name>.lock` beside `target`).
+
+    Whatever makes or replaces a folder under cache_dir() (the llama.cpp source and builds, the
+    legacy venv) holds it, so that two checkouts (a user's clone and CI) never write one folder at
+    once: the second waits, then finds the entry made. An flock: the kernel releases it when the
+    holder dies, and every command the holder runs has a time limit (llama_cpp/limits.py)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target.parent / f".{target.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process making %s (lock %s)", target, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def rel_to_root(path: Path | str) -> str:

@@ -2,7 +2,6 @@
 space it needs, the machine it runs on, and the thread counts to try."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -101,10 +100,12 @@ def machine_info(run: Run) -> dict[str, Any]:
     info: dict[str, Any] = machine.machine_info()
     info["memory_GiB"] = round(info["ram_mib"] / 1024, 1) if info.get("ram_mib") else None
     info["disk_free_GiB"] = round(shutil.disk_usage(run.dir).free / GiB, 1)
-    with contextlib.suppress(Exception):
-        from ..llama_cpp import toolchain
+    from ..llama_cpp import toolchain
 
+    try:
         info["llama_cpp"] = toolchain.llama_cpp_info(run.params.llama_cpp.dir)
+    except toolchain.ToolNotFound as err:
+        info["llama_cpp"] = {"error": str(err)}
     return info
 
 

@@ -2,15 +2,17 @@
 
 A step runs in a child process (a command, or a library function called in a fresh Python
 interpreter) so that what is measured is the step's own cost, not the caller's. Every ~50 ms the
-whole tree under the child is sampled from /proc: `RssAnon` (heap, numpy/torch buffers: memory the
+whole tree under the child (psutil) is sampled: `RssAnon` (heap, numpy/torch buffers: memory the
 kernel cannot drop) and `RssFile` (pages of memory-mapped or read files: reclaimable under
-pressure, so reported apart) are summed over the tree, and the peaks of the sums are kept.
+pressure, so reported apart) are summed over the tree, and the peaks of the sums are kept. Those
+two are read from /proc/<pid>/status, the one figure psutil does not split.
 
-Bytes written are the kernel's `write_bytes` accounting (/proc/<pid>/io): bytes the tree caused to
-be written to storage, counted when pages are dirtied, so writes still in the page cache count too.
-A process's counters include its exited, reaped children; the child is read once more after it
-exits and before it is reaped (`waitid(WNOWAIT)`), so nothing the tree wrote is missed. CPU time
-comes from the same zombie's /proc/<pid>/stat (own plus reaped children's user and system time).
+Bytes written are the kernel's `write_bytes` accounting (psutil's io_counters): bytes the tree
+caused to be written to storage, counted when pages are dirtied, so writes still in the page cache
+count too. A process's counters include its exited, reaped children; the child is read once more
+after it exits and before it is reaped (`waitid(WNOWAIT)`, which psutil does not offer), so nothing
+the tree wrote is missed. CPU time comes from the same zombie (own plus reaped children's user and
+system time).
 
 Sampling misses peaks shorter than the interval; for the multi-second steps measured here that is
 a few percent at most. Linux only.
@@ -29,9 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+
+from ..llama_cpp.runner import kill_tree
+
 log = logging.getLogger(__name__)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 GiB = 2**30
 
 
@@ -73,39 +78,21 @@ class Measurement:
         return d
 
 
-# ----------------------------------------------------------------------------- /proc reading
-def _ppid_map() -> dict[int, int]:
-    """pid -> parent pid of every process (the kernel here may lack /proc/<pid>/task/*/children)."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name is in parentheses and may itself contain spaces and parentheses.
-        rest = stat[stat.rfind(b")") + 2:].split()
-        out[int(name)] = int(rest[1])
-    return out
-
-
-def tree_pids(root: int) -> list[int]:
-    """The root and all its live descendants."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _ppid_map().items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+# ----------------------------------------------------------------------------- reading the tree
+def tree(root: int) -> list[psutil.Process]:
+    """The root and all its live descendants (empty once the root is gone)."""
+    try:
+        proc = psutil.Process(root)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def read_status(pid: int) -> dict[str, int]:
-    """RssAnon, RssFile, RssShmem of a process in bytes (empty once it is gone or a zombie)."""
+    """RssAnon, RssFile, RssShmem of a process in bytes (empty once it is gone or a zombie).
+
+    psutil's `rss - shared` is RssAnon, but its `shared` lumps the file-backed pages (reclaimable)
+    with shared memory (not): /proc/<pid>/status keeps them apart."""
     out: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -118,25 +105,22 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
-def read_io(pid: int) -> dict[str, int]:
-    """/proc/<pid>/io as numbers (the process plus its reaped children); empty if unreadable."""
+def read_io(proc: psutil.Process) -> tuple[int, int]:
+    """(write_bytes, read_bytes) of a process plus its reaped children; (0, 0) once it is gone."""
     try:
-        with open(f"/proc/{pid}/io") as f:
-            return {k: int(v) for k, v in (line.split(":") for line in f if ":" in line)}
-    except (OSError, ValueError):
-        return {}
+        io = proc.io_counters()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0, 0
+    return io.write_bytes, io.read_bytes
 
 
-def read_cpu_s(pid: int) -> float:
+def read_cpu_s(proc: psutil.Process) -> float:
     """User + system time of a process and its reaped children, in seconds."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+        t = proc.cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0.0
-    fields = stat[stat.rfind(b")") + 2:].split()
-    # After the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -151,19 +135,19 @@ class _Sampler:
 
     def sample(self) -> None:
         anon = file = shmem = written = read = 0
-        pids = tree_pids(self.root)
-        for pid in pids:
-            st = read_status(pid)
+        procs = tree(self.root)
+        for proc in procs:
+            st = read_status(proc.pid)
             anon += st.get("RssAnon", 0)
             file += st.get("RssFile", 0)
             shmem += st.get("RssShmem", 0)
             # Each live process's counters hold its own and its reaped children's I/O, never a live
             # child's, so the sum over the live tree is the tree's total so far.
-            io = read_io(pid)
-            written += io.get("write_bytes", 0)
-            read += io.get("read_bytes", 0)
+            w, r = read_io(proc)
+            written += w
+            read += r
         self.samples += 1
-        self.max_processes = max(self.max_processes, len(pids))
+        self.max_processes = max(self.max_processes, len(procs))
         self.peak_anon = max(self.peak_anon, anon)
         self.peak_file = max(self.peak_file, file)
         self.peak_rss = max(self.peak_rss, anon + file + shmem)
@@ -199,23 +183,16 @@ def _watch(pid: int, label: str, interval: float, timeout: float | None,
         if timeout and time.perf_counter() - s.t0 > timeout and not timed_out:
             timed_out = True
             log.error("%s ran past %s s; killing it", label, timeout)
-            _kill_tree(pid)
+            kill_tree(pid)
         time.sleep(interval)
     # The zombie's counters include every reaped descendant: the final, complete totals.
-    io = read_io(pid)
-    s.write_bytes = max(s.write_bytes, io.get("write_bytes", 0))
-    s.read_bytes = max(s.read_bytes, io.get("read_bytes", 0))
-    return s, read_cpu_s(pid), timed_out
-
-
-def _kill_tree(pid: int) -> None:
-    import signal
-
-    for p in reversed(tree_pids(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
+    try:
+        zombie = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return s, 0.0, timed_out
+    w, r = read_io(zombie)
+    s.write_bytes, s.read_bytes = max(s.write_bytes, w), max(s.read_bytes, r)
+    return s, read_cpu_s(zombie), timed_out
 
 
 class _Heartbeat:
@@ -325,7 +302,7 @@ def _child_main(call_file: str, result_file: str) -> int:
         rc = 1
     try:
         data = pickle.dumps(outcome)
-    except Exception:  # an unpicklable result: keep its text
+    except (pickle.PicklingError, TypeError, AttributeError):  # an unpicklable result: keep its text
         data = pickle.dumps((outcome[0], repr(outcome[1])))
     Path(result_file).write_bytes(data)
     return rc

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 
 from ..checkpoint import Checkpoint
@@ -49,12 +50,8 @@ NMSE_BOUND_BF16_REFERENCE = 1e-3
 
 
 def available_memory() -> int:
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available
-    except ImportError:  # pragma: no cover
-        return 8 << 30
+    """Bytes of memory available to a new allocation now (psutil; an OSError when it cannot be read)."""
+    return psutil.virtual_memory().available
 
 
 def reference_dtype(n_params: int, available: int | None = None) -> torch.dtype | None:
@@ -158,12 +155,19 @@ def check_hf(checkpoint: str | Path, mmproj: Path | None, text_gguf: Path | None
     checkpoint = Path(checkpoint)
     if dtype is None:  # decided here, so that a model that cannot fit is skipped before any tool runs
         n_params = checkpoint_params(checkpoint)
-        dtype = reference_dtype(n_params)
+        still_ran = ("The streamed float32 text check (step 04) and the per-slice vision check (step 03) do not "
+                     "need it and still ran.")
+        try:
+            available = available_memory()
+        except OSError as err:
+            return HFCheck("skipped", f"transformers cross-check skipped, not passed: LlavaNext holds the whole "
+                           f"model, {2 * n_params / 2**30:.1f} GiB in bf16, and this machine's available memory "
+                           f"cannot be read ({err}), so whether it fits is unknown. {still_ran}")
+        dtype = reference_dtype(n_params, available)
         if dtype is None:
             return HFCheck("skipped", f"transformers cross-check skipped, not passed: LlavaNext holds the whole "
                            f"model, {2 * n_params / 2**30:.1f} GiB in bf16, and this machine has "
-                           f"{available_memory() / 2**30:.1f} GiB available. The streamed float32 text check "
-                           "(step 04) and the per-slice vision check (step 03) do not need it and still ran.")
+                           f"{available / 2**30:.1f} GiB available. {still_ran}")
     try:
         mtmd_debug = toolchain.find_tool("llama-mtmd-debug", configured) if mmproj else None
         llama_debug = toolchain.find_tool("llama-debug", configured) if text_gguf else None

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +15,13 @@ from PIL import Image
 from ..checkpoint import Checkpoint
 from .clip_reference import ReferenceModel, VisionCheckError
 from .numeric import nmse
-from .vision import TOOL, read_dump, write_placeholder_text_model
+from .vision import TOOL, encode_limit, read_dump, write_placeholder_text_model
 from ..gguf_io import open_gguf, read_gguf
 from ..anyres import AnyresRule, anyres_layout, flat_token_count, llava_image_token_count
 from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, ReferenceSequence, checkpoint_rule,
                              reference_sequence)
 from ..llama_cpp import toolchain
+from ..topology import usable_cores
 from ..vision_config import params_vision_config
 from ..workspace import Run, write_json
 
@@ -61,21 +60,20 @@ def mtmd_sequence(mmproj: Path, image: Path, tool: Path | None = None, workdir: 
         dump, log_file = workdir / f"sequence-{image.stem}.bin", workdir / f"llama-mtmd-debug-{image.stem}.log"
         dump.unlink(missing_ok=True)
         cmd = [str(tool), "-m", str(text_model), "--mmproj", str(mmproj), "-p", "sequence", "--image", str(image),
-               "-n", "1", "-t", str(threads or os.cpu_count() or 2), "-c", "256", "--no-warmup",
+               "-n", "1", "-t", str(threads or usable_cores()), "-c", "256", "--no-warmup",
                "--no-mmproj-offload"]
         log.info("llama.cpp: %s", " ".join(cmd))
-        with open(log_file, "w") as logf:
-            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "MTMD_DEBUG_EMBEDDINGS": str(dump)})
-        text = log_file.read_text(errors="replace")
-        if proc.returncode != 0:
+        try:
+            toolchain.run_tool(cmd, log_file, encode_limit(mmproj, whole_image=True),
+                               env={"MTMD_DEBUG_EMBEDDINGS": str(dump)})
+        except toolchain.ToolFailed as err:
+            dump.unlink(missing_ok=True)  # a killed tool's dump is half-written
             # The error line may not reach the log (llama.cpp logs from a thread), so the binary's
             # usage text tells too.
-            if "Invalid mode" in text or not has_sequence_mode(tool):
+            if "Invalid mode" in log_file.read_text(errors="replace") or not has_sequence_mode(tool):
                 raise SequenceModeMissing(f"{tool} has no `-p sequence` mode: a llama.cpp build without "
-                                          f"patch 0002 (log {log_file})")
-            tail = "\n".join(text.splitlines()[-15:])
-            raise VisionCheckError(f"{tool.name} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+                                          f"patch 0002 (log {log_file})") from None
+            raise VisionCheckError(str(err)) from None
         if not dump.exists():
             raise VisionCheckError(f"{tool} ran but wrote no sequence dump (log {log_file})")
         return read_dump(dump)

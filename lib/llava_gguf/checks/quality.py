@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import quant_types
-from ..llama_cpp import toolchain
+from ..llama_cpp import limits, toolchain
 from ..gguf_io import open_gguf
 from ..workspace import Run, atomic_path, write_json
 
@@ -179,13 +179,14 @@ def llama_tokenizer(gguf_path: Path | str, run: Run | None = None):
     """str -> token ids with the vocabulary of `gguf_path` (llama-tokenize, vocab only: fast on a 7B)."""
 
     tool = toolchain.find_tool("llama-tokenize", run.params.llama_cpp.dir if run else None)
+    limit = limits.seconds("llama-tokenize", limits.gib([gguf_path]))
     cache: dict[str, list[int]] = {}
 
     def tokenize(text: str) -> list[int]:
         if text not in cache:
             try:
                 proc = toolchain.run_tool([tool, "-m", gguf_path, "-p", text, "--ids", "--no-bos", "--log-disable",
-                                           "--no-escape"], timeout=120, capture=True)
+                                           "--no-escape"], timeout=limit, capture=True)
             except toolchain.ToolFailed as err:
                 raise QualityError(f"llama-tokenize failed on {gguf_path}: {err}") from None
             ids = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"

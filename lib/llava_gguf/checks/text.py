@@ -19,7 +19,6 @@ README, "Verification cost"). `convert.verify: false` skips it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,9 @@ from ..gguf_io import GGUFTensor, open_gguf, read_gguf
 from ..text_model import OUTTYPES, TextExportError
 from ..text_reference import reference_logits
 from ..tokenizer import VOCAB_GGUF, read_test_vectors
+from ..llama_cpp import limits
 from ..llama_cpp.toolchain import find_tool, run_tool, source_dir
+from ..topology import usable_cores
 from ..workspace import Run, write_json
 from .numeric import nmse
 
@@ -70,11 +71,13 @@ def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -
 
 # ---------------------------------------------------------------------------- llama.cpp side
 def llama_logits(gguf_path: Path, prompt: str, llama_debug: Path, threads: int | None = None,
-                 timeout: int = 1800) -> tuple[np.ndarray, list[int]]:
-    """Last-token logits and token ids from `llama-debug --save-logits`."""
+                 timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
+    """Last-token logits and token ids from `llama-debug --save-logits` (within `timeout` s; None: the
+    tool's limit for the GGUF's size and a full 512-token context)."""
     with tempfile.TemporaryDirectory(prefix="llama-debug-") as out:
         cmd = [str(llama_debug), "-m", str(gguf_path), "-p", prompt, "--save-logits", "--logits-output-dir", out,
-               "-c", "512", "--no-warmup", "-t", str(threads or max(1, os.cpu_count() or 1))]
+               "-c", "512", "--no-warmup", "-t", str(threads or usable_cores())]
+        timeout = timeout or limits.seconds("llama-debug", limits.gib([gguf_path]), 512)
         proc = run_tool(cmd, timeout=timeout, capture=True, what=f"{llama_debug.name} on {gguf_path}")
         base = Path(out) / f"llamacpp-{gguf_path.stem}"
         logits_file, tokens_file = Path(f"{base}.bin"), Path(f"{base}-tokens.bin")
@@ -91,17 +94,18 @@ def tokenizer_parity(gguf_path: Path, tokenizer_model: Path, llama_tokenize: Pat
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     texts = [text for text, _ in read_test_vectors(vocab_gguf or source_dir() / VOCAB_GGUF)]
+    limit = limits.seconds("llama-tokenize", limits.gib([gguf_path]))
     with tempfile.TemporaryDirectory(prefix="tokenize-") as tmp:
         def run(i: int) -> list[int]:
             # From a file, read verbatim (-p would process escapes and lose trailing newlines).
             f = Path(tmp) / f"{i}.txt"
             f.write_bytes(texts[i].encode("utf-8"))
             proc = run_tool([llama_tokenize, "-m", gguf_path, "-f", f, "--ids", "--no-bos", "--no-escape",
-                             "--log-disable"], timeout=120, capture=True, what=f"{llama_tokenize.name} on {gguf_path}")
+                             "--log-disable"], timeout=limit, capture=True, what=f"{llama_tokenize.name} on {gguf_path}")
             out = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"
             return [int(x) for x in out.strip("[]").split(",") if x.strip()]
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
             got = list(pool.map(run, range(len(texts))))
     rows = [{"text": t, "llama.cpp": g, "sentencepiece": sp.encode(t)} for t, g in zip(texts, got)]
     for row in rows:
@@ -238,12 +242,13 @@ _LOG_LINE = re.compile(r"^\d+(?:\.\d+)+ [A-Z] ")
 
 
 def mtmd_chat_format(model: Path, mmproj: Path, mtmd_cli: Path, *args: str, message: str = "Describe this image.",
-                     timeout: int = 600) -> dict[str, str]:
+                     timeout: float | None = None) -> dict[str, str]:
     """How llama-mtmd-cli formats chats with the template it picked (pass e.g. '--chat-template',
     'vicuna'): the 'chat template example' it logs (a system message and two turns), and the prompt
     it builds for `message` typed in chat mode (its verbose log). No image: seconds on the tiny model."""
     cmd = [str(mtmd_cli), "-m", str(model), "--mmproj", str(mmproj), "-n", "1", "--temp", "0", "-v",
-           "-t", str(os.cpu_count() or 1), *args]
+           "-t", str(usable_cores()), *args]
+    timeout = timeout or limits.seconds("llama-mtmd-cli", limits.gib([model, mmproj]), 512)
     proc = run_tool(cmd, timeout=timeout, capture=True, stdin_text=f"{message}\n/quit\n")
     lines = (proc.stdout + proc.stderr).splitlines()
     found = {}

@@ -24,7 +24,6 @@ encode pass never runs it, so a placeholder with zero weights is written next to
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..llama_cpp import toolchain
+from ..llama_cpp import limits, toolchain
 from ..checkpoint import Checkpoint
-from ..gguf_io import open_gguf
+from ..gguf_io import open_gguf, read_gguf
+from ..topology import usable_cores
 from ..vision_config import params_vision_config
 from ..workspace import Run, atomic_path, rel_to_root, write_json
 from .clip_reference import (IMAGES, ReferenceModel, VisionCheckError, reference_embeddings,  # noqa: F401
@@ -69,8 +69,19 @@ def gguf_info(mmproj: Path) -> dict:
     if g.fields.get("clip.projector_type") != "mlp":
         raise VisionCheckError(f"{mmproj}: projector type {g.fields.get('clip.projector_type')!r}; the check "
                                "covers LLaVA's 'mlp' projector only")
+    size, patch = int(g.fields.get("clip.vision.image_size")), int(g.fields.get("clip.vision.patch_size") or 14)
     # numpy order: [output width, input width].
-    return {"image_size": int(g.fields.get("clip.vision.image_size")), "n_embd": out_w.shape[0]}
+    return {"image_size": size, "n_embd": out_w.shape[0], "n_patches": (size // patch) ** 2}
+
+
+def encode_limit(mmproj: Path, whole_image: bool = False) -> float:
+    """The time limit of a llama-mtmd-debug run with `mmproj`: one slice, or (`whole_image`) the
+    overview plus the tiles of its largest grid pinpoint."""
+    info, views = gguf_info(mmproj), 1
+    if whole_image:
+        pins = read_gguf(mmproj, "mmproj").fields.get("clip.vision.image_grid_pinpoints") or []
+        views += max((w * h for w, h in zip(pins[::2], pins[1::2])), default=0) // info["image_size"] ** 2
+    return limits.seconds(TOOL, limits.gib([mmproj]), views * info["n_patches"])
 
 
 # The placeholder's tensors (numpy order [rows = ne1, cols = ne0]); "E" is the width, 32 the head size.
@@ -154,12 +165,13 @@ def mtmd_embeddings(mmproj: Path, image: str = "uniform", tool: Path | None = No
         # No warmup pass (it would encode a second image); the encoder stays on the CPU even in a GPU
         # build, so the numbers compare with the f32 CPU reference.
         cmd = [str(tool), "-m", str(text_model), "--mmproj", str(mmproj), "-p", "encode", "--image", IMAGES[image],
-               "-n", str(info["image_size"]), "-t", str(threads or os.cpu_count() or 2), "-c", "256",
+               "-n", str(info["image_size"]), "-t", str(threads or usable_cores()), "-c", "256",
                "--no-warmup", "--no-mmproj-offload"]
         log.info("llama.cpp: %s", " ".join(cmd))
         try:
-            toolchain.run_tool(cmd, log_file, env={"MTMD_DEBUG_EMBEDDINGS": str(dump)})
+            toolchain.run_tool(cmd, log_file, encode_limit(mmproj), env={"MTMD_DEBUG_EMBEDDINGS": str(dump)})
         except toolchain.ToolFailed as err:
+            dump.unlink(missing_ok=True)  # a killed tool's dump is half-written
             raise VisionCheckError(str(err)) from None
         if not dump.exists():
             raise DumpMissing(f"{tool} ran but wrote no embeddings dump: this build's llama-mtmd-debug does not "

@@ -27,23 +27,25 @@ log file in the work folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from ..llama_cpp.toolchain import source_dir
-from ..workspace import cache_dir, write_json
+from . import limits
+from .runner import ToolFailed, run_tool
+from .toolchain import source_dir
+from ..workspace import cache_dir, cache_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,33 +90,47 @@ def _env_site_packages(root: Path) -> Path:
     return root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
+def _env_ready(root: Path, want: dict) -> bool:
+    stamp = root / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == want and _env_python(root).exists()
+
+
 def legacy_env(force: bool = False) -> Path:
-    """The python of the legacy venv (made once, ~10 s with network to the package index)."""
+    """The python of the legacy venv (made once, ~10 s with network to the package index).
+
+    Made under the cache entry's lock in a `.partial` folder, stamped last, then renamed into place:
+    a venv without its stamp is never used."""
     root = cache_dir() / ENV_NAME
     want = {"pins": list(LEGACY_PINS), "python": sys.version.split()[0]}
-    stamp = root / STAMP
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == want and _env_python(root).exists():
+    if not force and _env_ready(root, want):
         return _env_python(root)
+    with cache_lock(root):
+        if not _env_ready(root, want) or force:
+            _make_env(root, want)
+    return _env_python(root)
+
+
+def _make_env(root: Path, want: dict) -> None:
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{ENV_NAME}.", suffix=".partial", dir=cache_dir()))
     log_file = cache_dir() / f"{ENV_NAME}.log"
+    log_file.write_text("")
     log.info("creating the legacy-script venv %s (%s; log %s)", root, ", ".join(LEGACY_PINS), log_file)
-    with open(log_file, "w") as logf:
-        _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], logf, log_file)
+    try:
+        _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], log_file, "python -m venv",
+             limits.seconds("python -m venv"))
         python = _env_python(tmp)
         _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-input",
-              "--disable-pip-version-check", *LEGACY_PINS], logf, log_file)
+              "--disable-pip-version-check", *LEGACY_PINS], log_file, "pip install", limits.seconds("pip install"))
         _run([str(python), "-c", "import transformers, torch, numpy; assert transformers.__version__ == "
-              f"{LEGACY_PINS[0].split('==')[1]!r}, transformers.__version__"], logf, log_file,
-             env=script_env(legacy_root=tmp))
-    write_json(tmp / STAMP, want)
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:  # another process finished first
+              f"{LEGACY_PINS[0].split('==')[1]!r}, transformers.__version__"], log_file, "the legacy venv's check",
+             limits.seconds("python"), env=script_env(legacy_root=tmp))
+        write_json(tmp / STAMP, want)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        return _env_python(root)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
     log.info("legacy venv ready in %.0f s", time.monotonic() - t0)
-    return _env_python(root)
 
 
 def script_env(python: str | Path | None = None, legacy_root: Path | None = None) -> dict[str, str]:
@@ -131,23 +147,36 @@ def script_env(python: str | Path | None = None, legacy_root: Path | None = None
     return env
 
 
-def _run(cmd: list[str], logf, log_file: Path, cwd: Path | None = None, env: dict | None = None) -> None:
-    logf.write(f"$ {' '.join(cmd)}\n")
-    logf.flush()
-    proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    logf.flush()
-    if proc.returncode != 0:
-        tail = "".join(Path(log_file).read_text().splitlines(keepends=True)[-15:])
-        raise LegacyError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {proc.returncode}); "
-                          f"log: {log_file}\n{tail}")
+def _run(cmd: list[str], log_file: Path, what: str, limit: float, cwd: Path | None = None,
+         env: dict | None = None) -> None:
+    """One command into `log_file` (appended), within `limit` s; LegacyError names it, how it ended, the log."""
+    try:
+        run_tool(cmd, log_file, limit, what, cwd=cwd, append=True, env=env)
+    except ToolFailed as err:
+        raise LegacyError(str(err)) from None
 
 
 def run_logged(cmd: list[str], log_file: Path, cwd: Path) -> None:
-    """The default way a legacy script runs: its output to log_file. The benchmark passes its
-    own `runner` with this signature to measure each script's process tree."""
+    """The default way a legacy script runs: its output to log_file, within the script limit for the
+    files its arguments name (the checkpoint it reads). The benchmark passes its own `runner` with
+    this signature to measure each script's process tree."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as logf:
-        _run(cmd, logf, log_file, cwd=cwd, env=script_env(cmd[0]))
+    log_file.write_text("")
+    inputs = [a for a in cmd[2:] if not a.startswith("-") and Path(a).exists()]
+    _run(cmd, log_file, Path(cmd[1]).name, limits.seconds("legacy script", limits.gib(inputs)), cwd=cwd,
+         env=script_env(cmd[0]))
+
+
+@contextlib.contextmanager
+def _removed_on_failure(*outputs: Path) -> Iterator[None]:
+    """A script that failed or was stopped leaves no half-written output behind."""
+    try:
+        yield
+    except BaseException:
+        for f in outputs:
+            if f.is_file() and not f.is_symlink():
+                f.unlink()
+        raise
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -175,8 +204,9 @@ def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path, runner: Runner = 
     python = legacy_env()
     model = link_copy(ckpt_dir, work_dir / "model")
     log_file = work_dir / "legacy-surgery.log"
-    runner([str(python), str(source_dir() / SURGERY_SCRIPT), "-C", "-m", str(model)], log_file, work_dir)
     clip, projector = (model / n for n in SURGERY_OUTPUTS)
+    with _removed_on_failure(clip, projector):
+        runner([str(python), str(source_dir() / SURGERY_SCRIPT), "-C", "-m", str(model)], log_file, work_dir)
     for f in (clip, projector):
         if not f.is_file() or f.is_symlink():
             raise LegacyError(f"{SURGERY_SCRIPT} wrote no {f.name} in {model} (not a LLaVA checkpoint?); "
@@ -213,8 +243,9 @@ def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: s
            str(vit / "llava.projector"), "--output-dir", str(vit), "--clip-model-is-vision"]
     if outtype == "f32":
         cmd.append("--use-f32")
-    runner(cmd, work_dir / "legacy-vision.log", work_dir)
     out = vit / f"mmproj-model-{outtype}.gguf"
+    with _removed_on_failure(out):
+        runner(cmd, work_dir / "legacy-vision.log", work_dir)
     if not out.is_file():
         raise LegacyError(f"{IMAGE_ENCODER_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-vision.log'}")
     return out
@@ -229,7 +260,8 @@ def legacy_text_export(model_dir: str | Path, work_dir: str | Path, outtype: str
     out = work_dir / f"ggml-model-{outtype}.gguf"
     cmd = [sys.executable, str(source_dir() / TEXT_SCRIPT), str(model_dir), "--outtype", outtype, "--skip-unknown",
            "--outfile", str(out)]
-    runner(cmd, work_dir / "legacy-text.log", work_dir)
+    with _removed_on_failure(out):
+        runner(cmd, work_dir / "legacy-text.log", work_dir)
     if not out.is_file():
         raise LegacyError(f"{TEXT_SCRIPT} wrote no {out}; log: {work_dir / 'legacy-text.log'}")
     return out

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..params import EvaluateParams
 from . import flags
+from .runner import kill_group
 from .timings import Timings, parse_timings
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,9 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
                 if timeout_s and time.perf_counter() - t0 > timeout_s and not timed_out:
                     timed_out = True
                     log.error("llama-mtmd-cli ran past %ss; killing it", timeout_s)
-                    _kill(proc)
+                    kill_group(proc)
         except BaseException:  # an interrupted notebook must not leave the tool running
-            _kill(proc)
+            kill_group(proc)
             proc.wait()
             raise
         finally:
@@ -241,8 +242,9 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     # ru_maxrss: kilobytes on Linux, bytes on macOS.
     peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     if timed_out:
-        raise EvaluationError(f"llama-mtmd-cli ran past evaluate.timeout_s={timeout_s}s and was killed; "
-                              f"log kept at {log_path}")
+        raise EvaluationError(f"llama-mtmd-cli ran past its limit of {timeout_s} s (evaluate.timeout_s) and was "
+                              f"stopped (its process group killed); log kept at {log_path}\nlast lines:\n"
+                              + "\n".join(log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-8:]))
     _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)},
                       Path(image))
 
@@ -264,13 +266,6 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
         ttft_ms=1000.0 * times[0] if times else None,
         ttft_after_load_ms=1000.0 * (times[0] - loaded_at) if times and loaded_at is not None else None,
         itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _error_lines(log_path: Path, n: int = 6) -> str:

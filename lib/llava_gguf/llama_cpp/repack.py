@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from . import limits
 from .repack_log import parse_repack_log
-from .toolchain import run_tool
+from .runner import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ def summarize(text: str) -> dict:
             "layouts": dict(sorted(final.layouts().items())), "types": final.repacked_types()}
 
 
-def probe(gguf: Path, llama_bench: Path, log_file: Path, threads: int = 1, timeout: float = 1800) -> dict:
+def probe(gguf: Path, llama_bench: Path, log_file: Path, threads: int = 1, timeout: float | None = None) -> dict:
     """Load `gguf` once with llama-bench at debug verbosity; the repack summary of its log."""
+    timeout = timeout or limits.seconds("llama-bench", limits.gib([gguf]), 9)
     text = run_tool([llama_bench, "-m", gguf, "-p", "8", "-n", "1", "-r", "1", "-t", threads, "-v"],
                     log_file, timeout=timeout, what=f"llama-bench (repack probe) on {Path(gguf).name}")
     out = summarize(text)

@@ -5,6 +5,11 @@ PyPI (the one registry reachable everywhere this project runs). The sdist's sha2
 before anything is extracted. Builds live in a cache outside the clone, keyed by the commit and
 the hash of the project's patches, so other clones and CI reuse them.
 
+The cache is shared, so everything that writes into it holds that entry's lock
+(`workspace.cache_lock`) and writes under a temporary name that is renamed once complete: the
+source tree, a build's patched `src/` and its `bin/` are there whole or not at all. A build is up to
+date only when its `bin/` carries the build key it was made for (BUILT_STAMP), written last.
+
 `LLAMA_CPP_DIR` (or the params key `llama_cpp.dir`) points at an existing build instead.
 """
 from __future__ import annotations
@@ -14,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -23,7 +27,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..workspace import cache_dir, repo_root
+from ..topology import usable_cores
+from ..workspace import cache_dir, cache_lock, repo_root
+from . import limits
+from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ TOOLS = ("llama-quantize", "llama-mtmd-cli", "llama-perplexity", "llama-bench", 
 ENV_DIR = "LLAMA_CPP_DIR"
 # Directories within a llama.cpp folder where its tools may sit, in order of preference.
 _BIN_SUBDIRS = ("", "bin", "build/bin", "build")
+# In a build's bin/: the build key it was made for, written before bin/ is renamed into place.
+BUILT_STAMP = ".built"
 
 
 class ToolNotFound(FileNotFoundError):
@@ -95,17 +104,22 @@ def fetch_sdist() -> Path:
     """The sdist in the cache, downloaded with pip when absent, its sha256 verified."""
     target = cache_dir() / SDIST_NAME
     if not target.exists():
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            log.info("downloading %s (sdist, ~77 MB) with pip", SDIST_REQUIREMENT)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            SDIST_REQUIREMENT, "-d", tmp], check=True,
-                           stdout=subprocess.DEVNULL)
-            os.replace(Path(tmp) / SDIST_NAME, target)
+        with cache_lock(target):
+            if not target.exists():
+                _download_sdist(target)
     digest = _sha256(target)
     if digest != SDIST_SHA256:
         raise RuntimeError(f"{target}: sha256 {digest} != pinned {SDIST_SHA256}; delete the file and "
                            "rerun `make llama-cpp` (a corrupted or substituted download)")
     return target
+
+
+def _download_sdist(target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        log.info("downloading %s (sdist, ~77 MB) with pip", SDIST_REQUIREMENT)
+        run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST_REQUIREMENT,
+                  "-d", tmp], cache_dir() / "sdist-download.log", limits.seconds("pip download"), "pip download")
+        os.replace(Path(tmp) / SDIST_NAME, target)
 
 
 def _sha256(path: Path) -> str:
@@ -121,7 +135,13 @@ def source_dir() -> Path:
     target = cache_dir() / f"llama.cpp-{LLAMA_CPP_COMMIT}-src"
     if (target / "CMakeLists.txt").exists():
         return target
-    sdist = fetch_sdist()
+    with cache_lock(target):
+        if not (target / "CMakeLists.txt").exists():  # another process may have made it meanwhile
+            _extract_source(fetch_sdist(), target)
+    return target
+
+
+def _extract_source(sdist: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         log.info("extracting llama.cpp %s from %s", LLAMA_CPP_COMMIT, sdist.name)
         with tarfile.open(sdist) as tar:
@@ -141,11 +161,10 @@ def source_dir() -> Path:
                 if bad:
                     raise RuntimeError(f"{sdist}: members leaving the source tree: {bad[:3]}")
                 tar.extractall(tmp, members=members)
-        if target.exists():
+        if target.exists():  # a tree without CMakeLists.txt: not one this code renamed into place
             shutil.rmtree(target)
         os.replace(tmp, target)
         Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty folder
-    return target
 
 
 def _link_inside(member: tarfile.TarInfo) -> bool:
@@ -170,56 +189,112 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
                     cross: CrossTarget | None = None) -> Path:
     """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
 
-    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder).
+    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). A
+    process that finds another one building the same folder waits for it, then uses its build.
     """
-    build_dir = build_dir or default_build_dir(cross)
-    bin_dir = build_dir / "bin"
-    src = build_dir / "src"
-    marker = src / ".patched"
+    key, patches, tools = build_key(), patch_files(), TOOLS
+    build_dir = Path(build_dir or default_build_dir(cross))
+    if not force and is_built(build_dir, key, tools):
+        log.info("llama.cpp build up to date: %s", build_dir / "bin")
+        return build_dir / "bin"
+    with cache_lock(build_dir):
+        if not force and is_built(build_dir, key, tools):
+            log.info("llama.cpp build made by another process meanwhile: %s", build_dir / "bin")
+            return build_dir / "bin"
+        return _build_into(build_dir, key, patches, tools, jobs, cross, force)
+
+
+def is_built(build_dir: Path, key: str, tools: tuple[str, ...] = TOOLS) -> bool:
+    """bin/ was renamed into place by a finished build for `key` (never a half-made tree)."""
+    stamp = Path(build_dir) / "bin" / BUILT_STAMP
+    try:
+        built_for = stamp.read_text().strip()
+    except OSError:
+        return False
+    return built_for == key and all((stamp.parent / t).is_file() for t in tools)
+
+
+def _build_into(build_dir: Path, key: str, patches: list[Path], tools: tuple[str, ...], jobs: int | None,
+                cross: CrossTarget | None, force: bool) -> Path:
+    """Patch, configure, build, install bin/ (the caller holds the folder's lock).
+
+    cmake/ holds absolute paths to src/ and itself, so it is built in place (make resumes an
+    interrupted build); src/ and bin/ are made under temporary names and renamed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    for stale in build_dir.glob(".*.partial"):  # what a killed build left (the lock is ours)
+        shutil.rmtree(stale, ignore_errors=True)
+    src, cmake_dir, log_file = build_dir / "src", build_dir / "cmake", build_dir / "build.log"
+    log_file.write_text("")
     # The marker's first line is the build key the tree was patched for: a build folder given
     # explicitly (to rebuild incrementally after editing a patch) is re-patched when it differs.
+    marker = src / ".patched"
     patched_for = marker.read_text().split("\n", 1)[0] if marker.exists() else None
-    if not force and patched_for == build_key() and all((bin_dir / t).exists() for t in TOOLS):
-        log.info("llama.cpp build up to date: %s", bin_dir)
-        return bin_dir
-    if force or patched_for != build_key():
-        # A tree patched for another key (an explicit build_dir after a patch edit) is rebuilt
-        # from scratch: copied sources keep their old times, so cmake would miss un-patched files.
-        for stale in (src, build_dir / "cmake"):
-            if stale.exists():
-                shutil.rmtree(stale)
-        shutil.copytree(source_dir(), src, symlinks=True)
-        for patch in patch_files():
-            log.info("applying %s", patch.name)
-            subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], cwd=src, check=True,
-                           stdout=subprocess.DEVNULL)
-        _stamp_build_info(src)
-        marker.write_text("\n".join([build_key(), *(p.name for p in patch_files())]) + "\n")
-    cmake_dir = build_dir / "cmake"
-    log_file = build_dir / "build.log"
+    if force or patched_for != key:
+        # A tree patched for another key is rebuilt from scratch: copied sources keep their old
+        # times, so cmake would miss un-patched files.
+        _patched_source(build_dir, key, patches, log_file)
+        shutil.rmtree(cmake_dir, ignore_errors=True)
+    _configure_and_build(src, cmake_dir, tools, jobs, cross, log_file)
+    return _install_bin(build_dir, cmake_dir / "bin", key, tools, log_file)
+
+
+def _patched_source(build_dir: Path, key: str, patches: list[Path], log_file: Path) -> Path:
+    """build_dir/src: the pinned source with the patches applied, renamed into place once complete."""
+    tmp = build_dir / ".src.partial"
+    shutil.copytree(source_dir(), tmp, symlinks=True)
+    for patch in patches:
+        log.info("applying %s", patch.name)
+        run_tool(["patch", "-p1", "--forward", "--batch", "-i", patch], log_file, limits.seconds("patch"),
+                 f"patch {patch.name}", cwd=tmp, append=True)
+    _stamp_build_info(tmp)
+    (tmp / ".patched").write_text("\n".join([key, *(p.name for p in patches)]) + "\n")
+    src = build_dir / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    os.rename(tmp, src)
+    return src
+
+
+def _configure_and_build(src: Path, cmake_dir: Path, tools: tuple[str, ...], jobs: int | None,
+                         cross: CrossTarget | None, log_file: Path) -> None:
     # The server's web page is left out (LLAMA_BUILD_UI stays OFF, no prebuilt download): the
     # sdist has no built UI and building it needs npm; the API endpoints are all there.
     configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
                  "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  *(cross.cmake_args() if cross else [])]
-    jobs = jobs or os.cpu_count() or 2
-    build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]
-    with open(log_file, "w") as logf:
-        log.info("configuring llama.cpp (log: %s)", log_file)
-        subprocess.run(configure, stdout=logf, stderr=subprocess.STDOUT, check=True)
-        log.info("building %s%s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS),
-                 f" for {cross.name}" if cross else "", jobs)
-        _run_with_progress(build, logf)
+    jobs = jobs or usable_cores()
+    log.info("configuring llama.cpp (log: %s)", log_file)
+    run_tool(configure, log_file, limits.seconds("cmake configure"), "cmake configure", append=True)
+    log.info("building %s%s with %d jobs (~5 min on 2 cores)", ", ".join(tools),
+             f" for {cross.name}" if cross else "", jobs)
+    percent = re.compile(r"^\[\s*(\d+)%\]")
+    with tqdm(total=100, desc="llama.cpp build", unit="%") as bar:
+        def progress(line: str) -> None:
+            m = percent.match(line)
+            if m and int(m.group(1)) > bar.n:
+                bar.update(int(m.group(1)) - bar.n)
+        run_tool(["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *tools], log_file,
+                 limits.seconds("cmake build"), "llama.cpp build (cmake --build)", append=True, on_line=progress)
+
+
+def _install_bin(build_dir: Path, built: Path, key: str, tools: tuple[str, ...], log_file: Path) -> Path:
+    """Copy the tools into a temporary folder, stamp it with the key, rename it to bin/."""
     # llama.cpp's CMakeLists sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <cmake dir>/bin itself (a -D
     # value is overridden), so the tools are copied from there.
-    bin_dir.mkdir(exist_ok=True)
-    for tool in TOOLS:
-        if (cmake_dir / "bin" / tool).exists():
-            shutil.copy2(cmake_dir / "bin" / tool, bin_dir / tool)
-    missing = [t for t in TOOLS if not (bin_dir / t).exists()]
+    missing = [t for t in tools if not (built / t).is_file()]
     if missing:
         raise RuntimeError(f"llama.cpp build finished without {missing}; see {log_file}")
+    tmp = build_dir / ".bin.partial"
+    tmp.mkdir()
+    for tool in tools:
+        shutil.copy2(built / tool, tmp / tool)
+    (tmp / BUILT_STAMP).write_text(key + "\n")
+    bin_dir, old = build_dir / "bin", build_dir / ".bin-old.partial"
+    if bin_dir.exists():
+        os.rename(bin_dir, old)
+    os.rename(tmp, bin_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return bin_dir
 
 
@@ -233,21 +308,6 @@ def _stamp_build_info(src: Path) -> None:
     text = info.read_text()
     info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{build_key()}")', 1))
     (src / ".git").unlink(missing_ok=True)
-
-
-def _run_with_progress(cmd: list[str], logf) -> None:
-    percent = re.compile(r"^\[\s*(\d+)%\]")
-    bar = tqdm(total=100, desc="llama.cpp build", unit="%")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        logf.write(line)
-        m = percent.match(line)
-        if m and int(m.group(1)) > bar.n:
-            bar.update(int(m.group(1)) - bar.n)
-    bar.close()
-    if proc.wait() != 0:
-        logf.flush()
-        raise RuntimeError(f"llama.cpp build failed (exit {proc.returncode}); see {logf.name}")
 
 
 # ----------------------------------------------------------------------------- locate
@@ -278,13 +338,19 @@ def find_tool(name: str, configured: str | None = None) -> Path:
         "llama_cpp.dir) to a llama.cpp build that has it.")
 
 
+def version_output(tool: Path) -> str:
+    """What `tool --version` prints (stdout and stderr); ToolFailed or OSError when it cannot tell."""
+    proc = run_tool([tool, "--version"], timeout=limits.seconds("--version"), capture=True,
+                    what=f"{Path(tool).name} --version")
+    return proc.stdout + proc.stderr
+
+
 def tool_version(tool: Path) -> str:
     """The build string a tool prints with --version, e.g. '0.5.0-dev (build 1, commit 0c1e570)'."""
     try:
-        proc = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"unknown ({err})"
-    text = proc.stdout + proc.stderr
+        text = version_output(tool)
+    except (OSError, ToolFailed) as err:
+        return f"unknown ({str(err).splitlines()[0]})"
     m = re.search(r"^version:\s*(.+)$", text, re.M)
     return m.group(1) if m else (text.strip().splitlines() or ["unknown"])[0]
 
@@ -294,77 +360,3 @@ def llama_cpp_info(configured: str | None = None) -> dict[str, str]:
     # llama-quantize has no --version; the common-argument tools do.
     tool = find_tool("llama-mtmd-cli", configured)
     return {"bin_dir": str(tool.parent), "version": tool_version(tool)}
-
-
-# ----------------------------------------------------------------------------- run
-class ToolFailed(RuntimeError):
-    """A llama.cpp tool exited non-zero, crashed or timed out; its log is kept."""
-
-    def __init__(self, message: str, log_file: Path | None):
-        super().__init__(message)
-        self.log_file = log_file
-
-
-def _ended(rc: int | None, timeout: float | None) -> str:
-    import signal
-
-    if rc is None:
-        return f"timed out after {timeout} s"
-    if rc < 0:
-        return f"crashed ({signal.Signals(-rc).name})" if -rc in signal.valid_signals() else f"killed ({rc})"
-    return f"exited with status {rc}"
-
-
-def run_tool(cmd: list, log_file: Path | None = None, timeout: float | None = None, what: str = "", *,
-             env: dict | None = None, stdin_text: str | None = None, capture: bool = False,
-             expect: str | None = None):
-    """Run a llama.cpp tool, the one way every step does.
-
-    With `log_file` (the default use), stdout+stderr go to that file, kept also on failure, and the
-    log text is returned. With `capture=True` (tools whose stdout is the result: token ids, a chat
-    template) the CompletedProcess is returned with stdout and stderr apart. Either way a non-zero
-    exit, a crash or a timeout raises ToolFailed naming the command, how it ended and the output's tail.
-    `expect` names text the finished log must hold (the result line a caller parses). A build
-    without patch 0003 can exit 0 with its last log lines lost (llama.cpp's log worker is never
-    joined, upstream #22142), so when it is missing the tool runs once more.
-    """
-    cmd = [str(c) for c in cmd]
-    what = what or Path(cmd[0]).name
-    env = {**os.environ, **env} if env else None
-    stdin = subprocess.DEVNULL if stdin_text is None else None
-    log.debug("running %s", " ".join(cmd))
-    if capture:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, input=stdin_text, stdin=stdin,
-                                  timeout=timeout, env=env)
-            rc, tail = proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired as err:
-            proc, rc, tail = None, None, (err.stderr or b"").decode(errors="replace")
-        if rc == 0:
-            return proc
-        tail = "\n".join(tail.strip().splitlines()[-8:])
-        raise ToolFailed(f"{what} {_ended(rc, timeout)}\ncommand: {' '.join(cmd)}\nlast lines:\n{tail}", None)
-    text = _run_logged(cmd, Path(log_file), timeout, what, env, stdin, stdin_text)
-    if expect is not None and expect not in text:
-        log.warning("%s exited 0 but its log %s lacks %r: llama.cpp's log can drop its last lines at exit "
-                    "(a build without patches/llama.cpp/0003); running it once more", what, log_file, expect)
-        text = _run_logged(cmd, Path(log_file), timeout, what, env, stdin, stdin_text)
-    return text
-
-
-def _run_logged(cmd: list[str], log_file: Path, timeout, what: str, env, stdin, stdin_text) -> str:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w", encoding="utf-8", errors="replace") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=stdin, input=stdin_text,
-                                timeout=timeout, env=env).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
-    text = log_file.read_text(encoding="utf-8", errors="replace")
-    if rc == 0:
-        return text
-    tail = "\n".join(text.strip().splitlines()[-8:])
-    raise ToolFailed(f"{what} {_ended(rc, timeout)}; full log kept at {log_file}\ncommand: {' '.join(cmd)}\n"
-                     f"last lines:\n{tail}", log_file)

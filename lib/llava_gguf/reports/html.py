@@ -178,7 +178,8 @@ def move_report(report: Path, dest: Path) -> Path:
 def _summary(run: Run) -> str:
     try:
         return summary.summary_html(run) or ""
-    except Exception as err:  # a broken summary must not hide the reports
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # a run file missing, unreadable or of
+        # an older layout must not hide the reports
         log.warning("summary failed: %s", err)
         return f"<p><b>summary unavailable:</b> {html.escape(str(err))}</p>"
 
@@ -189,7 +190,7 @@ def _tune_headline(run: Run) -> str:
         from .tune import headline_html
 
         return headline_html(run) or ""
-    except Exception as err:  # a broken headline must not hide the reports
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # as in _summary
         log.warning("tune headline failed: %s", err)
         return ""
 

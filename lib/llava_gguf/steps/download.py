@@ -60,6 +60,17 @@ def _offline_hint(run: Run, err: Exception) -> DownloadError:
         f"(keeping model.format: {p.format}).")
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What the hub clients raise for no network, a missing repo or a refused token: OSError (their
+    HTTP status errors and requests' are OSErrors), the transport errors of httpx2 (huggingface_hub's
+    HTTP client), modelscope's HubError, RuntimeError and ValueError (a malformed id, an upload cut
+    off). Imported only when one was raised."""
+    import httpx2
+    from modelscope_hub.errors import HubError
+
+    return OSError, RuntimeError, ValueError, httpx2.HTTPError, HubError
+
+
 def _snapshot(run: Run, patterns: list[str] | None) -> Path:
     p = run.params.model
     try:
@@ -72,7 +83,7 @@ def _snapshot(run: Run, patterns: list[str] | None) -> Path:
 
             ms = importlib.import_module("modelscope.hub.snapshot_download")
             path = ms.snapshot_download(model_id=p.repo, revision=p.revision, allow_patterns=patterns)
-    except Exception as err:  # the hub clients raise many types for "no network"
+    except hub_errors() as err:  # the hub clients raise many types for "no network"
         cache = hub_cache_dir(run)
         # A full disk is reported as what it is, not as "no network" (the clients wrap the OSError).
         chain, cause = [], err
@@ -136,7 +147,7 @@ def remote_files(run: Run) -> dict[str, tuple[int | None, str | None]]:
 
         files = HubApi().get_model_files(p.repo, revision=p.revision or "master", recursive=True)
         return {f["Path"]: (f.get("Size"), f.get("Sha256") or None) for f in files if f.get("Type") != "tree"}
-    except Exception as err:
+    except hub_errors() as err:
         log.warning("could not list %s files on %s (%s); checking sizes against the index only",
                     p.repo, p.source, err)
         return {}

@@ -17,7 +17,6 @@ llama.cpp build made it and its content is what was written (`stamps`: size, tim
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,10 @@ from tqdm.auto import tqdm
 
 from .. import diskspace, quant_types, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
-from ..llama_cpp import corpus, toolchain
+from ..llama_cpp import corpus, limits, toolchain
 from ..params import TEXT_OUTTYPES
 from ..reports import tables
+from ..topology import usable_cores
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def output_stem(text_gguf: Path) -> str:
 
 
 def threads(run: Run) -> int:
-    return run.params.quantize.threads or os.cpu_count() or 2
+    return run.params.quantize.threads or usable_cores()
 
 
 def estimated_size(text_gguf: Path, qtype: str) -> int:
@@ -87,8 +87,9 @@ def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
         return out
     with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, None, "the importance matrix", tmp):
         log.info("computing importance matrix over %d chunks of %d tokens of %s", q.imatrix_chunks, ctx, calib.name)
+        limit = limits.seconds("llama-imatrix", limits.gib([text_gguf]), ctx * q.imatrix_chunks)
         toolchain.run_tool([tool, "-m", text_gguf, "-f", calib, "-o", tmp, "-c", ctx, "--chunks",
-                            q.imatrix_chunks, "-t", threads(run)], run.sub("logs") / "imatrix.log",
+                            q.imatrix_chunks, "-t", threads(run)], run.sub("logs") / "imatrix.log", limit,
                            what="llama-imatrix")
         open_gguf(tmp, "importance matrix")
     _stamp(out, tool)
@@ -107,7 +108,8 @@ def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = 
     diskspace.ensure_space(out, needed, f"the {qtype} file")
     with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, needed, f"the {qtype} file", tmp):
         toolchain.run_tool([tool, *extra, text_gguf, tmp, qtype, threads(run)],
-                           run.sub("logs") / f"quantize-{qtype}.log", what=f"llama-quantize {qtype}")
+                           run.sub("logs") / f"quantize-{qtype}.log",
+                           limits.seconds("llama-quantize", limits.gib([text_gguf])), what=f"llama-quantize {qtype}")
         got = gguf_summary(tmp)["file_type"]
         if got != qtype:
             raise GGUFError(f"{tmp}: llama-quantize wrote file type {got}, asked for {qtype}; "

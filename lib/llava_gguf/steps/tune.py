@@ -33,7 +33,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,7 +44,7 @@ from ..reports.tables import format_ratio, format_seconds, plural
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
 from .evaluate import case_inputs
 from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
-                          config_from_row, runtime_grid, spread, thread_candidates)
+                          config_from_row, config_row, runtime_grid, spread, thread_candidates)
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Measurer:
         # e.g. 012-screen-runtime-Q4_K_M_mmproj-f16_budget-full_t-2_fa-on.log
         name = f"{n:03d}-{phase}-{cfg.label.replace(', ', '_').replace(' ', '-')}"
         log_path = self.logs / (re.sub(r"[^\w.+-]", "_", name.replace(" ", "-")) + ".log")
-        row: dict[str, Any] = {"phase": phase, "config": cfg.label, "rep": rep, "case": case, **asdict(cfg),
+        row: dict[str, Any] = {"phase": phase, "config": cfg.label, "rep": rep, "case": case, **config_row(cfg),
                                "n_predict": n_predict}
         try:
             result = self.runner(self.cli, self.text[cfg.quant], self.mmproj[(cfg.mmproj, cfg.budget)],
@@ -204,12 +204,12 @@ def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int
     out = []
     for cfg, runs in rows.items():
         if not runs:
-            out.append({"config": cfg.label, **asdict(cfg), "status": "failed", "error": m.failed.get(cfg)})
+            out.append({**config_row(cfg), "status": "failed", "error": m.failed.get(cfg)})
             continue
         df = pd.DataFrame(runs)
         s = spread(list(df["answer_s"]))
         stages = df[[c for c in STAGE_COLUMNS if c in df]].median(numeric_only=True).to_dict()
-        out.append({"config": cfg.label, **asdict(cfg), "status": "ok", "answer_s": s["median"],
+        out.append({**config_row(cfg), "status": "ok", "answer_s": s["median"],
                     "answer_min_s": s["min"], "answer_max_s": s["max"], "rel_range": s["rel_range"], "runs": s["n"],
                     "answer_s_all": list(df["answer_s"]), "image_tokens": df["image_tokens"].iloc[0], **stages})
     return pd.DataFrame(out)
