@@ -37,16 +37,16 @@ def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None 
 
 def memory_table(summary: dict) -> pd.DataFrame:
     """The server's memory during step 08, one row per figure, MiB: resident (psutil) at ready, after
-    the first case's conversation and at its peak; the KV cache and the prompt cache from its log."""
+    the first case's conversation and at its peak; the KV cache and the prompt cache from its log.
+    Descriptions short enough for a notebook's table cell (pandas cuts at 50 characters)."""
     s = summary
-    kv = (f" ({s.get('kv_cache_cells')} cells x {s.get('kv_cache_layers')} layers, K {s.get('kv_cache_type_k')}, "
-          f"V {s.get('kv_cache_type_v')}; allocated at load for the whole context)")
-    rows = (("server_rss_ready_mib", "server resident memory, ready (model loaded, no request yet)"),
-            ("server_rss_mib", f"server resident memory after the first case's {s.get('conversation_turns')} turns"),
-            ("server_rss_anon_mib", "... of it not file-backed (all but the mmap-ed weights)"),
-            ("server_peak_rss_mib", "server peak resident memory over the step"),
-            ("kv_cache_mib", "KV cache" + kv),
-            ("prompt_cache_max_mib", "host-memory prompt cache at its largest (idle slots' prompts, images included)"))
+    rows = (("server_rss_ready_mib", "resident, ready (no request yet)"),
+            ("server_rss_mib", f"resident after case 0's {s.get('conversation_turns')} turns"),
+            ("server_rss_anon_mib", "... of it not file-backed (not the weights)"),
+            ("server_peak_rss_mib", "peak resident over the step"),
+            ("kv_cache_mib", f"KV cache: {s.get('kv_cache_cells')} cells, K {s.get('kv_cache_type_k')}, "
+                             f"V {s.get('kv_cache_type_v')}"),
+            ("prompt_cache_max_mib", "prompt cache in host memory, largest"))
     return pd.DataFrame([{"what": what, "MiB": round(float(s[key]), 1)} for key, what in rows if s.get(key) is not None],
                         columns=["what", "MiB"])
 
