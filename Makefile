@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help check-params setup constraints llama-cpp all $(STEPS) report lab serve test test-fast bench clean-run \
+.PHONY: help check-params setup constraints llama-cpp webui all $(STEPS) report lab serve test test-fast bench clean-run \
 	compare publish arm64-rehearsal rehearsal-x86
 
 help: ## list the targets
@@ -78,7 +78,15 @@ lab: setup ## open JupyterLab on notebooks/, reading PARAMS; LAB_ARGS="--no-brow
 	LLAVA_GGUF_PARAMS="$(abspath $(PARAMS))" $(VENV)/bin/jupyter lab notebooks/ \
 	  $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
+# The page is plain static files that serve-llava.sh passes to llama-server with --path when they are
+# there (lib/llava_gguf/llama_cpp/webui.py); the server's API works without them.
+webui: setup ## build llama-server's chat page (npm ci + vite build, ~4 min on 2 cores) into ~/.cache/llava-gguf/llama-ui-<commit>/
+	$(PY) -m llava_gguf build-webui
+
+# Where npm is there, the page is built first (once; a failed build leaves the API serving).
 serve: setup ## llama-server with the run's recommended configuration (after make tune): 127.0.0.1:8080, HOST=/PORT= to change; ARGS= more options
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory webui || \
+	  echo "serve: the chat page could not be built (see above); serving the API only"; fi
 	HOST="$(HOST)" PORT="$(PORT)" $(PY) -m llava_gguf serve --params "$(PARAMS)" -- $(ARGS)
 
 test: setup llama-cpp ## run the test suite (unit tests, notebooks with nbval, a papermill run on the tiny model)

@@ -158,6 +158,18 @@ class Chromium:
         finally:
             self.send("Target.closeTarget", targetId=target)
 
+    def open(self, url: str) -> "Page":
+        """A new tab at the viewport's size on `url`, once its load event fired (close it with .close())."""
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", session)
+        self.send("Emulation.setDeviceMetricsOverride", session, width=VIEWPORT[0], height=VIEWPORT[1],
+                  deviceScaleFactor=1, mobile=False)
+        self._events.clear()
+        self.send("Page.navigate", session, url=url)
+        self.wait_event("Page.loadEventFired", session)
+        return Page(self, session, target)
+
     def close(self) -> None:
         try:
             self.send("Browser.close")
@@ -175,3 +187,108 @@ class Chromium:
                 pass
         self._log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def _undo_windows_1252(text: str) -> str:
+    """A UTF-8 body that Chromium decoded as windows-1252 (a response without a charset, such as
+    llama-server's text/event-stream), decoded again as UTF-8; any other text as it is."""
+    raw = bytearray()
+    for ch in text:
+        try:
+            raw += ch.encode("cp1252")
+        except UnicodeEncodeError:
+            if ord(ch) > 0xFF:
+                return text  # not a windows-1252 reading
+            raw.append(ord(ch))  # the 5 bytes windows-1252 leaves undefined come through as U+0081 ...
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+
+
+class Page:
+    """One tab driven as a user would: wait for what it shows, pick files, type, click, screenshot."""
+
+    def __init__(self, browser: Chromium, session: str, target: str):
+        self.browser, self.session, self.target = browser, session, target
+
+    def evaluate(self, expression: str):
+        """The expression's value in the page (JSON-able; a promise is awaited)."""
+        result = self.browser.send("Runtime.evaluate", self.session, expression=expression, returnByValue=True,
+                                   awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise BrowserError(f"{expression[:80]}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float, what: str = ""):
+        """Poll `expression` until it is truthy; its value. BrowserError naming `what` after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise BrowserError(f"not within {timeout:.0f} s: {what or expression}; the page shows: "
+                                   f"{(self.evaluate('document.body.innerText') or '')[:600]!r}")
+            time.sleep(0.25)
+
+    def _node(self, selector: str) -> str:
+        found = self.browser.send("Runtime.evaluate", self.session,
+                                  expression=f"document.querySelector({json.dumps(selector)})")["result"]
+        if found.get("subtype") != "node":
+            raise BrowserError(f"no element matches {selector!r}")
+        return found["objectId"]
+
+    def set_files(self, selector: str, paths) -> None:
+        """Pick files in a file input (what choosing them in the file dialog does: its change event fires)."""
+        self.browser.send("DOM.setFileInputFiles", self.session, files=[str(Path(p).resolve()) for p in paths],
+                          objectId=self._node(selector))
+
+    def type_text(self, selector: str, text: str) -> None:
+        """Focus an input (a textarea or a contenteditable) and type into it, as the keyboard would."""
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.browser.send("Input.insertText", self.session, text=text)
+
+    def click(self, selector: str) -> None:
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).click()")
+
+    def record_requests(self) -> None:
+        """Start recording the page's HTTP requests (the DevTools Network domain) for `exchanges`."""
+        self.browser.send("Network.enable", self.session)
+
+    def exchanges(self, url_part: str) -> list[dict]:
+        """The finished requests since `record_requests` whose URL contains `url_part`, in order: each
+        {url, method, body (what the page sent), response (what it got, a stream's whole text)}."""
+        self.evaluate("0")  # take in the events sent so far
+        events = [e for e in self.browser._events if e.get("sessionId") == self.session]
+        finished = {e["params"]["requestId"] for e in events if e.get("method") == "Network.loadingFinished"}
+        out = []
+        for e in events:
+            if e.get("method") != "Network.requestWillBeSent" or url_part not in e["params"]["request"]["url"]:
+                continue
+            rid, req = e["params"]["requestId"], e["params"]["request"]
+            if rid not in finished:
+                continue
+            body = req.get("postData")
+            if body is None and req.get("hasPostData"):
+                body = self.browser.send("Network.getRequestPostData", self.session, requestId=rid)["postData"]
+            got = self.browser.send("Network.getResponseBody", self.session, requestId=rid)
+            response = got["body"]
+            if got.get("base64Encoded"):
+                import base64
+
+                response = base64.b64decode(response).decode(errors="replace")
+            else:
+                response = _undo_windows_1252(response)
+            out.append({"url": req["url"], "method": req["method"], "body": body, "response": response})
+        return out
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        data = self.browser.send("Page.captureScreenshot", self.session, format="png")["data"]
+        Path(path).write_bytes(base64.b64decode(data))
+        return Path(path)
+
+    def close(self) -> None:
+        self.browser.send("Target.closeTarget", targetId=self.target)

@@ -148,22 +148,23 @@ def test_a_user_option_replaces_the_scripts_own(tmp_path):
 
 def test_serve_script_is_the_same_configuration_on_loopback(tmp_path):
     """serve-llava.sh (llama_cpp/server.py): the run's files and runtime flags, the server's rows, no -n
-    and log level, --no-jinja; HOST/PORT from the environment, an option on the command line wins."""
+    and log level, Jinja with the GGUF's template for `vicuna`; HOST/PORT from the environment, an option on
+    the command line wins."""
     import os
 
     from llava_gguf.llama_cpp import server
 
     tool = _echo_tool(tmp_path)
     script = tmp_path / server.SCRIPT_NAME
-    script.write_text(server.script_text(tool, SETTINGS, name=script.name))
+    script.write_text(server.script_text(tool, SETTINGS, name=script.name, ui_dir=tmp_path / "no-page"))
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PORT": str(server.free_port())})
     got, printed = out.stdout.splitlines(), flags.executed_argv(out.stderr, script.name)
     assert printed == [str(tool), *got]
-    for option in ("-n", "-lv", "--image", "-p", "--jinja"):
+    for option in ("-n", "-lv", "--image", "-p", "--no-jinja", "--chat-template"):
         assert option not in got, option
     assert got[got.index("-m") + 1] == "/m/text.gguf" and got[got.index("-C") + 1] == "0xf0"
-    assert "--no-jinja" in got and got[got.index("--chat-template") + 1] == "vicuna"
+    assert "--jinja" in got
     assert got[got.index("--host") + 1] == "127.0.0.1" and got.count("--port") == 1
     assert "OpenAI-compatible API: http://127.0.0.1:" in out.stderr
     out = subprocess.run(["bash", str(script), "--host", "::1", "--port", "1"], capture_output=True, text=True,
@@ -171,6 +172,37 @@ def test_serve_script_is_the_same_configuration_on_loopback(tmp_path):
     got = flags.executed_argv(out.stderr, script.name)
     assert got.count("--host") == 1 and got[got.index("--host") + 1] == "::1" and got[-2:] == ["--port", "1"]
     assert "http://[::1]:1/v1" in out.stderr
+
+
+def test_serve_script_serves_the_chat_page_once_it_is_built(tmp_path):
+    """Row ui_path: --path <the page> only when a complete build is there when the script starts (it may
+    be built after the script was written); otherwise the script says how to build it. A user's --path wins."""
+    import os
+
+    from llava_gguf.llama_cpp import server, webui
+
+    tool, page = _echo_tool(tmp_path), tmp_path / "page dir"
+    script = tmp_path / server.SCRIPT_NAME
+    script.write_text(server.script_text(tool, SETTINGS, name=script.name, ui_dir=page))
+
+    def serve(*args):
+        out = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PORT": str(server.free_port())})
+        return flags.executed_argv(out.stderr, script.name), out.stderr
+
+    got, err = serve()
+    assert "--path" not in got and "web page:              unavailable" in err and "make webui" in err
+    page.mkdir()
+    (page / "index.html").write_text("<html></html>")
+    got, err = serve()
+    assert "--path" not in got, "a build without its .built record is one stopped half way"
+    (page / webui.MARKER).write_text("{}")
+    assert webui.built_ui(page) == page
+    got, err = serve()
+    assert got[got.index("--path") + 1] == str(page) and got.count("--path") == 1
+    assert "/ (llama-server's chat page, from " + str(page) in err
+    got, err = serve("--path", "/mine")
+    assert got.count("--path") == 1 and got[-2:] == ["--path", "/mine"] and "from /mine" in err
 
 
 @pytest.mark.llama_cpp

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from llava_gguf.llama_cpp import chat, flags, server, toolchain
+from llava_gguf.llama_cpp import chat, flags, server, toolchain, webui
 from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, MtmdOptions, run_mtmd
 from llava_gguf.params import EvaluateParams
 
@@ -139,6 +139,13 @@ def test_the_server_counts_as_many_image_tokens_as_mtmd_cli(srv, tiny_ggufs, lla
     r = run_mtmd(llama_tool("llama-mtmd-cli"), tiny_ggufs["text"], tiny_ggufs["mmproj"], test_jpeg, "Describe",
                  MtmdOptions(EvaluateParams(n_predict=1, threads=2, ctx_size=4096)), tmp_path / "mtmd.log")
     assert r.timings.image_tokens and server_tokens == r.timings.image_tokens
+    # And a chat request's whole prompt is mtmd-cli's, token for token: the GGUF's Vicuna template with
+    # Jinja (serve_settings). The server's non-Jinja path puts a newline after the image (2 more tokens).
+    assert "--jinja" in srv.argv and "--chat-template" not in srv.argv
+    status, body = srv.post("/v1/chat/completions", {"messages": [chat.user_message("Describe", [test_jpeg])],
+                                                     "max_tokens": 1, "cache_prompt": False})
+    assert status == 200, body
+    assert body["timings"]["prompt_n"] == r.timings.prompt_eval["tokens"]
     other = png(tmp_path / "wide.png", (900, 300), "gray")  # another pinpoint: another count, still equal
     r2 = run_mtmd(llama_tool("llama-mtmd-cli"), tiny_ggufs["text"], tiny_ggufs["mmproj"], other, "Describe",
                   MtmdOptions(EvaluateParams(n_predict=1, threads=2, ctx_size=4096)), tmp_path / "mtmd2.log")
@@ -204,7 +211,10 @@ def test_serve_script_binds_loopback_prints_the_addresses_and_stops_on_ctrl_c(ti
         argv = flags.executed_argv(text, server.SCRIPT_NAME)
         # The table's command with PORT and the user's -c in place of the script's own values.
         own = server.serve_settings({**settings(tiny_ggufs), "ctx_size": None})
-        assert argv == flags.server_command(exe, {**own, "port": None}) + ["--port", str(port), "-c", "2048"]
+        page = webui.built_ui()  # and the chat page where `make webui` built it (tests/test_webui.py uses it)
+        assert argv == flags.server_command(exe, {**own, "port": None}) + ["--port", str(port), "-c", "2048"] + (
+            ["--path", str(page)] if page else [])
+        assert ("web page:              http://" if page else "web page:              unavailable") in text
         assert server.request(f"http://127.0.0.1:{port}/props")[1]["default_generation_settings"]["n_ctx"] == 2048
         with socket.socket() as s:  # loopback only: the machine's other addresses are not served
             other = socket.gethostbyname(socket.gethostname())

@@ -343,9 +343,11 @@ def test_tune_step_end_to_end(write_params, llama_tool):
         text = (run.dir / name).read_text()
         assert (run.dir / name).stat().st_mode & 0o111
         for option, value in (("-m", rec["budgets"][budget]["text_gguf"]), ("--mmproj", rec["budgets"][budget]["mmproj"]),
-                              ("--chat-template", "vicuna"), ("--host", "127.0.0.1")):
+                              ("--host", "127.0.0.1")):
             assert f"cmd+=({option} {shlex.quote(value)})" in text, (name, option)
-        assert "cmd+=(--no-jinja)" in text and "cmd+=(-n " not in text and "cmd+=(-lv " not in text
+        # The measured `--chat-template vicuna` is the GGUF's own Vicuna template, with Jinja (server.py).
+        assert "cmd+=(--jinja)" in text and "--chat-template" not in text
+        assert "cmd+=(-n " not in text and "cmd+=(-lv " not in text
     out = subprocess.run(["bash", str(run.dir / "run-llava-single.sh"), "-n", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert flags.executed_argv(out.stderr, "run-llava-single.sh").count("-n") == 1

@@ -67,6 +67,18 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _cmd_build_webui(args) -> int:
+    from .llama_cpp import webui
+
+    try:
+        folder = webui.build_ui(force=args.force)
+    except webui.WebUIError as err:
+        log.error("%s", err)
+        return 1
+    log.info("llama-server's chat page in %s (serve-llava.sh serves it with --path)", folder)
+    return 0
+
+
 def _has(tool: str) -> bool:
     try:
         toolchain.find_tool(tool)
@@ -192,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("build-webui", help="build llama-server's chat page (npm) into the cache, "
+                       "beside the llama.cpp build; serve-llava.sh serves it")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_build_webui)
 
     p = sub.add_parser("timings", help="parse a llama-mtmd-cli log and print its timings as JSON")
     p.add_argument("logfile")

@@ -228,10 +228,12 @@ without model load.
 
 ```bash
 llama-mtmd-cli -m {example} --mmproj {mmproj_name} --image photo.jpg -p "Describe this image."{threads}{template}
-llama-server -m {example} --mmproj {mmproj_name} --port 8080{template}{hf_line}
+llama-server -m {example} --mmproj {mmproj_name} --port 8080{threads}{hf_line}
 ```
 
-`llama-server` then answers OpenAI-style `/v1/chat/completions` requests with `image_url` parts.
+`llama-server` then answers OpenAI-style `/v1/chat/completions` requests with `image_url` parts, and
+serves its chat page at http://127.0.0.1:8080/ where its build has one. It renders the Vicuna chat template
+the GGUF carries (with Jinja, its default; the pinned build given `--chat-template vicuna` reads the word as the template).
 """
 
 

@@ -88,15 +88,18 @@ FLAGS: tuple[Flag, ...] = (
          about="dynamic-resolution towers only; LLaVA 1.6's budget is the mmproj's pinpoints"),
     Flag("image_max_tokens", ("--image-max-tokens",), "runtime", about="as --image-min-tokens"),
     Flag("chat_template", ("--chat-template",), "runtime"),
-    # llama-mtmd-cli formats prompts without Jinja by default, llama-server with it: there a built-in
-    # template's name ("vicuna") would be read as a Jinja template and the prompt would be that word.
+    # With Jinja (llama-server's default) a built-in template's name ("vicuna") would be read as a Jinja
+    # template and the prompt would be that word: the server takes the GGUF's own template instead
+    # (llama_cpp/server.py serve_settings).
     Flag("jinja", ("--jinja",), "runtime", (SERVER,), negative=("--no-jinja",),
-         about="off: the chat template is applied as llama-mtmd-cli applies it (llama-server's default is on)"),
+         about="on: the GGUF's Vicuna template, rendered as llama-mtmd-cli renders it; the chat page needs it"),
     Flag("parallel", ("-np", "--parallel"), "runtime", (SERVER,), about="server slots"),
     Flag("slot_save_path", ("--slot-save-path",), "runtime", (SERVER,),
          about="folder of saved slots (/slots/<id>?action=save|restore): a conversation outlives the server"),
     Flag("host", ("--host",), "network", (SERVER,), about="address the server binds (serve-llava.sh: 127.0.0.1)"),
     Flag("port", ("--port",), "network", (SERVER,)),
+    Flag("ui_path", ("--path",), "network", (SERVER,),
+         about="folder of static files served at /: llama-server's chat page, built by `make webui`"),
     # 4 ("trace") makes the pinned build print the library's INFO lines: image batch decode times
     # and the final perf block, which the timings are read from. At its default (3) neither is printed.
     Flag("log_verbosity", ("-lv", "--verbosity", "--log-verbosity"), "log"),

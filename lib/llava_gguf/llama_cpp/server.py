@@ -9,8 +9,19 @@ What a server run leaves out of the measured settings, and why (`SERVE_DROPS`):
   answer there (a client asks for `max_tokens` per request);
 - `log_verbosity`: level 4 is for the timing lines of mtmd-cli's log; the server's own `timings`
   object in each response carries what is measured here.
-And what it adds: `--no-jinja` (row `jinja`), so the chat template is applied as llama-mtmd-cli
-applied it in the measurement (the server's default, Jinja, reads "vicuna" as a template text).
+And how it applies the chat template (row `jinja`): a run's `chat_template: vicuna` (or none) becomes
+`--jinja` with no `--chat-template`, so the server renders the Vicuna template every project GGUF
+carries (text_model.VICUNA_CHAT_TEMPLATE, the text of llama.cpp's built-in "vicuna"). That is llama-mtmd-cli's
+prompt token for token, image included (tests/test_server.py): the server's non-Jinja path joins an
+image and the text after it with a newline that mtmd-cli does not put there (2 more tokens, another
+answer). And the chat page needs it: it sends its own tools (get_datetime, ...) with every message,
+which the pinned server refuses without Jinja ("tools param requires --jinja flag"). Given the name
+"vicuna" with Jinja the server would read the word as the template. Any other template name keeps
+`--no-jinja --chat-template NAME` (the page then cannot send).
+
+The chat page (llama_cpp/webui.py, `make webui`): serve-llava.sh passes `--path <the built page>`
+(row `ui_path`) when the page is built at the time it starts, and says so either way; the API does
+not need it.
 
 The server binds 127.0.0.1 (loopback) unless asked otherwise. The pinned llama-server only finds
 out that its port is taken after loading the model ("couldn't bind HTTP server socket"), so both
@@ -22,6 +33,8 @@ import errno
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -32,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from . import flags
+from . import flags, webui
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 SCRIPT_NAME = "serve-llava.sh"
 SERVE_DROPS = ("n_predict", "log_verbosity")
+# The template every project text GGUF carries in Jinja form (text_model.VICUNA_CHAT_TEMPLATE).
+GGUF_TEMPLATE = "vicuna"
 
 
 class ServerError(RuntimeError):
@@ -51,8 +66,13 @@ class PortInUse(ServerError):
 
 
 def serve_settings(settings: Mapping[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> dict[str, Any]:
-    """The settings of a run (files included) as the server takes them: SERVE_DROPS left out."""
-    return {**{k: v for k, v in settings.items() if k not in SERVE_DROPS}, "jinja": False, "host": host, "port": port}
+    """The settings of a run (files included) as the server takes them: SERVE_DROPS left out, the
+    Vicuna template as the GGUF's own with Jinja (see the module doc)."""
+    out = {k: v for k, v in settings.items() if k not in SERVE_DROPS}
+    gguf_template = out.get("chat_template") in (None, GGUF_TEMPLATE)
+    if gguf_template:
+        out["chat_template"] = None
+    return {**out, "jinja": gguf_template, "host": host, "port": port}
 
 
 def port_taken_message(host: str, port: int, how: str = "") -> str:
@@ -93,12 +113,14 @@ _PRELUDE = [
     'if [ -n "${HOST:-}" ] && ! given --host; then user=(--host "$HOST" ${user[@]+"${user[@]}"}); fi',
     'if [ -n "${PORT:-}" ] && ! given --port; then user=(--port "$PORT" ${user[@]+"${user[@]}"}); fi',
 ]
-_BEFORE_EXEC = [
+_VALUE = [
     "value() {  # value OPTION: the last value the command gives it",
     '  local i v=""',
     '  for ((i = 1; i < ${#cmd[@]} - 1; i++)); do [ "${cmd[i]}" = "$1" ] && v="${cmd[i+1]}"; done',
     "  printf '%s' \"$v\"",
     "}",
+]
+_BEFORE_EXEC = [
     'host="$(value --host)"; port="$(value --port)"',
     'probe="$host"; case "$probe" in 0.0.0.0|"") probe=127.0.0.1;; "::") probe=::1;; esac',
     "# A connection that succeeds means something already listens there: llama-server would load the",
@@ -111,20 +133,39 @@ _BEFORE_EXEC = [
     "fi",
     'show="$host"; case "$show" in *:*) show="[$show]";; esac',
     "echo \"  OpenAI-compatible API: http://$show:$port/v1 (chat: /v1/chat/completions; any api_key)\" >&2",
-    "echo \"  web page:              http://$show:$port/ (llama-server's chat page where the build"
-    " embeds it; the project's build is API-only)\" >&2",
+    'if [ -n "$page" ]; then',
+    "  echo \"  web page:              http://$show:$port/ (llama-server's chat page, from $page)\" >&2",
+    "else",
+    f"  echo \"  web page:              unavailable: the chat page is not built; {webui.BUILD_HINT}, then restart"
+    " this script (the API above works without it)\" >&2",
+    "fi",
     "echo \"  ready once it logs 'listening on'; Ctrl-C stops it\" >&2",
 ]
 
 
+def _page_lines(folder: str | Path) -> list[str]:
+    """The chat page's lines: row `ui_path`'s option with the built page's folder, if it is built when
+    the script starts (a user's own --path wins); `page` names what is served, empty for none."""
+    row = flags.BY_KEY["ui_path"]
+    q = shlex.quote
+    return [f"ui={q(str(folder))}  # llama-server's chat page: `make webui` builds it there",
+            'page=""',
+            f"if given {' '.join(q(o) for o in row.overridden_by)}; then page=\"$(value {q(row.option)})\"",
+            f'elif [ -f "$ui/index.html" ] && [ -f "$ui/{webui.MARKER}" ]; then cmd+=({q(row.option)} "$ui"); page="$ui"',
+            "fi"]
+
+
 def script_text(server: str | Path, settings: Mapping[str, Any], extra_args: Iterable[str] = (),
-                header: Iterable[str] = (), name: str = SCRIPT_NAME) -> str:
+                header: Iterable[str] = (), name: str = SCRIPT_NAME, ui_dir: str | Path | None = None) -> str:
     """serve-llava.sh: llama-server on a run's settings (files included), bound to 127.0.0.1:8080
-    unless HOST/PORT or --host/--port say otherwise."""
+    unless HOST/PORT or --host/--port say otherwise; with the chat page in `ui_dir` (default: where
+    `make webui` builds it) once that is built."""
     header = [*header, "Starts llama-server with this configuration; HOST=0.0.0.0 PORT=9000 or --host/--port",
               "choose the address (default 127.0.0.1:8080, this machine only)."]
-    return flags.script_text(server, serve_settings(settings), extra_args, header, tool=flags.SERVER, name=name,
-                             prelude=_PRELUDE, before_exec=_BEFORE_EXEC)
+    served = {**serve_settings(settings), "ui_path": None}  # rendered by _page_lines, when built
+    before = [*_VALUE, *_page_lines(ui_dir or webui.ui_dir()), *_BEFORE_EXEC]
+    return flags.script_text(server, served, extra_args, header, tool=flags.SERVER, name=name,
+                             prelude=_PRELUDE, before_exec=before)
 
 
 # ----------------------------------------------------------------------------- a server process
@@ -170,6 +211,10 @@ class Server:
             raise ServerError(f"slot {slot} {action} of {filename} failed: HTTP {status}: {body}")
         return body
 
+    def memory(self) -> dict[str, float]:
+        """The server process's resident memory now (`process_memory`)."""
+        return process_memory(self.process.pid)
+
     def stop(self, timeout: float = 30) -> int:
         """SIGINT (llama-server's clean shutdown), then SIGKILL if it has not ended within `timeout`."""
         if self.process.poll() is None:
@@ -187,6 +232,70 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- memory
+# The server's own log lines on memory, as the pinned tree prints them at log level 4 (`-lv 4`; at its
+# default level neither is printed): the KV cache allocated at load (src/llama-kv-cache.cpp; one line
+# per cache, a model with sliding-window layers has two), and the host-memory prompt cache after each
+# update (tools/server/server-task.cpp; idle slots' prompts, images included, saved for a later hit,
+# up to `--cache-ram` MiB, 8192 by default).
+KV_CACHE_LINE = re.compile(
+    r"llama_kv_cache: size = +(?P<mib>[\d.]+) MiB \( *(?P<cells>\d+) cells, +(?P<layers>\d+) layers, +"
+    r"(?P<seqs>\d+)/(?P<streams>\d+) seqs\), K \((?P<type_k>\w+)\): +(?P<k_mib>[\d.]+) MiB, "
+    r"V \((?P<type_v>\w+)\): +(?P<v_mib>[\d.]+) MiB")
+PROMPT_CACHE_LINE = re.compile(r" - cache state: (?P<prompts>\d+) prompts, (?P<mib>[\d.]+) MiB \(limits: "
+                               r"(?P<limit_mib>[\d.]+) MiB")
+MEMORY_LOG_VERBOSITY = 4
+
+
+CONTEXT_LINE = "llama_context: constructing llama_context"
+
+
+def kv_cache(log_text: str) -> dict[str, Any] | None:
+    """The KV cache(s) a server (or any llama.cpp tool) allocated, from its log: MiB in all, cells,
+    layers, K/V types and MiB; None when the log has no such line (a log level below 4).
+
+    Only the last context's: at debug level (-v) the log also has the memory-fitting dry run's context
+    (common_fit_params, its buffers 0.00 MiB) before the real one."""
+    last = log_text.rfind(CONTEXT_LINE)
+    caches = [m.groupdict() for m in KV_CACHE_LINE.finditer(log_text, max(last, 0))]
+    if not caches:
+        return None
+    num = {k: sum(float(c[k]) for c in caches) for k in ("mib", "k_mib", "v_mib")}
+    return {"kv_cache_mib": num["mib"], "kv_cache_k_mib": num["k_mib"], "kv_cache_v_mib": num["v_mib"],
+            "kv_cache_cells": max(int(c["cells"]) for c in caches),
+            "kv_cache_layers": sum(int(c["layers"]) for c in caches), "kv_cache_seqs": int(caches[0]["seqs"]),
+            "kv_cache_type_k": caches[0]["type_k"], "kv_cache_type_v": caches[0]["type_v"], "kv_caches": len(caches)}
+
+
+def prompt_cache(log_text: str) -> dict[str, Any] | None:
+    """The host-memory prompt cache as the log last reported it, and its largest size; None without such lines."""
+    states = [m.groupdict() for m in PROMPT_CACHE_LINE.finditer(log_text)]
+    if not states:
+        return None
+    return {"prompt_cache_prompts": int(states[-1]["prompts"]), "prompt_cache_mib": float(states[-1]["mib"]),
+            "prompt_cache_max_mib": max(float(s["mib"]) for s in states),
+            "prompt_cache_limit_mib": float(states[-1]["limit_mib"])}
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """A process's resident memory now (psutil): in all, and the part not backed by files (the model's
+    mmap-ed weights are file-backed; the KV cache, compute buffers and prompt cache are not), plus the
+    peak resident size where /proc has it (Linux: VmHWM). MiB."""
+    import psutil
+
+    info = psutil.Process(pid).memory_info()
+    out = {"rss_mib": info.rss / 2**20}
+    if getattr(info, "shared", None) is not None:
+        out["rss_anon_mib"] = (info.rss - info.shared) / 2**20
+    try:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+        if m:
+            out["peak_rss_mib"] = int(m.group(1)) / 1024
+    except OSError:
+        pass
+    return out
 
 
 def request(url: str, body: Mapping[str, Any] | None = None, timeout: float = 300) -> tuple[int, Any]:

@@ -257,8 +257,9 @@ def _patched_source(build_dir: Path, key: str, patches: list[Path], log_file: Pa
 
 def _configure_and_build(src: Path, cmake_dir: Path, tools: tuple[str, ...], jobs: int | None,
                          cross: CrossTarget | None, log_file: Path) -> None:
-    # The server's web page is left out (LLAMA_BUILD_UI stays OFF, no prebuilt download): the
-    # sdist has no built UI and building it needs npm; the API endpoints are all there.
+    # The server's web page is not embedded (LLAMA_BUILD_UI stays OFF, no prebuilt download): the
+    # sdist has no built UI, and building it in here would tie every tool build to npm. `make webui`
+    # builds it on its own and serve-llava.sh serves it with --path (webui.py).
     configure = ["cmake", "-S", str(src), "-B", str(cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
                  "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",

@@ -37,3 +37,28 @@ def turn_latency(turns: pd.DataFrame, one_shot_s: float | None, run: Run | None 
     ax.legend(fontsize=8)
     plots.save(fig, run, "serve_turns")
     return fig
+
+
+def memory_table(summary: dict) -> pd.DataFrame:
+    """The server's memory during step 08, one row per figure, MiB: resident (psutil) at ready, after
+    the first case's conversation and at its peak; the KV cache and the prompt cache from its log.
+    Descriptions short enough for a notebook's table cell (pandas cuts at 50 characters)."""
+    s = summary
+    rows = (("server_rss_ready_mib", "resident, ready (no request yet)"),
+            ("server_rss_mib", f"resident after case 0's {s.get('conversation_turns')} turns"),
+            ("server_rss_anon_mib", "... of it not file-backed (not the weights)"),
+            ("server_peak_rss_mib", "peak resident over the step"),
+            ("kv_cache_mib", f"KV cache: {s.get('kv_cache_cells')} cells, K {s.get('kv_cache_type_k')}, "
+                             f"V {s.get('kv_cache_type_v')}"),
+            ("prompt_cache_max_mib", "prompt cache in host memory, largest"))
+    return pd.DataFrame([{"what": what, "MiB": round(float(s[key]), 1)} for key, what in rows if s.get(key) is not None],
+                        columns=["what", "MiB"])
+
+
+def memory_line(summary: dict) -> str:
+    """'server 812 MiB resident after 3 turns (KV cache 2048 MiB)', for the index headline ('' without figures)."""
+    if summary.get("server_rss_mib") is None:
+        return ""
+    kv = f", KV cache {summary['kv_cache_mib']:.0f} MiB" if summary.get("kv_cache_mib") is not None else ""
+    return (f"server {summary['server_rss_mib']:.0f} MiB resident after {summary.get('conversation_turns', 3)} turns "
+            f"(peak {summary.get('server_peak_rss_mib') or summary['server_rss_mib']:.0f} MiB{kv})")

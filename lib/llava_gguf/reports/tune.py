@@ -226,4 +226,8 @@ def headline_html(run: Run) -> str | None:
         parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s, "
                      f"one-shot run-llava.sh {s['one_shot_s']:.1f} s)</b> with <a href='../serve-llava.sh'>serve-llava.sh</a>: {s['follow_up_prompt_n']} new prompt "
                      f"tokens per follow-up instead of {s['first_prompt_n']} (median over {s['cases']} case(s))")
+        from .serve import memory_line
+
+        if memory_line(s):
+            parts.append("; " + memory_line(s))
     return "".join(parts) + "</p>"

@@ -6,6 +6,12 @@ case: the case's question with its image, then the follow-ups of `FOLLOW_UPS` ab
 through the `openai` client (llama_cpp/chat.py). Per turn, from the server's own `timings`: prompt
 tokens processed and taken from the cache; measured by the client: time to the first token and in all.
 
+Memory, per turn: the server's resident memory after the answer (psutil: in all, and the part not
+backed by the model's mmap-ed files), its peak, the KV cache it allocated at load and its host-memory
+prompt cache, the last two from its own log lines (llama_cpp/server.py `kv_cache`, `prompt_cache`),
+which the pinned server prints at log level 4: the script is started with `-lv 4` (its only change to
+the user's command; the level adds log lines per request, not per token).
+
 The one-shot reference, per turn: `run-llava.sh --image <the case's image> -p <the turn's question>`
 (the recommended configuration, `evaluate.n_predict` tokens), timed from start to exit after the server
 has stopped: what a user pays per question without the server. 07_tune's measured median is kept in
@@ -97,18 +103,20 @@ def check_turns(turns: pd.DataFrame) -> pd.DataFrame:
     return checks
 
 
-def start_script(run: Run, log_path: Path, ready_timeout_s: float) -> server.Server:
-    """serve-llava.sh on a free loopback port, ready (its /health answered)."""
+def start_script(run: Run, log_path: Path, ready_timeout_s: float, args: tuple[str, ...] = ()) -> server.Server:
+    """serve-llava.sh on a free loopback port, ready (its /health answered); `args` go to the script.
+    The script execs llama-server: the process is the server itself (its pid, its memory)."""
     script = run.dir / server.SCRIPT_NAME
     if not script.exists():
         raise ServeError(f"{script} does not exist: step 07 (tune) writes it; run `make tune` first")
     port = server.free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["bash", str(script), *args]
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(["bash", str(script)], stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HOST": server.DEFAULT_HOST, "PORT": str(port)},
                                 start_new_session=True)
-    srv = server.Server(["bash", str(script)], server.DEFAULT_HOST, port, log_path, proc)
+    srv = server.Server(argv, server.DEFAULT_HOST, port, log_path, proc)
     try:
         server.wait_ready(srv, ready_timeout_s)
     except BaseException:
@@ -127,6 +135,24 @@ def one_shot(run: Run, image: Path, question: str, log_path: Path, timeout_s: fl
     return time.perf_counter() - started
 
 
+def memory_summary(turns: pd.DataFrame, ready: dict, server_log: str) -> dict:
+    """The server's memory: resident at ready, after the first case's conversation (its last turn) and
+    at its peak; the KV cache and the prompt cache from its log (None where the log lacks the lines)."""
+    first = turns[turns["case"] == turns["case"].min()]
+    out = {"server_rss_ready_mib": ready.get("rss_mib"), "server_rss_anon_ready_mib": ready.get("rss_anon_mib"),
+           "conversation_turns": len(first),
+           "server_rss_mib": float(first["rss_mib"].iloc[-1]),
+           "server_rss_anon_mib": float(first["rss_anon_mib"].iloc[-1]) if "rss_anon_mib" in first else None,
+           "server_peak_rss_mib": float(turns["peak_rss_mib"].max()) if "peak_rss_mib" in turns else None}
+    kv = server.kv_cache(server_log)
+    if kv is None:
+        log.warning("the server's log has no 'llama_kv_cache: size = ...' line (started without -lv %d?)",
+                    server.MEMORY_LOG_VERBOSITY)
+    out.update(kv or {"kv_cache_mib": None})
+    out.update(server.prompt_cache(server_log) or {"prompt_cache_mib": None})
+    return out
+
+
 def run_serve(run: Run) -> ServeResult:
     """Step 08 (`conversation`): the conversations, conversation/turns.csv and summary.json, the per-turn plot."""
     from ..reports import serve as serve_report
@@ -137,15 +163,16 @@ def run_serve(run: Run) -> ServeResult:
     rec_path = run.dir / "tune" / "recommended.json"
     rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
     rows = []
-    with start_script(run, folder / "server.log", e.timeout_s) as srv:
+    with start_script(run, folder / "server.log", e.timeout_s, ("-lv", str(server.MEMORY_LOG_VERBOSITY))) as srv:
         log.info("serve-llava.sh ready at %s after %.1f s", srv.api_url, srv.ready_s)
+        ready_memory = srv.memory()
         for i, (image, prompt) in enumerate(case_inputs(run)):
             conv = chat.Conversation(srv.api_url, max_tokens=e.n_predict, timeout_s=e.timeout_s)
-            conv.ask(prompt, [image])
-            for question in FOLLOW_UPS:
-                conv.ask(question)
-            rows += [{"case": i, **t.to_dict()} for t in conv.turns]
+            for question, images in [(prompt, [image]), *((q, []) for q in FOLLOW_UPS)]:
+                turn = conv.ask(question, images)
+                rows.append({"case": i, **turn.to_dict(), **srv.memory()})
         ready_s = srv.ready_s
+    server_log = (folder / "server.log").read_text(errors="replace")
     cases = case_inputs(run)
     for row in rows:
         row["one_shot_s"] = one_shot(run, cases[row["case"]][0], row["question"],
@@ -166,6 +193,7 @@ def run_serve(run: Run) -> ServeResult:
         "one_shot_config": rec.get("config"),
         "max_tokens": e.n_predict, "follow_ups": list(FOLLOW_UPS)}
     summary["ttft_ratio"] = summary["follow_up_ttft_s"] / summary["first_ttft_s"] if summary["first_ttft_s"] else None
+    summary.update(memory_summary(turns, ready_memory, server_log))
     turns.to_csv(folder / "turns.csv", index=False)
     write_json(folder / "summary.json", summary)
     fig = serve_report.turn_latency(turns, summary.get("one_shot_s"), run)
