@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from ..workspace import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +212,6 @@ def _watch(pid: int, label: str, interval: float, timeout: float | None,
 
 
 def _kill_tree(pid: int) -> None:
-    import signal
-
     for p in reversed(tree_pids(pid)):
         try:
             os.kill(p, signal.SIGKILL)
@@ -313,8 +314,6 @@ def summary(m: Measurement) -> str:
 
 def _child_main(call_file: str, result_file: str) -> int:
     """Entry point of `measure_call`'s child: unpickle the call, run it, pickle what happened."""
-    from ..workspace import setup_logging
-
     setup_logging()
     func, args, kwargs = pickle.loads(Path(call_file).read_bytes())
     try:

@@ -23,8 +23,7 @@ from ..anyres import AnyresRule, anyres_layout, flat_token_count, llava_image_to
 from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, ReferenceSequence, checkpoint_rule,
                              reference_sequence)
 from ..llama_cpp import toolchain
-from ..vision_config import params_vision_config
-from ..workspace import Run, write_json
+from ..workspace import Run, params_vision_config, write_json
 
 log = logging.getLogger(__name__)
 

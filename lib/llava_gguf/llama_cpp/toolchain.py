@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -306,8 +307,6 @@ class ToolFailed(RuntimeError):
 
 
 def _ended(rc: int | None, timeout: float | None) -> str:
-    import signal
-
     if rc is None:
         return f"timed out after {timeout} s"
     if rc < 0:

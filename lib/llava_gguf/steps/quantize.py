@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import diskspace, quant_types, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, toolchain
-from ..params import TEXT_OUTTYPES
+from ..quant_types import TEXT_OUTTYPES
 from ..reports import tables
 from ..workspace import Run, atomic_path
 
