@@ -1,4 +1,4 @@
-"""Step 07's report: its plots and the index headline, read from what the step wrote (tune_results.py)."""
+"""Step 07's report: its plots and the index headline, read from what the step (steps/tune.py) wrote."""
 from __future__ import annotations
 
 import html
