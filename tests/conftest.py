@@ -14,8 +14,13 @@ import pytest
 import yaml
 
 from llava_gguf.llama_cpp import toolchain
-from llava_gguf import workspace
-from llava_gguf.tiny import make_tiny
+from llava_gguf import tiny, workspace
+from llava_gguf.tokenizer import VOCAB_GGUF
+
+
+def make_tiny(out_dir, *args, **kwargs) -> Path:
+    """`tiny.make_tiny` with the pinned llama.cpp source's Llama vocabulary, as the steps pass it."""
+    return tiny.make_tiny(out_dir, *args, vocab_gguf=toolchain.source_asset(VOCAB_GGUF), **kwargs)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from llava_gguf.steps import evaluate as evaluation_report
 from llava_gguf import machine, workspace
+from llava_gguf.llama_cpp import build_info
 from llava_gguf.reports import plots, html as report, summary
 
 VARIANTS = {"F16": (16.0, 0.0), "Q8_0": (8.5, 0.002), "Q4_K_M": (4.9, 0.03), "Q2_K": (2.6, 0.4)}
@@ -58,10 +59,10 @@ def make_evaluated_run(write_params, name: str, slowdown: float = 1.0, n_predict
     info = summary.build_summary(run, table, quant, "F16", [])
     metrics = run.sub("metrics")
     for stem, df in [("runs", runs), ("variants", table), ("quant", quant), ("kld", kld), ("agreement", agreement)]:
-        evaluation_report.write_table(df, metrics / stem)
+        workspace.write_table(df, metrics / stem)
     workspace.write_json(metrics / "summary.json", info)
     plots.latency_breakdown(runs, run)
-    machine.record_machine(run)
+    machine.record_machine(run, build_info.llama_cpp_build(run.params.llama_cpp.dir, run.dir / "logs"))
     run.record("metrics", metrics)
     vision = workspace.write_json(run.sub("vision_check") / "uniform.json",
                                   {"status": "passed", "image": "uniform", "nmse": 1.2e-6, "tolerance": 1e-4})

@@ -24,9 +24,8 @@ from llava_gguf.gguf_io import read_gguf
 from llava_gguf.layout import LayoutError
 from llava_gguf.steps import download, surgery, text_export as text, vision_export as vision
 from llava_gguf.text_model import TextExportError
-from llava_gguf.tiny import make_tiny
 
-from conftest import tree_digest
+from conftest import make_tiny, tree_digest
 
 # What the vocabulary additions change in the text GGUF (everything else must be identical).
 VOCAB_KEYS = {"llama.vocab_size", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import llava_gguf
 from llava_gguf import partials, workspace
 
 # A writer in another process: starts an atomic write, says so, then waits for a line on stdin
@@ -25,7 +26,7 @@ with atomic_path(sys.argv[1], suffix=".gguf") as tmp:
 
 
 def _start_writer(final: Path) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "PYTHONPATH": str(Path(workspace.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(llava_gguf.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     tmp = Path(proc.stdout.readline().strip())

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from llava_gguf import cli, pipeline, registry, workspace
 from llava_gguf.pipeline import StepFailed
+
+
+def _in_package(module) -> str:
+    """A module's dotted name inside the package, as the fingerprint's import graph names it."""
+    return module.__name__.partition(".")[2]
 
 
 def test_plan_orders_dependencies_and_skips_checkpoint_steps_for_gguf(write_params):
@@ -27,8 +33,8 @@ def test_code_closure_follows_package_imports():
 
     names = {p.name for p in fingerprint.code_closure({"steps.download"})}
     assert {"download.py", "checkpoint.py", "workspace.py", "params.py", "tiny.py"} <= names
-    assert "pipeline.py" not in names
-    assert fingerprint.notebook_imports(registry.get("vision").source) >= {"steps.vision_export", "workspace"}
+    assert Path(pipeline.__file__).name not in names
+    assert fingerprint.notebook_imports(registry.get("vision").source) >= {"steps.vision_export", _in_package(workspace)}
 
 
 def test_download_step_runs_then_skips_then_reruns_on_change(write_params):

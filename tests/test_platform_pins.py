@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,7 +82,7 @@ def test_unsupported_platform_names_what_is_supported(system, machine, python):
 
 
 def test_cli_exits_2_with_a_message_not_a_trace(monkeypatch, tmp_path):
-    script = pins.ROOT / "lib" / "llava_gguf" / "platform_pins.py"
+    script = Path(pins.__file__)
     ok = subprocess.run([sys.executable, str(script), "constraints-file"], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.strip().startswith("constraints/linux-")
     bad = subprocess.run([sys.executable, "-c",

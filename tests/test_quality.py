@@ -154,7 +154,7 @@ def test_summary_html_shows_seed_only_for_the_real_model(write_params, real):
     table, quant = _variant_table(real)
     info = summary.build_summary(run, table, quant, "F16", ["a note"])
     metrics = run.sub("metrics")
-    evaluation_report.write_table(table, metrics / "variants")
+    workspace.write_table(table, metrics / "variants")
     (metrics / "summary.json").write_text(pd.Series(info).to_json())
     page = summary.summary_html(run)
     assert info["real_model"] is real and info["chosen"]["variant"] == "Q8_0"

@@ -133,7 +133,7 @@ def test_7b_shapes_give_291_tensors():
 
 def test_plan_table_shows_types(exports):
     run, _ = exports("q8_0")
-    table = text.plan_text(load_manifest(run), run.params.convert.outtype).table()
+    table = text.plan_text(load_manifest(run.artifact_path("surgery"), workspace.repo_root()), run.params.convert.outtype).table()
     assert len(table) == 21 and list(table.columns[:5]) == ["gguf name", "source", "source dtype", "type", "shape"]
     row = table.set_index("gguf name").loc["blk.0.attn_q.weight"]
     assert (row["source dtype"], row["type"], row["shape"], row["rotary permute"]) == ("BF16", "Q8_0", "256x256", "yes")

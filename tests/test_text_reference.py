@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny
 from llava_gguf import text_reference, tiny
 from llava_gguf.checks import text as text_check
 from llava_gguf.checks.numeric import nmse
@@ -71,7 +72,7 @@ def gqa_checkpoint(tmp_path_factory, monkeypatch_module) -> Path:
     """A tiny checkpoint with grouped K/V heads (4 query heads, 2 K/V heads), rope_theta 5e5 and
     linear rope scaling 2."""
     monkeypatch_module.setitem(tiny.SIZES, "tiny-gqa", dataclasses.replace(tiny.SIZES["tiny"], kv_heads=2))
-    folder = tiny.make_tiny(tmp_path_factory.mktemp("gqa") / "llava-tiny-gqa", size="tiny-gqa")
+    folder = make_tiny(tmp_path_factory.mktemp("gqa") / "llava-tiny-gqa", size="tiny-gqa")
     config = json.loads((folder / "config.json").read_text())
     config.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
     (folder / "config.json").write_text(json.dumps(config))

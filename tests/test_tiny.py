@@ -3,6 +3,7 @@ import json
 
 import torch
 
+from conftest import make_tiny
 from llava_gguf import tiny
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.checkpoint import Checkpoint
@@ -55,7 +56,7 @@ def test_values_are_independent_of_sharding_and_f16_exact(tiny_checkpoint, tiny_
 
 
 def test_variant_15_has_no_image_newline(tmp_path):
-    folder = tiny.make_tiny(tmp_path / "v15", variant="1.5", shards=1)
+    folder = make_tiny(tmp_path / "v15", variant="1.5", shards=1)
     ckpt = Checkpoint.open(folder)
     assert "model.image_newline" not in ckpt.tensors and ckpt.index_file is None
     assert ckpt.config["mm_patch_merge_type"] == "flat"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import mmproj_variants, tune_config
+from llava_gguf import mmproj_variants, tune_config, tune_results
 from llava_gguf.reports import plots
-from llava_gguf.reports import tune as tune_report
 from llava_gguf.steps import tune
 from llava_gguf.llama_cpp import flags
 from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
@@ -230,7 +229,7 @@ def test_script_runs_what_measure_runs(tmp_path):
                              cache_type="q8_0")
     row = m.measure(cfg, "confirm", 8)
     script = tmp_path / "run-llava-single.sh"
-    script.write_text(tune_report.script_text(m, cfg, 8, ["header"], script.name))
+    script.write_text(tune_results.script_text(m, cfg, 8, ["header"], script.name))
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
     assert [str(echo), *out.stdout.splitlines()] == row["command"] == flags.executed_argv(out.stderr, script.name)
     pairs = dict(zip(row["command"][1::2], row["command"][2::2]))

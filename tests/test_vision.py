@@ -107,7 +107,7 @@ def test_mmproj_equals_legacy_recipe(fmt, shards, variant, outtype, tiny_variant
 
 # What the recipe's config_vit.json (cmp-nct/llava-1.6-gguf) says, for every key that reaches the GGUF.
 # Written out here, independently of vision.py, because the legacy run on tiny checkpoints gets its
-# config from vision.vision_config too. 24 layers: the script drops the last, giving 23 (378 tensors).
+# config from config_vit.config_vit too. 24 layers: the script drops the last, giving 23 (378 tensors).
 CONFIG_VIT_7B = {
     "_name_or_path": "vit-large336-custom", "hidden_act": "quick_gelu", "hidden_size": 1024, "image_size": 336,
     "intermediate_size": 4096, "layer_norm_eps": 1e-05, "num_attention_heads": 16, "num_hidden_layers": 24,

@@ -9,6 +9,7 @@ through here.
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------- the rule, per layout
@@ -36,7 +37,6 @@ def parse_pinpoints(value, where: str = "config.json image_grid_pinpoints") -> l
     """A pinpoint list as config.json holds it (a list of pairs, or LLaVA's string form of one, which
     llava/mm_utils.py ast.literal_eval()s), as int pairs in the order given; refused when malformed."""
     if isinstance(value, str):
-        import ast
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):

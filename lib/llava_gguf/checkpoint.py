@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,6 @@ class Checkpoint:
         handle = self._handle(info.shard)
         if self.format != "safetensors":
             return handle[name]
-        from safetensors import SafetensorError
 
         try:
             return handle.get_tensor(name)
@@ -276,8 +276,6 @@ def _header_entry_problem(meta: object) -> str | None:
 
 def _safe_open(path: Path):
     """safetensors' own reader of a shard; its refusal becomes a CheckpointError naming the file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as err:

@@ -48,9 +48,10 @@ def _cmd_step(args) -> int:
 
 def _cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
+    from .tokenizer import VOCAB_GGUF
 
     make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant,
-              layout=args.layout)
+              layout=args.layout, vocab_gguf=toolchain.source_asset(VOCAB_GGUF))
     return 0
 
 

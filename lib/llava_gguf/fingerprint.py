@@ -15,12 +15,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from .registry import Step
 
-PACKAGE = "llava_gguf"
-_PKG_DIR = Path(__file__).parent
+PACKAGE = __name__.partition(".")[0]
+_PKG_DIR = Path(sys.modules[PACKAGE].__file__).parent  # the package, wherever this module lies in it
 
 
 def module_file(module: str) -> Path | None:

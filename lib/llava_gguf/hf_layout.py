@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -388,7 +389,6 @@ def write_hf_tokenizer_files(folder: Path) -> None:
     special["pad_token"] = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False,
                             "single_word": False}
     special_file.write_text(json.dumps(special, indent=2) + "\n")
-    import tempfile
 
     from transformers import AutoTokenizer
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .hf_layout import HFLayoutError, llava_config
+
 TEXT, VISION, PROJECTOR, IGNORED = "text", "vision", "projector", "ignored"
 
 # (regex on the stored name, part, replacement producing the canonical name)
@@ -147,8 +149,6 @@ def split_checkpoint(ckpt) -> Split:
         raise LayoutError(f"{config_file}: layout '{lay}' ({refused[0]}): {UNSUPPORTED_ARCHITECTURES[refused[0]]}.")
     config = ckpt.config
     if lay == "llava-hf":
-        from .hf_layout import HFLayoutError, llava_config
-
         try:
             config = llava_config(config)
         except HFLayoutError as err:

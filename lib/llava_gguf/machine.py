@@ -1,12 +1,12 @@
-"""The machine a run measured on: CPU, cores and their clusters, memory, OS, and the llama.cpp build.
+"""The machine a run measured on: CPU, cores and their clusters, memory, OS.
 
 Speeds mean little without the board they were measured on, so step 06 writes
 `outputs/<run>/machine.json` (artifact `machine`) and the comparison page and the model card read
 it. Everything comes from what Linux exposes without privileges (/proc/cpuinfo, /sys,
 /etc/os-release; memory from psutil; the CPU clusters from topology.py; a figure that cannot be
-read is recorded as None with the reason, never guessed) and from the llama.cpp tools themselves
-(`--version`, the `system_info:` line their logs carry, the build's CMakeCache.txt), so it works the
-same on x86-64 and aarch64.
+read is recorded as None with the reason, never guessed), so it works the same on x86-64 and
+aarch64. machine.json holds, beside it, the llama.cpp build as llama_cpp/build_info.py reads it from
+the tools themselves.
 """
 from __future__ import annotations
 
@@ -43,15 +43,6 @@ FEATURES_OF_INTEREST = {
     "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16", "avx512vbmi": "avx512vbmi",
     "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16",
 }
-
-_CMAKE_OPTION = re.compile(r"^([A-Z0-9_]+):(?:BOOL|STRING)=(.*)$")
-# The build options that change what runs on a CPU board (CMakeCache also lists every backend's
-# sub-options with their defaults, which would only bury these).
-RELEVANT_CMAKE = re.compile(
-    r"^(CMAKE_BUILD_TYPE|BUILD_SHARED_LIBS|GGML_(NATIVE|CPU|CPU_ARM_ARCH|CPU_KLEIDIAI|CPU_REPACK|CPU_ALL_VARIANTS"
-    r"|AVX\w*|AMX\w*|F16C|FMA|BMI2|SSE42|OPENMP|LLAMAFILE|BLAS|BLAS_VENDOR|CUDA|HIP|METAL|VULKAN|OPENCL|SYCL"
-    r"|RPC|CANN|MUSA|WEBGPU))$")
-
 
 def _read(path: str | Path) -> str:
     try:
@@ -196,66 +187,17 @@ def parse_system_info(text: str) -> dict | None:
     return out
 
 
-def _system_info_from_logs(folder: Path) -> tuple[dict | None, str | None]:
-    """The newest log under `folder` with a system_info line (llama-perplexity logs it at INFO)."""
-    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-    for path in logs:
-        info = parse_system_info(_read(path))
-        if info:
-            return info, path.name
-    return None, None
-
-
-def cmake_options(bin_dir: Path) -> dict[str, str] | None:
-    """The CPU-relevant options set (ON or a value) in the build's CMakeCache.txt, when it is found."""
-    base = bin_dir.parent
-    for cache in (base / "CMakeCache.txt", base / "cmake" / "CMakeCache.txt", base / "build" / "CMakeCache.txt",
-                  base.parent / "CMakeCache.txt"):
-        if cache.is_file():
-            opts = {}
-            for line in _read(cache).splitlines():
-                m = _CMAKE_OPTION.match(line)
-                if m and RELEVANT_CMAKE.match(m.group(1)) and m.group(2) not in ("", "OFF"):
-                    opts[m.group(1)] = m.group(2)
-            if opts.get("GGML_BLAS") != "ON":
-                opts.pop("GGML_BLAS_VENDOR", None)
-            return opts
-    return None
-
-
-def llama_cpp_build(configured: str | None = None, logs: Path | None = None) -> dict:
-    """The llama.cpp build: tools folder, version, compiler and target, CMake options, system_info."""
-    from .llama_cpp import toolchain
-
-    try:
-        tool = toolchain.find_tool("llama-mtmd-cli", configured)
-    except toolchain.ToolNotFound as err:
-        return {"error": str(err)}
-    out: dict = {"bin_dir": str(tool.parent)}
-    try:
-        text = toolchain.version_output(tool)
-    except (OSError, toolchain.ToolFailed) as err:
-        text = ""
-        out["version_error"] = str(err)
-    for key, pattern in (("version", r"^version:\s*(.+)$"), ("built_with", r"^built with (.+)$")):
-        m = re.search(pattern, text, re.M)
-        out[key] = m.group(1).strip() if m else None
-    out["cmake_options"] = cmake_options(tool.parent)
-    if logs is not None:
-        out["system_info"], out["system_info_log"] = _system_info_from_logs(logs)
-    return out
-
-
 # ----------------------------------------------------------------------------- the run
-def record_machine(run: Run) -> Path:
-    """Write outputs/<run>/machine.json (machine, llama.cpp build, the run's params); record `machine`.
+def record_machine(run: Run, llama_cpp: dict) -> Path:
+    """Write outputs/<run>/machine.json (machine, the llama.cpp build as `llama_cpp.build_info` describes
+    it, the run's params); record `machine`.
 
     The params are copied in so a run folder alone (copied from a board) says which model it measured.
     """
     data = {
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(run.params.evaluate.board),
-        "llama_cpp": llama_cpp_build(run.params.llama_cpp.dir, run.dir / "logs"),
+        "llama_cpp": llama_cpp,
         "params": run.params.model_dump(mode="json"),
     }
     path = write_json(run.dir / "machine.json", data)

@@ -2,6 +2,10 @@
 of the checkpoint with its shard, dtype, shape, part (text / vision / projector / ignored) and
 canonical name, plus the checkpoint's config. Steps 03 and 04 plan their exports from it and
 read tensors only through `open_checked`, which refuses a checkpoint changed since.
+
+The file holds the checkpoint folder (`source`) relative to the repo root when it lies inside it, so
+a run folder copied to another checkout still finds it; `load_manifest` makes it absolute against the
+root it is given. A manifest in memory always holds an absolute `source`.
 """
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .layout import SplitTensor
-from .workspace import Run, resolve
 
 MANIFEST_VERSION = 1
 # convert_legacy_llama.py leaves these out of general.size_label's parameter count.
@@ -21,9 +24,9 @@ class ManifestError(ValueError):
     """The manifest is missing, unreadable, of another version, or no longer matches the checkpoint."""
 
 
-def load_manifest(path_or_run: Run | str | Path) -> dict:
-    """The manifest of a run (its `surgery` artifact) or at a path."""
-    path = path_or_run.artifact_path("surgery") if isinstance(path_or_run, Run) else Path(path_or_run)
+def load_manifest(path: str | Path, root: str | Path) -> dict:
+    """The manifest at `path` (a run's `surgery` artifact), its `source` made absolute against `root`
+    (the repo root, which a relative one is stored against)."""
     try:
         manifest = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -31,12 +34,14 @@ def load_manifest(path_or_run: Run | str | Path) -> dict:
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: manifest version {manifest.get('manifest_version')} != {MANIFEST_VERSION}; "
                             "rerun `make surgery`")
+    source = Path(manifest["source"]).expanduser()
+    manifest["source"] = str(source if source.is_absolute() else Path(root) / source)
     return manifest
 
 
 def open_checked(manifest: dict) -> Checkpoint:
     """Open the manifest's checkpoint and check it still holds what the manifest says."""
-    ckpt = Checkpoint.open(resolve(manifest["source"]))
+    ckpt = Checkpoint.open(source_folder(manifest))
     changed = []
     for name, t in manifest["tensors"].items():
         info = ckpt.tensors.get(name)
@@ -62,7 +67,7 @@ def split_part(manifest: dict, part: str) -> dict[str, SplitTensor]:
 
 
 def source_folder(manifest: dict) -> Path:
-    return resolve(manifest["source"])
+    return Path(manifest["source"])
 
 
 def parameter_count(manifest: dict) -> int:

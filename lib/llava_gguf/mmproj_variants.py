@@ -14,8 +14,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import gguf
 import numpy as np
 
+from .checks import vision as vision_check
+from .checks.numeric import nmse
+from .gguf_io import read_gguf
+from .llama_cpp import toolchain
 from .workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -36,10 +41,6 @@ def mmproj_variant(src: Path, dst: Path, pinpoints: list[list[int]] | None = Non
     pinpoints: None keeps the file's own, [] removes the key (one view), else the [w, h] list.
     qtype "q8_0": 2-D f16/f32 `.weight` matrices become Q8_0 (rows a multiple of 32), the rest is copied.
     """
-    import gguf
-
-    from .gguf_io import read_gguf
-
     src, dst = Path(src), Path(dst)
     g = read_gguf(src, "mmproj")
     arch = g.fields.get("general.architecture")
@@ -72,8 +73,6 @@ def mmproj_variant(src: Path, dst: Path, pinpoints: list[list[int]] | None = Non
 
 
 def _to_q8(t) -> bool:
-    import gguf
-
     return (len(t.shape) == 2 and t.name.endswith(".weight") and t.shape[-1] % 32 == 0
             and t.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
             and not any(k in t.name for k in _KEEP_IN_Q8))
@@ -112,10 +111,6 @@ def _fresh(path: Path, stamp: str) -> bool:
 
 def mmproj_nmse(run: Run, files: dict[tuple[str, str], Path], full: str) -> dict[str, float | None]:
     """Image-embedding NMSE of each non-f16 mmproj against the f16 one (llama-mtmd-debug dumps)."""
-    from .checks import vision as vision_check
-    from .checks.numeric import nmse
-    from .llama_cpp import toolchain
-
     out: dict[str, float | None] = {}
     others = [t for (t, b) in files if t != "f16" and b == full]
     if not others:

@@ -12,16 +12,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .quant_types import QUANTIZE_TYPES
+from .quant_types import MMPROJ_OUTTYPES, QUANTIZE_TYPES, TEXT_OUTTYPES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS = "params/default.yaml"
-
-
-# The precisions the exports write (text: convert.outtype, mmproj: convert.mmproj_outtype).
-TEXT_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
-MMPROJ_OUTTYPES = ("f16", "f32")
 
 
 class ParamsError(ValueError):
@@ -169,7 +164,7 @@ class BenchParams(_Strict):
 
 
 class TuneParams(_Strict):
-    """`07_tune`: the fastest runtime configuration within a quality budget (see lib/llava_gguf/tune.py)."""
+    """`07_tune`: the fastest runtime configuration within a quality budget (see lib/llava_gguf/steps/tune.py)."""
 
     # Text GGUFs to try; None: every type step 05 made (and the ready GGUF on the download path).
     quant_types: list[str] | None = None

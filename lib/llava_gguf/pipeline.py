@@ -31,6 +31,7 @@ from .fingerprint import fingerprint
 from .llama_cpp import toolchain
 from .llama_cpp.runner import kill_tree
 from .reports import html
+from .reports.display import EXEC_LINE
 from .workspace import Run, forcing, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,6 @@ HEADLESS_BAR_INTERVAL = 10  # seconds between tqdm refreshes in a headless step'
 def headless_kernel_cmd(kernel_cmd: list[str]) -> list[str]:
     """The kernel's command line plus the line it runs before the first cell (text progress bars,
     readable numbers: reports/display.py). Only an ipykernel takes the option."""
-    from .reports.display import EXEC_LINE
-
     if not any("ipykernel" in str(a) for a in kernel_cmd):
         return list(kernel_cmd)
     return [*kernel_cmd, f"--IPKernelApp.exec_lines={EXEC_LINE}"]

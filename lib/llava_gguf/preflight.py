@@ -24,9 +24,18 @@ import logging
 from pathlib import Path
 
 from . import step_tools
+from .checkpoint import CheckpointError
+from .config_vit import VisionExportError
+from .layout import LayoutError
 from .llama_cpp import toolchain
+from .manifest import ManifestError
 from .steps import download, evaluate
-from .workspace import Run, resolve
+from .steps.surgery import analyze
+from .steps.vision_export import plan_mmproj
+from .text_model import TextExportError, plan_from_manifest
+from .tokenizer import model_problem
+from .vision_config import VisionConfigError
+from .workspace import Run, params_vision_config, resolve
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +121,6 @@ def _model_problems(run: Run, names: list[str]) -> list[str]:
 
 def checkpoint_problems(folder: Path, run: Run, names: list[str] | None = None) -> list[str]:
     """What steps 01-04 would refuse in this checkpoint folder, from its headers (nothing written)."""
-    from .checkpoint import CheckpointError
-    from .layout import LayoutError
-    from .manifest import ManifestError
-    from .steps.surgery import analyze
-    from .steps.vision_export import VisionExportError, plan_mmproj
-    from .text_model import TextExportError, plan_from_manifest
-    from .tokenizer import model_problem
-    from .vision_config import VisionConfigError, params_vision_config
-
     names = names or list(_CHECKPOINT_STEPS)
     refusals = (CheckpointError, LayoutError, ManifestError, TextExportError, VisionExportError,
                 VisionConfigError)

@@ -78,6 +78,9 @@ _TABLE = [
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _TABLE}
 # What the run parameters accept (F32 is only ever an export, never something to quantize to).
 QUANTIZE_TYPES = tuple(n for n in QUANT_TYPES if n != "F32")
+# The precisions the exports write (text: convert.outtype, mmproj: convert.mmproj_outtype).
+TEXT_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+MMPROJ_OUTTYPES = ("f16", "f32")
 
 
 def get(name: str) -> QuantType | None:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .llama_cpp import limits, toolchain
-from .workspace import cache_dir, repo_root
+from .platform_pins import GPU_PACKAGE
+from .reports import crosscheck
+from .workspace import cache_dir, repo_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -295,17 +297,12 @@ RECORDED = Path("tests/data/rehearsal")
 
 def gpu_packages(pip_list: str) -> list[str]:
     """Names in `pip list --format=freeze` output that are CUDA / NVIDIA / triton packages."""
-    from .platform_pins import GPU_PACKAGE
-
     names = (line.split("==")[0].strip() for line in pip_list.splitlines())
     return [n for n in names if n and GPU_PACKAGE.match(n.replace("_", "-"))]
 
 
 def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = False, keep_run: bool = False) -> bool:
     """The whole rehearsal; True when every phase and every check passed. See the module doc."""
-    from .reports import crosscheck
-    from .workspace import write_json
-
     checkout = repo_root()
     out_dir = checkout / "outputs" / OUT_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,9 +367,8 @@ def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = F
 
 
 def _closing_summary(phases: Phases, checks: list[tuple[str, bool, str]]) -> str:
-    from .reports.crosscheck import format_checks
-
     lines = ["phases (wall time; qemu-user timings are not board speed):"]
     lines += [f"{phases.results.get(n, '?'):4}  {n}: {s:.0f} s" for n, s in phases.seconds.items()]
-    lines += [f"total: {sum(phases.seconds.values()) / 60:.1f} min", "checks:", format_checks(checks) or "none ran"]
+    lines += [f"total: {sum(phases.seconds.values()) / 60:.1f} min", "checks:",
+              crosscheck.format_checks(checks) or "none ran"]
     return "\n".join(lines)

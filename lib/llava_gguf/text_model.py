@@ -15,10 +15,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pandas as pd
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from .hf_layout import HFLayoutError, extend_vocab, is_hf_config, text_config
 from .layout import TEXT, SplitTensor
-from .params import TEXT_OUTTYPES
+from .quant_types import TEXT_OUTTYPES
 from .manifest import parameter_count, source_folder, split_part
+from .tokenizer import token_arrays
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType, str]] =
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
 }
 
-assert set(OUTTYPES) == set(TEXT_OUTTYPES), "params.TEXT_OUTTYPES and text_model.OUTTYPES must list the same types"
+assert set(OUTTYPES) == set(TEXT_OUTTYPES), "quant_types.TEXT_OUTTYPES and text_model.OUTTYPES must list the same types"
 
 # Canonical (Hugging Face Llama) name -> llama.cpp name, the rotary permutation it needs (the
 # hyper-parameter giving its head count) and its expected shape in hyper-parameter names.
@@ -105,8 +109,6 @@ class TextHParams:
 
 def read_hparams(config: dict, config_file: Path) -> TextHParams:
     """The Llama hyper-parameters of config.json (or its `text_config`), validated."""
-    from .hf_layout import HFLayoutError, is_hf_config, text_config
-
     # llava-hf's text_config states only what differs from LlamaConfig's defaults: filled in there.
     try:
         cfg = text_config(config) if is_hf_config(config) else (config.get("text_config") or config)
@@ -187,11 +189,6 @@ def read_vocab(folder: Path, n_vocab: int | None = None) -> Vocab:
     """The SentencePiece vocabulary of `tokenizer.model`, and the special ids and add-BOS/EOS flags
     from the tokenizer and config files (as convert_legacy_llama.py reads them). With `n_vocab` past
     the pieces (llava-hf: 32064 rows), the added tokens and padding rows follow (hf_layout.extend_vocab)."""
-    from google.protobuf.message import DecodeError
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    from .tokenizer import token_arrays
-
     model_file = folder / "tokenizer.model"
     if not model_file.is_file():
         raise TextExportError(f"{model_file}: missing; the text GGUF's vocabulary comes from the SentencePiece "
@@ -205,8 +202,6 @@ def read_vocab(folder: Path, n_vocab: int | None = None) -> Vocab:
     if not tokens:
         raise TextExportError(f"{model_file}: holds no pieces; re-download it")
     if n_vocab is not None and n_vocab > len(tokens):
-        from .hf_layout import HFLayoutError, extend_vocab
-
         try:
             tokens, scores, types = extend_vocab(tokens, scores, types, folder, n_vocab, folder / "config.json")
         except HFLayoutError as err:
@@ -298,8 +293,6 @@ def plan_from_manifest(manifest: dict, outtype: str = "f16") -> TextPlan:
     config_file = folder / "config.json"
     hp = read_hparams(manifest["config"], config_file)
     # llava-hf pads its vocabulary with added tokens and spare rows (hf_layout.extend_vocab).
-    from .hf_layout import is_hf_config
-
     vocab = read_vocab(folder, hp.n_vocab if is_hf_config(manifest["config"]) else None)
     if len(vocab) != hp.n_vocab:
         raise TextExportError(f"{config_file}: vocab_size {hp.n_vocab} disagrees with {vocab.source} "

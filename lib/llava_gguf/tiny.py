@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tokenizer import VOCAB_GGUF, build_tokenizer_model
+from . import hf_layout
+from .tokenizer import build_tokenizer_model
 from .vision_config import KNOWN_TOWERS
 
 log = logging.getLogger(__name__)
@@ -247,9 +248,11 @@ def _write_bin(path: Path, entries, values, bar: tqdm, dtype: str = "BF16") -> N
 
 
 def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors", shards: int = 2,
-              seed: int = 0, variant: str = "1.6", vocab_gguf: Path | None = None, layout: str = "llava") -> Path:
+              seed: int = 0, variant: str = "1.6", *, vocab_gguf: Path, layout: str = "llava") -> Path:
     """Write a synthetic LLaVA checkpoint folder; returns it. Written beside, then renamed in.
 
+    vocab_gguf: the Llama vocabulary its tokenizer is built from (tokenizer.VOCAB_GGUF in the pinned
+    llama.cpp source: `toolchain.source_asset(VOCAB_GGUF)`, which the callers pass).
     layout "hf": the same weights laid out as llava-hf/llava-v1.6-vicuna-7b-hf (see hf_layout.py)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
@@ -262,17 +265,11 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", fmt: str = "safetensors",
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    if vocab_gguf is None:
-        from .llama_cpp.toolchain import source_asset
-
-        vocab_gguf = source_asset(VOCAB_GGUF)
     s = SIZES[size]
     plan = synthetic_tensors(s, variant)
     config, dtype = llava_config(s, variant), "BF16"
     values = partial(random_tensor, seed=seed)
     if layout == "hf":
-        from . import hf_layout
-
         plan, values = hf_layout.tiny_source(plan, s.vocab, seed, random_tensor)
         vision = hf_layout.hf_vision_config(s.v_hidden, s.v_intermediate, s.v_layers, s.image, s.patch)
         config, dtype = hf_layout.hf_config(config, hf_layout.hf_vocab_size(s.vocab), vision), hf_layout.HF_DTYPE

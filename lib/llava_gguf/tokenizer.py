@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .gguf_io import read_gguf
 
@@ -23,8 +25,6 @@ _VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml
 
 def build_tokenizer_model(vocab_gguf: Path) -> bytes:
     """Serialize a SentencePiece ModelProto equal in behaviour to Llama's tokenizer.model."""
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
     fields = read_gguf(vocab_gguf, "llama.cpp vocabulary").fields
     missing = [k for k in _VOCAB_KEYS if k not in fields]
     if missing:
@@ -67,8 +67,6 @@ def read_test_vectors(vocab_gguf: Path) -> list[tuple[str, list[int]]]:
 
 def check_tokenizer_vectors(tokenizer_model: Path, vocab_gguf: Path) -> list[str]:
     """Encode llama.cpp's test strings with SentencePiece; returns the mismatches (empty = equal)."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     bad = []
     for text, expected in read_test_vectors(vocab_gguf):
@@ -80,8 +78,6 @@ def check_tokenizer_vectors(tokenizer_model: Path, vocab_gguf: Path) -> list[str
 
 def model_problem(tokenizer_model: Path) -> str | None:
     """Why SentencePiece cannot use this tokenizer.model, phrased to follow "<path>: " (None: it can)."""
-    import sentencepiece as spm
-
     path = Path(tokenizer_model)
     if not path.is_file():
         return ("missing; the text GGUF's vocabulary comes from the SentencePiece tokenizer.model, which every "
@@ -97,8 +93,6 @@ def model_problem(tokenizer_model: Path) -> str | None:
 
 def token_arrays(tokenizer_model: Path) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Pieces (UTF-8), scores and SentencePiece piece types of a tokenizer.model, in id order."""
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_model).read_bytes())
     pieces = [p.piece.encode("utf-8") for p in proto.pieces]

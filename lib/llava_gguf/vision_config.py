@@ -153,11 +153,3 @@ def resolve_vision_config(config: dict, shapes: dict[str, tuple[int, ...]], wher
             f"{where}: the vision tower's tensors are not those of {tower}, the tower mm_vision_tower names: "
             f"{', '.join(wrong)}; its head count cannot be known from the weights: {FIX}")
     return {**known, "source": f"{tower} (known tower, {where} mm_vision_tower)"}
-
-
-def params_vision_config(params) -> Path | None:
-    """params convert.vision_config as a path (relative paths: to the repo root); None when unset."""
-    from .workspace import resolve
-
-    value = params.convert.vision_config
-    return resolve(value) if value else None

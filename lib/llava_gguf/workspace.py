@@ -110,6 +110,12 @@ def resolve(path: Path | str) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
+def params_vision_config(params: Params) -> Path | None:
+    """params convert.vision_config as a path (relative paths: to the repo root); None when unset."""
+    value = params.convert.vision_config
+    return resolve(value) if value else None
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary sibling path; rename it to `final` only if the block succeeds.
@@ -153,6 +159,14 @@ def write_json(path: Path | str, data: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+def write_table(df, stem: Path) -> None:
+    """A pandas DataFrame as <stem>.csv and <stem>.json (records), each written whole."""
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(stem.with_suffix(".json")) as tmp:
+        df.to_json(tmp, orient="records", indent=1)
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import machine, quant_types
-from ..tiny import is_current
+from ..llama_cpp import toolchain
+from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
+from ..tokenizer import VOCAB_GGUF
 from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
 from .records import BenchError, MiB
@@ -37,10 +39,9 @@ def benchmark_checkpoint(run: Run) -> Path:
     if folder.exists():  # made by an older version of make-tiny: our own product, made again
         log.info("remaking the synthetic checkpoint %s (its config.json is not the current one)", folder)
         shutil.rmtree(folder)
-    from ..tiny import make_tiny
-
     log.info("making a synthetic %s checkpoint in %s (once; reused by later runs)", t.size, folder)
-    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed)
+    return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed,
+                     vocab_gguf=toolchain.source_asset(VOCAB_GGUF))
 
 
 def synthetic_dir(size: str, fmt: str, shards: int, seed: int) -> Path:
@@ -48,8 +49,6 @@ def synthetic_dir(size: str, fmt: str, shards: int, seed: int) -> Path:
 
 
 def synthetic_bytes(size: str) -> int:
-    from ..tiny import SIZES, synthetic_tensors
-
     return sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[size], "1.6"))
 
 
@@ -100,8 +99,6 @@ def machine_info(run: Run) -> dict[str, Any]:
     info: dict[str, Any] = machine.machine_info()
     info["memory_GiB"] = round(info["ram_mib"] / 1024, 1) if info.get("ram_mib") else None
     info["disk_free_GiB"] = round(shutil.disk_usage(run.dir).free / GiB, 1)
-    from ..llama_cpp import toolchain
-
     try:
         info["llama_cpp"] = toolchain.llama_cpp_info(run.params.llama_cpp.dir)
     except toolchain.ToolNotFound as err:

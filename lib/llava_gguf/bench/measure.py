@@ -40,6 +40,12 @@ import pandas as pd
 
 from .. import registry
 from . import procmon
+from ..checkpoint import Checkpoint
+from ..checks import text as text_check
+from ..llama_cpp import legacy, toolchain
+from ..llama_cpp.mtmd import MtmdOptions, run_mtmd
+from ..steps import quantize
+from ..steps.evaluate import case_inputs
 from .procmon import GiB
 from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, StepRecord,
                       _gib, record_json)
@@ -61,8 +67,6 @@ def call_step(params_file: str, step: str) -> None:
 
 def quantize_one(params_file: str, qtype: str) -> str:
     """`quantize.quantize_file` for one type from the run's text GGUF; returns the file written."""
-    from ..steps import quantize
-
     run = open_run(params_file)
     path, _ = quantize.quantize_file(run, run.artifact_path("text_gguf"), qtype)
     return str(path)
@@ -71,8 +75,6 @@ def quantize_one(params_file: str, qtype: str) -> str:
 def check_text(params_file: str) -> dict[str, Any]:
     """Step 04's check alone (`checks.text.verify_text`: llama-debug and the streamed f32 reference),
     whatever convert.verify says: the conversion rows measure the export without it."""
-    from ..checks import text as text_check
-
     run = open_run(params_file)
     run.params.convert.verify = True
     check = text_check.verify_text(run)
@@ -149,7 +151,6 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     main_type = run.params.quantize.types[0]
     bench_types = list(dict.fromkeys(b.quant_types))
     quant_types = list(dict.fromkeys([main_type, *[t for t in bench_types if t != "F16"]]))
-    from ..llama_cpp import toolchain
 
     # Every tool is looked up before anything runs, so a missing one fails in seconds, not after an hour.
     quantize_tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
@@ -162,7 +163,6 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
         size = synthetic_bytes(p.tiny.size)
         check_disk(run, size + disk_needed(run, size))
     ckpt = benchmark_checkpoint(run)
-    from ..checkpoint import Checkpoint
 
     with Checkpoint.open(ckpt) as c:
         shards = [ckpt / s for s in c.shards]
@@ -271,8 +271,6 @@ def _measured_runner(bench: _Bench, steps: dict[str, str]):
     untimed setup around it (the venv, the symlink copy, config_vit.json derived in place of a
     download). `steps` maps the script's file name to the step name in the table.
     """
-    from ..llama_cpp import legacy
-
     def measured(cmd: list[str], log_file: Path, cwd: Path) -> None:
         step = steps.get(Path(cmd[1]).name, Path(cmd[1]).name)
         bench.measure(LEGACY, step, procmon.measure_command, cmd, log_file=log_file, cwd=cwd,
@@ -283,9 +281,6 @@ def _measured_runner(bench: _Bench, steps: dict[str, str]):
 
 def _legacy(bench: _Bench, ckpt: Path, quantize_tool: Path, qtype: str) -> tuple[dict[str, int], Path]:
     """The recipe's four steps; returns (files left after the text export -> bytes, the quantized file)."""
-    from ..llama_cpp import legacy
-    from ..steps import quantize
-
     run = bench.run
     work = run.sub("legacy")
     legacy.legacy_env()  # made once (pip); not part of the recipe's cost
@@ -331,9 +326,6 @@ def _llama_bench(bench: _Bench, tool: Path, files: dict[str, Path], threads: lis
 
 
 def _mtmd_runs(bench: _Bench, tool: Path, files: dict[str, Path], mmproj: Path, threads: int) -> pd.DataFrame:
-    from ..llama_cpp.mtmd import MtmdOptions, run_mtmd
-    from ..steps.evaluate import case_inputs
-
     run = bench.run
     image, prompt = case_inputs(run)[0]
     opts = MtmdOptions(run.params.evaluate.model_copy(update={"threads": threads}))

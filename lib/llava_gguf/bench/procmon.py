@@ -34,6 +34,7 @@ from typing import Any, Callable
 import psutil
 
 from ..llama_cpp.runner import kill_tree
+from ..workspace import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +291,6 @@ def summary(m: Measurement) -> str:
 
 def _child_main(call_file: str, result_file: str) -> int:
     """Entry point of `measure_call`'s child: unpickle the call, run it, pickle what happened."""
-    from ..workspace import setup_logging
-
     setup_logging()
     func, args, kwargs = pickle.loads(Path(call_file).read_bytes())
     try:

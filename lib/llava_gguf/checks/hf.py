@@ -30,11 +30,12 @@ import psutil
 import torch
 
 from ..checkpoint import Checkpoint
+from ..manifest import load_manifest
 from .numeric import nmse
 from .text import NMSE_BOUNDS, llama_logits, outtype_of, reference_tokens
 from .vision import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, synthetic_image
 from ..llama_cpp import toolchain
-from ..workspace import Run, write_json
+from ..workspace import Run, repo_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +239,9 @@ def verify_hf(run: Run, part: str | None = None) -> HFCheck:
     (`part="text"`, notebook 04) or both (None), when the checkpoint is in the llava-hf layout; skipped
     otherwise, or with `convert.verify: false`. Writes `outputs/<run>/hf_check/<part>.json` and records
     artifact `hf_check` (part -> that file)."""
-    from ..manifest import load_manifest
-
     if part not in (None, *PARTS):
         raise ValueError(f"part must be one of {sorted(PARTS)} or None, not {part!r}")
-    layout = load_manifest(run)["layout"]
+    layout = load_manifest(run.artifact_path("surgery"), repo_root())["layout"]
     if layout != "llava-hf":
         res = HFCheck("skipped", f"transformers LlavaNext cross-check: layout {layout!r} is not llava-hf")
     elif not run.params.convert.verify:

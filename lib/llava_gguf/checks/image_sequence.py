@@ -22,8 +22,7 @@ from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, Refe
                              reference_sequence)
 from ..llama_cpp import toolchain
 from ..topology import usable_cores
-from ..vision_config import params_vision_config
-from ..workspace import Run, write_json
+from ..workspace import Run, params_vision_config, write_json
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pandas as pd
+import sentencepiece as spm
 
 from ..gguf_io import GGUFTensor, open_gguf, read_gguf
 from ..text_model import OUTTYPES, TextExportError
@@ -61,8 +62,6 @@ NMSE_BOUNDS = {"f32": 5e-5, "f16": 2e-4, "bf16": 5e-4, "q8_0": 1e-2}
 # ---------------------------------------------------------------------------- reference side
 def reference_tokens(tokenizer_model: Path, prompt: str, add_bos: bool = True) -> list[int]:
     """SentencePiece's ids for the prompt, BOS first (Llama's tokenizer adds it; so does llama.cpp)."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     return ([sp.bos_id()] if add_bos else []) + sp.encode(prompt)
 
@@ -90,8 +89,6 @@ def tokenizer_parity(gguf_path: Path, tokenizer_model: Path, llama_tokenize: Pat
                      vocab_gguf: Path | None = None) -> pd.DataFrame:
     """llama.cpp's tokenization (`llama-tokenize`, no BOS) of its SentencePiece test strings next to
     SentencePiece's on `tokenizer.model`; one row per string, `match` True when identical."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     texts = [text for text, _ in read_test_vectors(vocab_gguf or source_dir() / VOCAB_GGUF)]
     limit = limits.seconds("llama-tokenize", limits.gib([gguf_path]))

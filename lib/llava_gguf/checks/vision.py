@@ -38,8 +38,7 @@ from ..llama_cpp import limits, toolchain
 from ..checkpoint import Checkpoint
 from ..gguf_io import open_gguf, read_gguf
 from ..topology import usable_cores
-from ..vision_config import params_vision_config
-from ..workspace import Run, atomic_path, rel_to_root, write_json
+from ..workspace import Run, atomic_path, params_vision_config, rel_to_root, write_json
 from .clip_reference import (IMAGES, ReferenceModel, VisionCheckError, reference_embeddings,  # noqa: F401
                              synthetic_image)  # (reference_embeddings, synthetic_image: the check's API)
 from .numeric import nmse

@@ -13,7 +13,7 @@ Differences, all forced by running offline and never writing into the source:
 - The surgery script writes llava.clip / llava.projector INTO the model folder, so it runs on a
   copy made of symlinks to the source's files (`legacy_surgery`); the copy holds no llava.*
   link, so nothing is ever written through a link into the source.
-- config_vit.json cannot be downloaded: it is derived as `vision.vision_config` does (from
+- config_vit.json cannot be downloaded: it is derived by `config_vit.config_vit` (from
   config.json, the tower's shapes in llava.clip and CLIP ViT-L/14-336's constants).
 - vit/ holds symlinks to llava.clip / llava.projector instead of copies (the same bytes are read).
 
@@ -45,6 +45,7 @@ import torch
 from . import limits
 from .runner import ToolFailed, run_tool
 from .toolchain import source_dir
+from ..config_vit import config_vit
 from ..workspace import cache_dir, cache_lock, write_json
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,6 @@ def legacy_surgery(ckpt_dir: str | Path, work_dir: str | Path, runner: Runner = 
 
 def derived_config_vit(model_dir: str | Path) -> dict:
     """config_vit.json for the checkpoint in model_dir, from config.json, llava.clip and llava.projector."""
-    from ..steps.vision_export import vision_config
-
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     clip = torch.load(model_dir / "llava.clip", map_location="cpu", weights_only=True, mmap=True)
@@ -225,7 +224,7 @@ def derived_config_vit(model_dir: str | Path) -> dict:
     projector = torch.load(model_dir / "llava.projector", map_location="cpu", weights_only=True)
     if any(n.endswith("image_newline") for n in projector):
         tensors["image_newline"] = {"shape": [1]}
-    return vision_config(config, tensors, str(model_dir / "config.json"))
+    return config_vit(config, tensors, str(model_dir / "config.json"))
 
 
 def legacy_vision_export(model_dir: str | Path, work_dir: str | Path, outtype: str = "f16",

@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
+from ..gguf_io import GGUFError, open_gguf
 from ..params import EvaluateParams
 from . import flags
 from .runner import kill_group
@@ -144,8 +147,6 @@ class EvalRun:
 # ----------------------------------------------------------------------------- one run
 def image_problem(path: Path | str) -> str | None:
     """Why llama-mtmd-cli cannot read this file as an image, phrased to follow the path (None: it can)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if path.is_dir():
         return "is a folder, not an image file"
@@ -276,8 +277,6 @@ def _error_lines(log_path: Path, n: int = 6) -> str:
 
 def _gguf_problems(files: dict[str, Path]) -> list[str]:
     """Why a GGUF the tool could not load is unreadable (only read after a failure)."""
-    from ..gguf_io import GGUFError, open_gguf
-
     problems = []
     for label, path in files.items():
         try:

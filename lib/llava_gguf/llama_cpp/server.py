@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import psutil
+
 from . import flags, webui
 
 log = logging.getLogger(__name__)
@@ -283,8 +285,6 @@ def process_memory(pid: int) -> dict[str, float]:
     """A process's resident memory now (psutil): in all, and the part not backed by files (the model's
     mmap-ed weights are file-backed; the KV cache, compute buffers and prompt cache are not), plus the
     peak resident size where /proc has it (Linux: VmHWM). MiB."""
-    import psutil
-
     info = psutil.Process(pid).memory_info()
     out = {"rss_mib": info.rss / 2**20}
     if getattr(info, "shared", None) is not None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..workspace import write_json
+
 # The quant types whose kernels the rehearsal must cover (on the O6 each has its own repack layout).
 REQUIRED_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 # A quant type's ARM KLD may exceed x86's by this factor (plus KLD_ABS): both measure the same file
@@ -32,8 +34,6 @@ INPUTS = ("machine.json", "repack.json", "vision_check/*.json", "image_sequence/
 
 def record(run_dir: Path | str, out: Path | str) -> dict:
     """Write run_summary(run_dir) to `out` and copy its inputs to `<out stem>-run/`; the summary."""
-    from ..workspace import write_json
-
     run_dir, out = Path(run_dir), Path(out)
     inputs = out.with_name(out.stem + "-run")
     if inputs.exists():

@@ -11,14 +11,17 @@ from __future__ import annotations
 import sys
 import types
 
+import pandas as pd
+import tqdm
+import tqdm.std
+
+from .tables import format_number
+
 
 def text_progress_bars() -> None:
     """Make `tqdm.auto` the text bar, as tqdm itself does in a plain console: a stand-in
     `tqdm.autonotebook` holding the text bar, which `tqdm.auto` then wraps. Must run before
     anything imports tqdm.auto (a module that already did keeps its bar)."""
-    import tqdm
-    import tqdm.std
-
     module = types.ModuleType("tqdm.autonotebook", "tqdm's text bar (a headless kernel: llava_gguf.reports.display)")
     module.tqdm, module.trange, module.__all__ = tqdm.std.tqdm, tqdm.std.trange, ["tqdm", "trange"]
     sys.modules["tqdm.autonotebook"] = module
@@ -26,10 +29,6 @@ def text_progress_bars() -> None:
 
 
 def number_format() -> None:
-    import pandas as pd
-
-    from .tables import format_number
-
     pd.set_option("display.float_format", format_number)
 
 

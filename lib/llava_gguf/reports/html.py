@@ -26,9 +26,11 @@ import shutil
 from pathlib import Path
 
 from .. import registry
+from ..machine import describe
 from ..workspace import Run, atomic_path
 from . import summary
 from .tables import plain, plural
+from .tune import headline_html
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +189,6 @@ def _summary(run: Run) -> str:
 def _tune_headline(run: Run) -> str:
     """Step 07's "on this machine: answer in X s ..." line, when it has run."""
     try:
-        from .tune import headline_html
-
         return headline_html(run) or ""
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # as in _summary
         log.warning("tune headline failed: %s", err)
@@ -197,8 +197,6 @@ def _tune_headline(run: Run) -> str:
 
 def machine_html(run: Run) -> str:
     """The "Machine" section: where the run measured, the CPU features llama.cpp saw, what it repacked."""
-    from ..machine import describe
-
     info = json.loads((run.dir / "machine.json").read_text()) if (run.dir / "machine.json").exists() else {}
     if not info:
         return ""

@@ -1,152 +1,16 @@
-"""Step 07's products: recommended.json, run-llava*.sh and serve-llava*.sh, the params snippet, plots, the index headline.
-
-`run-llava.sh` runs, given no options, the llama-mtmd-cli command that 07_tune measured for the
-recommendation (greedy, its `-n`, threads and flags, on the step's image and prompt); both are
-rendered from the flag table (llama_cpp/flags.py). Each option given on its command line replaces
-the script's own value of it; `--image` replaces the default image. recommended.json records the
-measured argv (`command`), which tests/test_tune.py compares with the argv a script prints.
-"""
+"""Step 07's report: its plots and the index headline, read from what the step (steps/tune.py) wrote."""
 from __future__ import annotations
 
 import html
 import json
-import logging
-import shlex
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import plots
+from .serve import memory_line
 from .tables import plural
-from ..llama_cpp import flags, server
-from ..machine import machine_info, usable_cores
-from ..workspace import Run, atomic_path, json_safe, write_json
-
-log = logging.getLogger(__name__)
-
-SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, so answer agreement between "
-                  "configurations carries no meaning here and is not a quality measure")
-
-
-def script_text(m, cfg, n_predict: int, header: list[str], name: str = "run-llava.sh") -> str:
-    """run-llava*.sh: the command `m.measure` ran for this configuration, with the matching llama-server
-    command (what serve-llava*.sh runs bare) in a comment."""
-    settings, extra = m.run_settings(cfg, n_predict)
-    served = flags.server_command(Path(m.cli).with_name(flags.SERVER), server.serve_settings(settings), extra)
-    header = [*header, f"The matching {flags.SERVER} command (serve-llava.sh runs it):", "  " + shlex.join(served)]
-    return flags.script_text(m.cli, settings, extra, header, name=name)
-
-
-def serve_script_text(m, cfg, n_predict: int, header: list[str], name: str = server.SCRIPT_NAME) -> str:
-    """serve-llava*.sh: llama-server with the settings `script_text` renders (llama_cpp/server.py)."""
-    settings, extra = m.run_settings(cfg, n_predict)
-    return server.script_text(Path(m.cli).with_name(flags.SERVER), settings, extra, header, name=name)
-
-
-def measured_run(runs: pd.DataFrame, label: str) -> dict:
-    """The argv and the (greedy) answer of a configuration's first confirmation run, as run_mtmd ran it."""
-    rows = runs[(runs["config"] == label) & (runs["phase"] == "confirm") & (runs["status"] == "ok")] \
-        if "command" in runs else runs.iloc[:0]
-    if not len(rows):
-        return {"command": None, "answer": None}
-    return {"command": list(rows["command"].iloc[0]), "answer": rows["answer"].iloc[0]}
-
-
-def _write_script(path: Path, body: str) -> Path:
-    with atomic_path(path, suffix=".sh") as tmp:
-        tmp.write_text(body)
-        tmp.chmod(0o755)
-    path.chmod(0o755)
-    return path
-
-
-def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m) -> dict:
-    """recommended.json, run-llava*.sh, params-snippet.yaml and the tables; records artifact `tune`.
-    `m` is the step's Measurer: the scripts are rendered from the settings it ran with."""
-    from ..llama_cpp import toolchain
-    from ..steps.evaluate import write_table
-    from ..tune_config import SEED_TEMPLATE, TuneError, config_from_row
-
-    folder = run.sub("tune")
-    board = machine_info(run.params.evaluate.board)["board"]
-    confirmed = result.confirmed
-    b = confirmed[(confirmed["config"] == base.label) & (confirmed["status"] == "ok")]
-    baseline = json_safe(b.iloc[0].to_dict()) if len(b) else {}
-    e = run.params.evaluate
-    budgets: dict[str, dict] = {}
-    for name, row in chosen.items():
-        cfg = config_from_row(row)
-        settings, extra = m.run_settings(cfg, e.n_predict)
-        speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
-        header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
-                  f"{time.strftime('%Y-%m-%d %H:%M')}, {board})",
-                  f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
-                  f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
-                  f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
-        names = ["run-llava.sh"] if name == full else []
-        if len(chosen) > 1:
-            names.append(f"run-llava-{name}.sh")
-        paths = [_write_script(run.dir / n, script_text(m, cfg, e.n_predict, header, n)) for n in names]
-        paths += [_write_script(run.dir / n.replace("run-", "serve-"),
-                                serve_script_text(m, cfg, e.n_predict, header, n.replace("run-", "serve-")))
-                  for n in names]
-        measured = measured_run(result.runs, cfg.label)
-        rendered = flags.command(m.cli, settings, flags.MTMD, extra)
-        if measured["command"] is not None and measured["command"] != rendered:
-            raise TuneError(f"run-llava script for budget '{name}' would run {shlex.join(rendered)}, but 07_tune "
-                            f"measured {shlex.join(measured['command'])}: a configuration field is lost on its "
-                            "way through the runs table (tune_config.config_from_row)")
-        kld = result.quality["kld"].get(cfg.quant)
-        budgets[name] = json_safe({
-            "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
-            "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
-            "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
-            "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
-            "text_gguf": settings["model"], "mmproj": settings["mmproj"],
-            "flags": flags.flag_args(flags.runtime(settings)) + extra,
-            **measured, "flag_table": flags.table(settings),
-            "scripts": [str(p) for p in paths],
-            "stages": {k: row.get(k) for k in ("load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_ms",
-                                               "prompt_tokens_per_s", "eval_ms_per_token")}})
-    snippet = folder / "params-snippet.yaml"
-    main_cfg = config_from_row(chosen[full])
-    # Every key, null ones included: null is the tool's default, which a params file's value would override.
-    keys = main_cfg.settings()
-    with atomic_path(snippet, suffix=".yaml") as tmp:
-        tmp.write_text(f"# Add to {run.params_file} so `make evaluate` runs with the recommendation:\n"
-                       f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
-                       "the mmproj type and image budget are in run-llava.sh)\n"
-                       + yaml.safe_dump({"evaluate": {**keys, "chat_template": SEED_TEMPLATE}}, sort_keys=False))
-    notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
-    failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
-    main = budgets[full]
-    # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
-    info = json_safe({
-        "run": run.params.run, "config": main["config"], "answer_s": main["answer_s"],
-        "seed_answer_s": baseline.get("answer_s"), "speedup": main["speedup"], "vs_seed": main["vs_baseline"],
-        "setup": {"machine": {"board": board, "cores": usable_cores()},
-                  "llama_cpp": toolchain.tool_version(m.cli), "image": str(m.image), "prompt": m.prompt,
-                  "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
-                  "rule": "A is faster than B only when A's slowest run beats B's fastest "
-                          "(min-max ranges do not overlap)"},
-        "baseline": {"config": base.label, "command": measured_run(result.runs, base.label)["command"],
-                     "command_flags": flags.flag_args(flags.runtime(m.run_settings(base, e.n_predict)[0])), **{
-            k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
-                                         "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
-                                         "prompt_eval_ms", "eval_ms_per_token")}},
-        "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
-        "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
-        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet)})
-    write_json(folder / "recommended.json", info)
-    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement)):
-        if df is not None and len(df):
-            write_table(df.drop(columns=[c for c in ("command",) if c in df]), folder / name)
-    run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh",
-                        "serve_script": run.dir / server.SCRIPT_NAME})
-    return info
+from ..workspace import Run
 
 
 # ----------------------------------------------------------------------------- plots
@@ -226,8 +90,6 @@ def headline_html(run: Run) -> str | None:
         parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s, "
                      f"one-shot run-llava.sh {s['one_shot_s']:.1f} s)</b> with <a href='../serve-llava.sh'>serve-llava.sh</a>: {s['follow_up_prompt_n']} new prompt "
                      f"tokens per follow-up instead of {s['first_prompt_n']} (median over {s['cases']} case(s))")
-        from .serve import memory_line
-
         if memory_line(s):
             parts.append("; " + memory_line(s))
     return "".join(parts) + "</p>"

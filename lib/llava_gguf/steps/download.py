@@ -12,8 +12,10 @@ sha256 where the hub publishes one (LFS files). The hub clients are only called 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ from tqdm.auto import tqdm
 from .. import diskspace
 from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
 from ..gguf_io import GGUFError, open_gguf, quant_type_of
-from ..tokenizer import model_problem as tokenizer_problem
+from ..llama_cpp import toolchain
+from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
+from ..tokenizer import VOCAB_GGUF, model_problem as tokenizer_problem
 from ..workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,6 @@ def _snapshot(run: Run, patterns: list[str] | None) -> Path:
 
             path = huggingface_hub.snapshot_download(repo_id=p.repo, revision=p.revision, allow_patterns=patterns)
         else:
-            import importlib
-
             ms = importlib.import_module("modelscope.hub.snapshot_download")
             path = ms.snapshot_download(model_id=p.repo, revision=p.revision, allow_patterns=patterns)
     except hub_errors() as err:  # the hub clients raise many types for "no network"
@@ -208,10 +210,6 @@ def _fail_on(table: pd.DataFrame, folder: Path, run: Run) -> None:
 
 # ----------------------------------------------------------------------------- sources
 def _tiny(run: Run) -> Path:
-    import math
-
-    from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
-
     t = run.params.model.tiny
     hf = "-hf" if t.layout == "hf" else ""
     folder = run.sub("source") / f"llava-synthetic-{t.size}-{t.format}-{t.shards}shards-seed{t.seed}{hf}"
@@ -225,7 +223,8 @@ def _tiny(run: Run) -> Path:
     needed = sum(2 * math.prod(shape) for _, shape in synthetic_tensors(SIZES[t.size]))  # bf16 weights
     diskspace.ensure_space(folder, needed, "the synthetic checkpoint")
     with diskspace.disk_errors(folder, needed, "the synthetic checkpoint"):
-        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout)
+        return make_tiny(folder, size=t.size, fmt=t.format, shards=t.shards, seed=t.seed, layout=t.layout,
+                         vocab_gguf=toolchain.source_asset(VOCAB_GGUF))
 
 
 def params_problems(run: Run) -> list[str]:

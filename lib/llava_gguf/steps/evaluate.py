@@ -23,9 +23,9 @@ from .. import machine, step_tools
 from ..checks import image_sequence as image_sequence_check
 from ..checks import quality
 from ..gguf_io import gguf_summary, open_gguf, quant_table
-from ..llama_cpp import corpus, mtmd, toolchain
+from ..llama_cpp import build_info, corpus, mtmd, toolchain
 from ..reports import plots, summary
-from ..workspace import Run, atomic_path, resolve, write_json
+from ..workspace import Run, resolve, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +183,10 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
         if df is not None:
             write_table(df, metrics / name)
     write_json(metrics / "summary.json", info)
-    machine.record_machine(run)  # the board and llama.cpp build these timings belong to
+    # The board and llama.cpp build these timings belong to.
+    machine.record_machine(run, build_info.llama_cpp_build(run.params.llama_cpp.dir, run.dir / "logs"))
     run.record("metrics", metrics)
     return EvalReport(runs, tokens, table, quant, kld, agreement, info, figures, metrics)
-
-
-def write_table(df: pd.DataFrame, stem: Path) -> None:
-    """<stem>.csv and <stem>.json (records)."""
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        df.to_csv(tmp, index=False)
-    with atomic_path(stem.with_suffix(".json")) as tmp:
-        df.to_json(tmp, orient="records", indent=1)
 
 
 # ----------------------------------------------------------------------------- running

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import diskspace, quant_types, stamps, step_tools, workspace
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, limits, toolchain
-from ..params import TEXT_OUTTYPES
+from ..quant_types import TEXT_OUTTYPES
 from ..reports import tables
 from ..topology import usable_cores
 from ..workspace import Run, atomic_path

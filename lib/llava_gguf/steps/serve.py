@@ -29,8 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..llama_cpp import chat, server
+from ..llama_cpp import chat, server, toolchain
+from ..reports import serve as serve_report
 from ..workspace import Run, write_json
+from .evaluate import case_inputs
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,6 @@ def start_script(run: Run, log_path: Path, ready_timeout_s: float, args: tuple[s
 
 def one_shot(run: Run, image: Path, question: str, log_path: Path, timeout_s: float) -> float:
     """Seconds from start to exit of the run's run-llava.sh on this image and question."""
-    from ..llama_cpp import toolchain
-
     started = time.perf_counter()
     toolchain.run_tool(["bash", run.dir / "run-llava.sh", "--image", image, "-p", question], log_path, timeout_s,
                        "run-llava.sh")
@@ -155,9 +155,6 @@ def memory_summary(turns: pd.DataFrame, ready: dict, server_log: str) -> dict:
 
 def run_serve(run: Run) -> ServeResult:
     """Step 08 (`conversation`): the conversations, conversation/turns.csv and summary.json, the per-turn plot."""
-    from ..reports import serve as serve_report
-    from .evaluate import case_inputs
-
     e = run.params.evaluate
     folder = run.sub("conversation")
     rec_path = run.dir / "tune" / "recommended.json"

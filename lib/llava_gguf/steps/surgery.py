@@ -17,6 +17,7 @@ projector type) runs before the manifest is written; see `checkpoint.py` and `la
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import pandas as pd
 from ..checkpoint import Checkpoint, DTYPE_SIZES
 from ..layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
 from ..manifest import MANIFEST_VERSION, ManifestError, part_tensors  # noqa: F401  (ManifestError: raised by the step)
-from ..vision_config import params_vision_config, resolve_vision_config
-from ..workspace import Run, rel_to_root, resolve, write_json
+from ..vision_config import resolve_vision_config
+from ..workspace import Run, params_vision_config, rel_to_root, resolve, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def build_manifest(ckpt: Checkpoint, split: Split) -> dict:
     tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[0]]))
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "source": rel_to_root(ckpt.path),
+        "source": os.path.abspath(ckpt.path),  # the file holds it relative to the repo root (run_surgery)
         "layout": split.layout,
         "format": ckpt.format,
         "index_file": ckpt.index_file,
@@ -116,7 +117,7 @@ def run_surgery(run: Run) -> SurgeryResult:
     if path.resolve().is_relative_to(Path(folder).resolve()):
         raise ManifestError(f"{path}: the run folder is inside the source checkpoint {folder}; "
                             "the source is never written to, choose another outputs folder")
-    write_json(path, manifest)
+    write_json(path, {**manifest, "source": rel_to_root(manifest["source"])})
     run.record("surgery", path)
     return SurgeryResult(path, manifest)
 

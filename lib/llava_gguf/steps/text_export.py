@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import jinja2
 import numpy as np
 import pandas as pd
 import torch
@@ -34,7 +35,7 @@ from ..gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the expor
 from ..checks.hf import HFCheck, verify_hf
 from ..manifest import load_manifest, open_checked
 from ..text_model import OUTTYPES, VICUNA_CHAT_TEMPLATE, Q, TextPlan, TextTensor, plan_from_manifest
-from ..workspace import Run, atomic_path
+from ..workspace import Run, atomic_path, repo_root
 from . import surgery
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,6 @@ def write_text_gguf(source: dict | Path | str, out_path: Path | str, outtype: st
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True, eos_token: str = "</s>") -> str:
     """The Vicuna template rendered as Jinja (what llama.cpp's --jinja mode and transformers do)."""
-    import jinja2
-
     return jinja2.Environment().from_string(VICUNA_CHAT_TEMPLATE).render(
         messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
 
@@ -221,7 +220,7 @@ def run_text(run: Run) -> TextResult:
     """Step 04: plan from the surgery manifest, write `outputs/<run>/models/<name>-<OUTTYPE>.gguf`
     (artifact `text_gguf`), then check it against PyTorch (`convert.verify`)."""
     step_tools.require(run.params, "text")  # the check's tools, before minutes of writing
-    manifest = load_manifest(run)
+    manifest = load_manifest(run.artifact_path("surgery"), repo_root())
     plan = plan_from_manifest(manifest, run.params.convert.outtype)
     result = write_text_gguf(manifest, output_path(run), plan.outtype, model_name(run), plan)
     run.record("text_gguf", result.path)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -38,11 +39,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from tqdm.auto import tqdm
 
+from .. import tune_results
+from ..checks import quality
+from ..llama_cpp import toolchain
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
+from ..reports import tune as tune_report
 from ..reports.tables import format_ratio, format_seconds, plural
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
-from .evaluate import case_inputs
+from .evaluate import case_inputs, variants_for_run
 from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
                           config_from_row, config_row, runtime_grid, spread, thread_candidates)
 from ..workspace import Run, atomic_path
@@ -136,8 +142,6 @@ def _best(rows: list[dict | None]) -> dict | None:
 def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
            n_predict: int, deadline: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
     """The staged screening; returns (best screened rows per budget, skipped configurations)."""
-    from tqdm.auto import tqdm
-
     skipped: list[dict] = []
     durations: list[float] = []
 
@@ -193,8 +197,6 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
 
 def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int) -> pd.DataFrame:
     """A warm-up run and `repetitions` full runs per configuration; one row each with the spread."""
-    from tqdm.auto import tqdm
-
     jobs = [(c, r) for c in configs for r in range(repetitions + 1)]
     rows = {c: [] for c in configs}
     for cfg, rep in tqdm(jobs, desc="confirm (warm-up + repetitions)", unit="run"):
@@ -266,10 +268,6 @@ def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple
 def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], types: list[str],
                    n_predict: int, reference: str) -> pd.DataFrame:
     """Greedy answers of every budget x mmproj type on evaluate.cases, vs (reference budget, f16)."""
-    from tqdm.auto import tqdm
-
-    from ..checks import quality
-
     rows = []
     jobs = [(b, t, i, img, pr) for b in budgets for t in types for i, (img, pr) in enumerate(case_inputs(run))]
     for b, t, i, img, pr in tqdm(jobs, desc="answer agreement", unit="run"):
@@ -282,10 +280,6 @@ def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], type
 
 def run_tune(run: Run) -> TuneResult:
     """Step 07: baseline, screening, confirmation, quality, choice; writes tune/ and run-llava*.sh."""
-    from ..reports import tune as tune_report
-    from ..llama_cpp import toolchain
-    from .evaluate import variants_for_run
-
     p, e = run.params.tune, run.params.evaluate
     started = time.monotonic()
     text = {k: Path(v) for k, v in variants_for_run(run).items()}
@@ -332,7 +326,7 @@ def run_tune(run: Run) -> TuneResult:
                "mmproj_nmse": mmproj_nmse(run, mmproj, full),
                "synthetic": run.params.model.source == "tiny"}
     result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
-    result.recommended = tune_report.write_results(run, result, base, chosen, full, m)
+    result.recommended = tune_results.write_results(run, result, base, chosen, full, m)
     result.figures = tune_report.figures(run, result, base)
     log.info("%s (%.0f s)", result, time.monotonic() - started)
     return result
@@ -341,8 +335,6 @@ def run_tune(run: Run) -> TuneResult:
 def stage_image(run: Run, image: Path) -> Path:
     """The measured image, copied into the run folder: run-llava*.sh names it, and it must outlive
     the llama.cpp source cache the default image comes from."""
-    import shutil
-
     target = (run.sub("tune") / image.name).absolute()
     if not target.exists() or target.read_bytes() != image.read_bytes():
         with atomic_path(target, suffix=image.suffix) as tmp:

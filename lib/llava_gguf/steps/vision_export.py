@@ -11,7 +11,7 @@ what llama.cpp's recipe writes:
 
 Where the vision configuration comes from
 -----------------------------------------
-The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf); `vision_config()` builds it offline:
+The recipe downloads `config_vit.json` (cmp-nct/llava-1.6-gguf); `config_vit.config_vit()` builds it offline:
 
 - the tower's CLIPVisionConfig, checked against the tensors (`vision_config.py` says where it comes
   from): the head count, activation (`clip.use_gelu`), epsilon and projection_dim.
@@ -46,25 +46,24 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
 from tqdm.auto import tqdm
 
 from .. import diskspace
-from ..anyres import missing_pinpoints_warning, parse_pinpoints
+from ..anyres import missing_pinpoints_warning
+from ..config_vit import LAYER, VisionExportError, config_vit
 from ..gguf_io import metadata_table, read_gguf, tensor_table
+from ..hf_layout import apply_vision_config, llava_config
 from ..checks.hf import HFCheck, verify_hf
 from ..layout import PROJECTOR, VISION
 from ..checks import image_sequence as image_sequence_check, vision as vision_check
-from ..params import MMPROJ_OUTTYPES
+from ..quant_types import MMPROJ_OUTTYPES
 from ..manifest import load_manifest, open_checked, part_tensors
-from ..vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, VisionConfigError, params_vision_config, resolve_vision_config
-from ..workspace import Run, atomic_path
+from ..vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+from ..workspace import Run, atomic_path, params_vision_config, repo_root
 
 log = logging.getLogger(__name__)
 
 ARCH = "clip"
 VISION_PREFIX = "clip.vision"
-VIT_NAME = "vit-large336-custom"
 DESCRIPTION = "image encoder for LLaVA"
 PROJECTOR_TYPE = "mlp"  # the script's --projector-type default: LLaVA's 2-layer MLP
-LLAVA_KEYS = ("image_grid_pinpoints", "image_crop_resolution", "image_aspect_ratio", "image_split_resolution",
-              "mm_patch_merge_type", "mm_projector_type")
 OUTTYPES = MMPROJ_OUTTYPES
 FILE_TYPES = {"f32": 0, "f16": 1}  # general.file_type as the script writes it (its ftype)
 
@@ -90,20 +89,6 @@ TENSOR_NAMES: list[tuple[str, str | None]] = [
     (r"vision_model\.post_layernorm\.(weight|bias)", None),
 ]
 _RULES = [(re.compile(p + "$"), repl) for p, repl in TENSOR_NAMES]
-_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
-# What each layer of the tower must hold (canonical suffixes after encoder.layers.N.).
-LAYER_TENSORS = tuple(f"{m}.{wb}" for m in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
-                                            "self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2")
-                      for wb in ("weight", "bias"))
-EMBEDDING_TENSORS = ("vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
-                     "vision_model.embeddings.position_embedding.weight", "vision_model.pre_layrnorm.weight",
-                     "vision_model.pre_layrnorm.bias")
-
-
-class VisionExportError(ValueError):
-    """The checkpoint's vision tower or config cannot be exported; names the file and the fix."""
-
-
 @dataclass(frozen=True)
 class MmprojTensor:
     stored: str  # name in the checkpoint
@@ -167,7 +152,7 @@ def _order_key(canonical: str) -> tuple:
     """The script's order: the projector as llava.projector lists it (sorted by name, as safetensors'
     keys() gives them), then image_newline, then the tower in CLIPVisionModel.state_dict() order."""
     row = next(i for i, (p, _) in enumerate(_RULES) if p.match(canonical))
-    layer = _LAYER.match(canonical)
+    layer = LAYER.match(canonical)
     if canonical.startswith("mm_projector."):
         return (0, row, canonical)
     return (int(layer.group(1)) + 1 if layer else 0, row, "", canonical.endswith(".bias"))
@@ -179,77 +164,6 @@ def name_map_table() -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- configuration
-def _layers(vision: dict[str, dict], where: str) -> int:
-    found = {int(m.group(1)) for name in vision if (m := _LAYER.match(name))}
-    if not found or found != set(range(len(found))):
-        raise VisionExportError(f"{where}: vision tower layers {sorted(found)} are not 0..N-1; incomplete checkpoint")
-    missing = [n for n in EMBEDDING_TENSORS if n not in vision]
-    missing += [f"vision_model.encoder.layers.{i}.{s}" for i in range(len(found)) for s in LAYER_TENSORS
-                if f"vision_model.encoder.layers.{i}.{s}" not in vision]
-    if missing:
-        raise VisionExportError(f"{where}: vision tower tensors missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
-                                "; re-download the checkpoint")
-    return len(found)
-
-
-def vision_config(config: dict, vision: dict[str, dict], where: str = "config.json",
-                  override: str | Path | None = None) -> dict:
-    """The config_vit.json of the recipe, from config.json, the tower's shapes and its CLIPVisionConfig
-    (`vision_config.resolve_vision_config`: params convert.vision_config = `override`, the one
-    config.json carries, or a known tower's).
-
-    `vision`: canonical name -> anything with a "shape" (manifest entries)."""
-    n_layers = _layers(vision, where)
-    shape = {name: tuple(t["shape"]) for name, t in vision.items()}
-    try:
-        tower = resolve_vision_config(config, shape, where, override)
-    except VisionConfigError as err:
-        raise VisionExportError(str(err)) from None
-    hidden = tower["hidden_size"]
-    feature = config.get("mm_vision_select_feature", "patch")
-    if feature != "patch":
-        raise VisionExportError(f"{where}: mm_vision_select_feature {feature!r} is not supported; llama.cpp's llava "
-                                "graph feeds the projector the patch tokens only ('patch')")
-    select = config.get("mm_vision_select_layer", -2)
-    keep = (n_layers + select + 1 if select < 0 else select) if isinstance(select, int) else 0
-    if not 1 <= keep <= n_layers:
-        raise VisionExportError(f"{where}: mm_vision_select_layer {select!r} is outside the tower's {n_layers} layers")
-    if config.get("mm_hidden_size", hidden) != hidden:
-        raise VisionExportError(f"{where}: mm_hidden_size {config['mm_hidden_size']} != vision width {hidden} "
-                                "of the tower's tensors; config.json and weights disagree")
-    if config.get("mm_patch_merge_type") == "spatial_unpad" and "image_newline" not in vision:
-        raise VisionExportError(f"{where}: mm_patch_merge_type spatial_unpad (LLaVA 1.6) needs the image_newline "
-                                "tensor, which the checkpoint lacks; incomplete download?")
-    log.info("vision tower config from %s: %d heads", tower["source"], tower["num_attention_heads"])
-    cfg = {
-        "_name_or_path": VIT_NAME,
-        "architectures": ["CLIPVisionModel"],
-        "attention_dropout": 0.0,
-        "dropout": 0.0,
-        "hidden_act": tower["hidden_act"],
-        "hidden_size": hidden,
-        "image_size": tower["image_size"],
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": tower["intermediate_size"],
-        "layer_norm_eps": tower["layer_norm_eps"],
-        "model_type": "clip_vision_model",
-        "num_attention_heads": tower["num_attention_heads"],
-        "num_channels": tower["num_channels"],
-        "num_hidden_layers": keep + 1,
-        "patch_size": tower["patch_size"],
-        "projection_dim": tower["projection_dim"],
-        "torch_dtype": "float32",
-    }
-    cfg.update({k: config[k] for k in LLAVA_KEYS if k in config})
-    if "image_grid_pinpoints" in cfg:
-        try:
-            cfg["image_grid_pinpoints"] = [list(p) for p in parse_pinpoints(cfg["image_grid_pinpoints"])]
-        except ValueError as err:
-            raise VisionExportError(f"{where}: {err}") from None
-    return cfg
-
-
 def block_count(vcfg: dict) -> int:
     """The layers written: all but the last of the derived config (see the module docstring)."""
     return vcfg["num_hidden_layers"] - 1
@@ -307,7 +221,7 @@ def mmproj_tensors(manifest: dict, vcfg: dict, outtype: str = "f16") -> list[Mmp
     plan = []
     for part in (PROJECTOR, VISION):
         for canonical, t in part_tensors(manifest, part).items():
-            layer = _LAYER.match(canonical)
+            layer = LAYER.match(canonical)
             name = gguf_name(canonical)
             if name is None or (layer and int(layer.group(1)) >= keep):
                 continue
@@ -323,18 +237,16 @@ def mmproj_name(outtype: str) -> str:
 def plan_mmproj(manifest: dict, outtype: str = "f16",
                 vision_config_file: str | Path | None = None) -> tuple[dict, list[MmprojTensor]]:
     """The derived vision config and the tensors to write; every check, nothing read or written.
-    `vision_config_file`: params convert.vision_config (see `vision_config`)."""
+    `vision_config_file`: params convert.vision_config (see `config_vit.config_vit`)."""
     if outtype not in OUTTYPES:
         raise VisionExportError(f"convert.mmproj_outtype must be one of {OUTTYPES}, not {outtype!r}")
     where = str(Path(manifest["source"]) / "config.json")
     tensors = {**part_tensors(manifest, VISION), **part_tensors(manifest, PROJECTOR)}
     if manifest.get("layout") == "llava-hf":  # nested config.json: see hf_layout
-        from ..hf_layout import apply_vision_config, llava_config
-
-        vcfg = apply_vision_config(vision_config(llava_config(manifest["config"]), tensors, where, vision_config_file),
+        vcfg = apply_vision_config(config_vit(llava_config(manifest["config"]), tensors, where, vision_config_file),
                                    manifest["config"], where)
     else:
-        vcfg = vision_config(manifest["config"], tensors, where, vision_config_file)
+        vcfg = config_vit(manifest["config"], tensors, where, vision_config_file)
     proj_in = tuple(tensors["mm_projector.0.weight"]["shape"])[1]
     if proj_in != vcfg["hidden_size"]:
         raise VisionExportError(f"{where}: mm_projector.0 takes width {proj_in}, the tower gives "
@@ -380,7 +292,7 @@ def run_vision(run: Run) -> VisionResult:
     """Step 03: export the run's vision tower + projector (artifact `mmproj`) from the surgery
     manifest, then check llama.cpp's image embeddings against PyTorch (`convert.verify`): one
     336 px slice (`checks/vision.py`) and whole images in LLaVA 1.6's sequence (`checks/image_sequence.py`)."""
-    manifest = load_manifest(run)
+    manifest = load_manifest(run.artifact_path("surgery"), repo_root())
     outtype = run.params.convert.mmproj_outtype
     result = export_mmproj(manifest, run.dir / "models" / mmproj_name(outtype), outtype,
                            params_vision_config(run.params))
