@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +72,50 @@ def test_sdist_links_are_checked_without_tarfile_filters():
         return m
     assert toolchain._link_inside(link("a/b/c.h", "../d.h"))
     assert not toolchain._link_inside(link("a/c.h", "../../etc/passwd"))
+
+
+def test_the_unpatched_build_sits_beside_the_patched_one(tmp_path, monkeypatch):
+    """One build function: `unpatched=True` keys the folder by the commit alone and wants llama-mtmd-cli only."""
+    monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
+    assert toolchain.build_key(unpatched=True) == f"{toolchain.LLAMA_CPP_COMMIT}-unpatched"
+    unpatched = toolchain.default_build_dir(unpatched=True)
+    assert unpatched == tmp_path / "llama.cpp-0c1e570-unpatched"
+    assert unpatched.parent == toolchain.default_build_dir().parent != unpatched
+    # A cached unpatched build (its marker and its one tool) is used as it is: nothing is copied or built.
+    (unpatched / "src").mkdir(parents=True)
+    (unpatched / "src" / ".patched").write_text(toolchain.build_key(unpatched=True) + "\n")
+    (unpatched / "bin").mkdir()
+    (unpatched / "bin" / "llama-mtmd-cli").write_text("")
+    monkeypatch.setattr(toolchain, "source_dir", lambda: pytest.fail("the cached build was rebuilt"))
+    assert toolchain.build_llama_cpp(unpatched=True) == unpatched / "bin"
+    assert toolchain.UNPATCHED_TOOLS == ("llama-mtmd-cli",)
+
+
+def test_an_unpatched_build_applies_no_patch(tmp_path, monkeypatch):
+    """The build steps as build_llama_cpp runs them, with cmake and patch recorded instead of run."""
+    monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
+    src = tmp_path / "pristine"
+    (src / "cmake").mkdir(parents=True)
+    (src / "cmake" / "build-info.cmake").write_text('set(BUILD_COMMIT "unknown")\n')
+    monkeypatch.setattr(toolchain, "source_dir", lambda: src)
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append([str(c) for c in cmd])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def fake_build(cmd, logf):
+        calls.append([str(c) for c in cmd])
+        out = Path(cmd[cmd.index("--build") + 1]) / "bin"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "llama-mtmd-cli").write_text("")
+
+    monkeypatch.setattr(toolchain.subprocess, "run", fake_run)
+    monkeypatch.setattr(toolchain, "_run_with_progress", fake_build)
+    bin_dir = toolchain.build_llama_cpp(unpatched=True, jobs=1)
+    assert bin_dir == tmp_path / "llama.cpp-0c1e570-unpatched" / "bin" and (bin_dir / "llama-mtmd-cli").exists()
+    assert not any(c[0] == "patch" for c in calls)
+    build = next(c for c in calls if "--build" in c)
+    assert build[build.index("--target") + 1:] == ["llama-mtmd-cli"]
+    info = (bin_dir.parent / "src" / "cmake" / "build-info.cmake").read_text()
+    assert 'BUILD_COMMIT "0c1e570-unpatched"' in info

@@ -34,6 +34,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 TOOLS = ("llama-quantize", "llama-mtmd-cli", "llama-perplexity", "llama-bench", "llama-debug",
          "llama-mtmd-debug", "llama-imatrix", "llama-tokenize", "llama-server")
+# The published recipe's build: the pinned commit without the project's patches. Only the
+# seed's command runs on it (tune's second baseline), so only that tool is built.
+UNPATCHED_TOOLS = ("llama-mtmd-cli",)
 ENV_DIR = "LLAMA_CPP_DIR"
 # Directories within a llama.cpp folder where its tools may sit, in order of preference.
 _BIN_SUBDIRS = ("", "bin", "build/bin", "build")
@@ -51,8 +54,13 @@ def patch_files() -> list[Path]:
     return sorted(patches_dir().glob("*.patch"))
 
 
-def build_key() -> str:
-    """Commit plus a hash of the patches applied to it: a changed patch means a new build."""
+def build_key(unpatched: bool = False) -> str:
+    """Commit plus a hash of the patches applied to it: a changed patch means a new build.
+
+    The unpatched build's key is the commit and the word `unpatched`: nothing else can change it.
+    """
+    if unpatched:
+        return f"{LLAMA_CPP_COMMIT}-unpatched"
     h = hashlib.sha256()
     for p in patch_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -86,8 +94,8 @@ class CrossTarget:
 O6 = CrossTarget(processor="aarch64", triplet="aarch64-linux-gnu", arm_arch="armv9-a+i8mm+bf16")
 
 
-def default_build_dir(cross: CrossTarget | None = None) -> Path:
-    return cache_dir() / (f"llama.cpp-{build_key()}" + (f"-{cross.name}" if cross else ""))
+def default_build_dir(cross: CrossTarget | None = None, unpatched: bool = False) -> Path:
+    return cache_dir() / (f"llama.cpp-{build_key(unpatched)}" + (f"-{cross.name}" if cross else ""))
 
 
 # ----------------------------------------------------------------------------- source
@@ -167,34 +175,41 @@ def source_asset(rel: str) -> Path:
 
 # ----------------------------------------------------------------------------- build
 def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, force: bool = False,
-                    cross: CrossTarget | None = None) -> Path:
+                    cross: CrossTarget | None = None, unpatched: bool = False) -> Path:
     """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
 
-    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder).
+    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). With
+    `unpatched`, the pinned source is built as published, without the project's patches, and only
+    llama-mtmd-cli (the published recipe's tool), into `llama.cpp-<commit>-unpatched` beside the
+    patched build.
     """
-    build_dir = build_dir or default_build_dir(cross)
+    key = build_key(unpatched)
+    patches = [] if unpatched else patch_files()
+    tools = UNPATCHED_TOOLS if unpatched else TOOLS
+    build_dir = build_dir or default_build_dir(cross, unpatched)
     bin_dir = build_dir / "bin"
     src = build_dir / "src"
     marker = src / ".patched"
     # The marker's first line is the build key the tree was patched for: a build folder given
     # explicitly (to rebuild incrementally after editing a patch) is re-patched when it differs.
     patched_for = marker.read_text().split("\n", 1)[0] if marker.exists() else None
-    if not force and patched_for == build_key() and all((bin_dir / t).exists() for t in TOOLS):
+    if not force and patched_for == key and all((bin_dir / t).exists() for t in tools):
         log.info("llama.cpp build up to date: %s", bin_dir)
         return bin_dir
-    if force or patched_for != build_key():
+    if force or patched_for != key:
         # A tree patched for another key (an explicit build_dir after a patch edit) is rebuilt
         # from scratch: copied sources keep their old times, so cmake would miss un-patched files.
         for stale in (src, build_dir / "cmake"):
             if stale.exists():
                 shutil.rmtree(stale)
+        build_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source_dir(), src, symlinks=True)
-        for patch in patch_files():
+        for patch in patches:
             log.info("applying %s", patch.name)
             subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], cwd=src, check=True,
                            stdout=subprocess.DEVNULL)
-        _stamp_build_info(src)
-        marker.write_text("\n".join([build_key(), *(p.name for p in patch_files())]) + "\n")
+        _stamp_build_info(src, key)
+        marker.write_text("\n".join([key, *(p.name for p in patches)]) + "\n")
     cmake_dir = build_dir / "cmake"
     log_file = build_dir / "build.log"
     # The server's web page is left out (LLAMA_BUILD_UI stays OFF, no prebuilt download): the
@@ -204,26 +219,26 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
                  "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  *(cross.cmake_args() if cross else [])]
     jobs = jobs or os.cpu_count() or 2
-    build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *TOOLS]
+    build = ["cmake", "--build", str(cmake_dir), "-j", str(jobs), "--target", *tools]
     with open(log_file, "w") as logf:
-        log.info("configuring llama.cpp (log: %s)", log_file)
+        log.info("configuring llama.cpp%s (log: %s)", " (unpatched)" if unpatched else "", log_file)
         subprocess.run(configure, stdout=logf, stderr=subprocess.STDOUT, check=True)
-        log.info("building %s%s with %d jobs (~5 min on 2 cores)", ", ".join(TOOLS),
-                 f" for {cross.name}" if cross else "", jobs)
+        log.info("building %s%s%s with %d jobs (~5 min on 2 cores)", ", ".join(tools),
+                 f" for {cross.name}" if cross else "", " (unpatched)" if unpatched else "", jobs)
         _run_with_progress(build, logf)
     # llama.cpp's CMakeLists sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <cmake dir>/bin itself (a -D
     # value is overridden), so the tools are copied from there.
     bin_dir.mkdir(exist_ok=True)
-    for tool in TOOLS:
+    for tool in tools:
         if (cmake_dir / "bin" / tool).exists():
             shutil.copy2(cmake_dir / "bin" / tool, bin_dir / tool)
-    missing = [t for t in TOOLS if not (bin_dir / t).exists()]
+    missing = [t for t in tools if not (bin_dir / t).exists()]
     if missing:
         raise RuntimeError(f"llama.cpp build finished without {missing}; see {log_file}")
     return bin_dir
 
 
-def _stamp_build_info(src: Path) -> None:
+def _stamp_build_info(src: Path, key: str) -> None:
     """Let `--version` name the pinned commit and the patch set.
 
     llama.cpp asks git for its commit; the sdist's tree has a dangling `.git` file instead of a
@@ -231,7 +246,7 @@ def _stamp_build_info(src: Path) -> None:
     """
     info = src / "cmake" / "build-info.cmake"
     text = info.read_text()
-    info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{build_key()}")', 1))
+    info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{key}")', 1))
     (src / ".git").unlink(missing_ok=True)
 
 

@@ -139,9 +139,14 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
                                          "prompt_eval_ms", "eval_ms_per_token")}},
         "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
         "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
-        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet)})
+        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet),
+        # The llama-bench type screen, every type at every budget, the published recipe and the bounds.
+        "types": result.types, "published": result.published, "bound": result.bound,
+        "coverage": result.coverage.to_dict("records") if result.coverage is not None else []})
     write_json(folder / "recommended.json", info)
-    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement)):
+    types_table = pd.DataFrame((result.types or {}).get("types") or [])
+    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement),
+                     ("types", types_table), ("coverage", result.coverage)):
         if df is not None and len(df):
             write_table(df.drop(columns=[c for c in ("command",) if c in df]), folder / name)
     run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh",
@@ -200,6 +205,21 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
 
 
 # ----------------------------------------------------------------------------- index.html
+def published_headline(info: dict) -> str:
+    """The headline's first ratio: to the published recipe, named, or why it is not there."""
+    from ..tune_published import format_ratio
+
+    pub = info.get("published") or {}
+    if not pub:
+        return ""
+    budget = (info.get("recommended") or {}).get("budget")
+    r = ((pub.get("ratios") or {}).get(budget) or {}).get("vs_published")
+    if pub.get("measured") and r:
+        return (f"{format_ratio(r)} faster than {html.escape(pub['name'])} ({html.escape(pub['description'])}: "
+                f"{pub['answer_s']:.1f} s) and ")
+    return f"{html.escape(pub['name'])}: {html.escape(str(pub.get('why_not') or 'not measured'))}; "
+
+
 def headline_html(run: Run) -> str | None:
     """The first line of index.html, None before step 07 has run."""
     path = run.dir / "tune" / "recommended.json"
@@ -209,9 +229,20 @@ def headline_html(run: Run) -> str | None:
     rec, base = info.get("recommended") or {}, info.get("baseline") or {}
     if not rec.get("answer_s") or not base.get("answer_s"):
         return None
+    ratios = (info.get("published") or {}).get("ratios") or {}
+    same = (ratios.get(rec.get("budget")) or {}).get("vs_same_build")
+    from ..tune_published import format_ratio
+
     parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
-             f"{rec['speedup']:.2f}× faster than the seed's command ({base['answer_s']:.1f} s)</b>"]
-    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({v['speedup']:.2f}×)"
+             + published_headline(info) + (format_ratio(same) if same else f"{rec['speedup']:.2f}×")
+             + " faster than the seed's command" + (" on this build" if info.get("published") else "")
+             + f" ({base['answer_s']:.1f} s)</b>"]
+
+    def _vs(b: str, v: dict) -> str:
+        pub = (ratios.get(b) or {}).get("vs_published")
+        return (f"{pub['ratio']:.2f}× the published recipe, {v['speedup']:.2f}× the seed's command on this build"
+                if pub else f"{v['speedup']:.2f}×")
+    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({_vs(b, v)})"
               for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
     if others:
         parts.append("; smaller image budgets: " + ", ".join(others))
