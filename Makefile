@@ -15,7 +15,7 @@ FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
 REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
-.PHONY: help check-params setup constraints llama-cpp webui all $(STEPS) report lab serve test test-fast bench clean-run \
+.PHONY: help check-params setup constraints llama-cpp llama-cpp-unpatched webui all $(STEPS) report lab serve test test-fast bench clean-run \
 	compare publish arm64-rehearsal rehearsal-x86
 
 help: ## list the targets
@@ -56,6 +56,9 @@ constraints: $(STAMP) ## regenerate constraints/*.txt from requirements.txt with
 
 llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/llava-gguf (skipped with LLAMA_CPP_DIR)
 	$(PY) -m llava_gguf build-llama-cpp
+
+llama-cpp-unpatched: $(STAMP) ## build llama-mtmd-cli from the pinned source without the patches (07_tune's published-recipe baseline)
+	$(PY) -m llava_gguf build-llama-cpp --unpatched
 
 all: check-params setup llama-cpp ## run every step on PARAMS, then render reports into outputs/<run>/reports/
 	$(PY) -m llava_gguf run all --params "$(PARAMS)" $(FORCE_FLAG)

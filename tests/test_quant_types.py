@@ -174,3 +174,25 @@ def test_loader_names_are_the_model_loaders_own():
         pytest.skip(f"{src} not extracted (make llama-cpp)")
     names = set(re.findall(r'LLAMA_FTYPE_PREFIX "([^"]+)"', src.read_text()))
     assert {q.loader for q in quant_types.QUANT_TYPES.values()} <= names
+
+
+# ----------------------------------------------------------------------------- what 07_tune measures
+def test_tune_takes_the_cpus_candidates_and_the_runs_own_types():
+    from llava_gguf import tune_screen
+
+    avx2 = tune_screen.candidate_types(None, _cpu("ryzen7-1700-avx2.cpuinfo"), extra=["Q5_K_S"])
+    assert [s.quant for s in avx2] == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0"]
+    by = {s.quant: s for s in avx2}
+    assert by["Q5_K_S"].why.startswith("made by step 05") and by["Q5_K_S"].repacked_expected is None
+    assert by["IQ4_NL"].repacked_expected and by["IQ4_NL"].layout_expected == "iq4_nl_8x8"
+    assert not by["Q6_K"].repacked_expected and by["Q5_K_M"].why == "the seed's type"
+    i8mm = {s.quant: s for s in tune_screen.candidate_types(None, _cpu("cix-p1-i8mm.cpuinfo", 16))}
+    assert {q for q, s in i8mm.items() if s.repacked_expected} == set(i8mm)  # every candidate repacked there
+    assert i8mm["Q8_0"].layout_expected == "q8_0_4x8" and "Q5_K_S" in i8mm
+    dot = {s.quant: s for s in tune_screen.candidate_types(None, _cpu("rk3588-rock5b-dotprod.cpuinfo"))}
+    assert dot["Q6_K"].layout_expected == "q6_K_8x4" and dot["IQ4_NL"].layout_expected == "iq4_nl_4x4"
+    # Types named in the params are those, in that order, whatever the CPU.
+    named = tune_screen.candidate_types(["Q4_0", "Q5_K_M"], _cpu("ryzen7-1700-avx2.cpuinfo"), extra=["Q8_0"])
+    assert [(s.quant, s.why) for s in named] == [("Q4_0", "named in tune.quant_types"),
+                                                  ("Q5_K_M", "named in tune.quant_types")]
+    assert named[0].repacked_expected is True

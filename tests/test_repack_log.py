@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from llava_gguf import quant_candidates
 from llava_gguf.llama_cpp import repack_log
 
@@ -85,3 +87,40 @@ def test_this_machine_repacks_what_the_rules_expect(tmp_path, tiny_ggufs, llama_
         assert got.repacked is (main in expected), (qtype, got.summary(), expected)
         if main in expected:
             assert got.final.layouts().get(expected[main]), got.summary()
+
+
+CPU = Path(__file__).parent / "data" / "cpu"
+
+
+def _cpu(name: str, sve_bytes: int | None = None) -> quant_candidates.CpuFeatures:
+    return quant_candidates.from_cpuinfo((CPU / name).read_text(), sve_bytes)
+
+
+@pytest.mark.parametrize("log_name, cpu, expected", [
+    # x86: AVX-512 VNNI build; Q4_0's and Q4_K's rules are AVX2's (q*_8x8), Q5_K has none.
+    ("bench-0c1e570-x86-Q4_0-jsonl-v.log", ("epyc-avx512-vnni.cpuinfo", None), {"q4_0_8x8": 14}),
+    ("bench-0c1e570-x86-Q5_K_M-jsonl-v.log", ("epyc-avx512-vnni.cpuinfo", None), {}),
+    ("bench-0c1e570-x86-Q4_K_M-v.log", ("ryzen7-1700-avx2.cpuinfo", None), {"q4_K_8x8": 12}),
+    # Arm i8mm (the O6's cross build under qemu-user, 128-bit SVE): Q4_0 takes the NEON 4x8 path, and
+    # the heavier q6_K matrices are repacked too.
+    ("bench-0c1e570-arm64-i8mm-qemu-Q4_0-jsonl-v.log", ("cix-p1-i8mm.cpuinfo", 16), {"q4_0_4x8": 14, "q6_K_8x8": 1}),
+    ("bench-0c1e570-arm64-i8mm-qemu-Q5_K_M-jsonl-v.log", ("cix-p1-i8mm.cpuinfo", 16), {"q5_K_8x8": 12, "q6_K_8x8": 3}),
+    # Arm with dotprod only (a cross build for armv8.2-a+dotprod, the RK3588's A76): the 4x4 and 8x4 layouts.
+    ("bench-0c1e570-arm64-dotprod-qemu-Q4_0-jsonl-v.log", ("rk3588-rock5b-dotprod.cpuinfo", None),
+     {"q4_0_4x4": 14, "q6_K_8x4": 1}),
+    ("bench-0c1e570-arm64-dotprod-qemu-Q5_K_M-jsonl-v.log", ("rk3588-rock5b-dotprod.cpuinfo", None),
+     {"q5_K_8x4": 12, "q6_K_8x4": 3}),
+    ("bench-0c1e570-arm64-dotprod-qemu-IQ4_NL-jsonl-v.log", ("rk3588-rock5b-dotprod.cpuinfo", None),
+     {"iq4_nl_4x4": 14, "q6_K_8x4": 1}),
+])
+def test_recorded_bench_loads_repack_what_the_rules_give_their_cpu(log_name, cpu, expected):
+    got = _log(log_name)
+    assert got.repacked is bool(expected)
+    assert got.final.layouts() == expected
+    rules = _cpu(*cpu).repacked_ggml_types()
+    # Every layout the log names is the rules' layout for that ggml type on that CPU, and every ggml
+    # type of the file the rules repack was repacked.
+    assert {rules[t] for t in got.final.repacked_types()} == set(expected)
+    in_file = {t for t, n in got.final.tensor_types.items() if n}
+    matrices = in_file - {"f32"}
+    assert {t for t in matrices if t in rules} == set(got.final.repacked_types())

@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +229,34 @@ def test_the_legacy_venv_is_made_once_when_two_ask_at_once(tmp_path, monkeypatch
     root = tmp_path / "cache" / legacy.ENV_NAME
     assert len(made) == 1 and pythons == [root / "bin" / "python"] * 2
     assert (root / legacy.STAMP).is_file() and _partials(tmp_path / "cache") == []
+
+
+def test_the_unpatched_build_sits_beside_the_patched_one(tmp_path, monkeypatch):
+    """One build function: `unpatched=True` keys the folder by the commit alone and wants llama-mtmd-cli only."""
+    monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
+    key = toolchain.build_key(unpatched=True)
+    assert key == f"{toolchain.LLAMA_CPP_COMMIT}-unpatched"
+    unpatched = toolchain.default_build_dir(unpatched=True)
+    assert unpatched == tmp_path / "llama.cpp-0c1e570-unpatched"
+    assert unpatched.parent == toolchain.default_build_dir().parent != unpatched
+    # A finished unpatched build (its stamp and its one tool) is used as it is: nothing is copied or built.
+    (unpatched / "bin").mkdir(parents=True)
+    (unpatched / "bin" / "llama-mtmd-cli").write_text("")
+    (unpatched / "bin" / toolchain.BUILT_STAMP).write_text(key + "\n")
+    monkeypatch.setattr(toolchain, "source_dir", lambda: pytest.fail("the cached build was rebuilt"))
+    assert toolchain.build_llama_cpp(unpatched=True) == unpatched / "bin"
+    assert toolchain.UNPATCHED_TOOLS == ("llama-mtmd-cli",)
+
+
+def test_an_unpatched_build_applies_no_patch(fake_toolchain):
+    cache, calls = fake_toolchain
+    bin_dir = toolchain.build_llama_cpp(unpatched=True, jobs=1)
+    assert bin_dir == cache / "llama.cpp-0c1e570-unpatched" / "bin" and (bin_dir / "llama-mtmd-cli").is_file()
+    assert toolchain.is_built(bin_dir.parent, toolchain.build_key(unpatched=True), toolchain.UNPATCHED_TOOLS)
+    src = bin_dir.parent / "src"
+    assert (src / "hello.c").read_text() == "int x = 0;\n"  # as published
+    build = next(c for c in calls.read_text().splitlines() if c.startswith("--build"))
+    assert build.split("--target ")[1].split() == ["llama-mtmd-cli"]
+    assert 'BUILD_COMMIT "0c1e570-unpatched"' in (src / "cmake" / "build-info.cmake").read_text()
+    assert _partials(cache) == []
+

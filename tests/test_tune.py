@@ -304,7 +304,10 @@ def test_tune_step_end_to_end(write_params, llama_tool):
                      "board": "Test Board 1"},
         "tune": {"threads": [2], "flash_attn": ["on"], "cache_type": ["f16"], "ubatch_size": [None],
                  "repetitions": 2, "finalists": 1, "screen_n_predict": 2,
-                 "image_budgets": {"full": None, "single": []}}}))
+                 "image_budgets": {"full": None, "single": []},
+                 # Q4_0 and IQ4_NL are not step 05's: tune makes them and measures their KLD itself.
+                 "quant_types": ["Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0"], "bench_prompt": 16, "bench_gen": 4,
+                 "published_baseline": "if-built"}}))
     stale = run.sub("tune") / "logs" / "000-screen-baseline-from-an-earlier-tune.log"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_text("an earlier tune's log\n")
@@ -351,6 +354,7 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     assert out.returncode == 0, out.stderr[-2000:]
     assert flags.executed_argv(out.stderr, "run-llava-single.sh").count("-n") == 1
     assert "faster than the seed's command" in (run.dir / "reports" / "index.html").read_text()
+    _check_the_type_screen(run, rec)
     assert (run.dir / "plots" / "tune_latency.png").exists() and (run.dir / "plots" / "tune_pareto.png").exists()
     import yaml
 
@@ -358,6 +362,53 @@ def test_tune_step_end_to_end(write_params, llama_tool):
     settings = rec["recommended"]["settings"]
     assert snippet["threads"] == settings["threads"] and snippet["flash_attn"] == settings["flash_attn"]
     assert snippet["chat_template"] == "vicuna" and "cache_type_k" in snippet
+
+
+def _check_the_type_screen(run, rec):
+    """The llama-bench screen, every type at every budget, both baselines and the bound (issue 20)."""
+    from llava_gguf import quant_candidates, tune_published
+
+    types = {t["quant"]: t for t in rec["types"]["types"]}
+    assert list(types) == ["Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0"]
+    assert types["Q4_0"]["source"] in ("quantized", "reused", "tune, with imatrix")
+    assert types["Q4_K_M"]["source"] in ("run", "tune, with imatrix") and types["Q5_K_M"]["source"] == "run"
+    # The 4-bit types with and without the importance matrix: both KLDs, the lower one used.
+    for q in ("Q4_K_M", "IQ4_NL", "Q4_0"):
+        t = types[q]
+        assert t["kld"] == min(t["kld_plain"], t["kld_imatrix"]) and t["imatrix"] == (t["kld_imatrix"] < t["kld_plain"])
+    assert types["Q5_K_M"]["kld_imatrix"] is None
+    assert any((run.dir / "models").glob("*-Q4_0*.gguf"))
+    expected = quant_candidates.this_cpu().repacked_ggml_types()
+    for q, main in (("Q5_K_M", "q5_K"), ("Q4_K_M", "q4_K"), ("IQ4_NL", "iq4_nl"), ("Q4_0", "q4_0")):
+        t = types[q]
+        assert t["pp_tokens_per_s"] > 0 and t["tg_tokens_per_s"] > 0 and t["pp_test"] == "pp16", t
+        assert t["kld"] is not None  # step 06 did not run: tune measured every type's KLD
+        # Repacked is read from the load log, and on this CPU it is what the table expects.
+        assert (main in (t["repacked_types"] or "")) == (main in expected), t
+        assert Path(t["bench_log"]).exists()
+        if t["status"] != "kept":
+            assert t["reason"], t
+    # Every type has a screened answer at every budget, or a reason.
+    cov = rec["coverage"]
+    assert {(c["quant"], c["budget"]) for c in cov} == {(q, b) for q in types for b in ("full", "single")}
+    assert all(c["answer_s"] is not None or c["why_not"] for c in cov)
+    assert all(c["answer_s"] is not None for c in cov if types[c["quant"]]["status"] == "kept")
+    ceiling = rec["types"]["ceiling"]
+    assert ceiling["tokens_per_s"] == max(t["pp_tokens_per_s"] for t in types.values())
+    for b in ("full", "single"):
+        bound = rec["bound"][b]
+        assert bound["prefill"]["text"].startswith("prefill at ") and "% of this CPU's ceiling" in bound["prefill"]["text"]
+        assert bound["generation"]["text"].startswith("generation at ") and "% of memory bandwidth" in bound["generation"]["text"]
+    pub = rec["published"]
+    page = (run.dir / "reports" / "index.html").read_text()
+    if tune_published.unpatched_cli().exists():
+        assert pub["measured"] and pub["runs"] == 2 and pub["ratios"]["full"]["vs_published"]["ratio"] > 0, pub
+        assert "faster than the published recipe" in page
+        # The unpatched build feeds LLaVA 1.6 the flat sequence: more image tokens than the faithful one.
+        assert pub["image_tokens"] > rec["baseline"]["image_tokens"]
+    else:
+        assert not pub["measured"] and "make llama-cpp-unpatched" in pub["why_not"]
+        assert "the published recipe: not measured" in page
 
 
 def test_config_survives_the_tables_round_trip(tmp_path):

@@ -56,14 +56,14 @@ def _cmd_make_tiny(args) -> int:
 
 
 def _cmd_build(args) -> int:
-    if os.environ.get(toolchain.ENV_DIR):
+    if os.environ.get(toolchain.ENV_DIR) and not args.unpatched:
         info = toolchain.llama_cpp_info()
         missing = [t for t in toolchain.TOOLS if not _has(t)]
         log.info("using %s=%s (%s); not building", toolchain.ENV_DIR, info["bin_dir"], info["version"])
         if missing:
             log.warning("that build lacks %s; the steps that need them will say so", ", ".join(missing))
         return 0
-    bin_dir = toolchain.build_llama_cpp(jobs=args.jobs, force=args.force)
+    bin_dir = toolchain.build_llama_cpp(jobs=args.jobs, force=args.force, unpatched=args.unpatched)
     log.info("llama.cpp tools in %s", bin_dir)
     return 0
 
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-llama-cpp", help="build the pinned, patched llama.cpp tools into the cache")
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--unpatched", action="store_true",
+                   help="build llama-mtmd-cli from the pinned source without the project's patches "
+                        "(the published recipe; tune's second baseline), beside the patched build")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("build-webui", help="build llama-server's chat page (npm) into the cache, "

@@ -166,7 +166,9 @@ class BenchParams(_Strict):
 class TuneParams(_Strict):
     """`07_tune`: the fastest runtime configuration within a quality budget (see lib/llava_gguf/steps/tune.py)."""
 
-    # Text GGUFs to try; None: every type step 05 made (and the ready GGUF on the download path).
+    # Text GGUFs to try; None: this CPU's candidates (quant_candidates: the types its build repacks and the
+    # seed's Q5_K_M, at least Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, IQ4_NL, Q4_0), made from the run's text
+    # GGUF where step 05 did not make them (ready-made GGUF files: the downloaded ones).
     quant_types: list[str] | None = None
     # Thread counts (-t and -tb together); None: 1 ... the usable cores (powers of two above 8).
     threads: list[int] | None = None
@@ -191,6 +193,20 @@ class TuneParams(_Strict):
     screen_n_predict: int = Field(4, ge=2)
     # Greedy answers of every image budget x mmproj type on evaluate.cases, compared with full/f16.
     agreement: bool = True
+    # The llama-bench screen of every quant type before any answer is timed (tune_screen.py):
+    # pp<bench_prompt> and tg<bench_gen> at the candidate thread counts, bench_repetitions runs each.
+    bench_prompt: int = Field(512, ge=1)
+    bench_gen: int = Field(128, ge=1)
+    bench_repetitions: int = Field(1, ge=1)
+    # A type slower at both prefill and generation than one at least as precise, by more than this
+    # fraction, is screened out (slower at every image budget).
+    screen_margin: float = Field(0.1, ge=0)
+    # The published recipe (the seed's command on the unpatched pinned llama.cpp) as a second baseline:
+    # build (when absent, once), if-built (only when cached), off ($LLAVA_GGUF_PUBLISHED_BASELINE wins).
+    published_baseline: Literal["build", "if-built", "off"] = "build"
+    # The low-bit types (4 bits per weight or fewer) also with (or, when quantize.imatrix, without) an
+    # importance matrix over the shipped calibration text; the lower KLD decides which file is used.
+    imatrix: bool = True
 
     @field_validator("quant_types")
     @classmethod

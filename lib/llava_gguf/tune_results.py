@@ -131,9 +131,14 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
                                          "prompt_eval_ms", "eval_ms_per_token")}},
         "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
         "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
-        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet)})
+        "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet),
+        # The llama-bench type screen, every type at every budget, the published recipe and the bounds.
+        "types": result.types, "published": result.published, "bound": result.bound,
+        "coverage": result.coverage.to_dict("records") if result.coverage is not None else []})
     write_json(folder / "recommended.json", info)
-    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement)):
+    types_table = pd.DataFrame((result.types or {}).get("types") or [])
+    for name, df in (("runs", result.runs), ("confirmed", confirmed), ("agreement", result.agreement),
+                     ("types", types_table), ("coverage", result.coverage)):
         if df is not None and len(df):
             write_table(df.drop(columns=[c for c in ("command",) if c in df]), folder / name)
     run.record("tune", {"recommended": folder / "recommended.json", "script": run.dir / "run-llava.sh",

@@ -41,6 +41,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 TOOLS = ("llama-quantize", "llama-mtmd-cli", "llama-perplexity", "llama-bench", "llama-debug",
          "llama-mtmd-debug", "llama-imatrix", "llama-tokenize", "llama-server")
+# The published recipe's build: the pinned commit without the project's patches. Only the
+# seed's command runs on it (tune's second baseline), so only that tool is built.
+UNPATCHED_TOOLS = ("llama-mtmd-cli",)
 ENV_DIR = "LLAMA_CPP_DIR"
 # Directories within a llama.cpp folder where its tools may sit, in order of preference.
 _BIN_SUBDIRS = ("", "bin", "build/bin", "build")
@@ -60,8 +63,13 @@ def patch_files() -> list[Path]:
     return sorted(patches_dir().glob("*.patch"))
 
 
-def build_key() -> str:
-    """Commit plus a hash of the patches applied to it: a changed patch means a new build."""
+def build_key(unpatched: bool = False) -> str:
+    """Commit plus a hash of the patches applied to it: a changed patch means a new build.
+
+    The unpatched build's key is the commit and the word `unpatched`: nothing else can change it.
+    """
+    if unpatched:
+        return f"{LLAMA_CPP_COMMIT}-unpatched"
     h = hashlib.sha256()
     for p in patch_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -95,8 +103,8 @@ class CrossTarget:
 O6 = CrossTarget(processor="aarch64", triplet="aarch64-linux-gnu", arm_arch="armv9-a+i8mm+bf16")
 
 
-def default_build_dir(cross: CrossTarget | None = None) -> Path:
-    return cache_dir() / (f"llama.cpp-{build_key()}" + (f"-{cross.name}" if cross else ""))
+def default_build_dir(cross: CrossTarget | None = None, unpatched: bool = False) -> Path:
+    return cache_dir() / (f"llama.cpp-{build_key(unpatched)}" + (f"-{cross.name}" if cross else ""))
 
 
 # ----------------------------------------------------------------------------- source
@@ -186,14 +194,19 @@ def source_asset(rel: str) -> Path:
 
 # ----------------------------------------------------------------------------- build
 def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, force: bool = False,
-                    cross: CrossTarget | None = None) -> Path:
+                    cross: CrossTarget | None = None, unpatched: bool = False) -> Path:
     """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
 
-    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). A
-    process that finds another one building the same folder waits for it, then uses its build.
+    With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). With
+    `unpatched`, the pinned source is built as published, without the project's patches, and only
+    llama-mtmd-cli (the published recipe's tool), into `llama.cpp-<commit>-unpatched` beside the
+    patched build. A process that finds another one building the same folder waits for it, then
+    uses its build.
     """
-    key, patches, tools = build_key(), patch_files(), TOOLS
-    build_dir = Path(build_dir or default_build_dir(cross))
+    key = build_key(unpatched)
+    patches = [] if unpatched else patch_files()
+    tools = UNPATCHED_TOOLS if unpatched else TOOLS
+    build_dir = Path(build_dir or default_build_dir(cross, unpatched))
     if not force and is_built(build_dir, key, tools):
         log.info("llama.cpp build up to date: %s", build_dir / "bin")
         return build_dir / "bin"
@@ -246,7 +259,7 @@ def _patched_source(build_dir: Path, key: str, patches: list[Path], log_file: Pa
         log.info("applying %s", patch.name)
         run_tool(["patch", "-p1", "--forward", "--batch", "-i", patch], log_file, limits.seconds("patch"),
                  f"patch {patch.name}", cwd=tmp, append=True)
-    _stamp_build_info(tmp)
+    _stamp_build_info(tmp, key)
     (tmp / ".patched").write_text("\n".join([key, *(p.name for p in patches)]) + "\n")
     src = build_dir / "src"
     if src.exists():
@@ -299,7 +312,7 @@ def _install_bin(build_dir: Path, built: Path, key: str, tools: tuple[str, ...],
     return bin_dir
 
 
-def _stamp_build_info(src: Path) -> None:
+def _stamp_build_info(src: Path, key: str) -> None:
     """Let `--version` name the pinned commit and the patch set.
 
     llama.cpp asks git for its commit; the sdist's tree has a dangling `.git` file instead of a
@@ -307,7 +320,7 @@ def _stamp_build_info(src: Path) -> None:
     """
     info = src / "cmake" / "build-info.cmake"
     text = info.read_text()
-    info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{build_key()}")', 1))
+    info.write_text(text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{key}")', 1))
     (src / ".git").unlink(missing_ok=True)
 
 

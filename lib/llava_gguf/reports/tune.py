@@ -64,6 +64,21 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
 
 
 # ----------------------------------------------------------------------------- index.html
+def published_headline(info: dict) -> str:
+    """The headline's first ratio: to the published recipe, named, or why it is not there."""
+    from ..tune_published import format_ratio
+
+    pub = info.get("published") or {}
+    if not pub:
+        return ""
+    budget = (info.get("recommended") or {}).get("budget")
+    r = ((pub.get("ratios") or {}).get(budget) or {}).get("vs_published")
+    if pub.get("measured") and r:
+        return (f"{format_ratio(r)} faster than {html.escape(pub['name'])} ({html.escape(pub['description'])}: "
+                f"{pub['answer_s']:.1f} s) and ")
+    return f"{html.escape(pub['name'])}: {html.escape(str(pub.get('why_not') or 'not measured'))}; "
+
+
 def headline_html(run: Run) -> str | None:
     """The first line of index.html, None before step 07 has run."""
     path = run.dir / "tune" / "recommended.json"
@@ -73,9 +88,20 @@ def headline_html(run: Run) -> str | None:
     rec, base = info.get("recommended") or {}, info.get("baseline") or {}
     if not rec.get("answer_s") or not base.get("answer_s"):
         return None
+    ratios = (info.get("published") or {}).get("ratios") or {}
+    same = (ratios.get(rec.get("budget")) or {}).get("vs_same_build")
+    from ..tune_published import format_ratio
+
     parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
-             f"{rec['speedup']:.2f}× faster than the seed's command ({base['answer_s']:.1f} s)</b>"]
-    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({v['speedup']:.2f}×)"
+             + published_headline(info) + (format_ratio(same) if same else f"{rec['speedup']:.2f}×")
+             + " faster than the seed's command" + (" on this build" if info.get("published") else "")
+             + f" ({base['answer_s']:.1f} s)</b>"]
+
+    def _vs(b: str, v: dict) -> str:
+        pub = (ratios.get(b) or {}).get("vs_published")
+        return (f"{pub['ratio']:.2f}× the published recipe, {v['speedup']:.2f}× the seed's command on this build"
+                if pub else f"{v['speedup']:.2f}×")
+    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({_vs(b, v)})"
               for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
     if others:
         parts.append("; smaller image budgets: " + ", ".join(others))

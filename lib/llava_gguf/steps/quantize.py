@@ -97,9 +97,12 @@ def compute_imatrix(run: Run, text_gguf: Path, force: bool = False) -> Path:
 
 
 def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = None,
-                  force: bool = False) -> tuple[Path, bool]:
-    """Quantize `text_gguf` to `qtype` (again with `force`); returns (path, reused)."""
-    out = run.sub("models") / f"{output_stem(text_gguf)}-{qtype}.gguf"
+                  force: bool = False, out: Path | None = None) -> tuple[Path, bool]:
+    """Quantize `text_gguf` to `qtype` (again with `force`); returns (path, reused). `out` names another
+    file than the step's `<stem>-<TYPE>.gguf` (07_tune's second variant of a type, with or without
+    the importance matrix)."""
+    log_name = f"quantize-{qtype}.log" if out is None else f"quantize-{Path(out).stem}.log"
+    out = out or run.sub("models") / f"{output_stem(text_gguf)}-{qtype}.gguf"
     tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
     if not force and _up_to_date(out, text_gguf, qtype, imatrix) and _reusable(out, tool):
         return out, True
@@ -108,12 +111,12 @@ def quantize_file(run: Run, text_gguf: Path, qtype: str, imatrix: Path | None = 
     diskspace.ensure_space(out, needed, f"the {qtype} file")
     with atomic_path(out, suffix=".gguf") as tmp, diskspace.disk_errors(out, needed, f"the {qtype} file", tmp):
         toolchain.run_tool([tool, *extra, text_gguf, tmp, qtype, threads(run)],
-                           run.sub("logs") / f"quantize-{qtype}.log",
+                           run.sub("logs") / log_name,
                            limits.seconds("llama-quantize", limits.gib([text_gguf])), what=f"llama-quantize {qtype}")
         got = gguf_summary(tmp)["file_type"]
         if got != qtype:
             raise GGUFError(f"{tmp}: llama-quantize wrote file type {got}, asked for {qtype}; "
-                            f"see {run.sub('logs') / f'quantize-{qtype}.log'}")
+                            f"see {run.sub('logs') / log_name}")
     _stamp(out, tool)
     return out, False
 

@@ -4,6 +4,15 @@ Everything is measured against the seed's command, run in the same step on the s
 the Q5_K_M text GGUF (else the run's first type), the f16 mmproj at its full image budget, the
 tool's default runtime settings and `--chat-template vicuna`, on `evaluate.cases[0]`.
 
+Before any answer is timed, the quant types are chosen and screened (tune_screen.py): this CPU's
+candidates from its repack table (or `tune.quant_types`), quantized where step 05 did not make them,
+their KL divergence measured where step 06 did not (the low-bit ones also with an importance matrix,
+the better file kept), then one `llama-bench` call each (prefill and generation rates, repacked or
+not from its load log); a type slower at both than a more precise one, over the KLD budget or
+failing is screened out with its reason. A second baseline, the published recipe (the seed's
+command on the unpatched pinned llama.cpp, tune_published.py), is timed like the first, and each
+budget's recommendation gets its bound as a number (tune_bound.py).
+
 The search is staged, not a cartesian product (each stage keeps the winner of the one before):
 
 1. threads (-t and -tb together) on the baseline's text GGUF: on a CPU with clusters, one core set
@@ -41,7 +50,7 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import tune_results
+from .. import tune_bound, tune_published, tune_quality, tune_results, tune_screen
 from ..checks import quality
 from ..llama_cpp import toolchain
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
@@ -127,6 +136,10 @@ class TuneResult:
     skipped: list[dict]           # configurations not run, with why
     files: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+    types: dict = field(default_factory=dict)       # tune_screen.ScreenResult.to_dict(): the llama-bench screen
+    coverage: pd.DataFrame | None = None           # every type x image budget: screened answer or why not
+    published: dict = field(default_factory=dict)   # tune_published.summary: the second baseline and the ratios
+    bound: dict = field(default_factory=dict)       # per budget: tune_bound.configuration_bound
 
     def __str__(self) -> str:
         rec = self.recommended.get("recommended") or {}
@@ -151,7 +164,8 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
             left = deadline - time.monotonic()
             est = statistics.median(durations) if durations else 0.0
             if left < est:
-                skipped.append({"config": cfg.label, "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
+                skipped.append({"config": cfg.label, "quant": cfg.quant, "budget": cfg.budget,
+                                "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
                 continue
             t0 = time.monotonic()
             row = m.measure(cfg, f"screen-{name}", n_predict, answer_tokens=answer_tokens)
@@ -243,19 +257,23 @@ def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | Non
     return out
 
 
-def quality_inputs(run: Run, quant_types: list[str], kld_budget: float) -> tuple[dict[str, float | None], set[str]]:
-    """(mean KLD per quant type from step 06's metrics, the types allowed by the budget)."""
-    kld: dict[str, float | None] = {q: None for q in quant_types}
+def step06_kld(run: Run) -> dict[str, float]:
+    """Mean KLD per variant from step 06's metrics ({} when it has none)."""
     folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
     table = folder / "variants.csv"
-    if table.exists():
-        df = pd.read_csv(table)
-        if "kld" in df:
-            for _, r in df.iterrows():
-                if r["variant"] in kld and pd.notna(r["kld"]):
-                    kld[r["variant"]] = float(r["kld"])
-    else:
-        log.warning("%s not found: no KL divergence per quant type; every type is allowed", table)
+    if not table.exists():
+        log.warning("%s not found: no KL divergence per quant type from step 06", table)
+        return {}
+    df = pd.read_csv(table)
+    return {r["variant"]: float(r["kld"]) for _, r in df.iterrows() if "kld" in df and pd.notna(r["kld"])}
+
+
+def quality_inputs(run: Run, quant_types: list[str], kld_budget: float,
+                   measured: dict[str, float | None] | None = None) -> tuple[dict[str, float | None], set[str]]:
+    """(mean KLD per quant type from step 06's metrics and `measured` (tune's own, for the types step
+    06 did not measure), the types allowed by the budget)."""
+    known = {**step06_kld(run), **{k: v for k, v in (measured or {}).items() if v is not None}}
+    kld: dict[str, float | None] = {q: known.get(q) for q in quant_types}
     # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
     allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
     if not allowed:
@@ -283,12 +301,15 @@ def run_tune(run: Run) -> TuneResult:
     p, e = run.params.tune, run.params.evaluate
     started = time.monotonic()
     text = {k: Path(v) for k, v in variants_for_run(run).items()}
-    quantized = list((run.artifacts().get("quantized") or {}).keys()) or list(text)
-    quant_types = p.quant_types or quantized
-    missing = [q for q in quant_types if q not in text]
-    if missing:
-        raise TuneError(f"{run.params_file}: tune.quant_types {missing} were not made by step 05 "
-                        f"(made: {sorted(text)}); add them to quantize.types or drop them")
+    quantized = {k: text[k] for k in (run.artifacts().get("quantized") or {}) if k in text} or dict(text)
+    # The published recipe's build first (once, when absent): a build must not overlap a measurement.
+    published_cli, published_why = tune_published.find_or_build(p.published_baseline)
+    # The quant types: the params' or this CPU's candidates, with files made where step 05 did not.
+    screens = tune_screen.candidate_types(p.quant_types, extra=list(quantized))
+    text.update(tune_screen.prepare_files(run, screens, text))
+    quant_types = [s.quant for s in screens if s.file]
+    if not quant_types:
+        raise TuneError("no quant type has a text GGUF: " + "; ".join(f"{s.quant}: {s.reason}" for s in screens))
     base = baseline_config(quant_types)
     cli = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir)
     # f16 always: the baseline and the agreement reference use it.
@@ -304,28 +325,46 @@ def run_tune(run: Run) -> TuneResult:
     # What tune decides starts at the tool's defaults (the seed's command), whatever the params say.
     m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update=base.settings())), logs)
     kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
-    kld, allowed = quality_inputs(run, quant_types, kld_budget)
+    measured_kld = tune_quality.missing_kld(run, {q: text[q] for q in quant_types}, step06_kld(run))
+    # The low-bit types with and without an importance matrix: the better file decides (`text` is the
+    # Measurer's dict: the better file is what every later run uses).
+    measured_kld.update(tune_quality.imatrix_variants(run, screens, text, {**step06_kld(run), **measured_kld},
+                                                     p.imatrix))
+    kld, allowed = quality_inputs(run, quant_types, kld_budget, measured_kld)
+    # The cheap screen, before any answer is timed: llama-bench per type at the candidate threads.
+    types = tune_screen.screen_types(run, screens, kld, allowed, thread_candidates(base, p.threads), logs / "bench",
+                                     base.quant, kld_budget)
     # The baseline must run: it is the yardstick (a failure here is the step's failure).
     if m.measure(base, "screen-baseline", p.screen_n_predict, answer_tokens=e.n_predict) is None:
         raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
     deadline = started + 60.0 * p.budget_minutes
-    per_budget, skipped = screen(m, base, p, quant_types, allowed, p.screen_n_predict, deadline, e.n_predict)
+    per_budget, skipped = screen(m, base, p, types.kept, allowed, p.screen_n_predict, deadline, e.n_predict)
     finalists = [base] + [config_from_row(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
     finalists = list(dict.fromkeys(finalists))
     screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
     log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
              p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s)
+    # The published recipe, timed as the seed's command is (a warm-up and tune.repetitions runs).
+    published_row, published_runs = (tune_published.measure(m, published_cli, base, p.repetitions, e.n_predict, confirm)
+                                     if published_cli else (None, []))
     confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
+    m.rows.extend(published_runs)
     chosen = choose(confirmed, base, kld)
     if full not in chosen:
         raise TuneError("no configuration at the full image budget completed; see the runs table and tune/logs/")
     main = chosen[full]
+    same_build = confirmed[(confirmed["config"] == base.label) & (confirmed["status"] == "ok")]
+    published = tune_published.summary(published_row, published_why, published_cli, chosen,
+                                       same_build.iloc[0].to_dict() if len(same_build) else None)
+    bound = tune_bound.bounds(chosen, text, types.best_pp(), e.n_predict)
     agreement = (agreement_runs(m, run, config_from_row(main), list(p.image_budgets), mm_types, e.n_predict, full)
                  if p.agreement else pd.DataFrame())
     quality = {"kld": kld, "kld_budget": kld_budget, "allowed": sorted(allowed),
                "mmproj_nmse": mmproj_nmse(run, mmproj, full),
                "synthetic": run.params.model.source == "tiny"}
-    result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
+    result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped, types=types.to_dict(),
+                        coverage=tune_screen.coverage(m.rows, screens, list(p.image_budgets), skipped),
+                        published=published, bound=bound)
     result.recommended = tune_results.write_results(run, result, base, chosen, full, m)
     result.figures = tune_report.figures(run, result, base)
     log.info("%s (%.0f s)", result, time.monotonic() - started)
@@ -343,5 +382,6 @@ def stage_image(run: Run, image: Path) -> Path:
 
 
 def llama_cpp_tools(params) -> tuple[list[str], list[str]]:
-    """(required, optional): llama-mtmd-debug only for the q8_0 mmproj's embedding NMSE."""
-    return ["llama-mtmd-cli"], ["llama-mtmd-debug"]
+    """(required, optional): llama-bench for the type screen, llama-quantize for the types step 05 did
+    not make, llama-perplexity for their KLD, llama-mtmd-debug for the q8_0 mmproj's embedding NMSE."""
+    return ["llama-mtmd-cli"], ["llama-bench", "llama-quantize", "llama-perplexity", "llama-mtmd-debug"]
