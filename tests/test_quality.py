@@ -71,7 +71,7 @@ exit 0
 def test_run_tool_reruns_once_when_the_result_line_was_lost(tmp_path, caplog, lines_lost, runs, found):
     from llava_gguf.llama_cpp import toolchain
     log_file = tmp_path / "logs" / "kld.log"
-    text = toolchain.run_tool([_flaky_tool(tmp_path, lines_lost)], log_file, expect="Mean    KLD")
+    text = toolchain.run_tool([_flaky_tool(tmp_path, lines_lost)], log_file, 60, expect="Mean    KLD")
     assert int((tmp_path / "runs").read_text()) == runs
     assert ("Mean    KLD" in text) is found and text == log_file.read_text()
     assert ("running it once more" in caplog.text) is (runs == 2)

@@ -240,14 +240,17 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
             for km in kernels:
                 km.stop()
             worker.join(30)
-            html.render_notebook(out, run)
+            render_partial(out, run)
             raise Interrupted(f"step '{step.name}' interrupted ({str(err) or 'SIGINT'}); its kernel and tools "
                               f"were stopped; partly executed notebook: {out}") from None
         finally:
             for km in kernels:
                 km.stop()
     err = outcome.get("error")
-    html.render_notebook(out, run)
+    if err is None:
+        html.render_notebook(out, run)
+    else:
+        render_partial(out, run)
     if isinstance(err, papermill.PapermillExecutionError):
         raise StepFailed(f"step '{step.name}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                          f"partly executed notebook: {out}")
@@ -260,6 +263,16 @@ def execute_notebook(step: registry.Step, run: Run) -> Path:
         raise StepFailed(f"step '{step.name}' stopped: {type(err).__name__}: {err}\n"
                          f"partly executed notebook: {out}; kernel log: {kernel_log}")
     return out
+
+
+def render_partial(executed: Path, run: Run) -> Path | None:
+    """The report of a step that failed or was interrupted; it must not hide why the step stopped.
+    papermill may have been cut off mid-write (a killed kernel leaves the notebook empty)."""
+    try:
+        return html.render_notebook(executed, run)
+    except (OSError, ValueError) as err:  # nbformat's NotJSONError is a ValueError
+        log.warning("no report of the partly executed notebook %s: %s", executed, err)
+        return None
 
 
 def last_output_lines(executed: Path, n: int = 8) -> str:

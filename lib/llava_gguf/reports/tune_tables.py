@@ -10,7 +10,7 @@ import math
 import pandas as pd
 
 from ..tune_published import format_ratio
-from .tables import format_number, rounded
+from .tables import format_number, plural, rounded
 
 
 def _yes(value) -> str:
@@ -65,7 +65,7 @@ def coverage_table(rec: dict) -> pd.DataFrame:
 def _range(d: dict) -> str:
     if not d or d.get("answer_s") is None:
         return "—"
-    return f"{d['answer_s']:.2f} s ({d['answer_min_s']:.2f}–{d['answer_max_s']:.2f}, {d.get('runs')} runs)"
+    return f"{d['answer_s']:.2f} s ({d['answer_min_s']:.2f}–{d['answer_max_s']:.2f}, {plural(int(d.get('runs') or 0), 'run')})"
 
 
 def baselines_table(rec: dict) -> pd.DataFrame:

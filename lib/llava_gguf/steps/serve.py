@@ -31,6 +31,7 @@ import pandas as pd
 
 from ..llama_cpp import chat, server, toolchain
 from ..reports import serve as serve_report
+from ..reports.tables import plural
 from ..workspace import Run, write_json
 from .evaluate import case_inputs
 
@@ -87,7 +88,7 @@ def check_turns(turns: pd.DataFrame) -> pd.DataFrame:
     """
     rows = [{"check": "every case asked its first question and all follow-ups",
              "ok": bool((turns.groupby("case")["turn"].max() == 1 + len(FOLLOW_UPS)).all()),
-             "detail": f"{turns['case'].nunique()} cases, {len(turns)} turns"}]
+             "detail": f"{plural(turns['case'].nunique(), 'case')}, {plural(len(turns), 'turn')}"}]
     encoded = {}  # image -> prompt tokens of the turn that first sent it
     for row in turns.itertuples():
         if row.kind == "first":
