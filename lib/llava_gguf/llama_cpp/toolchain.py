@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..workspace import cache_dir, repo_root
+from .patches import diff_part
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,13 @@ def patch_files() -> list[Path]:
 
 
 def build_key() -> str:
-    """Commit plus a hash of the patches applied to it: a changed patch means a new build."""
+    """Commit plus a hash of the diffs applied to it, in order: a changed diff means a new build.
+    Only each patch's diff counts (`patches.diff_part`): its header, which `patch` skips, and its
+    file name can be edited without rebuilding."""
     h = hashlib.sha256()
     for p in patch_files():
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        diff = diff_part(p.read_bytes())
+        h.update(b"%d\0" % len(diff) + diff)
     return f"{LLAMA_CPP_COMMIT}-{h.hexdigest()[:10]}"
 
 

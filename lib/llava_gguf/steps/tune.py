@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from . import tune_checks
+from ..checks.acceptance import Checks
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from ..reports.tables import format_ratio, format_seconds, plural
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
@@ -121,6 +123,7 @@ class TuneResult:
     skipped: list[dict]           # configurations not run, with why
     files: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+    checks: Checks = field(default_factory=lambda: Checks("tune"))
 
     def __str__(self) -> str:
         rec = self.recommended.get("recommended") or {}
@@ -334,6 +337,7 @@ def run_tune(run: Run) -> TuneResult:
     result = TuneResult(m.table(), confirmed, {}, agreement, quality, skipped)
     result.recommended = tune_report.write_results(run, result, base, chosen, full, m)
     result.figures = tune_report.figures(run, result, base)
+    result.checks = tune_checks.acceptance_checks(run, result).enforce()
     log.info("%s (%.0f s)", result, time.monotonic() - started)
     return result
 
