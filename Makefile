@@ -16,7 +16,7 @@ REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
 .PHONY: help check-params setup constraints llama-cpp llama-cpp-unpatched webui all $(STEPS) report lab serve test test-fast bench clean-run \
-	compare publish arm64-rehearsal rehearsal-x86
+	compare publish arm64-rehearsal rehearsal-x86 patch-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+( [a-zA-Z0-9_ -]+)?:.*## ' $(MAKEFILE_LIST) | \
@@ -59,6 +59,10 @@ llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/l
 
 llama-cpp-unpatched: $(STAMP) ## build llama-mtmd-cli from the pinned source without the patches (07_tune's published-recipe baseline)
 	$(PY) -m llava_gguf build-llama-cpp --unpatched
+
+# Rebasing onto another llama.cpp: which patches and hunks still apply (the tree is never written to).
+patch-check: setup ## per patch and hunk, which of patches/llama.cpp apply to LLAMA_CPP_SRC=<llama.cpp tree> (default: the pinned source)
+	$(PY) -m llava_gguf patches check $(if $(LLAMA_CPP_SRC),--tree "$(LLAMA_CPP_SRC)",)
 
 all: check-params setup llama-cpp ## run every step on PARAMS, then render reports into outputs/<run>/reports/
 	$(PY) -m llava_gguf run all --params "$(PARAMS)" $(FORCE_FLAG)

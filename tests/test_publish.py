@@ -180,3 +180,45 @@ def test_upload_to_modelscope(write_params, monkeypatch):
     assert repo == "me/llava-gguf" and kw["token"] == "ms-token"
     assert sorted(kw["allow_patterns"]) == sorted(["README.md", *(f for f in result.files["file"] if f != mmproj["file"])])
     assert result.url == "https://modelscope.cn/models/me/llava-gguf"
+
+
+# ----------------------------------------------------------------------------- the card's template
+def test_the_card_is_its_template_filled_with_every_value_and_nothing_else(write_params):
+    import string
+    from importlib import resources
+
+    run = make_evaluated_run(write_params, "card-template")
+    files = publish.write_card(run).files
+    values = publish.card_values(run, files, "mmproj-model-f16.gguf")
+    template = string.Template((resources.files("llava_gguf") / "templates" / "model_card.md").read_text())
+    assert set(template.get_identifiers()) == set(values)  # no placeholder unfilled, no value unused
+    assert all(isinstance(v, str) for v in values.values())
+    card = publish.model_card(run, files, "mmproj-model-f16.gguf")
+    assert card == template.substitute(values) and "${" not in card
+    assert card.startswith("---\nlicense: llama2\n") and "\n# card-template GGUF\n" not in card
+    assert "## How to run" in card and card.endswith("reads the word as the template).\n")
+    with pytest.raises(KeyError, match="front_matter"):
+        publish.render_template("model_card.md", {k: v for k, v in values.items() if k != "front_matter"})
+
+
+def test_the_template_ships_in_the_wheel(tmp_path):
+    """package data (pyproject.toml): a wheel built from the sources holds templates/model_card.md."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from llava_gguf import registry
+
+    root = registry.repo_root()
+    src = tmp_path / "src"
+    shutil.copytree(root / "lib", src / "lib", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "llava_gguf/templates/model_card.md" in names
+    assert zipfile.ZipFile(wheel).read("llava_gguf/templates/model_card.md").decode() == \
+        (root / "lib" / "llava_gguf" / "templates" / "model_card.md").read_text()

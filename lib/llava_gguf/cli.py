@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from . import registry, workspace
 from .llama_cpp import toolchain
@@ -32,13 +33,18 @@ def _cmd_run(args) -> int:
 def _cmd_step(args) -> int:
     """The step's library entry point, as the notebook's main cell calls it, checks included."""
     from . import preflight
+    from .checks.acceptance import CheckFailed
 
     step = registry.get(args.name)
     run = workspace.open_run(args.params)
     with run.lock(), workspace.forcing(args.force):
         run.remove_stale_partials()
         preflight.check(run, [step.name])
-        result = step.entry_point()(run)
+        try:
+            result = step.entry_point()(run)
+        except CheckFailed as err:  # the step's acceptance checks: each failed one named with its bound
+            log.error("%s", err)
+            return 1
     log.info("%s: %s", args.name, result)
     if getattr(result, "ok", True) is False:
         log.error("step %s: checks failed: %s", args.name, getattr(result, "message", result))
@@ -86,6 +92,17 @@ def _has(tool: str) -> bool:
         return True
     except toolchain.ToolNotFound:
         return False
+
+
+def _cmd_patches_check(args) -> int:
+    """Which of the project's llama.cpp patches (and which hunks) apply to a tree; 1 if any fails."""
+    from .llama_cpp import patches
+
+    tree = args.tree or toolchain.source_dir()
+    report = patches.check(tree, [Path(p) for p in args.patch] or toolchain.patch_files(),
+                           dry_run=args.dry_run)
+    sys.stdout.write(report.text() + "\n")
+    return 0 if report.ok else 1
 
 
 def _cmd_timings(args) -> int:
@@ -213,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "beside the llama.cpp build; serve-llava.sh serves it")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_build_webui)
+
+    p = sub.add_parser("patches", help="the project's llama.cpp patches: `patches check --tree DIR` reports, per "
+                       "patch and hunk, which apply to a llama.cpp tree (never written to)")
+    pp = p.add_subparsers(dest="patches_command", required=True)
+    c = pp.add_parser("check", help="apply the patches to a temporary copy of the files they touch in --tree")
+    c.add_argument("--tree", default=None, help="a llama.cpp source tree (default: the pinned source, "
+                   "~/.cache/llava-gguf/llama.cpp-<commit>-src)")
+    c.add_argument("--dry-run", action="store_true", help="run `patch --dry-run` in the tree instead of a copy "
+                   "(each patch then checked against the unpatched files)")
+    c.add_argument("--patch", action="append", default=[], help="check this patch file instead of "
+                   "patches/llama.cpp/*.patch (repeatable, applied in the order given)")
+    c.set_defaults(func=_cmd_patches_check)
 
     p = sub.add_parser("timings", help="parse a llama-mtmd-cli log and print its timings as JSON")
     p.add_argument("logfile")

@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import os
+import string
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -131,27 +133,66 @@ def _md_table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join(lines)
 
 
+def render_template(name: str, values: dict[str, str]) -> str:
+    """A file of `templates/` (package data) with its ${placeholders} filled; a placeholder without a
+    value raises KeyError naming it."""
+    text = (resources.files(__package__) / "templates" / name).read_text(encoding="utf-8")
+    return string.Template(text).substitute(values)
+
+
 def model_card(run: Run, files: pd.DataFrame, mmproj_name: str) -> str:
-    """The README.md text (front matter + sections) from the run's own files.
+    """The README.md text (front matter + sections) from the run's own files:
+    `templates/model_card.md` filled by `card_values`.
 
     `files`: file, variant ('mmproj' for the vision file), bytes, sha256 of what the repo holds.
     """
+    return render_template("model_card.md", card_values(run, files, mmproj_name))
+
+
+def card_values(run: Run, files: pd.DataFrame, mmproj_name: str) -> dict[str, str]:
+    """Every placeholder of the model card, as text."""
     p = run.params
     summary, table = _metrics(run)
     recorded = _read_json(run.dir / "machine.json")
     machine, build = recorded.get("machine") or {}, recorded.get("llama_cpp") or (run.artifacts().get("llama_cpp") or {})
-    hub_model = p.model.source in ("huggingface", "modelscope", "local")
-    base = p.model.repo if hub_model else None
-    license_ = p.publish.license or KNOWN_LICENSES.get(base or "", "other")
-    front = {"license": license_, **({"base_model": base} if base else {}),
-             **({"base_model_relation": "quantized"} if base and p.model.format == "checkpoint" else {}),
-             "tags": TAGS, "pipeline_tag": "image-text-to-text", "library_name": "gguf"}
-    title = p.publish.repo or f"{base or p.run} GGUF"
+    base = p.model.repo if p.model.source in ("huggingface", "modelscope", "local") else None
     chosen = (summary.get("chosen") or {}).get("variant")
-    published = set(files["variant"])
-    models = files[files["variant"] != "mmproj"]
-
+    quant_rows, speed_rows = _variant_rows(table, chosen, set(files["variant"]))
     file_rows = [[f"`{r.file}`", str(r.variant), f"{r.bytes:,}", f"`{r.sha256}`"] for r in files.itertuples()]
+    made = ("ready-made GGUF files evaluated" if p.model.format == "gguf"
+            else "converted, checked against PyTorch, quantized and measured")
+    synthetic = ("" if summary.get("real_model") else
+                 "\n> **Synthetic model.** These files come from a test run on a synthetic checkpoint, not the real "
+                 "LLaVA 1.6 weights; the numbers below describe that run only.\n")
+    return {
+        "front_matter": yaml.safe_dump(_front_matter(run, base), sort_keys=False).strip(),
+        "title": p.publish.repo or f"{base or p.run} GGUF", "synthetic_note": synthetic,
+        "base_model": f"[{base}]({_hub_url(base, p.model.source)})" if base else f"run `{p.run}`",
+        "mmproj": mmproj_name, "made": made, "run": p.run, "chosen": chosen or "–",
+        "chosen_how": summary.get("chosen_how", ""),
+        "files_table": _md_table(file_rows, ["file", "variant", "bytes", "sha256"]),
+        "kld_how": _kld_how(summary, table), "kld_budget": str(summary.get("kld_budget")),
+        "quality_table": _md_table(quant_rows, ["variant", "bits/weight", "MiB", "mean KLD", "KLD p99",
+                                                "same top token %", "PPL"]),
+        "cases": str(summary.get("cases")), "n_predict": str(summary.get("n_predict")),
+        **_machine_lines(machine, build),
+        "speed_table": _md_table(speed_rows, ["variant", "image encode ms", "image decode ms", "prompt tokens/s",
+                                              "generation tokens/s", "answer ms", "peak RSS MiB"]),
+        "checks_table": _md_table(_check_rows(run), ["check", "status", "measured", "bound"]),
+        **_run_commands(p, files[files["variant"] != "mmproj"]),
+    }
+
+
+def _front_matter(run: Run, base: str | None) -> dict:
+    p = run.params
+    license_ = p.publish.license or KNOWN_LICENSES.get(base or "", "other")
+    return {"license": license_, **({"base_model": base} if base else {}),
+            **({"base_model_relation": "quantized"} if base and p.model.format == "checkpoint" else {}),
+            "tags": TAGS, "pipeline_tag": "image-text-to-text", "library_name": "gguf"}
+
+
+def _variant_rows(table: pd.DataFrame, chosen: str | None, published: set) -> tuple[list[list[str]], list[list[str]]]:
+    """(quality rows, speed rows), one each per evaluated variant."""
     quant_rows, speed_rows = [], []
     for _, r in table.iterrows():
         name = str(r["variant"]) + (" ★" if r["variant"] == chosen else "") + (" (here)" if r["variant"] in published else "")
@@ -161,80 +202,46 @@ def model_card(run: Run, files: pd.DataFrame, mmproj_name: str) -> str:
         speed_rows.append([name, _num(r.get("image_encode_ms"), "{:,.0f}"), _num(r.get("image_decode_ms"), "{:,.0f}"),
                            _num(r.get("prompt_tokens_per_s"), "{:.2f}"), _num(r.get("eval_tokens_per_s"), "{:.2f}"),
                            _num(r.get("answer_ms"), "{:,.0f}"), _num(r.get("peak_rss_mib"), "{:,.0f}")])
-    measured = "kld" in table and table["kld"].notna().any()
-    kld_how = (f"Mean KL divergence of each variant's next-token distribution from the reference "
-               f"(**{summary.get('reference')}**), over {summary.get('perplexity_chunks')} chunks of "
-               f"{summary.get('perplexity_ctx')} tokens of an English prose corpus (llama-perplexity "
-               "`--kl-divergence`)." if measured else
-               "KL divergence was not measured in this run (" + "; ".join(summary.get("notes") or []) + ").")
-    made = ("ready-made GGUF files evaluated" if p.model.format == "gguf"
-            else "converted, checked against PyTorch, quantized and measured")
+    return quant_rows, speed_rows
+
+
+def _kld_how(summary: dict, table: pd.DataFrame) -> str:
+    if "kld" in table and table["kld"].notna().any():
+        return (f"Mean KL divergence of each variant's next-token distribution from the reference "
+                f"(**{summary.get('reference')}**), over {summary.get('perplexity_chunks')} chunks of "
+                f"{summary.get('perplexity_ctx')} tokens of an English prose corpus (llama-perplexity "
+                "`--kl-divergence`).")
+    return "KL divergence was not measured in this run (" + "; ".join(summary.get("notes") or []) + ")."
+
+
+def _check_rows(run: Run) -> list[list[str]]:
     checks = _checks(run)
-    check_rows = [[c["check"], str(c["status"]), f"{c['measure']} {_num(c['value'], '{:.2e}')}",
-                   _num(c["bound"], "{:.0e}")] for c in checks]
+    rows = [[c["check"], str(c["status"]), f"{c['measure']} {_num(c['value'], '{:.2e}')}",
+             _num(c["bound"], "{:.0e}")] for c in checks]
     if not any("text" in c["check"] for c in checks):
-        check_rows.append(["text GGUF logits vs PyTorch", "not recorded in this run folder",
-                           "see the run's 04_text_export report", "–"])
+        rows.append(["text GGUF logits vs PyTorch", "not recorded in this run folder",
+                     "see the run's 04_text_export report", "–"])
+    return rows
+
+
+def _machine_lines(machine: dict, build: dict) -> dict[str, str]:
     compiled = " ".join(f"{k}={v}" for k, v in (((build.get("system_info") or {}).get("backends") or {})
                                                  .get("CPU") or {}).items())
+    return {"machine": describe(machine) if machine else "not recorded",
+            "cpu_features": " ".join(machine.get("features") or []) or "–",
+            "llama_cpp": (build.get("version") or "–") + (f", built with {build['built_with']}"
+                                                          if build.get("built_with") else ""),
+            "compiled": compiled or "–"}
+
+
+def _run_commands(p, models: pd.DataFrame) -> dict[str, str]:
+    """The "How to run" lines' parts: example file, thread and template flags, the hub line."""
     e = p.evaluate
-    threads = f" -t {e.threads}" if e.threads else ""
-    template = f" --chat-template {e.chat_template}" if e.chat_template else ""
-    example = models["file"].iloc[0] if len(models) else "<model>.gguf"
     hf_line = (f"\n# or straight from the hub (llama.cpp fetches the mmproj too):\nllama-server -hf {p.publish.repo}:"
                f"{models['variant'].iloc[0]}" if p.publish.hub == "huggingface" and p.publish.repo and len(models) else "")
-    synthetic = ("" if summary.get("real_model") else
-                 "\n> **Synthetic model.** These files come from a test run on a synthetic checkpoint, not the real "
-                 "LLaVA 1.6 weights; the numbers below describe that run only.\n")
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {title}
-{synthetic}
-GGUF files of {f"[{base}]({_hub_url(base, p.model.source)})" if base else f"run `{p.run}`"} for llama.cpp: the
-Vicuna-7B text model and the vision encoder + projector (`{mmproj_name}`), {made} with the llava-gguf
-workflow (run `{p.run}`). Recommended: **{chosen or '–'}**
-({summary.get('chosen_how', '')}).
-
-## Files
-
-{_md_table(file_rows, ['file', 'variant', 'bytes', 'sha256'])}
-
-## Quantization quality
-
-{kld_how} ★ = recommended (budget {summary.get('kld_budget')}); (here) = in this repository.
-
-{_md_table(quant_rows, ['variant', 'bits/weight', 'MiB', 'mean KLD', 'KLD p99', 'same top token %', 'PPL'])}
-
-## Speed
-
-Measured with llama-mtmd-cli{threads}, one image and a prompt, means over {summary.get('cases')} case(s) of
-{summary.get('n_predict')} generated tokens; "answer" is image encode + prompt eval + the full generation,
-without model load.
-
-- machine: {describe(machine) if machine else 'not recorded'}
-- CPU features: {' '.join(machine.get('features') or []) or '–'}
-- llama.cpp: {build.get('version') or '–'}{f", built with {build['built_with']}" if build.get('built_with') else ''}
-- compiled CPU features: {compiled or '–'}
-
-{_md_table(speed_rows, ['variant', 'image encode ms', 'image decode ms', 'prompt tokens/s', 'generation tokens/s', 'answer ms', 'peak RSS MiB'])}
-
-## Verification
-
-{_md_table(check_rows, ['check', 'status', 'measured', 'bound'])}
-
-## How to run
-
-```bash
-llama-mtmd-cli -m {example} --mmproj {mmproj_name} --image photo.jpg -p "Describe this image."{threads}{template}
-llama-server -m {example} --mmproj {mmproj_name} --port 8080{threads}{hf_line}
-```
-
-`llama-server` then answers OpenAI-style `/v1/chat/completions` requests with `image_url` parts, and
-serves its chat page at http://127.0.0.1:8080/ where its build has one. It renders the Vicuna chat template
-the GGUF carries (with Jinja, its default; the pinned build given `--chat-template vicuna` reads the word as the template).
-"""
+    return {"threads": f" -t {e.threads}" if e.threads else "",
+            "template": f" --chat-template {e.chat_template}" if e.chat_template else "",
+            "example": models["file"].iloc[0] if len(models) else "<model>.gguf", "hf_line": hf_line}
 
 
 def _hub_url(repo: str, source: str) -> str:

@@ -6,16 +6,18 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import machine, quant_types
+from ..checkpoint import Checkpoint
 from ..llama_cpp import toolchain
 from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
 from ..tokenizer import VOCAB_GGUF
 from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
-from .records import BenchError, MiB
+from .records import BenchError, MiB, _gib
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +134,42 @@ def check_disk(run: Run, need: int) -> None:
                          f"{run.params_file}")
 
 
+@dataclass
+class Source:
+    """The benchmark's checkpoint: its folder, shards and what the machine record says of it."""
+    path: Path
+    shards: list[Path]
+    bytes: int
+    parameters: int
+    largest: dict
+
+
+def prepare_source(run: Run) -> Source:
+    """The checkpoint (made first when synthetic and stale, the disk checked first) and its facts;
+    then the disk checked for the benchmark's fullest moment."""
+    p = run.params.model
+    if p.source == "tiny" and not is_current(synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards, p.tiny.seed),
+                                             p.tiny.size):
+        size = synthetic_bytes(p.tiny.size)
+        check_disk(run, size + disk_needed(run, size))
+    ckpt = benchmark_checkpoint(run)
+    with Checkpoint.open(ckpt) as c:
+        shards = [ckpt / s for s in c.shards]
+        n_params = sum(t.numel for t in c)
+        largest = max(c, key=lambda t: t.numel)
+        largest_info = {"name": largest.name, "dtype": largest.dtype, "shape": list(largest.shape),
+                        "elements": largest.numel}
+    ckpt_bytes = sum(s.stat().st_size for s in shards)
+    check_disk(run, disk_needed(run, ckpt_bytes))
+    return Source(ckpt, shards, ckpt_bytes, n_params, largest_info)
+
+
+def start_record(run: Run, source: Source, main_type: str) -> dict:
+    """machine.json's start: the machine, its load, the checkpoint and the main quant type."""
+    info = machine_info(run)
+    info["load_average_start"] = loadavg()
+    info.update(checkpoint=str(source.path), checkpoint_GiB=_gib(source.bytes), parameters=source.parameters,
+                largest_tensor=source.largest, quant_main=main_type, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    log.info("benchmark of %s (%.2f GiB, %d shards) on %s cores, %s GiB RAM", source.path, source.bytes / GiB,
+             len(source.shards), info["usable_cores"], info.get("memory_GiB"))
+    return info

@@ -40,19 +40,15 @@ import pandas as pd
 
 from .. import registry
 from . import procmon
-from ..checkpoint import Checkpoint
 from ..checks import text as text_check
 from ..llama_cpp import legacy, toolchain
 from ..llama_cpp.mtmd import MtmdOptions, run_mtmd
 from ..steps import quantize
 from ..steps.evaluate import case_inputs
-from .procmon import GiB
 from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, StepRecord,
                       _gib, record_json)
-from .inputs import (benchmark_checkpoint, check_disk, disk_needed, files, loadavg, machine_info,
-                     read_through, snapshot, synthetic_bytes, synthetic_dir, thread_counts)
+from .inputs import files, loadavg, prepare_source, read_through, snapshot, start_record, thread_counts
 from .report import quant_files_table, render
-from ..tiny import is_current
 from ..workspace import Run, open_run, write_json
 
 log = logging.getLogger(__name__)
@@ -151,84 +147,35 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     main_type = run.params.quantize.types[0]
     bench_types = list(dict.fromkeys(b.quant_types))
     quant_types = list(dict.fromkeys([main_type, *[t for t in bench_types if t != "F16"]]))
-
-    # Every tool is looked up before anything runs, so a missing one fails in seconds, not after an hour.
-    quantize_tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
-    bench_tool = toolchain.find_tool("llama-bench", run.params.llama_cpp.dir) if b.inference else None
-    mtmd_tool = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir) if b.inference and b.mtmd else None
-    p = run.params.model
-    make_ckpt = p.source == "tiny" and not is_current(synthetic_dir(p.tiny.size, p.tiny.format, p.tiny.shards,
-                                                                    p.tiny.seed), p.tiny.size)
-    if make_ckpt:
-        size = synthetic_bytes(p.tiny.size)
-        check_disk(run, size + disk_needed(run, size))
-    ckpt = benchmark_checkpoint(run)
-
-    with Checkpoint.open(ckpt) as c:
-        shards = [ckpt / s for s in c.shards]
-        n_params = sum(t.numel for t in c)
-        largest = max(c, key=lambda t: t.numel)
-        largest_info = {"name": largest.name, "dtype": largest.dtype, "shape": list(largest.shape),
-                        "elements": largest.numel}
-    ckpt_bytes = sum(s.stat().st_size for s in shards)
-    check_disk(run, disk_needed(run, ckpt_bytes))
+    quantize_tool, bench_tool, mtmd_tool = _find_tools(run)
+    source = prepare_source(run)
     _clean_products(run)
-    run.record("checkpoint", ckpt)
-    before = snapshot(ckpt)
-    info = machine_info(run)
-    info["load_average_start"] = loadavg()
-    info.update(checkpoint=str(ckpt), checkpoint_GiB=_gib(ckpt_bytes), parameters=n_params,
-                largest_tensor=largest_info, quant_main=main_type, started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    log.info("benchmark of %s (%.2f GiB, %d shards) on %s cores, %s GiB RAM", ckpt, ckpt_bytes / GiB, len(shards),
-             info["usable_cores"], info.get("memory_GiB"))
+    run.record("checkpoint", source.path)
+    before = snapshot(source.path)
+    info = start_record(run, source, main_type)
 
     bench = _Bench(run)
     bench.state["machine"] = info
     bench.total = 2 + 3 + 1 + len(quant_types) + (4 if b.legacy else 0) + (
         len(bench_types) * (1 + int(b.mtmd)) if b.inference else 0)
     t_start = time.perf_counter()
-
-    # -- references --------------------------------------------------------------------------
-    # One untimed read first, so the copy and the conversions find the source equally cached
-    # (all of it where RAM allows, as on a machine that just downloaded it).
-    info["source_read_s"] = round(read_through(shards), 1)
-    copy_dir = run.sub("copy")
-    bench.command(REFERENCE, "cp shards", ["cp", "--", *shards, copy_dir], "copy.log",
-                  outputs=lambda: copy_dir.iterdir(), note="the disk's own limit: the same bytes, no conversion")
-    shutil.rmtree(copy_dir)
-    bench.call(REFERENCE, "python + imports", import_stages,
-               note="the floor under every project step: interpreter, torch, numpy, gguf, pandas")
+    _references(bench, source.shards, info)
 
     project_left, quant_files, mmproj = _project(bench, quant_types, main_type)
     files_table = quant_files_table({f"project {k}": v for k, v in quant_files.items()})
     text_gguf = run.artifact_path("text_gguf")
     if not b.keep_outputs and "F16" not in bench_types:
         text_gguf.unlink()
-
     # Inference runs before the legacy recipe: its 27 GB F32 file then finds the project's files gone.
-    inference = mtmd = pd.DataFrame()
-    if b.inference:
-        files = {t: text_gguf if t == "F16" else quant_files[t] for t in bench_types}
-        threads = thread_counts(run)
-        inference = _llama_bench(bench, bench_tool, files, threads)
-        if b.mtmd:
-            mtmd = _mtmd_runs(bench, mtmd_tool, files, mmproj, max(threads))
+    inference, mtmd = _inference(bench, bench_types, text_gguf, quant_files, mmproj, bench_tool, mtmd_tool)
     if not b.keep_outputs:
         shutil.rmtree(run.dir / "models", ignore_errors=True)
         run.forget("mmproj", "text_gguf", "surgery")
-
-    # -- the legacy recipe --------------------------------------------------------------------
-    legacy_left: dict[str, int] = {}
-    if b.legacy:
-        legacy_left, legacy_quant = _legacy(bench, ckpt, quantize_tool, main_type)
-        files_table = pd.concat([files_table, quant_files_table({f"legacy {main_type}": legacy_quant})],
-                                ignore_index=True)
-        if not b.keep_outputs:
-            shutil.rmtree(run.dir / "legacy")
-    after = snapshot(ckpt)
+    legacy_left, files_table = _legacy_recipe(bench, source.path, quantize_tool, main_type, files_table)
+    after = snapshot(source.path)
     info["source_untouched"] = before == after
     if before != after:
-        log.error("the checkpoint folder %s changed during the benchmark", ckpt)
+        log.error("the checkpoint folder %s changed during the benchmark", source.path)
 
     info["total_s"] = round(time.perf_counter() - t_start, 1)
     info["load_average_end"] = loadavg()
@@ -239,6 +186,57 @@ def run_bench(params_path: str | Path | None = "params/bench.yaml") -> BenchResu
     result = render(run)
     log.info("benchmark done in %.0f s: %s", info["total_s"], result.report)
     return result
+
+
+def _find_tools(run: Run) -> tuple[Path, Path | None, Path | None]:
+    """(llama-quantize, llama-bench, llama-mtmd-cli), the last two only when the params use them."""
+    b = run.params.bench
+    # Every tool is looked up before anything runs, so a missing one fails in seconds, not after an hour.
+    quantize_tool = toolchain.find_tool("llama-quantize", run.params.llama_cpp.dir)
+    bench_tool = toolchain.find_tool("llama-bench", run.params.llama_cpp.dir) if b.inference else None
+    mtmd_tool = toolchain.find_tool("llama-mtmd-cli", run.params.llama_cpp.dir) if b.inference and b.mtmd else None
+    return quantize_tool, bench_tool, mtmd_tool
+
+
+def _references(bench: _Bench, shards: list[Path], info: dict) -> None:
+    """The floors: a plain copy of the shards and a Python that only imports the stage modules."""
+    # One untimed read first, so the copy and the conversions find the source equally cached
+    # (all of it where RAM allows, as on a machine that just downloaded it).
+    info["source_read_s"] = round(read_through(shards), 1)
+    copy_dir = bench.run.sub("copy")
+    bench.command(REFERENCE, "cp shards", ["cp", "--", *shards, copy_dir], "copy.log",
+                  outputs=lambda: copy_dir.iterdir(), note="the disk's own limit: the same bytes, no conversion")
+    shutil.rmtree(copy_dir)
+    bench.call(REFERENCE, "python + imports", import_stages,
+               note="the floor under every project step: interpreter, torch, numpy, gguf, pandas")
+
+
+def _inference(bench: _Bench, bench_types: list[str], text_gguf: Path, quant_files: dict[str, Path], mmproj: Path,
+               bench_tool: Path | None, mtmd_tool: Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(llama-bench rows, llama-mtmd-cli rows); empty frames when bench.inference / bench.mtmd are off."""
+    b = bench.run.params.bench
+    inference = mtmd = pd.DataFrame()
+    if b.inference:
+        files = {t: text_gguf if t == "F16" else quant_files[t] for t in bench_types}
+        threads = thread_counts(bench.run)
+        inference = _llama_bench(bench, bench_tool, files, threads)
+        if b.mtmd:
+            mtmd = _mtmd_runs(bench, mtmd_tool, files, mmproj, max(threads))
+    return inference, mtmd
+
+
+def _legacy_recipe(bench: _Bench, ckpt: Path, quantize_tool: Path, main_type: str,
+                   files_table: pd.DataFrame) -> tuple[dict[str, int], pd.DataFrame]:
+    """With bench.legacy: llama.cpp's own recipe; (the files it left -> bytes, the files table with its row)."""
+    b = bench.run.params.bench
+    legacy_left: dict[str, int] = {}
+    if b.legacy:
+        legacy_left, legacy_quant = _legacy(bench, ckpt, quantize_tool, main_type)
+        files_table = pd.concat([files_table, quant_files_table({f"legacy {main_type}": legacy_quant})],
+                                ignore_index=True)
+        if not b.keep_outputs:
+            shutil.rmtree(bench.run.dir / "legacy")
+    return legacy_left, files_table
 
 
 def _project(bench: _Bench, quant_types: list[str], main_type: str) -> tuple[dict[str, int], dict[str, Path], Path]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..topology import usable_cores
 from ..workspace import cache_dir, cache_lock, repo_root
 from . import limits
+from .patches import diff_part
 from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def patch_files() -> list[Path]:
 
 
 def build_key(unpatched: bool = False) -> str:
-    """Commit plus a hash of the patches applied to it: a changed patch means a new build.
+    """Commit plus a hash of the diffs applied to it, in order: a changed diff means a new build.
+    Only each patch's diff counts (`patches.diff_part`): its header, which `patch` skips, and its
+    file name can be edited without rebuilding.
 
     The unpatched build's key is the commit and the word `unpatched`: nothing else can change it.
     """
@@ -72,7 +75,8 @@ def build_key(unpatched: bool = False) -> str:
         return f"{LLAMA_CPP_COMMIT}-unpatched"
     h = hashlib.sha256()
     for p in patch_files():
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        diff = diff_part(p.read_bytes())
+        h.update(b"%d\0" % len(diff) + diff)
     return f"{LLAMA_CPP_COMMIT}-{h.hexdigest()[:10]}"
 
 

@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from .. import machine, step_tools
 from ..checks import image_sequence as image_sequence_check
 from ..checks import quality
+from ..checks.acceptance import Checks
 from ..gguf_io import gguf_summary, open_gguf, quant_table
 from ..llama_cpp import build_info, corpus, mtmd, toolchain
 from ..reports import plots, summary
-from ..workspace import Run, resolve, write_json, write_table
+from ..reports.tables import plural
+from ..workspace import Run, rel_to_root, resolve, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class EvalReport:
     summary: dict                      # what summary.json holds
     figures: dict = field(default_factory=dict)
     metrics_dir: Path | None = None
+    checks: Checks = field(default_factory=lambda: Checks("evaluate"))
 
     def __str__(self) -> str:
         return (f"EvalReport({len(self.runs)} runs, variants {list(self.variants['variant'])}, "
@@ -257,7 +260,38 @@ def run_evaluate(run: Run) -> EvalReport:
     step_tools.require(run.params, "evaluate")  # llama-perplexity is first run after every case
     variants = variants_for_run(run)
     runs = run_evaluations(run, variants, run.artifact_path("mmproj"))
-    return report_metrics(run, runs, variants)
+    report = report_metrics(run, runs, variants)
+    report.checks = acceptance_checks(run, report).enforce()
+    return report
+
+
+METRICS_FILES = ("runs", "variants", "agreement")
+
+
+def acceptance_checks(run: Run, report: EvalReport) -> Checks:
+    """Every variant answered every case, the divergences are divergences, a variant was chosen
+    for the summary and the metrics tables are on disk."""
+    checks = Checks("evaluate")
+    runs, n_cases = report.runs, len(run.params.evaluate.cases)
+    n_variants = len(report.variants)
+    checks.add("runs", len(runs), f"{plural(n_variants, 'variant')} x {plural(n_cases, 'case')} = "
+               f"{n_variants * n_cases}", len(runs) == n_variants * n_cases)
+    empty = [f"{r['variant']} case {r['case']}" for _, r in runs.iterrows() if not r["n_tokens"] > 0]
+    checks.add("generated tokens", f"fewest {runs['n_tokens'].min():.0f}" + (f" (none: {', '.join(empty)})"
+               if empty else ""), "at least 1 in every run", not empty)
+    if report.kld is None:
+        checks.add("KL divergence", "not measured", "0 or more for every variant, when measured", True)
+    else:
+        kld = report.kld["kld"]
+        checks.add("KL divergence", f"{kld.min():.3g} to {kld.max():.3g}", "0 or more for every variant",
+                   bool((kld >= 0).all()))
+    chosen = report.summary.get("chosen")
+    checks.add("chosen variant", (chosen or {}).get("variant", "none"), "a variant chosen for the summary",
+               chosen is not None)
+    missing = [f"{n}.csv" for n in METRICS_FILES if not (report.metrics_dir / f"{n}.csv").exists()]
+    checks.add("metrics tables", f"missing {', '.join(missing)}" if missing else "all written",
+               f"{', '.join(f'{n}.csv' for n in METRICS_FILES)} in {rel_to_root(report.metrics_dir)}", not missing)
+    return checks
 
 
 def llama_cpp_tools(params) -> tuple[list[str], list[str]]:

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import diskspace, quant_types, stamps, step_tools, workspace
+from ..checks.acceptance import Checks
 from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, limits, toolchain
 from ..quant_types import TEXT_OUTTYPES
@@ -45,6 +46,7 @@ class QuantizeResult:
     imatrix: Path | None = None
     logs: dict[str, Path] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    checks: Checks = field(default_factory=lambda: Checks("quantize"))
 
     def table(self) -> pd.DataFrame:
         return tables.rounded(self.files)  # for display; `files` keeps full precision
@@ -157,9 +159,35 @@ def _up_to_date(out: Path, src: Path, qtype: str, imatrix: Path | None) -> bool:
 
 # ----------------------------------------------------------------------------- step
 def run_quantize(run: Run, force: bool | None = None) -> QuantizeResult:
-    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`.
+    """Quantize the run's text GGUF to every type in `quantize.types`; record `quantized`; then
+    the acceptance checks (CheckFailed names the one that failed).
     `force` (default: `workspace.forced()`, i.e. FORCE=1) makes every file again."""
-    force = workspace.forced() if force is None else force
+    result = make_quantized(run, workspace.forced() if force is None else force)
+    result.checks = acceptance_checks(result).enforce()
+    return result
+
+
+def acceptance_checks(result: QuantizeResult) -> Checks:
+    """Every file has the type asked for, real weights and the source's parameter count."""
+    checks = Checks("quantize")
+    checks.add("files made", ", ".join(result.quantized) or "none", "at least one quantize.types entry",
+               bool(result.quantized))
+    files = result.files.set_index("variant") if len(result.files) else pd.DataFrame()
+    for qtype in result.quantized:
+        got = files["file_type"].get(qtype) if "file_type" in files else None
+        checks.add(f"{qtype} file type", got, f"{qtype}, as asked", got == qtype)
+    if len(files):
+        bpw = files["bpw"]
+        checks.add("bits per weight", f"{bpw.min():.2f} to {bpw.max():.2f}", "above 0 in every file",
+                   bool((bpw > 0).all()))
+        counts = sorted({int(n) for n in files["params"]})
+        checks.add("parameters", ", ".join(f"{n:,}" for n in counts),
+                   f"one count in every file, the source's ({int(files['params'].iloc[0]):,})", len(counts) == 1)
+    return checks
+
+
+def make_quantized(run: Run, force: bool) -> QuantizeResult:
+    """The step's work, unchecked: the quantized files (made or reused) and their table."""
     if run.params.model.format == "gguf":
         # Ready-made GGUF files: the download step recorded `quantized`; nothing to make here.
         quantized = {k: run.resolve(v) for k, v in run.artifact("quantized").items()}

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..checkpoint import Checkpoint, DTYPE_SIZES
+from ..checks.acceptance import Checks
 from ..layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
 from ..manifest import MANIFEST_VERSION, ManifestError, part_tensors  # noqa: F401  (ManifestError: raised by the step)
 from ..vision_config import resolve_vision_config
@@ -38,6 +39,7 @@ PARTS = (TEXT, VISION, PROJECTOR, IGNORED)
 class SurgeryResult:
     path: Path  # the manifest
     manifest: dict
+    checks: Checks = field(default_factory=lambda: Checks("surgery"))
 
     @property
     def layout(self) -> str:
@@ -119,7 +121,25 @@ def run_surgery(run: Run) -> SurgeryResult:
                             "the source is never written to, choose another outputs folder")
     write_json(path, {**manifest, "source": rel_to_root(manifest["source"])})
     run.record("surgery", path)
-    return SurgeryResult(path, manifest)
+    result = SurgeryResult(path, manifest)
+    result.checks = acceptance_checks(run, result).enforce()
+    return result
+
+
+def acceptance_checks(run: Run, result: SurgeryResult) -> Checks:
+    """The step's promises: a known layout, the three parts found, the manifest recorded."""
+    checks = Checks("surgery")
+    parts = result.manifest["parts"]
+    checks.add("layout", result.layout, "llava or llava-hf", result.layout in ("llava", "llava-hf"))
+    n = parts[PROJECTOR]["tensors"]
+    checks.add("projector tensors", n, "4 or 5 (mm_projector.0/.2 weight and bias, LLaVA 1.6's image_newline)",
+               n in (4, 5))
+    for part in (VISION, TEXT):
+        checks.add(f"{part} tensors", parts[part]["tensors"], "at least 1", parts[part]["tensors"] > 0)
+    recorded = run.artifact_path("surgery")
+    checks.add("artifact surgery", rel_to_root(recorded), f"the manifest written, {rel_to_root(result.path)}",
+               recorded == result.path)
+    return checks
 
 
 # ----------------------------------------------------------------------------- tables

@@ -53,6 +53,8 @@ from tqdm.auto import tqdm
 from .. import tune_bound, tune_published, tune_quality, tune_results, tune_screen
 from ..checks import quality
 from ..llama_cpp import toolchain
+from . import tune_checks
+from ..checks.acceptance import Checks
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from ..reports import tune as tune_report
 from ..reports.tables import format_ratio, format_seconds, plural
@@ -140,6 +142,7 @@ class TuneResult:
     coverage: pd.DataFrame | None = None           # every type x image budget: screened answer or why not
     published: dict = field(default_factory=dict)   # tune_published.summary: the second baseline and the ratios
     bound: dict = field(default_factory=dict)       # per budget: tune_bound.configuration_bound
+    checks: Checks = field(default_factory=lambda: Checks("tune"))
 
     def __str__(self) -> str:
         rec = self.recommended.get("recommended") or {}
@@ -367,6 +370,7 @@ def run_tune(run: Run) -> TuneResult:
                         published=published, bound=bound)
     result.recommended = tune_results.write_results(run, result, base, chosen, full, m)
     result.figures = tune_report.figures(run, result, base)
+    result.checks = tune_checks.acceptance_checks(run, result).enforce()
     log.info("%s (%.0f s)", result, time.monotonic() - started)
     return result
 
