@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from .bench import load
 from .machine import describe
 from .workspace import Run, atomic_path, sha256_file
 
@@ -154,6 +155,7 @@ def model_card(run: Run, files: pd.DataFrame, mmproj_name: str) -> str:
     quant_rows, speed_rows = [], []
     for _, r in table.iterrows():
         name = str(r["variant"]) + (" ★" if r["variant"] == chosen else "") + (" (here)" if r["variant"] in published else "")
+        name = load.mark(name, load.loaded(r))
         quant_rows.append([name, _num(r.get("bpw"), "{:.2f}"), _num(r.get("size_mib"), "{:,.0f}"),
                            _num(r.get("kld"), "{:.4f}"), _num(r.get("kld_p99"), "{:.4f}"),
                            _num(r.get("same_top_pct"), "{:.1f}"), _num(r.get("ppl"), "{:.3f}")])

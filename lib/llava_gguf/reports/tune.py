@@ -8,8 +8,6 @@ measured argv (`command`), which tests/test_tune.py compares with the argv a scr
 """
 from __future__ import annotations
 
-import html
-import json
 import logging
 import shlex
 import time
@@ -19,8 +17,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import plots
-from .tables import plural
+from . import headline, plots
+from .. import winner
+from ..bench import load
 from ..llama_cpp import flags, server
 from ..machine import machine_info, usable_cores
 from ..workspace import Run, atomic_path, json_safe, write_json
@@ -81,11 +80,13 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         cfg = config_from_row(row)
         settings, extra = m.run_settings(cfg, e.n_predict)
         speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
+        row_load = load.config_summary(row)
         header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
                   f"{time.strftime('%Y-%m-%d %H:%M')}, {board})",
-                  f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
-                  f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
-                  f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
+                  f"measured: {headline.spread_text(row)} for {e.n_predict} tokens, "
+                  + winner.claim(winner.verdict(headline.sample(row), headline.sample(baseline)),
+                                 f"the seed's command ({', '.join(headline.spread_parts(baseline))})") + "; "
+                  f"{load.describe(load.merge(row_load, load.config_summary(baseline)), e.load_threshold)}"]
         names = ["run-llava.sh"] if name == full else []
         if len(chosen) > 1:
             names.append(f"run-llava-{name}.sh")
@@ -104,7 +105,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
             "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
             "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
             "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
-            "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
+            "vs_baseline": row["vs_baseline"], "pick": row.get("pick"), "load": row_load,
+            "image_tokens": row.get("image_tokens"), "kld": kld,
             "text_gguf": settings["model"], "mmproj": settings["mmproj"],
             "flags": flags.flag_args(flags.runtime(settings)) + extra,
             **measured, "flag_table": flags.table(settings),
@@ -120,7 +122,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
                        f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
                        "the mmproj type and image budget are in run-llava.sh)\n"
                        + yaml.safe_dump({"evaluate": {**keys, "chat_template": SEED_TEMPLATE}}, sort_keys=False))
-    notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
+    notes = ([SYNTHETIC_NOTE] if result.quality.get("synthetic") else []) + \
+        [load.retry_note(result.runs.to_dict("records"), run.params.tune.load_retries)]
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
     main = budgets[full]
     # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
@@ -130,13 +133,12 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         "setup": {"machine": {"board": board, "cores": usable_cores()},
                   "llama_cpp": toolchain.tool_version(m.cli), "image": str(m.image), "prompt": m.prompt,
                   "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
-                  "rule": "A is faster than B only when A's slowest run beats B's fastest "
-                          "(min-max ranges do not overlap)"},
+                  "rule": winner.RULE, "load_threshold": e.load_threshold},
         "baseline": {"config": base.label, "command": measured_run(result.runs, base.label)["command"],
                      "command_flags": flags.flag_args(flags.runtime(m.run_settings(base, e.n_predict)[0])), **{
             k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
                                          "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
-                                         "prompt_eval_ms", "eval_ms_per_token")}},
+                                         "prompt_eval_ms", "eval_ms_per_token")}, "load": load.config_summary(baseline)},
         "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
         "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
         "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet)})
@@ -164,9 +166,12 @@ def latency_spread(confirmed: pd.DataFrame, baseline: str, run: Run | None = Non
     y = np.arange(len(ok))
     med = ok["answer_s"].to_numpy(dtype=float)
     err = [med - ok["answer_min_s"].to_numpy(dtype=float), ok["answer_max_s"].to_numpy(dtype=float) - med]
+    loaded = [load.loaded(r) for r in ok.to_dict("records")]
     ax.barh(y, med, xerr=err, color=[plots.config_color(c) for c in ok["config"]], capsize=3,
-            hatch=["//" if c == baseline else "" for c in ok["config"]], edgecolor="black", linewidth=0.5)
-    ax.set_yticks(y, [("seed's command: " if c == baseline else "") + c for c in ok["config"]], fontsize=7)
+            hatch=[("//" if c == baseline else "") + (load.HATCH if hot else "") for c, hot in zip(ok["config"], loaded)],
+            edgecolor="black", linewidth=0.5)
+    ax.set_yticks(y, [load.mark(("seed's command: " if c == baseline else "") + c, hot)
+                      for c, hot in zip(ok["config"], loaded)], fontsize=7)
     ax.set_xlabel("seconds to a full answer (median; bar = min..max of the runs)")
     ax.set_title("Confirmed configurations")
     plots.save(fig, run, "tune_latency")
@@ -201,29 +206,5 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
 
 # ----------------------------------------------------------------------------- index.html
 def headline_html(run: Run) -> str | None:
-    """The first line of index.html, None before step 07 has run."""
-    path = run.dir / "tune" / "recommended.json"
-    if not path.exists():
-        return None
-    info = json.loads(path.read_text())
-    rec, base = info.get("recommended") or {}, info.get("baseline") or {}
-    if not rec.get("answer_s") or not base.get("answer_s"):
-        return None
-    parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
-             f"{rec['speedup']:.2f}× faster than the seed's command ({base['answer_s']:.1f} s)</b>"]
-    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({v['speedup']:.2f}×)"
-              for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
-    if others:
-        parts.append("; smaller image budgets: " + ", ".join(others))
-    setup = info.get("setup") or {}
-    parts.append(f" — {setup.get('n_predict')} tokens, median of {plural(int(setup.get('repetitions') or 0), 'run')} "
-                 "(<a href='../run-llava.sh'>run-llava.sh</a>)")
-    if info.get("notes"):
-        parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")
-    served = run.dir / "conversation" / "summary.json"
-    if served.exists():  # step 08: a conversation with serve-llava.sh
-        s = json.loads(served.read_text())
-        parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s, "
-                     f"one-shot run-llava.sh {s['one_shot_s']:.1f} s)</b> with <a href='../serve-llava.sh'>serve-llava.sh</a>: {s['follow_up_prompt_n']} new prompt "
-                     f"tokens per follow-up instead of {s['first_prompt_n']} (median over {s['cases']} case(s))")
-    return "".join(parts) + "</p>"
+    """The first line of index.html (reports/headline.py), None before step 07 has run."""
+    return headline.headline_html(run)
