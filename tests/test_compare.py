@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from synthetic_runs import make_evaluated_run, move, summary_of
+from synthetic_runs import make_evaluated_run, move, recommended_json, summary_of
 
 from llava_gguf import cli, machine, workspace
 from llava_gguf.reports import compare
@@ -111,18 +111,26 @@ def test_index_over_all_runs_and_clear_errors(write_params, tmp_path):
 def test_tuned_configuration_is_shown_when_present(write_params, tmp_path):
     run = make_evaluated_run(write_params, "tuned")
     label = "Q4_K_M, mmproj f16, budget full, t 6"
-    workspace.write_json(run.sub("tune") / "recommended.json", {  # the shape reports/tune.py writes
-        "config": label, "answer_s": 0.4168775620000146, "seed_answer_s": 1.0151124179997988,
-        "speedup": 2.435037311986015, "vs_seed": "faster", "setup": {"n_predict": 8, "repetitions": 1},
-        "recommended": {"budget": "full", "config": label, "answer_min_s": 0.41, "answer_max_s": 0.43,
-                        "flags": ["--threads", "6", "--ubatch-size", "256"]},
-        "budgets": {"full": {"config": label, "answer_s": 0.4168775620000146, "speedup": 2.435037311986015},
-                    "single": {"config": "Q4_K_M, mmproj f16, budget single", "answer_s": 2.32, "speedup": 0.437}}})
+    rec = recommended_json(label, [0.41, 0.4168775620000146, 0.43], [0.98, 1.0151124179997988, 1.05])
+    workspace.write_json(run.sub("tune") / "recommended.json", rec)
     page = compare.render_comparison([run.dir], tmp_path / "t.html").read_text()
     assert "tune/recommended.json" in page and "--ubatch-size 256" in page
-    assert f"{label}: 417 ms (seed&#x27;s command 1.02 s, 2.44×, faster)" in page  # the overview's column
-    assert "1 run of 8 tokens" in page and "budget single: 2.32 s (0.437×)" in page
+    # The overview's column, worded by the one rule (winner.py): separated ranges, 3 runs each.
+    assert f"{label}: 417 ms, 2.44× faster than the seed&#x27;s command (1.02 s)" in page
+    assert "3 runs of 8 tokens" in page and "budget single: 2.32 s (2.29× slower than the seed&#x27;s command)" in page
+    assert "measured at load 1.9 (1-min average), other processes 0.04 cores, 3 % steal; no run under load" in page
     assert "speedup=" not in page and "0.4168775620000146" not in page
+    # Step 06's pick is labelled as such, never a second winner.
+    assert "Fastest quant type in evaluate: Q4_K_M" in page and "Not the recommendation" in page
+    # Overlapping ranges: the same ratio of medians is no "faster".
+    workspace.write_json(run.sub("tune") / "recommended.json",
+                         recommended_json(label, [0.41, 0.4168775620000146, 1.0], [0.98, 1.0151124179997988, 1.05]))
+    page = compare.render_comparison([run.dir], tmp_path / "t.html").read_text()
+    assert "same speed as the seed&#x27;s command, within the spread" in page and "2.44× faster" not in page
+    # One run each: no claim at all.
+    workspace.write_json(run.sub("tune") / "recommended.json", recommended_json(label, [0.41], [1.02], repetitions=1))
+    page = compare.render_comparison([run.dir], tmp_path / "t.html").read_text()
+    assert "no speed claim against the seed&#x27;s command (1.02 s): one run each" in page and "× faster" not in page
 
 
 @pytest.mark.llama_cpp

@@ -255,7 +255,7 @@ def test_report_metrics_writes_tables_plots_and_summary(local_run, llama_tool, t
     assert sorted(p.name for p in (run.dir / "plots").glob("*.png")) == \
         ["latency_breakdown.png", "size_kld_speed.png", "token_latency.png"]
     assert run.resolve(run.artifacts()["metrics"]) == report.metrics_dir
-    assert "<b>Q8_0</b>" in summary.summary_html(run)
+    assert "<b>Fastest quant type in evaluate: Q8_0</b>" in summary.summary_html(run)
 
 
 @pytest.mark.llama_cpp

@@ -123,6 +123,9 @@ class EvaluateParams(_Strict):
     # KL-divergence budget for the report's "fastest variant within budget" summary.
     kld_budget: float = 0.05
     timeout_s: int = Field(3600, ge=1)
+    # A timed run is "under load" when other processes (steal included) kept more than this many
+    # cores busy on average during it (lib/llava_gguf/machine_load.py); such runs are marked everywhere.
+    load_threshold: float = Field(0.25, ge=0)
     # The machine's name in machine.json, the reports and the scripts' headers (never the host name);
     # None: the device tree model or DMI product name, else the CPU model.
     board: str | None = None
@@ -207,6 +210,9 @@ class TuneParams(_Strict):
     # The low-bit types (4 bits per weight or fewer) also with (or, when quantize.imatrix, without) an
     # importance matrix over the shipped calibration text; the lower KLD decides which file is used.
     imatrix: bool = True
+    # Confirmation runs taken under load (evaluate.load_threshold) are run again, at most this many
+    # times per configuration; a run still under load after that is kept and marked.
+    load_retries: int = Field(2, ge=0)
 
     @field_validator("quant_types")
     @classmethod

@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from . import machine_load as load
 from .machine import describe
 from .steps.download import hub_errors
 from .workspace import Run, atomic_path, sha256_file
@@ -196,6 +197,7 @@ def _variant_rows(table: pd.DataFrame, chosen: str | None, published: set) -> tu
     quant_rows, speed_rows = [], []
     for _, r in table.iterrows():
         name = str(r["variant"]) + (" ★" if r["variant"] == chosen else "") + (" (here)" if r["variant"] in published else "")
+        name = load.mark(name, load.loaded(r))
         quant_rows.append([name, _num(r.get("bpw"), "{:.2f}"), _num(r.get("size_mib"), "{:,.0f}"),
                            _num(r.get("kld"), "{:.4f}"), _num(r.get("kld_p99"), "{:.4f}"),
                            _num(r.get("same_top_pct"), "{:.1f}"), _num(r.get("ppl"), "{:.3f}")])

@@ -1,8 +1,9 @@
 """07_tune's configurations and the statistics it decides with (pure: no tools, no files).
 
 A `Config` is one llama-mtmd-cli configuration (None: the tool's default). The seed's command is
-`baseline_config`. `compare` is the significance rule: A is faster than B only when every measured
-run of A beat every run of B (their min-max ranges do not overlap).
+`baseline_config`. `compare` is the significance rule of winner.py (the one rule): A is faster than
+B only when both have at least two runs and every run of A beat every run of B (their min-max
+ranges do not overlap).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Iterable
 
 from .machine import usable_cores
 from .topology import core_sets, read_topology
+from .winner import Sample, significance
 
 SEED_TYPE = "Q5_K_M"
 SEED_TEMPLATE = "vicuna"
@@ -131,18 +133,9 @@ def spread(values: list[float]) -> dict[str, float | None]:
 
 
 def compare(a: list[float], b: list[float]) -> str:
-    """'faster' when every run of A beat every run of B, 'slower' for the reverse, else 'same'.
-
-    The difference counts only beyond the spread: the two [min, max] ranges must not overlap.
-    """
-    a, b = [v for v in a if v is not None], [v for v in b if v is not None]
-    if not a or not b:
-        return "same"
-    if max(a) < min(b):
-        return "faster"
-    if max(b) < min(a):
-        return "slower"
-    return "same"
+    """'faster' / 'slower' beyond the spread, 'same' within it, 'no claim' with fewer than two runs
+    on either side: winner.significance on the two lists of repetitions."""
+    return significance(Sample.of(a), Sample.of(b))
 
 
 def answer_seconds(row: dict[str, Any], n_predict: int) -> float | None:

@@ -17,8 +17,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from . import winner
+from . import machine_load as load
 from .llama_cpp import flags, server, toolchain
 from .machine import machine_info
+from .reports import headline
 from .topology import usable_cores
 from .tune_config import SEED_TEMPLATE, TuneError, config_from_row
 from .workspace import Run, atomic_path, json_safe, write_json, write_table
@@ -73,11 +76,13 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         cfg = config_from_row(row)
         settings, extra = m.run_settings(cfg, e.n_predict)
         speedup = baseline["answer_s"] / row["answer_s"] if baseline.get("answer_s") and row["answer_s"] else None
+        row_load = load.config_summary(row)
         header = [f"{cfg.label} -- recommended by 07_tune for image budget '{name}' (run {run.params.run}, "
                   f"{time.strftime('%Y-%m-%d %H:%M')}, {board})",
-                  f"measured: median {row['answer_s']:.2f} s (min {row['answer_min_s']:.2f}, max "
-                  f"{row['answer_max_s']:.2f}, {row['runs']} runs) for {e.n_predict} tokens; the seed's command "
-                  f"{baseline.get('answer_s', float('nan')):.2f} s" + (f" ({speedup:.2f}x)" if speedup else "")]
+                  f"measured: {headline.spread_text(row)} for {e.n_predict} tokens, "
+                  + winner.claim(winner.verdict(headline.sample(row), headline.sample(baseline)),
+                                 f"the seed's command ({', '.join(headline.spread_parts(baseline))})") + "; "
+                  f"{load.describe(load.merge(row_load, load.config_summary(baseline)), e.load_threshold)}"]
         names = ["run-llava.sh"] if name == full else []
         if len(chosen) > 1:
             names.append(f"run-llava-{name}.sh")
@@ -96,7 +101,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
             "config": cfg.label, "settings": {k: v for k, v in row.items() if k in cfg.__dataclass_fields__},
             "answer_s": row["answer_s"], "answer_min_s": row["answer_min_s"], "answer_max_s": row["answer_max_s"],
             "runs": row["runs"], "answer_s_all": row["answer_s_all"], "speedup": speedup,
-            "vs_baseline": row["vs_baseline"], "image_tokens": row.get("image_tokens"), "kld": kld,
+            "vs_baseline": row["vs_baseline"], "pick": row.get("pick"), "load": row_load,
+            "image_tokens": row.get("image_tokens"), "kld": kld,
             "text_gguf": settings["model"], "mmproj": settings["mmproj"],
             "flags": flags.flag_args(flags.runtime(settings)) + extra,
             **measured, "flag_table": flags.table(settings),
@@ -112,7 +118,8 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
                        f"#   {main_cfg.label}\n# (step 06 evaluates the run's own mmproj and every quant type; "
                        "the mmproj type and image budget are in run-llava.sh)\n"
                        + yaml.safe_dump({"evaluate": {**keys, "chat_template": SEED_TEMPLATE}}, sort_keys=False))
-    notes = [SYNTHETIC_NOTE] if result.quality.get("synthetic") else []
+    notes = ([SYNTHETIC_NOTE] if result.quality.get("synthetic") else []) + \
+        [load.retry_note(result.runs.to_dict("records"), run.params.tune.load_retries)]
     failed = result.runs[result.runs["status"] == "failed"] if "status" in result.runs else result.runs.iloc[:0]
     main = budgets[full]
     # Top-level scalars: the one-line summary (the compare page lists them); details nested below.
@@ -122,13 +129,12 @@ def write_results(run: Run, result, base, chosen: dict[str, dict], full: str, m)
         "setup": {"machine": {"board": board, "cores": usable_cores()},
                   "llama_cpp": toolchain.tool_version(m.cli), "image": str(m.image), "prompt": m.prompt,
                   "n_predict": e.n_predict, "repetitions": run.params.tune.repetitions,
-                  "rule": "A is faster than B only when A's slowest run beats B's fastest "
-                          "(min-max ranges do not overlap)"},
+                  "rule": winner.RULE, "load_threshold": e.load_threshold},
         "baseline": {"config": base.label, "command": measured_run(result.runs, base.label)["command"],
                      "command_flags": flags.flag_args(flags.runtime(m.run_settings(base, e.n_predict)[0])), **{
             k: baseline.get(k) for k in ("answer_s", "answer_min_s", "answer_max_s", "runs", "answer_s_all",
                                          "image_tokens", "load_ms", "image_encode_ms", "image_decode_ms",
-                                         "prompt_eval_ms", "eval_ms_per_token")}},
+                                         "prompt_eval_ms", "eval_ms_per_token")}, "load": load.config_summary(baseline)},
         "recommended": {"budget": full, **budgets[full]}, "budgets": budgets, "quality": result.quality,
         "failed": [{"config": r["config"], "error": str(r["error"]).splitlines()[0]} for _, r in failed.iterrows()],
         "skipped": result.skipped, "notes": notes, "params_snippet": str(snippet),

@@ -336,7 +336,8 @@ def _mtmd_runs(bench: _Bench, tool: Path, files: dict[str, Path], mmproj: Path, 
                      "image_encode_ms": s.get("image_encode_ms"), "image_tokens": s.get("image_tokens"),
                      "prompt_tokens": s.get("prompt_tokens"), "prompt_tokens_per_s": s.get("prompt_tokens_per_s"),
                      "eval_tokens_per_s": s.get("eval_tokens_per_s"), "ttft_after_load_ms": s.get("ttft_after_load_ms"),
-                     "peak_rss_GiB": round((r.peak_rss_mib or 0) / 1024, 3)})
+                     "peak_rss_GiB": round((r.peak_rss_mib or 0) / 1024, 3),
+                     "others_cores": s.get("others_cores"), "under_load": s.get("under_load")})
     return pd.DataFrame(rows)
 
 

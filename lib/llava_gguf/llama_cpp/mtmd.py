@@ -18,7 +18,8 @@ from the prompt-eval logits (no eval run of its own); the inter-token latencies 
 them) each cover one eval run plus sampling.
 
 Peak memory is the child's `ru_maxrss` from `wait4` (the kernel's high-water mark of resident
-memory, including the mapped model pages that were touched; child processes included).
+memory, including the mapped model pages that were touched; child processes included). The load the run
+ran under (load average, other processes' CPU time from /proc/stat) is its `load` (machine_load.py).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..machine_load import LoadProbe, row_fields
 from ..gguf_io import GGUFError, open_gguf
 from ..params import EvaluateParams
 from . import flags
@@ -114,6 +116,7 @@ class EvalRun:
     stop: str  # "n_predict" | "eog" | "unknown"
     token_check: str
     token_check_ok: bool
+    load: dict = field(default_factory=dict)  # what the run ran under (machine_load.py)
 
     @property
     def n_tokens(self) -> int:
@@ -133,7 +136,7 @@ class EvalRun:
         row["stream_tokens_per_s"] = (1000.0 / row["itl_mean_ms"]) if row["itl_mean_ms"] else None
         row.update(self.timings.summary())
         row.update({"peak_rss_mib": self.peak_rss_mib, "wall_s": self.wall_s,
-                    "token_check_ok": self.token_check_ok, "log": self.log_path})
+                    "token_check_ok": self.token_check_ok, "log": self.log_path, **row_fields(self.load)})
         return row
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +194,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
     loaded_at: float | None = None
     timed_out = False
     with open(log_path, "wb") as logf:
-        t0 = time.perf_counter()
+        t0, probe = time.perf_counter(), LoadProbe().start()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 bufsize=0, start_new_session=True)
         sel = selectors.DefaultSelector()
@@ -237,6 +240,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
+        load = probe.stop(usage.ru_utime + usage.ru_stime, opts.evaluate.load_threshold)
     proc.stdout.close()
     proc.stderr.close()
 
@@ -266,7 +270,7 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
         pieces=[p.decode("utf-8", errors="replace") for p in pieces],
         ttft_ms=1000.0 * times[0] if times else None,
         ttft_after_load_ms=1000.0 * (times[0] - loaded_at) if times and loaded_at is not None else None,
-        itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok)
+        itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok, load=load)
 
 
 def _error_lines(log_path: Path, n: int = 6) -> str:

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
+from . import headline, plots
+from .. import machine_load as load
+from .. import winner
 from ..machine import describe, describe_clusters
 from .summary import format_value
-from .tables import format_ratio, format_seconds, plain, plural
+from .tables import format_seconds, plain, plural
 from ..workspace import atomic_path, outputs_dir
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ VARIANT_COLUMNS = [
     ("eval_tokens_per_s", "gen tok/s", "{:.2f}"),
     ("answer_ms", "answer ms", "{:,.0f}"),
     ("peak_rss_mib", "peak RSS MiB", "{:,.0f}"),
+    ("runs_under_load", "runs under load", "{:,.0f}"),
 ]
 
 
@@ -155,13 +158,12 @@ def overview(records: list[RunRecord]) -> pd.DataFrame:
 
 
 def _recommended_text(rec: dict | None) -> str | None:
-    """tune/recommended.json in one line: 'Q4_K_M, t 2: 417 ms (2.44× the seed's command's speed: faster)'."""
+    """tune/recommended.json in one line: 'Q4_K_M, t 2: 417 ms, 2.44× faster than the seed's command
+    (1.02 s)', worded by the one rule (headline.tune_claim)."""
     if not rec:
         return None
-    vs = rec.get("vs_seed")
-    return (f"{rec.get('config')}: {format_seconds(rec.get('answer_s'))} (seed's command "
-            f"{format_seconds(rec.get('seed_answer_s'))}, {format_ratio(rec.get('speedup'))}"
-            + (f", {vs}" if vs else "") + ")")
+    return (f"{rec.get('config')}: {format_seconds(rec.get('answer_s'))}, "
+            f"{headline.tune_claim(rec, seed=format_seconds(rec.get('seed_answer_s')))}")
 
 
 def _recommended_items(rec: dict) -> list[tuple[str, object]]:
@@ -176,34 +178,35 @@ def _recommended_items(rec: dict) -> list[tuple[str, object]]:
               if main.get("answer_min_s") is not None and main.get("answer_max_s") is not None else None)
     items = [("configuration", rec.get("config")), ("answer (median)", secs(rec.get("answer_s"))),
              ("spread (min..max)", spread), ("seed's command", secs(rec.get("seed_answer_s"))),
-             ("ratio to the seed's command", format_ratio(rec["speedup"]) if rec.get("speedup") else None),
-             ("verdict", rec.get("vs_seed")),
+             ("against the seed's command", headline.tune_claim(rec)),
+             ("load", load.describe(headline.tune_load(rec), headline.threshold(rec))),
              ("measured", f"{plural(int(setup['repetitions']), 'run')} of {setup.get('n_predict')} tokens"
                           if setup.get("repetitions") else None),
              ("flags", " ".join(map(str, main.get("flags") or [])))]
     for budget, b in (rec.get("budgets") or {}).items():
         if budget != main.get("budget"):
             items.append((f"image budget '{budget}'", f"{b.get('config')}: {format_seconds(b.get('answer_s'))} "
-                                                      f"({format_ratio(b.get('speedup'))})"))
+                                                      f"({headline.tune_claim(rec, budget)})"))
     return items
 
 
 # ----------------------------------------------------------------------------- plots
 def latency_across_runs(records: list[RunRecord], folder: Path | None = None) -> plots.PlotFigure:
     """Stacked bars, one per (run, variant): seconds per stage of a full answer (load excluded)."""
-    bars, labels = [], []
+    bars, labels, hot = [], [], []
     for r in records:
         table = with_generation(r)
         for _, row in table.iterrows():
             bars.append([float(row.get(c, np.nan)) if c in table else np.nan for c, _ in STAGES])
-            labels.append(f"{r.label}\n{row['variant']}")
+            hot.append(load.loaded(row))
+            labels.append(load.mark(f"{r.label}\n{row['variant']}", hot[-1], "\n"))
     data = np.nan_to_num(np.array(bars, dtype=float).reshape(len(bars), len(STAGES))) / 1000.0
     fig = plots.PlotFigure(figsize=(max(6.0, 0.9 * len(bars) + 3), 4.5))
     ax = fig.add_subplot()
     bottom = np.zeros(len(bars))
     for i, (col, label) in enumerate(STAGES):
         ax.bar(range(len(bars)), data[:, i], bottom=bottom, label=label, color=plots.STAGE_COLORS.get(col),
-               edgecolor="#636363", linewidth=0.5)
+               edgecolor="#636363", linewidth=0.5, hatch=[load.HATCH if h else "" for h in hot])
         bottom += data[:, i]
     for x, total in enumerate(bottom):
         ax.annotate(format_seconds(total), (x, total), ha="center", va="bottom", fontsize=7)
@@ -228,11 +231,15 @@ def speed_across_runs(records: list[RunRecord], folder: Path | None = None) -> p
         for i, r in enumerate(records):
             by_variant = r.variants.set_index("variant")
             values = [float(by_variant[col].get(v, np.nan)) if col in by_variant else np.nan for v in variants]
-            ax.bar(np.arange(len(variants)) + (i - (len(records) - 1) / 2) * width, np.nan_to_num(values),
-                   width=width, label=r.label, color=[plots.config_color(v) for v in variants],
+            x = np.arange(len(variants)) + (i - (len(records) - 1) / 2) * width
+            ax.bar(x, np.nan_to_num(values), width=width, label=r.label, color=[plots.config_color(v) for v in variants],
                    hatch=HATCHES[i % len(HATCHES)], edgecolor="black", linewidth=0.5)
+            for xi, v, value in zip(x, variants, values):  # a run's variant measured under load: starred
+                if v in by_variant.index and load.loaded(by_variant.loc[v]):
+                    ax.annotate("*", (xi, np.nan_to_num(value)), ha="center", va="bottom", color="#b30000")
         ax.set_xticks(range(len(variants)), variants)
-        ax.set_title(title)
+        ax.set_title(title + (" (*: under load)" if any(load.loaded(row) for r in records
+                                                         for _, row in r.variants.iterrows()) else ""))
         ax.set_ylabel("tokens/s")
     if len(records) > 1:  # the runs by hatch; one run needs no legend
         axes[1].legend(fontsize=8)
@@ -296,12 +303,17 @@ def _run_section(r: RunRecord, page: Path) -> str:
         ("cases x n_predict", f"{r.summary.get('cases')} x {r.summary.get('n_predict')}"),
     ])
     c = r.chosen
-    best = (f"<p><b>Chosen: {html.escape(str(c.get('variant')))}</b> — {html.escape(str(r.summary.get('chosen_how')))}"
-            f": answer {format_value(c.get('answer_ms'), '{:,.0f}')} ms, generation "
-            f"{format_value(c.get('eval_tokens_per_s'), '{:.2f}')} tok/s, KLD {format_value(c.get('kld'), '{:.4f}')}.</p>"
-            if c else "<p>No variant chosen (no timings).</p>")
-    if r.recommended:
-        best += f"<p><b>Tuned configuration</b> (tune/recommended.json):</p>{_kv_html(_recommended_items(r.recommended))}"
+    fastest = (f"{headline.EVALUATE_LABEL}: {html.escape(str(c.get('variant')))} — "
+               f"{html.escape(str(r.summary.get('chosen_how')))}: answer {format_value(c.get('answer_ms'), '{:,.0f}')} ms, "
+               f"generation {format_value(c.get('eval_tokens_per_s'), '{:.2f}')} tok/s, KLD "
+               f"{format_value(c.get('kld'), '{:.4f}')}; {html.escape(load.describe(r.summary.get('load')))}."
+               if c else f"{headline.EVALUATE_LABEL}: none (no timings).")
+    if r.recommended:  # the run's one winner; step 06's pick only labelled as such
+        best = (f"<p><b>Recommended (step 07, tune/recommended.json): "
+                f"{html.escape(headline.tune_headline(r.recommended) or '–')}</b></p>"
+                f"{_kv_html(_recommended_items(r.recommended))}<p>{fastest} Not the recommendation.</p>")
+    else:
+        best = f"<p><b>{fastest}</b></p>"
     report = r.dir / "reports" / "index.html"
     link = f" (<a href='{html.escape(_link(report, page))}'>run report</a>)" if report.exists() else ""
     return f"""<h2 id="{html.escape(r.label)}">{html.escape(r.label)}{link}</h2>
@@ -315,11 +327,11 @@ ALT = {"latency_across_runs": "Latency breakdown across runs: seconds per stage 
        "speed_across_runs": "Prompt and generation tokens per second, per variant and run"}
 OVERVIEW_COLUMNS = [
     ("machine", "machine", "{}"), ("features", "CPU features", "{}"), ("llama_cpp", "llama.cpp", "{}"),
-    ("model", "model", "{}"), ("variants", "variants", "{}"), ("chosen", "chosen", "{}"),
+    ("model", "model", "{}"), ("variants", "variants", "{}"), ("chosen", "fastest in evaluate", "{}"),
     ("kld", "KLD", "{:.4f}"), ("image_encode_ms", "image encode ms", "{:,.0f}"),
     ("image_decode_ms", "image decode ms", "{:,.0f}"), ("prompt_tokens_per_s", "prompt tok/s", "{:.2f}"),
     ("eval_tokens_per_s", "gen tok/s", "{:.2f}"), ("answer_ms", "answer ms", "{:,.0f}"),
-    ("recommended", "tuned", "{}"),
+    ("recommended", "recommended (step 07)", "{}"),
 ]
 
 
@@ -346,9 +358,11 @@ td,th,code{{overflow-wrap:anywhere}} img{{max-width:100%;height:auto}}</style>
 </head><body>
 <h1>{plural(len(records), 'run')} compared</h1>
 <p>{nav}</p>
-<p>Chosen variant per run: the fastest full answer (image encode + prompt eval + n_predict tokens, load
-excluded) whose mean KL divergence stays within the run's budget (step 06). Tokens/s are means over the
-run's cases; runs with other cases or n_predict are not strictly comparable.</p>
+<p>Each run's winner is step 07's recommendation when the run was tuned; otherwise step 06's fastest quant
+type, the fastest full answer (image encode + prompt eval + n_predict tokens, load excluded) whose mean KL
+divergence stays within the run's budget. Both follow one rule: {html.escape(winner.RULE)}. Tokens/s are
+means over the run's cases; runs with other cases or n_predict are not strictly comparable. A variant with
+runs taken under load (other processes over the threshold) is marked.</p>
 {_table_html(table, OVERVIEW_COLUMNS, first="run")}
 <h2>Across runs</h2>{imgs}
 {''.join(_run_section(r, out) for r in records)}

@@ -3,7 +3,9 @@
 Colours mean one thing on every page: `config_color(label)` gives a configuration the colour of
 its quant type (the model file it runs: "Q4_K_M" and "Q4_K_M, mmproj f16, budget full, t 2" are
 both purple) in step 06's plots, step 07's and the comparison page's; a stage of an answer has the
-colour of STAGE_COLORS everywhere. Seconds and ratios are written by tables.format_seconds/_ratio.
+colour of STAGE_COLORS everywhere. Seconds and ratios are written by tables.format_seconds/_ratio. A run or configuration measured
+under load (machine_load.py) is marked in every plot: "(under load)" after its label, and its bars
+hatched (load.HATCH).
 
 Figures are made with matplotlib's object API (`matplotlib.figure.Figure`), never pyplot: no
 global figure state, no GUI backend is touched, so this is safe headless (papermill, CI) and a
@@ -23,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .. import quant_types
+from .. import machine_load as load
 from ..workspace import Run, atomic_path
 from .tables import format_seconds
 
@@ -136,12 +139,14 @@ def latency_breakdown(runs: pd.DataFrame, run: Run | None = None, total: str | N
         stages.append(OTHER_STAGE)
         cols.append(OTHER_STAGE[0])
     means = runs.groupby("variant")[cols].mean().reindex(precision_order(runs["variant"])).fillna(0.0) / 1000.0
+    hot = loaded_variants(runs)
+    names = [load.mark(str(v), v in hot, "\n") for v in means.index]
     fig = PlotFigure(figsize=(max(5.0, 1.1 * len(means) + 3), 4.2))
     ax = fig.add_subplot()
     bottom = np.zeros(len(means))
     for col, label in stages:
-        ax.bar(means.index, means[col].to_numpy(), bottom=bottom, label=label, color=STAGE_COLORS.get(col),
-               edgecolor="#636363", linewidth=0.5)
+        ax.bar(names, means[col].to_numpy(), bottom=bottom, label=label, color=STAGE_COLORS.get(col),
+               edgecolor="#636363", linewidth=0.5, hatch=[load.HATCH if v in hot else "" for v in means.index])
         bottom += means[col].to_numpy()
     for x, height in enumerate(bottom):
         ax.annotate(format_seconds(height), (x, height), ha="center", va="bottom", fontsize=8)
@@ -151,6 +156,13 @@ def latency_breakdown(runs: pd.DataFrame, run: Run | None = None, total: str | N
     ax.margins(y=0.12)
     save(fig, run, "latency_breakdown")
     return fig
+
+
+def loaded_variants(runs: pd.DataFrame, key: str = "variant") -> set:
+    """The variants (or configurations) of which at least one run was under load."""
+    if "under_load" not in runs and "runs_under_load" not in runs:
+        return set()
+    return {v for v, row in zip(runs[key], runs.to_dict("records")) if load.loaded(row)}
 
 
 def token_latency(tokens: pd.DataFrame, run: Run | None = None) -> Figure:
@@ -164,12 +176,13 @@ def token_latency(tokens: pd.DataFrame, run: Run | None = None) -> Figure:
     order = precision_order(data["variant"]) if len(data) else []
     upper = float(np.percentile(data["itl_ms"], 99)) if len(data) else 1.0
     bins = np.linspace(0.0, max(upper, 1e-3) * 1.05, 40)
+    hot = loaded_variants(data)
     for name in order:
         part = data[data["variant"] == name]
         per_pos = part.groupby("token")["itl_ms"].mean()
-        color = config_color(name)
-        ax_line.plot(per_pos.index, per_pos.to_numpy(), marker=".", label=name, color=color)
-        ax_hist.hist(part["itl_ms"].clip(upper=bins[-1]), bins=bins, histtype="step", linewidth=1.5, label=name,
+        color, label = config_color(name), load.mark(str(name), name in hot)
+        ax_line.plot(per_pos.index, per_pos.to_numpy(), marker=".", label=label, color=color)
+        ax_hist.hist(part["itl_ms"].clip(upper=bins[-1]), bins=bins, histtype="step", linewidth=1.5, label=label,
                      color=color)
     ax_line.set_xlabel("generated token (n-th inter-token gap)")
     ax_line.set_ylabel("ms")
@@ -198,7 +211,7 @@ def size_kld_speed(table: pd.DataFrame, run: Run | None = None, speed: str = "ev
     sc = ax.scatter(data["size_mib"], kld, c=spd.fillna(finite.min() if len(finite) else 0.0), s=sizes,
                     cmap="viridis", edgecolors="black", linewidths=0.5)
     for (_, row), k, ok in zip(data.iterrows(), kld, has_kld):
-        ax.annotate(str(row["variant"]) + ("" if ok else " (no KLD)"), (row["size_mib"], k),
+        ax.annotate(load.mark(str(row["variant"]) + ("" if ok else " (no KLD)"), load.loaded(row)), (row["size_mib"], k),
                     textcoords="offset points", xytext=(6, 6), fontsize=8)
     positive = kld[kld > 0]
     # KLD spans decades and the reference sits at exactly 0: linear near 0, logarithmic above.
@@ -247,6 +260,10 @@ def pareto_plot(points: pd.DataFrame, baseline: str | None = None, run: Run | No
             ax.errorbar([t[i]], [loss[i]], xerr=[[max(t[i] - lo[i], 0.0)], [max(hi[i] - t[i], 0.0)]], fmt=marker, ms=8,
                         color=config_color(data["config"][i]), mec="black", mew=0.6, capsize=3, zorder=3,
                         label=f"budget {budget}" if i == idx[0] else None)
+    hot = [i for i, row in enumerate(data.to_dict("records")) if load.loaded(row)]
+    if hot:  # one legend entry, not a label per point (close points would overprint it)
+        ax.scatter(t[hot], loss[hot], marker="x", s=110, color="#b30000", linewidths=2.0, zorder=6,
+                   label=f"{load.MARK} (a run taken while other processes were busy)")
     if baseline is not None and (data["config"] == baseline).any():
         i = int(np.flatnonzero((data["config"] == baseline).to_numpy())[0])
         ax.annotate("seed's command", (t[i], loss[i]), textcoords="offset points", xytext=(8, 8), fontsize=8)

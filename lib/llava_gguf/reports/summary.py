@@ -1,7 +1,9 @@
-"""The evaluation summary at the top of a run's index.html.
+"""The evaluation summary of a run's index.html: step 06's pick, labelled "fastest quant type in
+evaluate" (the run's one headline winner is step 07's recommendation when it ran: headline.py).
 
 It names the fastest variant whose mean KL divergence from the reference stays within
-`evaluate.kld_budget`, with a small per-variant table. When the evaluated text model has the real
+`evaluate.kld_budget`, by winner.py's rule (medians of the runs, one per case; a variant within the
+spread of the fastest is not called slower), with a small per-variant table. When the evaluated text model has the real
 LLaVA 1.6 Vicuna 7B shape (32 layers of width 4096, ~6.7 B parameters; recognised from the GGUF,
 not from the run's name), the seed's numbers from the reference board are shown beside it.
 """
@@ -14,7 +16,10 @@ import math
 
 import pandas as pd
 
+from .. import winner
+from .. import machine_load as load
 from ..workspace import Run, json_safe
+from .headline import EVALUATE_LABEL
 from .tables import plural
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,7 @@ ROWS = [
     ("ttft_ms", "time to first token incl. load (ms)", "{:,.0f}"),
     ("answer_ms", "full answer excl. load (ms)", "{:,.0f}"),
     ("peak_rss_mib", "peak RSS (MiB)", "{:,.0f}"),
+    ("runs_under_load", "runs under load (other processes over the threshold)", "{:,.0f}"),
 ]
 
 
@@ -72,25 +78,35 @@ def is_real_model(quant: pd.DataFrame) -> bool:
                  & quant["params"].between(s["params_min"], s["params_max"])).any())
 
 
+def _fastest(table: pd.DataFrame) -> tuple[pd.Series, str]:
+    """winner.pick over a variant table's rows: (the row, how in words)."""
+    def sample(r):
+        return winner.Sample.summary(r.get("answer_ms_median", r["answer_ms"]), r.get("answer_ms_min"),
+                                     r.get("answer_ms_max"), r.get("runs", 1))
+    rows = {str(r["variant"]): r for _, r in table.iterrows()}
+    chosen = winner.pick({v: sample(r) for v, r in rows.items()})
+    return rows[chosen.name], chosen.how()
+
+
 def choose_variant(table: pd.DataFrame, budget: float) -> tuple[dict | None, list[str], str]:
-    """(fastest row within the KLD budget, names within it, how it was chosen)."""
+    """(fastest row within the KLD budget by winner.pick, names within it, how it was chosen)."""
     if table.empty or table["answer_ms"].isna().all():
         return None, [], "no timings"
     timed = table.dropna(subset=["answer_ms"])
     if "kld" not in timed or timed["kld"].isna().all():
-        best = timed.loc[timed["answer_ms"].idxmin()]
-        return json_safe(best.to_dict()), list(timed["variant"]), "fastest overall (no KLD measured)"
+        best, how = _fastest(timed)
+        return json_safe(best.to_dict()), list(timed["variant"]), f"fastest overall, no KLD measured ({how})"
     within = timed[timed["kld"] <= budget]
     if within.empty:
         best = timed.loc[timed["kld"].idxmin()]
         return json_safe(best.to_dict()), [], f"no variant within KLD {budget}; the closest one"
-    best = within.loc[within["answer_ms"].idxmin()]
-    return json_safe(best.to_dict()), list(within["variant"]), f"fastest with mean KLD <= {budget}"
+    best, how = _fastest(within)
+    return json_safe(best.to_dict()), list(within["variant"]), f"fastest with mean KLD <= {budget} ({how})"
 
 
 def build_summary(run: Run, table: pd.DataFrame, quant: pd.DataFrame, reference: str | None,
-                  notes: list[str]) -> dict:
-    """What metrics/summary.json holds (and summary_html shows)."""
+                  notes: list[str], runs: pd.DataFrame | None = None) -> dict:
+    """What metrics/summary.json holds (and summary_html shows); `runs`: the load they ran under."""
     budget = run.params.evaluate.kld_budget
     best, within, how = choose_variant(table, budget)
     real = is_real_model(quant)
@@ -102,6 +118,8 @@ def build_summary(run: Run, table: pd.DataFrame, quant: pd.DataFrame, reference:
         "n_predict": run.params.evaluate.n_predict, "cases": len(run.params.evaluate.cases),
         "perplexity_ctx": run.params.evaluate.perplexity_ctx,
         "perplexity_chunks": run.params.evaluate.perplexity_chunks,
+        "load": load.summarize(runs.to_dict("records")) if runs is not None else None,
+        "load_threshold": run.params.evaluate.load_threshold,
     })
 
 
@@ -138,16 +156,21 @@ def summary_html(run: Run) -> str | None:
             cells.append(format_value(seed.get(col), fmt))
         rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     if name:
-        headline = (f"<b>{html.escape(name)}</b> — {html.escape(info.get('chosen_how', ''))}: full answer "
+        headline = (f"<b>{EVALUATE_LABEL}: {html.escape(name)}</b> — {html.escape(info.get('chosen_how', ''))}: full answer "
                     f"{format_value(chosen.get('answer_ms'), '{:,.0f}')} ms excl. load, generation "
                     f"{format_value(chosen.get('eval_tokens_per_s'), '{:.2f}')} tokens/s, prompt "
                     f"{format_value(chosen.get('prompt_tokens_per_s'), '{:.2f}')} tokens/s, mean KLD "
-                    f"{format_value(chosen.get('kld'), '{:.4f}')}, {format_value(chosen.get('size_mib'), '{:,.0f}')} MiB.")
+                    f"{format_value(chosen.get('kld'), '{:.4f}')}, {format_value(chosen.get('size_mib'), '{:,.0f}')} MiB; "
+                    + html.escape(load.describe(info.get("load"), load.threshold_of(info)))
+                    + ".")
+        if (run.dir / "tune" / "recommended.json").exists():
+            headline += ("<br><small>Not the run's recommendation: that is step 07's, in the headline at the top "
+                         "of this page, measured with repetitions against the seed's command.</small>")
     else:
         headline = "No variant could be chosen (no timings)."
     model = info.get("model") or {}
     which = ("the real 7B shape: the seed's board numbers are shown beside it" if info.get("real_model")
-             else "not the real 7B shape (a synthetic or other model): no seed comparison")
+             else "not the real 7B shape (a synthetic or other model): the seed's Radxa O6 figures are not shown")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in info.get("notes") or [])
     plot = folder.parent / "plots" / "latency_breakdown.png"
     img = (f"<p><img src='../plots/{plot.name}' alt='latency breakdown' style='max-width:100%'></p>"
@@ -157,5 +180,5 @@ def summary_html(run: Run) -> str | None:
 <p>Reference: {html.escape(str(info.get('reference')))}; KLD budget {info.get('kld_budget')}; text model
 {format_value(model.get('params'), '{:,.0f}')} parameters, {model.get('layers')} layers of width {model.get('width')}
 ({which}). Means over {plural(int(info.get('cases') or 0), 'case')}, {info.get('n_predict')} tokens requested.</p>
-<table><tr><th></th>{''.join(head)}</tr>{''.join(rows)}</table>
+<table><tr><th>★ {EVALUATE_LABEL.lower()}</th>{''.join(head)}</tr>{''.join(rows)}</table>
 {f'<ul>{notes}</ul>' if notes else ''}{img}"""

@@ -1,15 +1,11 @@
 """Step 07's report: its plots and the index headline, read from what the step (steps/tune.py) wrote."""
 from __future__ import annotations
 
-import html
-import json
-
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .serve import memory_line
-from .tables import plural
+from . import headline, plots
+from .. import machine_load as load
 from ..workspace import Run
 
 
@@ -28,9 +24,12 @@ def latency_spread(confirmed: pd.DataFrame, baseline: str, run: Run | None = Non
     y = np.arange(len(ok))
     med = ok["answer_s"].to_numpy(dtype=float)
     err = [med - ok["answer_min_s"].to_numpy(dtype=float), ok["answer_max_s"].to_numpy(dtype=float) - med]
+    loaded = [load.loaded(r) for r in ok.to_dict("records")]
     ax.barh(y, med, xerr=err, color=[plots.config_color(c) for c in ok["config"]], capsize=3,
-            hatch=["//" if c == baseline else "" for c in ok["config"]], edgecolor="black", linewidth=0.5)
-    ax.set_yticks(y, [("seed's command: " if c == baseline else "") + c for c in ok["config"]], fontsize=7)
+            hatch=[("//" if c == baseline else "") + (load.HATCH if hot else "") for c, hot in zip(ok["config"], loaded)],
+            edgecolor="black", linewidth=0.5)
+    ax.set_yticks(y, [load.mark(("seed's command: " if c == baseline else "") + c, hot)
+                      for c, hot in zip(ok["config"], loaded)], fontsize=7)
     ax.set_xlabel("seconds to a full answer (median; bar = min..max of the runs)")
     ax.set_title("Confirmed configurations")
     plots.save(fig, run, "tune_latency")
@@ -64,58 +63,6 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
 
 
 # ----------------------------------------------------------------------------- index.html
-def published_headline(info: dict) -> str:
-    """The headline's first ratio: to the published recipe, named, or why it is not there."""
-    from ..tune_published import format_ratio
-
-    pub = info.get("published") or {}
-    if not pub:
-        return ""
-    budget = (info.get("recommended") or {}).get("budget")
-    r = ((pub.get("ratios") or {}).get(budget) or {}).get("vs_published")
-    if pub.get("measured") and r:
-        return (f"{format_ratio(r)} faster than {html.escape(pub['name'])} ({html.escape(pub['description'])}: "
-                f"{pub['answer_s']:.1f} s) and ")
-    return f"{html.escape(pub['name'])}: {html.escape(str(pub.get('why_not') or 'not measured'))}; "
-
-
 def headline_html(run: Run) -> str | None:
-    """The first line of index.html, None before step 07 has run."""
-    path = run.dir / "tune" / "recommended.json"
-    if not path.exists():
-        return None
-    info = json.loads(path.read_text())
-    rec, base = info.get("recommended") or {}, info.get("baseline") or {}
-    if not rec.get("answer_s") or not base.get("answer_s"):
-        return None
-    ratios = (info.get("published") or {}).get("ratios") or {}
-    same = (ratios.get(rec.get("budget")) or {}).get("vs_same_build")
-    from ..tune_published import format_ratio
-
-    parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
-             + published_headline(info) + (format_ratio(same) if same else f"{rec['speedup']:.2f}×")
-             + " faster than the seed's command" + (" on this build" if info.get("published") else "")
-             + f" ({base['answer_s']:.1f} s)</b>"]
-
-    def _vs(b: str, v: dict) -> str:
-        pub = (ratios.get(b) or {}).get("vs_published")
-        return (f"{pub['ratio']:.2f}× the published recipe, {v['speedup']:.2f}× the seed's command on this build"
-                if pub else f"{v['speedup']:.2f}×")
-    others = [f"{html.escape(b)}: {v['answer_s']:.1f} s ({_vs(b, v)})"
-              for b, v in (info.get("budgets") or {}).items() if b != rec.get("budget") and v.get("speedup")]
-    if others:
-        parts.append("; smaller image budgets: " + ", ".join(others))
-    setup = info.get("setup") or {}
-    parts.append(f" — {setup.get('n_predict')} tokens, median of {plural(int(setup.get('repetitions') or 0), 'run')} "
-                 "(<a href='../run-llava.sh'>run-llava.sh</a>)")
-    if info.get("notes"):
-        parts.append("<br><small>" + html.escape("; ".join(info["notes"])) + "</small>")
-    served = run.dir / "conversation" / "summary.json"
-    if served.exists():  # step 08: a conversation with serve-llava.sh
-        s = json.loads(served.read_text())
-        parts.append(f"<br><b>follow-up answer in {s['follow_up_total_s']:.1f} s (first answer {s['first_total_s']:.1f} s, "
-                     f"one-shot run-llava.sh {s['one_shot_s']:.1f} s)</b> with <a href='../serve-llava.sh'>serve-llava.sh</a>: {s['follow_up_prompt_n']} new prompt "
-                     f"tokens per follow-up instead of {s['first_prompt_n']} (median over {s['cases']} case(s))")
-        if memory_line(s):
-            parts.append("; " + memory_line(s))
-    return "".join(parts) + "</p>"
+    """The first line of index.html (reports/headline.py), None before step 07 has run."""
+    return headline.headline_html(run)

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import machine, step_tools
+from .. import machine_load as load
 from ..checks import image_sequence as image_sequence_check
 from ..checks import quality
 from ..checks.acceptance import Checks
@@ -91,7 +92,8 @@ def reference(run: Run, variants: dict[str, Path]) -> tuple[str | None, Path | N
 
 
 def token_table(run: Run, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per generated token: variant, case, token index, piece, arrival (s) and the gap before it (ms).
+    """Per generated token: variant, case, token index, piece, arrival (s), the gap before it (ms) and
+    whether its run was under load.
 
     Read from the per-run JSON records `evaluate.run_evaluations` writes next to the runs' logs.
     """
@@ -106,8 +108,9 @@ def token_table(run: Run, runs: pd.DataFrame) -> pd.DataFrame:
         for i, t in enumerate(times):
             rows.append({"variant": r["variant"], "case": r["case"], "token": i,
                          "piece": pieces[i] if i < len(pieces) else None, "t_s": t,
-                         "itl_ms": itl[i - 1] if 0 < i <= len(itl) else None})
-    return pd.DataFrame(rows, columns=["variant", "case", "token", "piece", "t_s", "itl_ms"])
+                         "itl_ms": itl[i - 1] if 0 < i <= len(itl) else None,
+                         "under_load": (rec.get("load") or {}).get("under_load")})
+    return pd.DataFrame(rows, columns=["variant", "case", "token", "piece", "t_s", "itl_ms", "under_load"])
 
 
 # ----------------------------------------------------------------------------- tables
@@ -115,6 +118,13 @@ TIMING_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "text_prompt_
                   "prompt_tokens", "prompt_tokens_per_s", "eval_ms", "eval_ms_per_token", "eval_tokens_per_s",
                   "ttft_ms", "itl_median_ms", "n_tokens", "peak_rss_mib",
                   "image_tokens", "image_tokens_llava"]  # used (from the log) / LLaVA 1.6's own count
+
+
+def answer_ms(df: pd.DataFrame, n_predict: int) -> pd.Series:
+    """Image encode + prompt eval + (n_predict - 1) x generation ms/token, per row; NaN (not 0) when a
+    log lacked a figure: an incomplete row must not look fastest."""
+    encode = df["image_encode_ms"].fillna(0.0) if "image_encode_ms" in df else 0.0
+    return encode + df["prompt_eval_ms"] + df["eval_ms_per_token"] * max(n_predict - 1, 0)
 
 
 def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | None,
@@ -134,9 +144,15 @@ def variant_table(runs: pd.DataFrame, quant: pd.DataFrame, kld: pd.DataFrame | N
         table["prompt_tokens_per_s"] = 1000.0 * table["prompt_tokens"] / table["prompt_eval_ms"]
     if "eval_ms_per_token" in table:
         table["eval_tokens_per_s"] = 1000.0 / table["eval_ms_per_token"]
-    # NaN (not 0) when a log lacked a figure: an incomplete row must not look fastest.
-    table["answer_ms"] = (table.get("image_encode_ms", 0.0).fillna(0.0) + table["prompt_eval_ms"]
-                          + table["eval_ms_per_token"] * max(n_predict - 1, 0))
+    table["answer_ms"] = answer_ms(table, n_predict)
+    # Per run, for the winner rule (winner.py): median, fastest, slowest, count, and runs under load.
+    per_run = staged.assign(answer_ms=answer_ms(staged, n_predict)).groupby("variant", sort=False)
+    for col, how in (("answer_ms_median", "median"), ("answer_ms_min", "min"), ("answer_ms_max", "max"),
+                     ("runs", "count")):
+        table[col] = table["variant"].map(getattr(per_run["answer_ms"], how)())
+    hot = (per_run["under_load"].agg(lambda f: sum(load.loaded({"under_load": v}) for v in f))
+           if "under_load" in staged else {})
+    table["runs_under_load"] = table["variant"].map(hot).fillna(0).astype(int)
     keep = ["variant", "file", "file_type", "size_mib", "params", "bpw", "imatrix"]
     table = table.merge(quant[[c for c in keep if c in quant]], on="variant", how="left")
     if kld is not None and len(kld):
@@ -177,7 +193,7 @@ def report_metrics(run: Run, runs: pd.DataFrame, variants: dict[str, Path]) -> E
     tokenize = quality.llama_tokenizer(ref_path or next(iter(variants.values())), run)
     agreement = quality.answer_agreement(runs, tokenize, baseline=baseline)
     table = variant_table(runs, quant, kld, agreement, e.n_predict)
-    info = summary.build_summary(run, table, quant, ref_name, notes)
+    info = summary.build_summary(run, table, quant, ref_name, notes, runs)
     figures = {"latency_breakdown": plots.latency_breakdown(runs, run),
                "token_latency": plots.token_latency(tokens, run),
                "size_kld_speed": plots.size_kld_speed(table, run)}

@@ -25,8 +25,10 @@ Screening runs are single short runs (`tune.screen_n_predict` tokens, ranked by 
 projected to `evaluate.n_predict` tokens) and stop when
 `tune.budget_minutes` is spent. Then, per image budget, the best `tune.finalists` screened
 configurations and the baseline are confirmed with full runs (`evaluate.n_predict` tokens): a
-warm-up run plus `tune.repetitions` measured runs each. A configuration counts as faster than
-another only when their measured ranges do not overlap (`compare`).
+warm-up run plus `tune.repetitions` measured runs each; a confirmation run taken under load
+(machine_load.py: other processes over `evaluate.load_threshold` cores) is dropped and run again, at
+most `tune.load_retries` times per configuration. The winner and "faster" follow winner.py (the one
+rule: medians, and ranges that do not overlap).
 
 The answer time of a run is what a user waits for a full-length answer: process start to first
 token (model loading, image encode, prefill) plus (n_predict - 1) x the generation time per token,
@@ -44,24 +46,28 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import tune_bound, tune_published, tune_quality, tune_results, tune_screen
+from .. import tune_bound, tune_published, tune_quality, tune_results, tune_screen, winner
+from .. import machine_load as load
 from ..checks import quality
-from ..llama_cpp import toolchain
-from . import tune_checks
 from ..checks.acceptance import Checks
+from ..llama_cpp import toolchain
 from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from ..reports import tune as tune_report
-from ..reports.tables import format_ratio, format_seconds, plural
+from ..reports.headline import tune_claim
+from ..reports.tables import format_seconds, plural
 from ..mmproj_variants import make_mmproj_files, mmproj_nmse
+from . import tune_checks
 from .evaluate import case_inputs, variants_for_run
-from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, compare,
+from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config,
                           config_from_row, config_row, runtime_grid, spread, thread_candidates)
+from ..winner import Sample
 from ..workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
@@ -146,8 +152,9 @@ class TuneResult:
 
     def __str__(self) -> str:
         rec = self.recommended.get("recommended") or {}
+        claim = tune_claim(self.recommended) if rec else "nothing recommended"
         return (f"TuneResult({plural(len(self.runs), 'run')}, recommended {rec.get('config')}: "
-                f"{format_seconds(rec.get('answer_s'))}, {format_ratio(rec.get('speedup'))} the seed's command)")
+                f"{format_seconds(rec.get('answer_s'))}, {claim})")
 
 
 def _best(rows: list[dict | None]) -> dict | None:
@@ -212,14 +219,24 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
     return per_budget, skipped
 
 
-def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int) -> pd.DataFrame:
-    """A warm-up run and `repetitions` full runs per configuration; one row each with the spread."""
+def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int,
+            load_retries: int = 0) -> pd.DataFrame:
+    """A warm-up run and `repetitions` full runs per configuration; one row each with the spread.
+    A run under load (machine_load.py) is dropped (phase DROPPED) and run again, at most
+    `load_retries` times per configuration; one still under load after that is kept, and counted."""
     jobs = [(c, r) for c in configs for r in range(repetitions + 1)]
     rows = {c: [] for c in configs}
+    retries = {c: load_retries for c in configs}
     for cfg, rep in tqdm(jobs, desc="confirm (warm-up + repetitions)", unit="run"):
         row = m.measure(cfg, "warmup" if rep == 0 else "confirm", n_predict, rep)
+        while rep and row and row.get("under_load") and retries[cfg] > 0:
+            retries[cfg] -= 1
+            row["phase"] = load.DROPPED
+            log.warning("run under load (%s), dropped and run again: %s", load.describe(load.summarize([row])), cfg.label)
+            row = m.measure(cfg, "confirm", n_predict, rep)
         if row and rep > 0:
             rows[cfg].append(row)
+    log.info("confirmation: %s", load.retry_note(m.rows, load_retries))
     out = []
     for cfg, runs in rows.items():
         if not runs:
@@ -230,7 +247,8 @@ def confirm(m: Measurer, configs: list[Config], repetitions: int, n_predict: int
         stages = df[[c for c in STAGE_COLUMNS if c in df]].median(numeric_only=True).to_dict()
         out.append({**config_row(cfg), "status": "ok", "answer_s": s["median"],
                     "answer_min_s": s["min"], "answer_max_s": s["max"], "rel_range": s["rel_range"], "runs": s["n"],
-                    "answer_s_all": list(df["answer_s"]), "image_tokens": df["image_tokens"].iloc[0], **stages})
+                    "answer_s_all": list(df["answer_s"]), "image_tokens": df["image_tokens"].iloc[0], **stages,
+                    **load.config_columns(runs, load_retries - retries[cfg])})
     return pd.DataFrame(out)
 
 
@@ -242,20 +260,23 @@ STAGE_COLUMNS = ["load_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_m
 def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | None] | None = None) -> dict[str, dict]:
     """Per budget: the fastest confirmed configuration (candidates were already within the KLD budget).
 
-    Configurations no slower than the fastest median beyond the spread (`compare`) tie with it; among
+    winner.pick: configurations not slower than the fastest median beyond the spread tie with it; among
     those the more precise one wins: the f16 mmproj, then the quant type of lower KL divergence, then
-    the lower median. `vs_baseline` says whether the choice beat the seed's command beyond the spread.
+    the lower median. `vs_baseline` (winner.verdict) says whether the choice beat the seed's command
+    beyond the spread.
     """
     kld = kld or {}
     ok = confirmed[confirmed["status"] == "ok"]
     base = ok[ok["config"] == baseline.label]
-    base_runs = base.iloc[0]["answer_s_all"] if len(base) else []
+    base_runs = Sample.of(base.iloc[0]["answer_s_all"] if len(base) else [])
     out = {}
     for budget, group in ok.groupby("budget", sort=False):
-        fastest = group.loc[group["answer_s"].idxmin()]
-        ties = [r for _, r in group.iterrows() if compare(r["answer_s_all"], fastest["answer_s_all"]) != "slower"]
-        best = min(ties, key=lambda r: (r["mmproj"] != "f16", kld.get(r["quant"]) or 0.0, r["answer_s"])).to_dict()
-        best["vs_baseline"] = compare(best["answer_s_all"], base_runs)
+        rows = {r["config"]: r for _, r in group.iterrows()}
+        chosen = winner.pick({c: Sample.of(r["answer_s_all"]) for c, r in rows.items()},
+                             prefer=lambda c: (rows[c]["mmproj"] != "f16", kld.get(rows[c]["quant"]) or 0.0))
+        best = rows[chosen.name].to_dict()
+        best["vs_baseline"] = winner.verdict(Sample.of(best["answer_s_all"]), base_runs).relation
+        best["pick"] = chosen.how()
         out[budget] = best
     return out
 
@@ -348,9 +369,10 @@ def run_tune(run: Run) -> TuneResult:
     log.info("confirming %d configurations x %d runs (estimate ~%.0f s from the screening)", len(finalists),
              p.repetitions + 1, len(finalists) * (p.repetitions + 1) * screen_s)
     # The published recipe, timed as the seed's command is (a warm-up and tune.repetitions runs).
-    published_row, published_runs = (tune_published.measure(m, published_cli, base, p.repetitions, e.n_predict, confirm)
+    published_row, published_runs = (tune_published.measure(m, published_cli, base, p.repetitions, e.n_predict,
+                                                            partial(confirm, load_retries=p.load_retries))
                                      if published_cli else (None, []))
-    confirmed = confirm(m, finalists, p.repetitions, e.n_predict)
+    confirmed = confirm(m, finalists, p.repetitions, e.n_predict, p.load_retries)
     m.rows.extend(published_runs)
     chosen = choose(confirmed, base, kld)
     if full not in chosen:
