@@ -137,7 +137,8 @@ TINY_RUN = {
     "evaluate": {"n_predict": 8, "threads": 2, "cases": [{"prompt": "Describe this image."}]},
     "tune": {"threads": [2], "ubatch_size": [None], "cache_type": ["f16"], "repetitions": 1, "finalists": 1,
              "screen_n_predict": 2, "image_budgets": {"full": None, "single": []},
-             "quant_types": ["Q4_K_M", "Q4_0"], "bench_prompt": 16, "bench_gen": 4, "published_baseline": "if-built"}}
+             "quant_types": ["Q4_K_M", "Q4_0"], "bench_prompt": 16, "bench_gen": 4, "bench_repetitions": 2,
+             "published_baseline": "if-built"}}
 
 
 @pytest.fixture(scope="session")

@@ -340,7 +340,7 @@ def test_tune_step_end_to_end(write_params, llama_tool):
                  "image_budgets": {"full": None, "single": []},
                  # Q4_0 and IQ4_NL are not step 05's: tune makes them and measures their KLD itself.
                  "quant_types": ["Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0"], "bench_prompt": 16, "bench_gen": 4,
-                 "published_baseline": "if-built"}}))
+                 "bench_repetitions": 2, "published_baseline": "if-built"}}))
     stale = run.sub("tune") / "logs" / "000-screen-baseline-from-an-earlier-tune.log"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_text("an earlier tune's log\n")

@@ -90,14 +90,14 @@ def test_bench_types_and_the_repack_verdict_from_the_log(tmp_path):
     assert calls == [("Q5_K_M.gguf", [1, 2], 64, 16), ("Q4_0.gguf", [1, 2], 64, 16), ("IQ4_NL.gguf", [1, 2], 64, 16)]
     rows = {r["quant"]: r for r in tune_screen.screen_table(screens).to_dict("records")}
     assert rows["Q4_0"]["repacked"] is True and rows["Q4_0"]["repacked_types"] == "q4_0"
-    assert rows["Q4_0"]["pp_tokens_per_s"] == pytest.approx(18635.220193) and rows["Q4_0"]["pp_threads"] == 2
+    assert rows["Q4_0"]["pp_tokens_per_s"] == pytest.approx(35941.3)  # the best repetition and rows["Q4_0"]["pp_threads"] == 2
     assert rows["Q5_K_M"]["repacked"] is False and rows["Q5_K_M"]["tg_threads"] == 1
     assert screens[2].bench_error.startswith("no llama-bench result")
     # Q4_0 marked "not expected" on purpose: the log wins, and the disagreement is said.
     notes = tune_screen.repack_mismatches(screens)
     assert notes == ["Q4_0: the repack table expected its q4_0 matrices left as they are, the load log says repacked"]
     result = tune_screen.ScreenResult(screens, ["Q5_K_M", "Q4_0"])
-    assert result.best_pp() == {"quant": "Q4_0", "test": "pp64", "tokens_per_s": pytest.approx(18635.220193),
+    assert result.best_pp() == {"quant": "Q4_0", "test": "pp64", "tokens_per_s": pytest.approx(35941.3),
                                 "threads": 2}
 
 
@@ -255,3 +255,33 @@ def test_prepare_files_reuses_the_runs_files_and_quantizes_the_rest(tmp_path, mo
     ready = SimpleNamespace(params=params, artifacts=lambda: {"quantized": {}})
     lone = [tune_screen.TypeScreen("Q4_0", "t")]
     assert tune_screen.prepare_files(ready, lone, {}) == {} and "model.format gguf" in lone[0].reason
+
+
+def test_report_tables_from_recommended_json():
+    from llava_gguf.reports import tune_tables
+
+    pub = tune_published.summary({"status": "ok", "config": "p", "answer_s": 159.6, "answer_min_s": 157.8,
+                                  "answer_max_s": 161.3, "runs": 2, "answer_s_all": [157.8, 161.3],
+                                  "image_tokens": 2880}, None, Path("cli"),
+                                 {"full": {"answer_s_all": [116.9, 116.7]}}, {"answer_s_all": [123.1, 132.2]})
+    rec = {"published": pub, "baseline": {"config": "Q5_K_M, mmproj f16, budget full", "answer_s": 127.6,
+                                          "answer_min_s": 123.1, "answer_max_s": 132.2, "runs": 2, "image_tokens": 2340},
+           "budgets": {"full": {"config": "Q5_K_M, t 2", "answer_s": 116.8, "answer_min_s": 116.7, "answer_max_s": 116.9,
+                                "runs": 1, "image_tokens": 2340}},
+           "coverage": [{"quant": "Q4_0", "budget": "full", "answer_s": None, "why_not": "dominated by Q4_K_M: faster"},
+                        {"quant": "Q5_K_M", "budget": "full", "answer_s": 130.0, "why_not": None}],
+           "bound": {"full": {"config": "Q5_K_M, t 2", "prefill": {"text": "prefill at 93% of this CPU's ceiling"},
+                              "generation": {"text": "generation at 61% of memory bandwidth"},
+                              "bandwidth": {"GB_per_s": 10.0, "method": "numpy copy"}}}}
+    table = tune_tables.baselines_table(rec).set_index("what")
+    assert table.loc["the published recipe", "answer"] == "159.60 s (157.80–161.30, 2 runs)"
+    assert table.loc["recommended, budget full", "faster than the published recipe"] == "1.37× (1.35–1.38)"
+    assert table.loc["recommended, budget full", "answer"].endswith("1 run)")
+    assert table.loc["the seed's command, this build", "faster than the published recipe"] == "1.25× (1.19–1.31)"
+    cov = tune_tables.coverage_table(rec)
+    assert cov.loc["Q4_0", "full"] == "— dominated by Q4_K_M" and cov.loc["Q5_K_M", "full"] == "130.00 s"
+    lines = tune_tables.bound_lines(rec)
+    assert lines[0] == ("**full** (Q5_K_M, t 2): prefill at 93% of this CPU's ceiling; "
+                        "generation at 61% of memory bandwidth") and lines[1].startswith("copy bandwidth: 10")
+    absent = tune_published.summary(None, "not measured: tune.published_baseline is off", None, {}, None)
+    assert tune_tables.baselines_table({**rec, "published": absent}).iloc[0]["answer"] == absent["why_not"]

@@ -9,6 +9,7 @@ import math
 
 import pandas as pd
 
+from ..llama_cpp.toolchain import LLAMA_CPP_COMMIT
 from ..tune_published import format_ratio
 from .tables import format_number, plural, rounded
 
@@ -20,7 +21,8 @@ def _yes(value) -> str:
 
 
 def types_table(rec: dict) -> pd.DataFrame:
-    """One row per quant type: llama-bench rates, repacked (load log) vs expected (table), KLD, status."""
+    """One row per quant type: llama-bench rates (the best repetition at the best thread count),
+    repacked (load log) vs expected (table), KLD without and with the importance matrix, status."""
     rows = []
     for t in (rec.get("types") or {}).get("types") or []:
         repacked = _yes(t.get("repacked"))
@@ -74,15 +76,15 @@ def baselines_table(rec: dict) -> pd.DataFrame:
     pub, base = rec.get("published") or {}, rec.get("baseline") or {}
     ratios = pub.get("ratios") or {}
     pub_col, base_col = "faster than the published recipe", "faster than the seed's command on this build"
-    rows = [{"what": f"{pub.get('name', 'the published recipe')}: {pub.get('description', '')}",
+    rows = [{"what": "the published recipe", "configuration": f"the seed's, on unpatched llama.cpp {LLAMA_CPP_COMMIT}",
              "answer": _range(pub) if pub.get("measured") else (pub.get("why_not") or "not measured"),
              "image tokens": pub.get("image_tokens"), pub_col: "—", base_col: "—"},
-            {"what": f"the seed's command on this build: {base.get('config')}", "answer": _range(base),
+            {"what": "the seed's command, this build", "configuration": base.get("config"), "answer": _range(base),
              "image tokens": base.get("image_tokens"),
              pub_col: format_ratio(pub.get("same_build_vs_published")), base_col: "—"}]
     for b, v in (rec.get("budgets") or {}).items():
         r = ratios.get(b) or {}
-        rows.append({"what": f"recommended, budget {b}: {v.get('config')}", "answer": _range(v),
+        rows.append({"what": f"recommended, budget {b}", "configuration": v.get("config"), "answer": _range(v),
                      "image tokens": v.get("image_tokens"), pub_col: format_ratio(r.get("vs_published")),
                      base_col: format_ratio(r.get("vs_same_build"))})
     return pd.DataFrame(rows)
