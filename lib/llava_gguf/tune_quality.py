@@ -8,12 +8,15 @@
   makes them; without one when `quantize.imatrix` made the run's files with it). Both KLDs are kept
   on the type's screen; the lower one decides the file tune uses and whether the type is within
   the budget. On synthetic weights the KLD ranks the types but predicts no real quality.
+* `quality_inputs`: step 06's KLD per type with tune's own, and the types the budget allows.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from . import quant_types
 
@@ -120,3 +123,29 @@ def imatrix_variants(run, screens: list[TypeScreen], text: dict[str, Path], know
 
 def _g(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def step06_kld(run) -> dict[str, float]:
+    """Mean KLD per variant from step 06's metrics ({} when it has none)."""
+    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
+    table = folder / "variants.csv"
+    if not table.exists():
+        log.warning("%s not found: no KL divergence per quant type from step 06", table)
+        return {}
+    df = pd.read_csv(table)
+    return {r["variant"]: float(r["kld"]) for _, r in df.iterrows() if "kld" in df and pd.notna(r["kld"])}
+
+
+def quality_inputs(run, quant_types: list[str], kld_budget: float,
+                   measured: dict[str, float | None] | None = None) -> tuple[dict[str, float | None], set[str]]:
+    """(mean KLD per quant type from step 06's metrics and `measured` (tune's own, for the types step
+    06 did not measure), the types allowed by the budget)."""
+    known = {**step06_kld(run), **{k: v for k, v in (measured or {}).items() if v is not None}}
+    kld: dict[str, float | None] = {q: known.get(q) for q in quant_types}
+    # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
+    allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
+    if not allowed:
+        closest = min(kld, key=lambda q: kld[q])
+        log.warning("no quant type within KLD %s (%s); tuning the closest one, %s", kld_budget, kld, closest)
+        allowed = {closest}
+    return kld, allowed

@@ -281,32 +281,6 @@ def choose(confirmed: pd.DataFrame, baseline: Config, kld: dict[str, float | Non
     return out
 
 
-def step06_kld(run: Run) -> dict[str, float]:
-    """Mean KLD per variant from step 06's metrics ({} when it has none)."""
-    folder = run.resolve(run.artifacts().get("metrics") or run.dir / "metrics")
-    table = folder / "variants.csv"
-    if not table.exists():
-        log.warning("%s not found: no KL divergence per quant type from step 06", table)
-        return {}
-    df = pd.read_csv(table)
-    return {r["variant"]: float(r["kld"]) for _, r in df.iterrows() if "kld" in df and pd.notna(r["kld"])}
-
-
-def quality_inputs(run: Run, quant_types: list[str], kld_budget: float,
-                   measured: dict[str, float | None] | None = None) -> tuple[dict[str, float | None], set[str]]:
-    """(mean KLD per quant type from step 06's metrics and `measured` (tune's own, for the types step
-    06 did not measure), the types allowed by the budget)."""
-    known = {**step06_kld(run), **{k: v for k, v in (measured or {}).items() if v is not None}}
-    kld: dict[str, float | None] = {q: known.get(q) for q in quant_types}
-    # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.
-    allowed = {q for q, v in kld.items() if v is None or v <= kld_budget}
-    if not allowed:
-        closest = min(kld, key=lambda q: kld[q])
-        log.warning("no quant type within KLD %s (%s); tuning the closest one, %s", kld_budget, kld, closest)
-        allowed = {closest}
-    return kld, allowed
-
-
 def agreement_runs(m: Measurer, run: Run, best: Config, budgets: list[str], types: list[str],
                    n_predict: int, reference: str) -> pd.DataFrame:
     """Greedy answers of every budget x mmproj type on evaluate.cases, vs (reference budget, f16)."""
@@ -349,12 +323,12 @@ def run_tune(run: Run) -> TuneResult:
     # What tune decides starts at the tool's defaults (the seed's command), whatever the params say.
     m = Measurer(cli, text, mmproj, image, prompt, MtmdOptions(e.model_copy(update=base.settings())), logs)
     kld_budget = p.kld_budget if p.kld_budget is not None else e.kld_budget
-    measured_kld = tune_quality.missing_kld(run, {q: text[q] for q in quant_types}, step06_kld(run))
+    measured_kld = tune_quality.missing_kld(run, {q: text[q] for q in quant_types}, tune_quality.step06_kld(run))
     # The low-bit types with and without an importance matrix: the better file decides (`text` is the
     # Measurer's dict: the better file is what every later run uses).
-    measured_kld.update(tune_quality.imatrix_variants(run, screens, text, {**step06_kld(run), **measured_kld},
+    measured_kld.update(tune_quality.imatrix_variants(run, screens, text, {**tune_quality.step06_kld(run), **measured_kld},
                                                      p.imatrix))
-    kld, allowed = quality_inputs(run, quant_types, kld_budget, measured_kld)
+    kld, allowed = tune_quality.quality_inputs(run, quant_types, kld_budget, measured_kld)
     # The cheap screen, before any answer is timed: llama-bench per type at the candidate threads.
     types = tune_screen.screen_types(run, screens, kld, allowed, thread_candidates(base, p.threads), logs / "bench",
                                      base.quant, kld_budget)
