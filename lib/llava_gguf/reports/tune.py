@@ -9,7 +9,7 @@ import pandas as pd
 
 from . import plots
 from .serve import memory_line
-from .tables import plural
+from .tables import format_ratio_range, plural
 from ..workspace import Run
 
 
@@ -66,15 +66,13 @@ def stage_breakdown(result, baseline: str, run: Run | None = None):
 # ----------------------------------------------------------------------------- index.html
 def published_headline(info: dict) -> str:
     """The headline's first ratio: to the published recipe, named, or why it is not there."""
-    from ..tune_published import format_ratio
-
     pub = info.get("published") or {}
     if not pub:
         return ""
     budget = (info.get("recommended") or {}).get("budget")
     r = ((pub.get("ratios") or {}).get(budget) or {}).get("vs_published")
     if pub.get("measured") and r:
-        return (f"{format_ratio(r)} faster than {html.escape(pub['name'])} ({html.escape(pub['description'])}: "
+        return (f"{format_ratio_range(r)} faster than {html.escape(pub['name'])} ({html.escape(pub['description'])}: "
                 f"{pub['answer_s']:.1f} s) and ")
     return f"{html.escape(pub['name'])}: {html.escape(str(pub.get('why_not') or 'not measured'))}; "
 
@@ -90,10 +88,8 @@ def headline_html(run: Run) -> str | None:
         return None
     ratios = (info.get("published") or {}).get("ratios") or {}
     same = (ratios.get(rec.get("budget")) or {}).get("vs_same_build")
-    from ..tune_published import format_ratio
-
     parts = [f"<p><b>on this machine: answer in {rec['answer_s']:.1f} s with {html.escape(rec['config'])}, "
-             + published_headline(info) + (format_ratio(same) if same else f"{rec['speedup']:.2f}×")
+             + published_headline(info) + (format_ratio_range(same) if same else f"{rec['speedup']:.2f}×")
              + " faster than the seed's command" + (" on this build" if info.get("published") else "")
              + f" ({base['answer_s']:.1f} s)</b>"]
 

@@ -9,8 +9,7 @@ import math
 
 import pandas as pd
 
-from ..tune_published import format_ratio
-from .tables import format_number, rounded
+from .tables import format_number, format_ratio_range, rounded
 
 
 def _yes(value) -> str:
@@ -79,12 +78,12 @@ def baselines_table(rec: dict) -> pd.DataFrame:
              "image tokens": pub.get("image_tokens"), pub_col: "—", base_col: "—"},
             {"what": f"the seed's command on this build: {base.get('config')}", "answer": _range(base),
              "image tokens": base.get("image_tokens"),
-             pub_col: format_ratio(pub.get("same_build_vs_published")), base_col: "—"}]
+             pub_col: format_ratio_range(pub.get("same_build_vs_published")), base_col: "—"}]
     for b, v in (rec.get("budgets") or {}).items():
         r = ratios.get(b) or {}
         rows.append({"what": f"recommended, budget {b}: {v.get('config')}", "answer": _range(v),
-                     "image tokens": v.get("image_tokens"), pub_col: format_ratio(r.get("vs_published")),
-                     base_col: format_ratio(r.get("vs_same_build"))})
+                     "image tokens": v.get("image_tokens"), pub_col: format_ratio_range(r.get("vs_published")),
+                     base_col: format_ratio_range(r.get("vs_same_build"))})
     return pd.DataFrame(rows)
 
 
