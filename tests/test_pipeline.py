@@ -31,9 +31,9 @@ def test_plan_orders_dependencies_and_skips_checkpoint_steps_for_gguf(write_para
 def test_code_closure_follows_package_imports():
     from llava_gguf import fingerprint
 
-    names = {p.name for p in fingerprint.code_closure({"steps.download"})}
-    assert {"download.py", "checkpoint.py", "workspace.py", "params.py", "tiny.py"} <= names
-    assert Path(pipeline.__file__).name not in names
+    closure = fingerprint.code_closure({"steps.download"})
+    assert {"download.py", "checkpoint.py", "workspace.py", "params.py", "tiny.py"} <= {p.name for p in closure}
+    assert Path(pipeline.__file__).resolve() not in {p.resolve() for p in closure}
     assert fingerprint.notebook_imports(registry.get("vision").source) >= {"steps.vision_export", _in_package(workspace)}
 
 

@@ -150,8 +150,8 @@ def test_each_step_names_the_tools_it_needs(write_params):
     assert step_tools.tools_for(run.params, "vision") == ([], ["llama-mtmd-debug"])
     assert step_tools.tools_for(run.params, "quantize") == (["llama-quantize", "llama-imatrix"], [])
     assert step_tools.tools_for(run.params, "evaluate")[0] == ["llama-mtmd-cli", "llama-tokenize", "llama-perplexity"]
-    assert step_tools.tools_for(run.params, "tune") == (
-        ["llama-mtmd-cli"], ["llama-bench", "llama-quantize", "llama-perplexity", "llama-mtmd-debug"])
+    assert step_tools.tools_for(run.params, "tune") == (["llama-mtmd-cli"], ["llama-bench", "llama-quantize",
+                                                                         "llama-perplexity", "llama-mtmd-debug"])
     quiet = _run(write_params, "pre-tools-2", model={"source": "tiny"}, convert={"verify": False},
                  evaluate={"perplexity": False})
     assert step_tools.tools_for(quiet.params, "text") == ([], [])

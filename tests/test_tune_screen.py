@@ -9,6 +9,7 @@ import pytest
 from llava_gguf import tune_bound, tune_published, tune_quality, tune_screen
 from llava_gguf.llama_cpp import llama_bench
 from llava_gguf.llama_cpp.repack_log import parse_repack_log
+from llava_gguf.reports import tables
 from llava_gguf.tune_config import Config
 
 LOGS = Path(__file__).parent / "data" / "logs"
@@ -200,7 +201,7 @@ def test_ratios_carry_the_spread_and_an_unmeasured_recipe_gives_none():
     r = tune_published.ratio([157.8, 161.3], [116.9, 116.7])
     assert r["ratio"] == pytest.approx(159.55 / 116.8) and r["min"] == pytest.approx(157.8 / 116.9)
     assert r["max"] == pytest.approx(161.3 / 116.7)
-    assert tune_published.format_ratio(r) == "1.37× (1.35–1.38)"
+    assert tables.format_ratio_range(r) == "1.37× (1.35–1.38)"
     row = {"status": "ok", "config": "p", "answer_s": 159.55, "answer_min_s": 157.8, "answer_max_s": 161.3, "runs": 2,
            "answer_s_all": [157.8, 161.3], "image_tokens": 2880}
     chosen = {"full": {"answer_s_all": [116.9, 116.7]}, "single": {"answer_s_all": [56.4, 48.6]}}

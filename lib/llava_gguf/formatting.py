@@ -39,6 +39,13 @@ def format_ratio(value) -> str:
     return "–" if value is None or not math.isfinite(float(value)) else f"{format_number(value)}×"
 
 
+def format_ratio_range(r: dict | None) -> str:
+    """A ratio with its range, as tune_published.ratio gives it: '1.37× (1.31–1.42)', or 'n/a'."""
+    if not r:
+        return "n/a"
+    return f"{r['ratio']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """'1 run', '2 runs' (`words` for an irregular plural)."""
     return f"{n} {word if n == 1 else (words or word + 's')}"

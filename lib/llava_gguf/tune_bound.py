@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from .gguf_io import open_gguf
+from .machine import usable_cores
+
 # Bytes per element of the KV cache (ggml block sizes: q8_0 34 bytes per 32, q4_0 18 per 32, ...).
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
             "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
@@ -47,8 +50,6 @@ def kv_bytes_per_position(n_layer: int, n_embd: int, n_head: int, n_head_kv: int
 
 def model_bytes(gguf: Path | str) -> dict[str, Any]:
     """What `generation_bound` needs of a text GGUF, from its header (no tensor data is read)."""
-    from .gguf_io import open_gguf
-
     g = open_gguf(gguf, "text GGUF")
     arch = str(g.fields.get("general.architecture", "llama"))
 
@@ -164,8 +165,6 @@ def bounds(chosen: dict[str, dict], text: dict[str, Path], ceiling: dict[str, An
            bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per image budget, both bounds of its recommended configuration (`chosen`: tune.choose's rows);
     the copy bandwidth is probed once, at the most threads any of them uses."""
-    from .machine import usable_cores
-
     if not chosen:
         return {}
     if bandwidth is None:

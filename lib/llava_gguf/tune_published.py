@@ -130,9 +130,3 @@ def summary(row: dict | None, why_not: str | None, cli: Path | None, recommended
     out["same_build_vs_published"] = ratio(out["answer_s_all"], base_runs) if ok and base_runs else None
     return out
 
-
-def format_ratio(r: dict | None) -> str:
-    """'1.37× (1.31–1.42)' or 'n/a'."""
-    if not r:
-        return "n/a"
-    return f"{r['ratio']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"

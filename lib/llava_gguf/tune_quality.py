@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from . import quant_types
+from .checks import quality
+from .gguf_io import gguf_summary
+from .llama_cpp import corpus
+from .llama_cpp.toolchain import ToolFailed, ToolNotFound
+from .steps import quantize
+from .steps.evaluate import reference
 
 if TYPE_CHECKING:
     from .tune_screen import TypeScreen
@@ -29,10 +35,6 @@ log = logging.getLogger(__name__)
 def missing_kld(run, files: dict[str, Path], known: dict[str, float | None]) -> dict[str, float | None]:
     """Mean KLD of the types in `files` that `known` (step 06's table) lacks, measured as step 06 does;
     {} when step 06 measures none (evaluate.perplexity false, or no reference)."""
-    from .checks import quality
-    from .llama_cpp import corpus
-    from .steps.evaluate import reference
-
     todo = {q: p for q, p in files.items() if known.get(q) is None}
     if not todo or not run.params.evaluate.perplexity:
         return {}
@@ -63,13 +65,6 @@ def imatrix_variants(run, screens: list[TypeScreen], text: dict[str, Path], know
     the shipped calibration text where the run's file has none, as gguf-my-repo makes them, else without),
     its KLD measured as step 06 measures it, and the better of the two as the type's file (`text` and the
     screen are updated). Returns quant -> the better KLD, for the types where both were measured."""
-    from .checks import quality
-    from .gguf_io import gguf_summary
-    from .llama_cpp import corpus
-    from .llama_cpp.toolchain import ToolFailed, ToolNotFound
-    from .steps import quantize
-    from .steps.evaluate import reference
-
     todo = [s for s in screens if s.file and low_bit(s.quant)]
     if not enabled or not todo or not run.params.evaluate.perplexity or "text_gguf" not in run.artifacts():
         return {}

@@ -30,9 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from . import quant_types
-from .quant_candidates import Candidate, CpuFeatures, quant_candidates, this_cpu
+from .gguf_io import GGUFError
+from .llama_cpp import llama_bench, toolchain
+from .llama_cpp.toolchain import ToolFailed, ToolNotFound
+from .machine import usable_cores
+from .quant_candidates import ALWAYS_CONSIDERED, Candidate, CpuFeatures, quant_candidates, this_cpu
+from .steps import quantize
 from .tune_config import SEED_TYPE, Config
 
 log = logging.getLogger(__name__)
@@ -99,7 +105,6 @@ def candidate_types(named: list[str] | None, cpu: CpuFeatures | None = None,
     if cands:
         out = [_screen(c.name, c.why, c) for c in cands.values()]
     else:
-        from .quant_candidates import ALWAYS_CONSIDERED
         out = [_screen(q, "always considered (CPU features unknown)", None)
                for q in dict.fromkeys([*ALWAYS_CONSIDERED, SEED_TYPE])]
     have = {s.quant for s in out}
@@ -116,10 +121,6 @@ def _screen(name: str, why: str, cand: Candidate | None) -> TypeScreen:
 def prepare_files(run, screens: list[TypeScreen], existing: dict[str, Path]) -> dict[str, Path]:
     """quant -> text GGUF for every type that has or gets one (reasons set on the others). `existing`:
     the run's variants (step 05's files and the unquantized export), used as they are."""
-    from .gguf_io import GGUFError
-    from .llama_cpp.toolchain import ToolFailed, ToolNotFound
-    from .steps import quantize
-
     out: dict[str, Path] = {}
     text_gguf = run.artifact_path("text_gguf") if "text_gguf" in run.artifacts() else None
     imatrix = None
@@ -160,7 +161,6 @@ def bench_groups(thread_configs: list[Config]) -> list[dict[str, Any]]:
     groups += [{"threads": [c.threads], "cpu_mask": c.cpu_mask, "cpu_strict": c.cpu_strict}
                for c in thread_configs if c.threads and c.cpu_mask]
     if not groups:  # the tool's default thread count
-        from .machine import usable_cores
         groups = [{"threads": [usable_cores()], "cpu_mask": None, "cpu_strict": None}]
     return groups
 
@@ -168,11 +168,6 @@ def bench_groups(thread_configs: list[Config]) -> list[dict[str, Any]]:
 def bench_types(tool: Path, screens: list[TypeScreen], thread_configs: list[Config], n_prompt: int, n_gen: int,
                 repetitions: int, logs: Path, timeout: float | None = None, runner=None) -> None:
     """One llama-bench screen per type with a file (results, or the error, set on each)."""
-    from tqdm.auto import tqdm
-
-    from .llama_cpp import llama_bench
-    from .llama_cpp.toolchain import ToolFailed
-
     runner = runner or llama_bench.run_bench
     groups = bench_groups(thread_configs)
     for s in tqdm([s for s in screens if s.file], desc="llama-bench screen", unit="type"):
@@ -318,8 +313,6 @@ def screen_types(run, screens: list[TypeScreen], kld: dict[str, float | None], a
                  thread_configs: list[Config], logs: Path, seed: str, kld_budget: float,
                  runner=None) -> ScreenResult:
     """Steps 4 and 5 for the step: llama-bench on every type with a file, then the screen-out rules."""
-    from .llama_cpp import toolchain
-
     p, e = run.params.tune, run.params.evaluate
     for s in screens:
         s.kld = kld.get(s.quant)

@@ -9,9 +9,7 @@ import math
 
 import pandas as pd
 
-from ..llama_cpp.toolchain import LLAMA_CPP_COMMIT
-from ..tune_published import format_ratio
-from .tables import format_number, plural, rounded
+from .tables import format_number, format_ratio_range, plural, rounded
 
 
 def _yes(value) -> str:
@@ -76,17 +74,17 @@ def baselines_table(rec: dict) -> pd.DataFrame:
     pub, base = rec.get("published") or {}, rec.get("baseline") or {}
     ratios = pub.get("ratios") or {}
     pub_col, base_col = "faster than the published recipe", "faster than the seed's command on this build"
-    rows = [{"what": "the published recipe", "configuration": f"the seed's, on unpatched llama.cpp {LLAMA_CPP_COMMIT}",
+    rows = [{"what": "the published recipe", "configuration": pub.get("description") or "the seed's command on unpatched llama.cpp",
              "answer": _range(pub) if pub.get("measured") else (pub.get("why_not") or "not measured"),
              "image tokens": pub.get("image_tokens"), pub_col: "—", base_col: "—"},
             {"what": "the seed's command, this build", "configuration": base.get("config"), "answer": _range(base),
              "image tokens": base.get("image_tokens"),
-             pub_col: format_ratio(pub.get("same_build_vs_published")), base_col: "—"}]
+             pub_col: format_ratio_range(pub.get("same_build_vs_published")), base_col: "—"}]
     for b, v in (rec.get("budgets") or {}).items():
         r = ratios.get(b) or {}
         rows.append({"what": f"recommended, budget {b}", "configuration": v.get("config"), "answer": _range(v),
-                     "image tokens": v.get("image_tokens"), pub_col: format_ratio(r.get("vs_published")),
-                     base_col: format_ratio(r.get("vs_same_build"))})
+                     "image tokens": v.get("image_tokens"), pub_col: format_ratio_range(r.get("vs_published")),
+                     base_col: format_ratio_range(r.get("vs_same_build"))})
     return pd.DataFrame(rows)
 
 
