@@ -11,8 +11,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FORCE_FLAG := $(if $(filter 1 yes true,$(FORCE)),--force,)
-# The steps are declared in the notebooks themselves (lib/llava_gguf/registry.py): one target each.
-REGISTRY := $(PYTHON) lib/llava_gguf/registry.py
+# The steps are declared in the notebooks themselves (lib/llava_gguf/run/registry.py): one target each.
+REGISTRY := $(PYTHON) lib/llava_gguf/run/registry.py
 STEPS := $(shell $(REGISTRY) names)
 
 .PHONY: help check-params setup constraints llama-cpp llama-cpp-unpatched webui all $(STEPS) report lab serve test test-fast bench clean-run \
@@ -37,11 +37,11 @@ $(CHECKER): $(wildcard constraints/*.txt)
 	@touch $@
 
 check-params: $(CHECKER) ## validate PARAMS (every key, type and path) in seconds, before setup and the build
-	@PYTHONPATH="$(abspath lib)" $(PY) -m llava_gguf.params_check "$(PARAMS)"
+	@PYTHONPATH="$(abspath lib)" $(PY) -m llava_gguf.run.params_check "$(PARAMS)"
 
 # The constraints file pins every package for this machine and Python (an unsupported pair stops
 # here, naming the supported ones, before a venv or a resolver run).
-PINS := $(PYTHON) lib/llava_gguf/platform_pins.py
+PINS := $(PYTHON) lib/llava_gguf/run/platform_pins.py
 $(STAMP): requirements.txt pyproject.toml $(wildcard constraints/*.txt)
 	@$(PINS) constraints-file >/dev/null
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ $(STAMP): requirements.txt pyproject.toml $(wildcard constraints/*.txt)
 
 constraints: $(STAMP) ## regenerate constraints/*.txt from requirements.txt with uv (TORCH_FIND_LINKS=<folder with the torch CPU wheel>)
 	$(PY) -m pip install --quiet uv==0.13.9
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) lib/llava_gguf/platform_pins.py compile $(if $(TORCH_FIND_LINKS),--torch-find-links "$(TORCH_FIND_LINKS)",)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) lib/llava_gguf/run/platform_pins.py compile $(if $(TORCH_FIND_LINKS),--torch-find-links "$(TORCH_FIND_LINKS)",)
 
 llama-cpp: $(STAMP) ## build the pinned, patched llama.cpp tools into ~/.cache/llava-gguf (skipped with LLAMA_CPP_DIR)
 	$(PY) -m llava_gguf build-llama-cpp
@@ -115,4 +115,4 @@ rehearsal-x86: all ## the rehearsal's params on this machine, its summary into t
 	$(PY) -m llava_gguf crosscheck outputs/rehearsal --out tests/data/rehearsal/x86_64.json
 
 clean-run: ## delete outputs/<run>/ of PARAMS
-	LLAVA_GGUF_PARAMS="$(PARAMS)" $(PY) -c "import shutil; from llava_gguf import workspace as w; shutil.rmtree(w.open_run().dir)"
+	LLAVA_GGUF_PARAMS="$(PARAMS)" $(PY) -c "import shutil; from llava_gguf.run import workspace as w; shutil.rmtree(w.open_run().dir)"

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from llava_gguf.llama_cpp import toolchain
-from llava_gguf import tiny, workspace
-from llava_gguf.tokenizer import VOCAB_GGUF
+from llava_gguf.model import tiny
+from llava_gguf.run import workspace
+from llava_gguf.model.tokenizer import VOCAB_GGUF
 
 
 def make_tiny(out_dir, *args, **kwargs) -> Path:
@@ -145,7 +146,7 @@ TINY_RUN = {
 def tiny_run(tmp_path_factory):
     """(run, what run_steps returned): every step through papermill on the tiny model, once per
     session (~4 min on 2 cores). Read-only: tests/test_workflow.py and tests/test_report_pages.py."""
-    from llava_gguf import pipeline
+    from llava_gguf.pipeline import runner as pipeline
 
     _tool_or_skip("llama-mtmd-cli")
     params = tmp_path_factory.mktemp("tiny-run") / "params.yaml"
@@ -158,7 +159,7 @@ def tiny_run(tmp_path_factory):
 def notebooks(tmp_path, monkeypatch):
     """A notebooks folder holding the project's notebooks (linked) plus the test's own
     ($LLAVA_GGUF_NOTEBOOKS points the registry, the CLI and make at it)."""
-    from llava_gguf import registry
+    from llava_gguf.run import registry
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -175,7 +176,7 @@ def declare_step(notebooks):
     import nbformat
     from nbformat import v4
 
-    from llava_gguf import registry
+    from llava_gguf.run import registry
 
     def _declare(name: str, *sources: str, number: int = 90, **declaration) -> Path:
         nb = v4.new_notebook()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from llava_gguf.steps import evaluate as evaluation_report
-from llava_gguf import machine, workspace
+from llava_gguf.run import machine, workspace
 from llava_gguf.llama_cpp import build_info
 from llava_gguf.reports import plots, html as report, summary
 

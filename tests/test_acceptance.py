@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from llava_gguf import cli, workspace
+from llava_gguf import cli
+from llava_gguf.run import workspace
 from llava_gguf.checks.acceptance import CheckFailed, Checks
 from llava_gguf.steps import evaluate, quantize, surgery, tune_checks
 

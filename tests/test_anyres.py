@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_gguf import anyres
-from llava_gguf.anyres import HF_DEFAULT_PINPOINTS, anyres_rule, llava_image_token_count
+from llava_gguf.model import anyres
+from llava_gguf.model.anyres import HF_DEFAULT_PINPOINTS, anyres_rule, llava_image_token_count
 
 from test_image_sequence import _llava_count  # LLaVA's code, verbatim
 

@@ -13,7 +13,8 @@ import nbformat
 import pytest
 import yaml
 
-from llava_gguf import fingerprint, pipeline, registry, workspace
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import fingerprint, registry, workspace
 from llava_gguf.checks import numeric
 from llava_gguf.steps import vision_export
 
@@ -112,7 +113,7 @@ def hello_step(tmp_path, notebooks, declare_step):
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / "hello_step.py").write_text(textwrap.dedent(HELLO_MODULE))
-    declare_step("hello", "import hello_step\nfrom llava_gguf import workspace\n\n"
+    declare_step("hello", "import hello_step\nfrom llava_gguf.run import workspace\n\n"
                  "run = workspace.open_run(params_file, params)\nresult = hello_step.run_hello(run)",
                  "assert run.artifact_path('greeting') == result", number=99,
                  description="say hello (a test fixture)", needs=["download"], products=["greeting"],

@@ -140,7 +140,7 @@ def test_markdown_table():
 
 
 def test_synthetic_checkpoint_made_once_and_reused(tmp_path, monkeypatch, write_params):
-    from llava_gguf import workspace
+    from llava_gguf.run import workspace
 
     monkeypatch.setattr(inputs, "cache_dir", lambda: tmp_path / "cache")
     run = workspace.open_run(write_params({"run": "bench-ckpt", "model": {"source": "tiny"}}))

@@ -9,7 +9,8 @@ from urllib.parse import unquote
 import pytest
 from synthetic_runs import make_evaluated_run, move, recommended_json, summary_of
 
-from llava_gguf import cli, machine, workspace
+from llava_gguf import cli
+from llava_gguf.run import machine, workspace
 from llava_gguf.reports import compare
 
 
@@ -136,7 +137,7 @@ def test_tuned_configuration_is_shown_when_present(write_params, tmp_path):
 @pytest.mark.llama_cpp
 def test_pipeline_run_moved_elsewhere_compares_and_publishes(write_params, llama_tool, tmp_path, monkeypatch):
     """A real run of every step on the tiny model, moved beside a synthetic one, compared and carded."""
-    from llava_gguf import pipeline, publish
+    from llava_gguf.pipeline import runner as pipeline, publish
 
     llama_tool("llama-mtmd-cli")
     run = workspace.open_run(write_params({

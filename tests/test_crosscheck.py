@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llava_gguf import workspace
+from llava_gguf.run import workspace
 from llava_gguf.checks.image_sequence import SequenceCheck
 from llava_gguf.checks.text import NMSE_BOUNDS, TextCheck
 from llava_gguf.checks.vision import VisionCheck
 from llava_gguf.reports import crosscheck
-from llava_gguf.workspace import write_table
+from llava_gguf.run.workspace import write_table
 
 DATA = Path(__file__).parent / "data" / "rehearsal"
 

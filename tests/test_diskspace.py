@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import diskspace, partials, workspace
+from llava_gguf.run import diskspace, partials, workspace
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.steps import quantize, surgery
 from llava_gguf.steps import text_export as text
 from llava_gguf.steps import vision_export as vision
-from llava_gguf.diskspace import DiskFullError
+from llava_gguf.run.diskspace import DiskFullError
 
 Usage = namedtuple("Usage", "total used free")
 MiB = 2**20
@@ -185,7 +185,7 @@ def test_llama_quantize_failure_with_room_left_is_not_called_a_full_disk(local_r
 
 # ----------------------------------------------------------------------------- downloads
 def test_synthetic_7b_refused_before_writing(write_params, monkeypatch, free_space):
-    from llava_gguf import tiny
+    from llava_gguf.model import tiny
     from llava_gguf.steps import download
 
     monkeypatch.setattr(tiny, "make_tiny", lambda *a, **k: pytest.fail("must not start writing 13 GB"))

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import tree_digest
 from llava_gguf.steps import download
-from llava_gguf import workspace
+from llava_gguf.run import workspace
 from llava_gguf.steps.download import DownloadError
-from llava_gguf.workspace import sha256_file
+from llava_gguf.run.workspace import sha256_file
 
 
 def _hub_listing(folder: Path, corrupt: str | None = None):

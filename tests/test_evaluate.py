@@ -12,7 +12,7 @@ import pytest
 from llava_gguf.llama_cpp import mtmd as evaluate
 from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from llava_gguf.steps.evaluate import run_evaluations
-from llava_gguf.params import EvaluateParams
+from llava_gguf.run.params import EvaluateParams
 from llava_gguf.llama_cpp.timings import parse_timings_file
 
 PROMPT = "Describe this image."

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import tree_digest
-from llava_gguf import manifest, params, workspace
+from llava_gguf.model import manifest
+from llava_gguf.run import params, workspace
 from llava_gguf.steps import download, surgery
 from llava_gguf.steps import text_export as text
-from llava_gguf.checkpoint import Checkpoint, CheckpointError
-from llava_gguf.layout import LayoutError
-from llava_gguf.text_model import TextExportError
+from llava_gguf.model.checkpoint import Checkpoint, CheckpointError
+from llava_gguf.model.layout import LayoutError
+from llava_gguf.model.text_model import TextExportError
 
 SHARD1 = "model-00001-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -316,7 +317,7 @@ def test_same_size_corruption_of_a_quantized_file_is_made_again(keep_mtime, loca
 
 
 def stamps_sha(path: Path) -> str:
-    from llava_gguf import stamps
+    from llava_gguf.run import stamps
 
     return stamps.sha256(path)
 
@@ -345,7 +346,8 @@ def test_force_reaches_the_steps_notebook(tmp_path, monkeypatch, write_params):
     import nbformat
     from nbformat import v4
 
-    from llava_gguf import pipeline, registry
+    from llava_gguf.pipeline import runner as pipeline
+    from llava_gguf.run import registry
 
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -354,7 +356,7 @@ def test_force_reaches_the_steps_notebook(tmp_path, monkeypatch, write_params):
     nb.metadata[registry.METADATA_KEY] = {"step": "probe", "needs": [], "products": ["thing"], "params": ["model"]}
     cell = v4.new_code_cell("params_file = None\nparams = None")
     cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, v4.new_code_cell("from llava_gguf import workspace\n"
+    nb.cells = [cell, v4.new_code_cell("from llava_gguf.run import workspace\n"
                                        "run = workspace.open_run(params_file, params)\n"
                                        "run.record('thing', {'forced': workspace.forced()})")]
     nbformat.write(nb, folder / "96_probe.ipynb")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import fingerprint as fpmod
-from llava_gguf.registry import Step
+from llava_gguf.run import fingerprint as fpmod
+from llava_gguf.run.registry import Step
 
 MODULES = {
     "__init__.py": "",

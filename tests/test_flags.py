@@ -11,7 +11,7 @@ import pytest
 
 from llava_gguf.llama_cpp import flags, toolchain
 from llava_gguf.llama_cpp.mtmd import MtmdOptions
-from llava_gguf.params import EvaluateParams
+from llava_gguf.run.params import EvaluateParams
 
 EXAMPLE = {flags.MTMD: "LLAMA_EXAMPLE_MTMD", flags.SERVER: "LLAMA_EXAMPLE_SERVER"}
 

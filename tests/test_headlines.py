@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from synthetic_runs import make_evaluated_run, recommended_json
 
-from llava_gguf import workspace
-from llava_gguf import machine_load as load
+from llava_gguf.run import workspace
+from llava_gguf.run import machine_load as load
 from llava_gguf.reports import html, plots
 from llava_gguf.reports import tune as tune_report
 

@@ -15,15 +15,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llava_gguf import hf_layout, text_model, text_reference, workspace
+from llava_gguf.model import hf_layout, text_model
+from llava_gguf.reference import text as text_reference
+from llava_gguf.run import workspace
 from llava_gguf.checks import hf as hf_check
-from llava_gguf.checkpoint import Checkpoint
+from llava_gguf.model.checkpoint import Checkpoint
 from llava_gguf.checks import text as text_check, vision as vision_check
 from llava_gguf.checks.numeric import nmse
-from llava_gguf.gguf_io import read_gguf
-from llava_gguf.layout import LayoutError
+from llava_gguf.model.gguf_io import read_gguf
+from llava_gguf.model.layout import LayoutError
 from llava_gguf.steps import download, surgery, text_export as text, vision_export as vision
-from llava_gguf.text_model import TextExportError
+from llava_gguf.model.text_model import TextExportError
 
 from conftest import make_tiny, tree_digest
 
@@ -129,8 +131,8 @@ def test_transformers5_rope_parameters_are_read():
 def test_7b_plans_equal_from_the_real_hf_config():
     """llava-hf/llava-v1.6-vicuna-7b-hf's config.json (defaults left out) and the 7B's shapes give the
     original layout's mmproj plan and metadata, and its text hyper-parameters (nothing is read)."""
-    from llava_gguf.layout import place
-    from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors
+    from llava_gguf.model.layout import place
+    from llava_gguf.model.tiny import SIZES, llava_config, synthetic_tensors
 
     s = SIZES["7b"]
     plans = {}
@@ -447,9 +449,9 @@ def test_whole_image_check_follows_the_written_mmproj(tiny_hf, tmp_path):
     """The check decides from the mmproj the run wrote: default pinpoints run it (no skip saying 'flat,
     0 pinpoints' beside an mmproj with 5); an mmproj holding the list transposed fails it."""
     from llava_gguf.checks import image_sequence as seq
-    from llava_gguf.image_sequence import checkpoint_rule
-    from llava_gguf.checks.clip_reference import ReferenceModel
-    from llava_gguf.mmproj_variants import mmproj_variant
+    from llava_gguf.reference.image_sequence import checkpoint_rule
+    from llava_gguf.reference.clip import ReferenceModel
+    from llava_gguf.tune.mmproj_variants import mmproj_variant
 
     folder = _hf_copy(tiny_hf, tmp_path / "ckpt", image_grid_pinpoints=None)
     mm = vision.export_mmproj(surgery.analyze(folder), tmp_path / "mmproj.gguf").path

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_gguf import image_sequence
+from llava_gguf.reference import image_sequence
 from llava_gguf.checks import image_sequence as image_sequence_check
-from llava_gguf.checks import clip_reference
+from llava_gguf.reference import clip as clip_reference
 from llava_gguf.checks import vision as vision_check
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.steps import download, surgery
 from llava_gguf.steps import vision_export as vision
-from llava_gguf.anyres import AnyresLayout, anyres_layout, flat_token_count, llava_image_token_count, unpad_box
-from llava_gguf.image_sequence import ARRANGEMENTS
-from llava_gguf.tiny import GRID_PINPOINTS
+from llava_gguf.model.anyres import AnyresLayout, anyres_layout, flat_token_count, llava_image_token_count, unpad_box
+from llava_gguf.reference.image_sequence import ARRANGEMENTS
+from llava_gguf.model.tiny import GRID_PINPOINTS
 
 UNPATCHED_ENV = "LLAMA_CPP_UNPATCHED_DIR"  # a build without patch 0002, as in test_vision_check
 

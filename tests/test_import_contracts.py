@@ -1,12 +1,5 @@
 """The package's layers hold: import-linter checks the contracts of pyproject.toml ([tool.importlinter]),
-function-level imports included, and reports write no artifact of the run.
-
-These are the contracts that hold on the package as it lies now (flat). Waiting for the relayout of
-issue #19 item 2 (model/, run/, reference/, tune/, pipeline/), and not checked here yet: the exhaustive
-layers `cli > pipeline | bench > steps > tune > checks > llama_cpp | reports > run | reference > model`
-and "reports never import llama_cpp" (reports.bench_plots -> bench.procmon -> llama_cpp.runner.kill_tree).
-Until then every root module and package must be named by a contract or be one of BETWEEN.
-"""
+function-level imports included, and reports write no artifact of the run."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from llava_gguf import registry, reports
+from llava_gguf import reports
+from llava_gguf.run import registry
 
 ROOT = registry.repo_root()
 REPORTS = Path(reports.__file__).parent
@@ -35,34 +29,20 @@ def _lint_imports(*args: str) -> subprocess.CompletedProcess:
 def test_import_contracts_hold():
     proc = _lint_imports()
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
-    contracts = _contracts()
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     assert f"Contracts: {len(contracts)} kept, 0 broken." in proc.stdout, proc.stdout[-4000:]
 
 
-# Root modules that import llama_cpp, checks or steps and so stand on no layer until the relayout
-# moves them into a package (each is still bound by the packages' layers through what it imports).
-BETWEEN = {"image_sequence", "mmproj_variants", "preflight", "publish", "rehearsal", "step_tools", "tune_published",
-           "tune_quality", "tune_results", "tune_screen"}
-
-
-def _contracts() -> list[dict]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-
-
-def test_every_package_module_is_bound():
-    """A module added at the package root, or a new package, must be named by a contract (or BETWEEN)."""
-    contracts = _contracts()
+def test_every_package_module_stands_on_a_layer():
+    """`exhaustive`: a module added at the package root, or a new package, must be given its layer."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     layers = next(c for c in contracts if c["type"] == "layers")
-    assert layers["containers"] == ["llava_gguf"]
-    named = {m.strip() for layer in layers["layers"] for m in layer.split("|")}
-    for c in contracts:
-        if c["type"] == "forbidden":
-            named |= {m.removeprefix("llava_gguf.") for m in c["source_modules"]}
+    assert layers["exhaustive"] is True and layers["containers"] == ["llava_gguf"]
+    named = {m.strip() for layer in layers["layers"] for m in layer.replace(":", "|").split("|")}
     package = REPORTS.parent
     children = {p.stem for p in package.glob("*.py") if p.name != "__init__.py"}
     children |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
-    assert not named & BETWEEN
-    assert children == named | BETWEEN, (sorted(children - named - BETWEEN), sorted((named | BETWEEN) - children))
+    assert children == named
 
 
 def test_reports_record_no_artifact():

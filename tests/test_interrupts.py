@@ -10,7 +10,9 @@ import time
 import pytest
 import yaml
 
-from llava_gguf import cli, pipeline, workspace
+from llava_gguf import cli
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import workspace
 
 
 def _processes(pattern: str) -> list[int]:

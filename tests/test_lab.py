@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
-from llava_gguf import registry
+from llava_gguf.run import registry
 
 ROOT = registry.repo_root()
 

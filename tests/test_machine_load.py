@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llava_gguf import machine_load as load
+from llava_gguf.run import machine_load as load
 
 # /proc/stat as a 2-CPU Linux writes it: user nice system idle iowait irq softirq steal guest guest_nice.
 STAT = """cpu  {user} {nice} {system} {idle} 50 {irq} {softirq} {steal} 7 0
@@ -112,7 +112,7 @@ def test_run_mtmd_records_the_load_and_marks_a_run_beside_a_cpu_hog(tmp_path):
     import subprocess
 
     from llava_gguf.llama_cpp.mtmd import MtmdOptions, run_mtmd
-    from llava_gguf.params import EvaluateParams
+    from llava_gguf.run.params import EvaluateParams
 
     files = {n: tmp_path / n for n in ("text.gguf", "mmproj.gguf", "image.jpg")}
     for p in files.values():

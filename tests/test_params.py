@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_gguf.params import ParamsError, load_params, parse_params
-from llava_gguf.workspace import repo_root
+from llava_gguf.run.params import ParamsError, load_params, parse_params
+from llava_gguf.run.workspace import repo_root
 
 
 def test_minimal_file_is_valid(write_params):
@@ -57,7 +57,7 @@ def test_shipped_params_are_valid(name):
 
 def test_readme_documents_every_key():
     """The keys are a contract: each one appears in the README's params table."""
-    from llava_gguf.params import Params
+    from llava_gguf.run.params import Params
 
     readme = (repo_root() / "README.md").read_text()
 

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from llava_gguf import params_check, registry
+from llava_gguf.run import params_check, registry
 
 ROOT = registry.repo_root()
 
@@ -45,7 +45,7 @@ def test_cli_runs_with_only_pydantic_and_yaml(tmp_path):
             "        raise ImportError('not installed before setup: ' + name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "from llava_gguf import params_check\n"
+            "from llava_gguf.run import params_check\n"
             f"sys.exit(params_check.main([{str(bad)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "lib")})
@@ -56,6 +56,6 @@ def test_cli_runs_with_only_pydantic_and_yaml(tmp_path):
 def test_make_all_checks_params_before_setup_and_build():
     out = subprocess.run(["make", "-n", "--no-print-directory", "all", "PARAMS=params/default.yaml"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    check = out.index("llava_gguf.params_check")
+    check = out.index("llava_gguf.run.params_check")
     assert all(check < out.index(later) for later in ("build-llama-cpp", "run all") if later in out), out
     assert "install --quiet -r requirements.txt" not in out[:check]

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 import llava_gguf
-from llava_gguf import partials, workspace
+from llava_gguf.run import partials, workspace
 
 # A writer in another process: starts an atomic write, says so, then waits for a line on stdin
 # (or to be killed) before it finishes.
 WRITER = """
 import sys
-from llava_gguf.workspace import atomic_path
+from llava_gguf.run.workspace import atomic_path
 with atomic_path(sys.argv[1], suffix=".gguf") as tmp:
     tmp.write_bytes(b"half of a model")
     print(tmp, flush=True)

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from llava_gguf import cli, registry
+from llava_gguf import cli
+from llava_gguf.run import registry
 from llava_gguf.llama_cpp import patches, toolchain
 
 ROOT = registry.repo_root()

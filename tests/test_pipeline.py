@@ -7,8 +7,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from llava_gguf import cli, pipeline, registry, workspace
-from llava_gguf.pipeline import StepFailed
+from llava_gguf import cli
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import registry, workspace
+from llava_gguf.pipeline.runner import StepFailed
 
 
 def _in_package(module) -> str:
@@ -29,7 +31,7 @@ def test_plan_orders_dependencies_and_skips_checkpoint_steps_for_gguf(write_para
 
 
 def test_code_closure_follows_package_imports():
-    from llava_gguf import fingerprint
+    from llava_gguf.run import fingerprint
 
     closure = fingerprint.code_closure({"steps.download"})
     assert {"download.py", "checkpoint.py", "workspace.py", "params.py", "tiny.py"} <= {p.name for p in closure}
@@ -74,7 +76,7 @@ def test_failing_cell_keeps_partial_notebook_and_exits_nonzero(declare_step, wri
 
 def test_headless_progress_bars_refresh_rarely(declare_step, write_params):
     declare_step("bars", "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(60)): time.sleep(0.05)",
-                 "from llava_gguf import workspace\nworkspace.open_run(params_file).record('thing', 'x')", number=97)
+                 "from llava_gguf.run import workspace\nworkspace.open_run(params_file).record('thing', 'x')", number=97)
     run = workspace.open_run(write_params({"run": "pm-bars", "model": {"source": "tiny"}}))
     assert pipeline.run_steps(run, ["bars"]) == [("bars", "ran")]
     nb = nbformat.read(run.dir / "notebooks" / "97_bars.ipynb", as_version=4)

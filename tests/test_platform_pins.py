@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_gguf import platform_pins as pins
+from llava_gguf.run import platform_pins as pins
 
 FILES = {(m, p): pins.CONSTRAINTS_DIR / pins.constraints_name(m, p) for m, _, p in pins.TARGETS}
 REQUIRED = pins.pinned(pins.REQUIREMENTS)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from llava_gguf.reports import plots
-from llava_gguf import workspace
+from llava_gguf.run import workspace
 
 VARIANTS = ["Q4_K_M", "F16", "Q8_0"]  # deliberately not in precision order
 

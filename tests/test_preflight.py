@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_gguf import partials, pipeline, preflight, workspace
+from llava_gguf.pipeline import runner as pipeline, preflight
+from llava_gguf.run import partials, workspace
 from llava_gguf.llama_cpp import mtmd, toolchain
 from llava_gguf.steps import download, evaluate, quantize
 from llava_gguf.steps import text_export as text
-from llava_gguf.preflight import PreflightError
+from llava_gguf.pipeline.preflight import PreflightError
 
 
 def _copy(src: Path, dest: Path) -> Path:
@@ -142,7 +143,7 @@ def test_params_that_cannot_work(write_params, tmp_path):
 
 # ----------------------------------------------------------------------------- tools
 def test_each_step_names_the_tools_it_needs(write_params):
-    from llava_gguf import step_tools
+    from llava_gguf.steps import tools as step_tools
 
     run = _run(write_params, "pre-tools", model={"source": "tiny"}, quantize={"imatrix": True})
     assert step_tools.tools_for(run.params, "download") == ([], [])  # declares none
@@ -348,7 +349,7 @@ def test_a_tower_narrower_than_it_names_is_refused_up_front(tiny_checkpoint, tmp
     problems = preflight.preflight(run, ["download", "surgery", "vision"])
     assert any("convert.vision_config" in p for p in problems), problems
 
-    from llava_gguf.tiny import SIZES, tower_config
+    from llava_gguf.model.tiny import SIZES, tower_config
 
     given = tmp_path / "config_vit.json"
     given.write_text(json.dumps(tower_config(SIZES["tiny"])))

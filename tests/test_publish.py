@@ -11,8 +11,10 @@ import pytest
 import yaml
 from synthetic_runs import make_evaluated_run, summary_of
 
-from llava_gguf import cli, publish, workspace
-from llava_gguf.machine import describe
+from llava_gguf import cli
+from llava_gguf.pipeline import publish
+from llava_gguf.run import workspace
+from llava_gguf.run.machine import describe
 
 TOKEN = "hf_secret_token_value_123"
 
@@ -208,7 +210,7 @@ def test_the_template_ships_in_the_wheel(tmp_path):
     import sys
     import zipfile
 
-    from llava_gguf import registry
+    from llava_gguf.run import registry
 
     root = registry.repo_root()
     src = tmp_path / "src"

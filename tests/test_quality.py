@@ -10,7 +10,7 @@ from llava_gguf.llama_cpp import corpus
 from llava_gguf.steps import evaluate as evaluation_report, quantize
 from llava_gguf.checks import quality
 from llava_gguf.reports import summary
-from llava_gguf import workspace
+from llava_gguf.run import workspace
 
 KLD_LOG_TAIL = """\
 ====== Perplexity statistics ======

@@ -8,7 +8,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from llava_gguf import params, quant_candidates, quant_types
+from llava_gguf.model import quant_types
+from llava_gguf.run import params
+from llava_gguf.tune import quant_candidates
 from llava_gguf.checks import quality
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.reports import plots
@@ -178,7 +180,7 @@ def test_loader_names_are_the_model_loaders_own():
 
 # ----------------------------------------------------------------------------- what 07_tune measures
 def test_tune_takes_the_cpus_candidates_and_the_runs_own_types():
-    from llava_gguf import tune_screen
+    from llava_gguf.steps import tune_screen
 
     avx2 = tune_screen.candidate_types(None, _cpu("ryzen7-1700-avx2.cpuinfo"), extra=["Q5_K_S"])
     assert [s.quant for s in avx2] == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0"]

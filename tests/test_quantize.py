@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llava_gguf.gguf_io import IMATRIX_KEY
+from llava_gguf.model.gguf_io import IMATRIX_KEY
 from llava_gguf.steps import quantize
 from llava_gguf.llama_cpp import toolchain
 

@@ -2,7 +2,8 @@
 `make arm64-rehearsal`, not part of the suite)."""
 import subprocess
 
-from llava_gguf import machine, rehearsal
+from llava_gguf.pipeline import rehearsal
+from llava_gguf.run import machine
 from llava_gguf.llama_cpp import repack, toolchain
 
 # The two load-log lines llama.cpp 0c1e570 writes (llama-bench -v, aarch64 with i8mm).

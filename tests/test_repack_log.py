@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import quant_candidates
+from llava_gguf.tune import quant_candidates
 from llava_gguf.llama_cpp import repack_log
 
 LOGS = Path(__file__).parent / "data" / "logs"

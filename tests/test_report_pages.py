@@ -14,7 +14,8 @@ import pytest
 from matplotlib.colors import to_hex
 
 import browser
-from llava_gguf import pipeline, registry, workspace
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import registry, workspace
 from llava_gguf.reports import compare, html, plots, tables
 
 

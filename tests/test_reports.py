@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llava_gguf import pipeline, registry, workspace
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import registry, workspace
 from llava_gguf.reports import html, plots, tables
 
 # Executed for real (nbclient) so that the figure's alt text goes through the kernel's output metadata.

@@ -14,7 +14,7 @@ import pytest
 
 from llava_gguf.llama_cpp import chat, flags, server, toolchain, webui
 from llava_gguf.llama_cpp.mtmd import DEFAULT_IMAGE, MtmdOptions, run_mtmd
-from llava_gguf.params import EvaluateParams
+from llava_gguf.run.params import EvaluateParams
 
 pytestmark = pytest.mark.llama_cpp
 # The server caps a slot's context at the model's trained one (4096 for the tiny model as for 7B).

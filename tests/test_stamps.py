@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from llava_gguf import stamps
+from llava_gguf.run import stamps
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tree_digest
 from llava_gguf.steps import surgery
-from llava_gguf import workspace
-from llava_gguf.checkpoint import CheckpointError
-from llava_gguf.layout import LayoutError
-from llava_gguf.tiny import SIZES, synthetic_tensors
+from llava_gguf.run import workspace
+from llava_gguf.model.checkpoint import CheckpointError
+from llava_gguf.model.layout import LayoutError
+from llava_gguf.model.tiny import SIZES, synthetic_tensors
 
 TINY = SIZES["tiny"]
 N_TEXT = 2 + 9 * TINY.layers + 1  # embed, layers, norm, lm_head

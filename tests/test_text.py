@@ -24,14 +24,15 @@ from llava_gguf.llama_cpp import legacy
 from llava_gguf.steps import surgery, text_export as text, vision_export as vision
 from llava_gguf.checks import text as text_check
 from llava_gguf.checks.numeric import nmse
-from llava_gguf import text_reference, workspace
-from llava_gguf.manifest import load_manifest
-from llava_gguf.gguf_io import read_gguf
-from llava_gguf.layout import place
-from llava_gguf.params import ConvertParams
-from llava_gguf import text_model
-from llava_gguf.text_model import TextExportError
-from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors
+from llava_gguf.reference import text as text_reference
+from llava_gguf.run import workspace
+from llava_gguf.model.manifest import load_manifest
+from llava_gguf.model.gguf_io import read_gguf
+from llava_gguf.model.layout import place
+from llava_gguf.run.params import ConvertParams
+from llava_gguf.model import text_model
+from llava_gguf.model.text_model import TextExportError
+from llava_gguf.model.tiny import SIZES, llava_config, synthetic_tensors
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 # What the export adds to the legacy script's keys.

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from llava_gguf import text_reference, tiny
+from llava_gguf.model import tiny
+from llava_gguf.reference import text as text_reference
 from llava_gguf.checks import text as text_check
 from llava_gguf.checks.numeric import nmse
-from llava_gguf.checkpoint import Checkpoint
-from llava_gguf.layout import TEXT, split_checkpoint
-from llava_gguf.params import ConvertParams
-from llava_gguf.text_model import read_hparams
+from llava_gguf.model.checkpoint import Checkpoint
+from llava_gguf.model.layout import TEXT, split_checkpoint
+from llava_gguf.run.params import ConvertParams
+from llava_gguf.model.text_model import read_hparams
 
 AGREEMENT = 1e-12  # NMSE, every position
 

@@ -4,10 +4,10 @@ import json
 import torch
 
 from conftest import make_tiny
-from llava_gguf import tiny
+from llava_gguf.model import tiny
 from llava_gguf.llama_cpp import toolchain
-from llava_gguf.checkpoint import Checkpoint
-from llava_gguf.tokenizer import VOCAB_GGUF, check_tokenizer_vectors
+from llava_gguf.model.checkpoint import Checkpoint
+from llava_gguf.model.tokenizer import VOCAB_GGUF, check_tokenizer_vectors
 
 REAL_KEYS = {"architectures", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
              "mm_hidden_size", "image_aspect_ratio", "image_grid_pinpoints", "mm_patch_merge_type",

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from synthetic_runs import make_evaluated_run
 
-from llava_gguf import cli, machine, topology
+from llava_gguf import cli
+from llava_gguf.run import machine, topology
 
 ARM_PART = {"Cortex-A520": "0xd80", "Cortex-A720": "0xd81", "Cortex-A55": "0xd05", "Cortex-A76": "0xd0b"}
 
@@ -132,7 +133,7 @@ def test_the_real_machine_agrees_with_usable_cores():
 # ----------------------------------------------------------------------------- degraded input
 def test_no_capacity_and_no_clock_give_one_cluster_and_say_why(tmp_path, caplog):
     rows = [(c, core, None, None, None) for c, core, *_ in O6]
-    with caplog.at_level(logging.INFO, logger="llava_gguf.topology"):
+    with caplog.at_level(logging.INFO, logger="llava_gguf.run.topology"):
         topo = topology.read_topology(fake_root(tmp_path, rows))
     assert [(c.label, c.cpus, c.capacity, c.max_mhz) for c in topo.clusters] == [("all", tuple(range(12)), (), ())]
     assert topo.clusters[0].core_type == "8x Cortex-A720 + 4x Cortex-A520"
@@ -229,7 +230,7 @@ _real_read = topology.read_topology
 # ----------------------------------------------------------------------------- tune's thread stage
 def test_tune_screens_one_pinned_configuration_per_core_set_on_the_o6(tmp_path):
     from llava_gguf.llama_cpp import flags
-    from llava_gguf.tune_config import Config, thread_candidates
+    from llava_gguf.tune.config import Config, thread_candidates
 
     cands = thread_candidates(Config(quant="Q5_K_M"), None, topology.read_topology(fake_root(tmp_path, O6)))
     assert [(c.cores, c.threads, c.cpu_mask, c.cpu_strict) for c in cands] == [
@@ -243,7 +244,7 @@ def test_tune_screens_one_pinned_configuration_per_core_set_on_the_o6(tmp_path):
 
 
 def test_tune_sweeps_thread_counts_on_one_cluster_and_honours_tune_threads(tmp_path):
-    from llava_gguf.tune_config import Config, thread_candidates
+    from llava_gguf.tune.config import Config, thread_candidates
 
     base = Config(quant="Q5_K_M")
     pi5 = thread_candidates(base, None, topology.read_topology(fake_root(tmp_path, PI5)))

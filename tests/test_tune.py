@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import mmproj_variants, tune_config, tune_results
+from llava_gguf.tune import mmproj_variants, config as tune_config, results as tune_results
 from llava_gguf.reports import plots
 from llava_gguf.steps import tune
 from llava_gguf.llama_cpp import flags
 from llava_gguf.llama_cpp.mtmd import EvaluationError, MtmdOptions
-from llava_gguf.gguf_io import read_gguf
-from llava_gguf.params import EvaluateParams, TuneParams
+from llava_gguf.model.gguf_io import read_gguf
+from llava_gguf.run.params import EvaluateParams, TuneParams
 
 # Answer times (s) recorded on this project's 2-core machine: llama-mtmd-cli on the tiny model,
 # three confirmation runs per configuration (a loaded, shared machine: note the spread).
@@ -200,7 +200,7 @@ def test_confirm_and_choose_apply_the_rule(tmp_path):
 def test_confirmation_runs_under_load_are_run_again_a_bounded_number_of_times(tmp_path, caplog):
     """A confirmation run under load is dropped and run again, at most tune.load_retries times per
     configuration; one still under load after that is kept, counted and marked (machine_load.py)."""
-    from llava_gguf import machine_load as load
+    from llava_gguf.run import machine_load as load
 
     flags_seq = iter([True, True, False, True, True])  # warm-up, rep 1 (+ rerun), rep 2 (+ rerun)
     calls = []
@@ -328,7 +328,8 @@ def test_budget_token_counts_from_the_log(tiny_ggufs, llama_tool, tmp_path):
 
 @pytest.mark.llama_cpp
 def test_tune_step_end_to_end(write_params, llama_tool):
-    from llava_gguf import pipeline, workspace
+    from llava_gguf.pipeline import runner as pipeline
+    from llava_gguf.run import workspace
 
     llama_tool("llama-mtmd-cli")
     run = workspace.open_run(write_params({
@@ -401,7 +402,7 @@ def test_tune_step_end_to_end(write_params, llama_tool):
 
 def _check_the_type_screen(run, rec):
     """The llama-bench screen, every type at every budget, both baselines and the bound (issue 20)."""
-    from llava_gguf import quant_candidates, tune_published
+    from llava_gguf.tune import quant_candidates, published as tune_published
 
     types = {t["quant"]: t for t in rec["types"]["types"]}
     assert list(types) == ["Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0"]

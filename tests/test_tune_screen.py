@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf import tune_bound, tune_published, tune_quality, tune_screen
+from llava_gguf.steps import tune_quality, tune_screen
+from llava_gguf.tune import bound as tune_bound, published as tune_published
 from llava_gguf.llama_cpp import llama_bench
 from llava_gguf.llama_cpp.repack_log import parse_repack_log
 from llava_gguf.reports import tables
-from llava_gguf.tune_config import Config
+from llava_gguf.tune.config import Config
 
 LOGS = Path(__file__).parent / "data" / "logs"
 
@@ -227,7 +228,7 @@ def test_prepare_files_reuses_the_runs_files_and_quantizes_the_rest(tmp_path, mo
     a type that cannot be made says why; without an unquantized export nothing can be made."""
     from types import SimpleNamespace
 
-    from llava_gguf import diskspace
+    from llava_gguf.run import diskspace
     from llava_gguf.steps import quantize
 
     made = []

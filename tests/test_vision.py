@@ -17,10 +17,10 @@ from gguf import GGUFReader
 from conftest import tree_digest
 from llava_gguf.llama_cpp import legacy, toolchain
 from llava_gguf.steps import surgery, text_export as text, vision_export as vision
-from llava_gguf import workspace
-from llava_gguf.manifest import ManifestError
-from llava_gguf.layout import place
-from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors
+from llava_gguf.run import workspace
+from llava_gguf.model.manifest import ManifestError
+from llava_gguf.model.layout import place
+from llava_gguf.model.tiny import SIZES, llava_config, synthetic_tensors
 
 # Metadata that may differ between our file and the legacy script's: none.
 ALLOWED_DIFFERENCES: set[str] = set()

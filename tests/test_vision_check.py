@@ -14,9 +14,9 @@ from llava_gguf.steps import download, surgery, vision_export as vision
 from llava_gguf.llama_cpp import toolchain
 from llava_gguf.checks import vision as vision_check
 from llava_gguf.checks.numeric import nmse
-from llava_gguf import workspace
-from llava_gguf.checkpoint import Checkpoint
-from llava_gguf.layout import split_checkpoint
+from llava_gguf.run import workspace
+from llava_gguf.model.checkpoint import Checkpoint
+from llava_gguf.model.layout import split_checkpoint
 
 UNPATCHED_ENV = "LLAMA_CPP_UNPATCHED_DIR"
 

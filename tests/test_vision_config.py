@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_digest
-from llava_gguf import workspace
+from llava_gguf.run import workspace
 from llava_gguf.checks import vision as vision_check
 from llava_gguf.steps import surgery, vision_export as vision
-from llava_gguf.layout import place
-from llava_gguf.tiny import SIZES, llava_config, synthetic_tensors, tower_config
-from llava_gguf.vision_config import KNOWN_TOWERS, PARAMS_KEY, VisionConfigError, resolve_vision_config
-from llava_gguf.workspace import params_vision_config
+from llava_gguf.model.layout import place
+from llava_gguf.model.tiny import SIZES, llava_config, synthetic_tensors, tower_config
+from llava_gguf.model.vision_config import KNOWN_TOWERS, PARAMS_KEY, VisionConfigError, resolve_vision_config
+from llava_gguf.run.workspace import params_vision_config
 
 NAMED = "openai/clip-vit-large-patch14-336"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_gguf import winner
-from llava_gguf.winner import Sample
+from llava_gguf.run import winner
+from llava_gguf.run.winner import Sample
 
 # Answer times (s) of three confirmation runs each, recorded on this project's 2-core machine.
 SEED = [2.91, 3.40, 3.05]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_gguf import pipeline, registry, workspace
+from llava_gguf.pipeline import runner as pipeline
+from llava_gguf.run import registry, workspace
 
 
 @pytest.mark.llama_cpp

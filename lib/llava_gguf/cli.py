@@ -8,14 +8,14 @@ import signal
 import sys
 from pathlib import Path
 
-from . import registry, workspace
 from .llama_cpp import toolchain
+from .run import registry, workspace
 
 log = logging.getLogger("llava_gguf")
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import StepFailed, available_steps, run_steps
+    from .pipeline.runner import StepFailed, available_steps, run_steps
 
     run = workspace.open_run(args.params)
     targets = available_steps() if args.steps in ([], ["all"]) else args.steps
@@ -32,7 +32,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_step(args) -> int:
     """The step's library entry point, as the notebook's main cell calls it, checks included."""
-    from . import preflight
+    from .pipeline import preflight
     from .checks.acceptance import CheckFailed
 
     step = registry.get(args.name)
@@ -53,8 +53,8 @@ def _cmd_step(args) -> int:
 
 
 def _cmd_make_tiny(args) -> int:
-    from .tiny import make_tiny
-    from .tokenizer import VOCAB_GGUF
+    from .model.tiny import make_tiny
+    from .model.tokenizer import VOCAB_GGUF
 
     make_tiny(args.dir, size=args.size, fmt=args.format, shards=args.shards, seed=args.seed, variant=args.variant,
               layout=args.layout, vocab_gguf=toolchain.source_asset(VOCAB_GGUF))
@@ -125,7 +125,7 @@ def _cmd_repacks(args) -> int:
 
 
 def _cmd_rehearse(args) -> int:
-    from .rehearsal import rehearse
+    from .pipeline.rehearsal import rehearse
 
     return 0 if rehearse(jobs=args.jobs, record=args.record, keep_clone=args.keep_clone,
                              keep_run=args.keep_run) else 1
@@ -179,7 +179,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from .publish import PublishError, publish
+    from .pipeline.publish import PublishError, publish
 
     try:
         result = publish(workspace.open_run(args.params), upload=args.upload)
@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    from .checkpoint import CheckpointError
-    from .diskspace import DiskFullError
-    from .params import ParamsError
+    from .model.checkpoint import CheckpointError
+    from .run.diskspace import DiskFullError
+    from .run.params import ParamsError
 
     # SIGTERM (a service stop, a killed make) unwinds like Ctrl-C: kernels and tools are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -312,6 +312,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum, _frame):
-    from .pipeline import Interrupted
+    from .pipeline.runner import Interrupted
 
     raise Interrupted(signal.Signals(signum).name)

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import machine, quant_types
-from ..checkpoint import Checkpoint
-from ..llama_cpp import toolchain
-from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
-from ..tokenizer import VOCAB_GGUF
-from ..workspace import Run, cache_dir, resolve
 from .procmon import GiB
 from .records import BenchError, MiB, _gib
+from ..llama_cpp import toolchain
+from ..model import quant_types
+from ..model.checkpoint import Checkpoint
+from ..model.tiny import SIZES, is_current, make_tiny, synthetic_tensors
+from ..model.tokenizer import VOCAB_GGUF
+from ..run import machine
+from ..run.workspace import Run, cache_dir, resolve
 
 log = logging.getLogger(__name__)
 

@@ -38,18 +38,17 @@ from typing import Any
 
 import pandas as pd
 
-from .. import registry
 from . import procmon
+from .inputs import files, loadavg, prepare_source, read_through, snapshot, start_record, thread_counts
+from .records import CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, StepRecord, _gib, record_json
+from .report import quant_files_table, render
 from ..checks import text as text_check
 from ..llama_cpp import legacy, toolchain
 from ..llama_cpp.mtmd import MtmdOptions, run_mtmd
+from ..run import registry
+from ..run.workspace import Run, open_run, write_json
 from ..steps import quantize
 from ..steps.evaluate import case_inputs
-from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, BenchResult, StepRecord,
-                      _gib, record_json)
-from .inputs import files, loadavg, prepare_source, read_through, snapshot, start_record, thread_counts
-from .report import quant_files_table, render
-from ..workspace import Run, open_run, write_json
 
 log = logging.getLogger(__name__)
 

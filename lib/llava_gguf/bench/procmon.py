@@ -34,7 +34,7 @@ from typing import Any, Callable
 import psutil
 
 from ..llama_cpp.runner import kill_tree
-from ..workspace import setup_logging
+from ..run.workspace import setup_logging
 
 log = logging.getLogger(__name__)
 

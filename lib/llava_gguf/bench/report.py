@@ -7,13 +7,13 @@ from typing import Any
 
 import pandas as pd
 
-from ..reports.bench_plots import make_plots
-from ..gguf_io import gguf_summary
-from ..machine import describe_clusters
-from ..workspace import Run, atomic_path, open_run
+from .plots import make_plots
 from .procmon import GiB
-from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, MiB, TARGET_LEFT_FACTOR, TARGET_PEAK_ANON, TARGET_VS_COPY,
-                      TARGET_VS_LEGACY, BenchResult, StepRecord, _gib, record_from_json)
+from .records import (CONVERT_STEPS, LEGACY, PROJECT, REFERENCE, MiB, TARGET_LEFT_FACTOR, TARGET_PEAK_ANON,
+                      TARGET_VS_COPY, TARGET_VS_LEGACY, BenchResult, StepRecord, _gib, record_from_json)
+from ..model.gguf_io import gguf_summary
+from ..run.machine import describe_clusters
+from ..run.workspace import Run, atomic_path, open_run
 
 
 def render(run: Run | str | Path) -> BenchResult:

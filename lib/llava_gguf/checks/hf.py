@@ -29,13 +29,13 @@ import pandas as pd
 import psutil
 import torch
 
-from ..checkpoint import Checkpoint
-from ..manifest import load_manifest
 from .numeric import nmse
 from .text import NMSE_BOUNDS, llama_logits, outtype_of, reference_tokens
 from .vision import IMAGES, NMSE_TOL, gguf_info, mtmd_embeddings, synthetic_image
 from ..llama_cpp import toolchain
-from ..workspace import Run, repo_root, write_json
+from ..model.checkpoint import Checkpoint
+from ..model.manifest import load_manifest
+from ..run.workspace import Run, repo_root, write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoint import Checkpoint
-from .clip_reference import ReferenceModel, VisionCheckError
 from .numeric import nmse
 from .vision import TOOL, encode_limit, read_dump, write_placeholder_text_model
-from ..gguf_io import open_gguf, read_gguf
-from ..anyres import AnyresRule, anyres_layout, flat_token_count, llava_image_token_count
-from ..image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, ReferenceSequence, checkpoint_rule,
-                             reference_sequence)
 from ..llama_cpp import toolchain
-from ..topology import usable_cores
-from ..workspace import Run, params_vision_config, write_json
+from ..model.anyres import AnyresRule, anyres_layout, flat_token_count, llava_image_token_count
+from ..model.checkpoint import Checkpoint
+from ..model.gguf_io import open_gguf, read_gguf
+from ..reference.clip import ReferenceModel, VisionCheckError
+from ..reference.image_sequence import (ARRANGEMENTS, FIX_HINT, NMSE_TOL, TEST_IMAGE, ReferenceSequence,
+                                        checkpoint_rule, reference_sequence)
+from ..run.topology import usable_cores
+from ..run.workspace import Run, params_vision_config, write_json
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import quant_types
 from ..llama_cpp import limits, toolchain
-from ..gguf_io import open_gguf
-from ..workspace import Run, atomic_path, write_json
+from ..model import quant_types
+from ..model.gguf_io import open_gguf
+from ..run.workspace import Run, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

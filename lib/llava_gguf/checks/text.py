@@ -30,15 +30,15 @@ import numpy as np
 import pandas as pd
 import sentencepiece as spm
 
-from ..gguf_io import GGUFTensor, open_gguf, read_gguf
-from ..text_model import OUTTYPES, TextExportError
-from ..text_reference import reference_logits
-from ..tokenizer import VOCAB_GGUF, read_test_vectors
+from .numeric import nmse
 from ..llama_cpp import limits
 from ..llama_cpp.toolchain import find_tool, run_tool, source_dir
-from ..topology import usable_cores
-from ..workspace import Run, write_json
-from .numeric import nmse
+from ..model.gguf_io import GGUFTensor, open_gguf, read_gguf
+from ..model.text_model import OUTTYPES, TextExportError
+from ..model.tokenizer import VOCAB_GGUF, read_test_vectors
+from ..reference.text import reference_logits
+from ..run.topology import usable_cores
+from ..run.workspace import Run, write_json
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ..llama_cpp import limits, toolchain
-from ..checkpoint import Checkpoint
-from ..gguf_io import open_gguf, read_gguf
-from ..topology import usable_cores
-from ..workspace import Run, atomic_path, params_vision_config, rel_to_root, write_json
-from .clip_reference import (IMAGES, ReferenceModel, VisionCheckError, reference_embeddings,  # noqa: F401
-                             synthetic_image)  # (reference_embeddings, synthetic_image: the check's API)
+from ..model.checkpoint import Checkpoint
+from ..model.gguf_io import open_gguf, read_gguf
+from ..run.topology import usable_cores
+from ..run.workspace import Run, atomic_path, params_vision_config, rel_to_root, write_json
+from ..reference.clip import IMAGES, ReferenceModel, VisionCheckError, reference_embeddings, synthetic_image  # (reference_embeddings, synthetic_image: the check's API)
 from .numeric import nmse
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import toolchain
 from .runner import ToolFailed
-from ..machine import parse_system_info
+from ..run.machine import parse_system_info
 
 _CMAKE_OPTION = re.compile(r"^([A-Z0-9_]+):(?:BOOL|STRING)=(.*)$")
 # The build options that change what runs on a CPU board (CMakeCache also lists every backend's

@@ -20,8 +20,8 @@ import logging
 import re
 from pathlib import Path
 
-from ..llama_cpp import toolchain
-from ..workspace import atomic_path, cache_dir
+from . import toolchain
+from ..run.workspace import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 

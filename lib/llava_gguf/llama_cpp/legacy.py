@@ -45,8 +45,8 @@ import torch
 from . import limits
 from .runner import ToolFailed, run_tool
 from .toolchain import source_dir
-from ..config_vit import config_vit
-from ..workspace import cache_dir, cache_lock, write_json
+from ..model.config_vit import config_vit
+from ..run.workspace import cache_dir, cache_lock, write_json
 
 log = logging.getLogger(__name__)
 

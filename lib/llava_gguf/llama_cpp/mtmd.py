@@ -39,12 +39,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..machine_load import LoadProbe, row_fields
-from ..gguf_io import GGUFError, open_gguf
-from ..params import EvaluateParams
 from . import flags
 from .runner import kill_group
 from .timings import Timings, parse_timings
+from ..model.gguf_io import GGUFError, open_gguf
+from ..run.machine_load import LoadProbe, row_fields
+from ..run.params import EvaluateParams
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..quant_types import from_loader_name
 from .timings import NUM, strip_line
+from ..model.quant_types import from_loader_name
 
 # The CPU backend's extra buffer types: each holds weights converted at load time to its kernels'
 # layout (CPU_AARCH64 is CPU_REPACK's name before mid-2025; KleidiAI and AMX builds add theirs).

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..topology import usable_cores
-from ..workspace import cache_dir, cache_lock, repo_root
+from ..run.topology import usable_cores
+from ..run.workspace import cache_dir, cache_lock, repo_root
 from . import limits
 from .patches import diff_part
 from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..workspace import cache_dir
 from .toolchain import LLAMA_CPP_COMMIT, source_dir
+from ..run.workspace import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 
 from . import headline, plots
-from .. import machine_load as load
-from .. import winner
-from ..machine import describe, describe_clusters
 from .summary import format_value
 from .tables import format_seconds, plain, plural
-from ..workspace import atomic_path, outputs_dir
+from ..run import machine_load as load, winner
+from ..run.machine import describe, describe_clusters
+from ..run.workspace import atomic_path, outputs_dir
 
 log = logging.getLogger(__name__)
 

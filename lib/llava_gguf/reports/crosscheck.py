@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..workspace import write_json
+from ..run.workspace import write_json
 
 # The quant types whose kernels the rehearsal must cover (on the O6 each has its own repack layout).
 REQUIRED_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")

@@ -15,11 +15,10 @@ import html
 import json
 from typing import Any, Mapping
 
-from .. import winner
-from .. import machine_load as load
-from ..workspace import Run
 from .serve import memory_line
 from .tables import format_seconds, plural
+from ..run import machine_load as load, winner
+from ..run.workspace import Run
 
 
 def sample(entry: Mapping[str, Any] | None, repetitions: Any = None) -> winner.Sample:
@@ -72,7 +71,7 @@ def threshold(info: Mapping[str, Any]) -> float:
 
 
 def published_claim(info: Mapping[str, Any], budget: str | None = None) -> str:
-    """The recommendation against the published recipe (tune_published.py) by the same rule:
+    """The recommendation against the published recipe (tune/published.py) by the same rule:
     '1.37× faster than the published recipe (<how>: 159.6 s, median of 2 runs, ...)', or why it
     was not measured; '' for files from before that baseline existed."""
     pub = info.get("published") or {}

@@ -25,12 +25,12 @@ import re
 import shutil
 from pathlib import Path
 
-from .. import registry
-from ..machine import describe
-from ..workspace import Run, atomic_path
 from . import summary
 from .tables import plain, plural
 from .tune import headline_html
+from ..run import registry
+from ..run.machine import describe
+from ..run.workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 

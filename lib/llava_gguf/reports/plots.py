@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .. import quant_types
-from .. import machine_load as load
-from ..workspace import Run, atomic_path
+from ..model import quant_types
 from .tables import format_seconds
+from ..run import machine_load as load
+from ..run.workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 

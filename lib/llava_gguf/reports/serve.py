@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from ..workspace import Run
+from ..run.workspace import Run
 
 
 KIND_COLORS = {"first": "tab:red", "follow-up": "tab:blue"}  # any other kind: a cached image (orange)

@@ -16,11 +16,10 @@ import math
 
 import pandas as pd
 
-from .. import winner
-from .. import machine_load as load
-from ..workspace import Run, json_safe
 from .headline import EVALUATE_LABEL
 from .tables import plural
+from ..run import machine_load as load, winner
+from ..run.workspace import Run, json_safe
 
 log = logging.getLogger(__name__)
 

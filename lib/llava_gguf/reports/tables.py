@@ -16,8 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from ..formatting import (format_number, format_ratio, format_ratio_range, format_seconds,  # noqa: F401 (the pages' one set)
-                          plural)
+from ..run.formatting import format_number, format_ratio, format_ratio_range, format_seconds, plural
 
 # (column name pattern, "decimals" or "significant", digits); the first whole-name match wins.
 ROUNDING: list[tuple[str, str, int]] = [

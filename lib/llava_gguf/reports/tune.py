@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 
 from . import headline, plots
-from .. import machine_load as load
-from ..workspace import Run
+from ..run import machine_load as load
+from ..run.workspace import Run
 
 
 # ----------------------------------------------------------------------------- plots

@@ -23,13 +23,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import diskspace
-from ..checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
-from ..gguf_io import GGUFError, open_gguf, quant_type_of
 from ..llama_cpp import toolchain
-from ..tiny import SIZES, is_current, make_tiny, synthetic_tensors
-from ..tokenizer import VOCAB_GGUF, model_problem as tokenizer_problem
-from ..workspace import Run, resolve, sha256_file
+from ..model.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, SINGLE_FILES, Checkpoint, CheckpointError, index_weight_map
+from ..model.gguf_io import GGUFError, open_gguf, quant_type_of
+from ..model.tiny import SIZES, is_current, make_tiny, synthetic_tensors
+from ..model.tokenizer import VOCAB_GGUF, model_problem as tokenizer_problem
+from ..run import diskspace
+from ..run.workspace import Run, resolve, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,15 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from .. import machine, step_tools
-from .. import machine_load as load
-from ..checks import image_sequence as image_sequence_check
-from ..checks import quality
+from ..checks import image_sequence as image_sequence_check, quality
 from ..checks.acceptance import Checks
-from ..gguf_io import gguf_summary, open_gguf, quant_table
 from ..llama_cpp import build_info, corpus, mtmd, toolchain
+from ..model.gguf_io import gguf_summary, open_gguf, quant_table
 from ..reports import plots, summary
 from ..reports.tables import plural
-from ..workspace import Run, rel_to_root, resolve, write_json, write_table
+from ..run import machine, machine_load as load
+from ..run.workspace import Run, rel_to_root, resolve, write_json, write_table
+from . import tools as step_tools
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,16 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import diskspace, quant_types, stamps, step_tools, workspace
 from ..checks.acceptance import Checks
-from ..gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
 from ..llama_cpp import corpus, limits, toolchain
-from ..quant_types import TEXT_OUTTYPES
+from ..model import quant_types
+from ..model.gguf_io import GGUFError, gguf_summary, open_gguf, quant_table
+from ..model.quant_types import TEXT_OUTTYPES
 from ..reports import tables
-from ..topology import usable_cores
-from ..workspace import Run, atomic_path
+from ..run import diskspace, stamps, workspace
+from ..run.topology import usable_cores
+from ..run.workspace import Run, atomic_path
+from . import tools as step_tools
 
 log = logging.getLogger(__name__)
 

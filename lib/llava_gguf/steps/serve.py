@@ -32,7 +32,7 @@ import pandas as pd
 from ..llama_cpp import chat, server, toolchain
 from ..reports import serve as serve_report
 from ..reports.tables import plural
-from ..workspace import Run, write_json
+from ..run.workspace import Run, write_json
 from .evaluate import case_inputs
 
 log = logging.getLogger(__name__)

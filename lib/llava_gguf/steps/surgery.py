@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..checkpoint import Checkpoint, DTYPE_SIZES
+from ..model.checkpoint import Checkpoint, DTYPE_SIZES
 from ..checks.acceptance import Checks
-from ..layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
-from ..manifest import MANIFEST_VERSION, ManifestError, part_tensors  # noqa: F401  (ManifestError: raised by the step)
-from ..vision_config import resolve_vision_config
-from ..workspace import Run, params_vision_config, rel_to_root, resolve, write_json
+from ..model.layout import IGNORED, PROJECTOR, TEXT, VISION, Split, split_checkpoint
+from ..model.manifest import MANIFEST_VERSION, ManifestError, part_tensors  # noqa: F401  (ManifestError: raised by the step)
+from ..model.vision_config import resolve_vision_config
+from ..run.workspace import Run, params_vision_config, rel_to_root, resolve, write_json
 
 log = logging.getLogger(__name__)
 

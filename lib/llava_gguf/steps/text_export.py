@@ -29,13 +29,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import diskspace, step_tools
+from . import tools as step_tools
+from ..run import diskspace
 from ..checks import text as text_check
-from ..gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
+from ..model.gguf_io import metadata_table  # noqa: F401  (notebook 04 shows the export's metadata)
 from ..checks.hf import HFCheck, verify_hf
-from ..manifest import load_manifest, open_checked
-from ..text_model import OUTTYPES, VICUNA_CHAT_TEMPLATE, Q, TextPlan, TextTensor, plan_from_manifest
-from ..workspace import Run, atomic_path, repo_root
+from ..model.manifest import load_manifest, open_checked
+from ..model.text_model import OUTTYPES, VICUNA_CHAT_TEMPLATE, Q, TextPlan, TextTensor, plan_from_manifest
+from ..run.workspace import Run, atomic_path, repo_root
 from . import surgery
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ their KL divergence measured where step 06 did not (the low-bit ones also with a
 the better file kept), then one `llama-bench` call each (prefill and generation rates, repacked or
 not from its load log); a type slower at both than a more precise one, over the KLD budget or
 failing is screened out with its reason. A second baseline, the published recipe (the seed's
-command on the unpatched pinned llama.cpp, tune_published.py), is timed like the first, and each
-budget's recommendation gets its bound as a number (tune_bound.py).
+command on the unpatched pinned llama.cpp, tune/published.py), is timed like the first, and each
+budget's recommendation gets its bound as a number (tune/bound.py).
 
 The search is staged, not a cartesian product (each stage keeps the winner of the one before):
 
@@ -53,8 +53,6 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .. import tune_bound, tune_published, tune_quality, tune_results, tune_screen, winner
-from .. import machine_load as load
 from ..checks import quality
 from ..checks.acceptance import Checks
 from ..llama_cpp import toolchain
@@ -62,13 +60,15 @@ from ..llama_cpp.mtmd import EvaluationError, MtmdOptions, run_mtmd
 from ..reports import tune as tune_report
 from ..reports.headline import tune_claim
 from ..reports.tables import format_seconds, plural
-from ..mmproj_variants import make_mmproj_files, mmproj_nmse
-from . import tune_checks
+from ..run import machine_load as load, winner
+from ..run.winner import Sample
+from ..run.workspace import Run, atomic_path
+from . import tune_checks, tune_quality, tune_screen
 from .evaluate import case_inputs, variants_for_run
-from ..tune_config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config,
-                          config_from_row, config_row, runtime_grid, spread, thread_candidates)
-from ..winner import Sample
-from ..workspace import Run, atomic_path
+from ..tune import bound as tune_bound, published as tune_published, results as tune_results
+from ..tune.config import (SEED_TEMPLATE, Config, TuneError, answer_seconds, baseline_config, config_from_row,
+                           config_row, runtime_grid, spread, thread_candidates)
+from ..tune.mmproj_variants import make_mmproj_files, mmproj_nmse
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..checks.acceptance import Checks
 from ..llama_cpp import toolchain
 from ..reports.tables import format_seconds, plural
-from ..workspace import Run
+from ..run.workspace import Run
 
 SCRIPT_CHECK_TOKENS = 4
 

@@ -45,18 +45,18 @@ from gguf import (GGUFWriter, KEY_ATTENTION_HEAD_COUNT, KEY_ATTENTION_LAYERNORM_
                   KEY_EMBEDDING_LENGTH, KEY_FEED_FORWARD_LENGTH)
 from tqdm.auto import tqdm
 
-from .. import diskspace
-from ..anyres import missing_pinpoints_warning
-from ..config_vit import LAYER, VisionExportError, config_vit
-from ..gguf_io import metadata_table, read_gguf, tensor_table
-from ..hf_layout import apply_vision_config, llava_config
-from ..checks.hf import HFCheck, verify_hf
-from ..layout import PROJECTOR, VISION
 from ..checks import image_sequence as image_sequence_check, vision as vision_check
-from ..quant_types import MMPROJ_OUTTYPES
-from ..manifest import load_manifest, open_checked, part_tensors
-from ..vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
-from ..workspace import Run, atomic_path, params_vision_config, repo_root
+from ..checks.hf import HFCheck, verify_hf
+from ..model.anyres import missing_pinpoints_warning
+from ..model.config_vit import LAYER, VisionExportError, config_vit
+from ..model.gguf_io import metadata_table, read_gguf, tensor_table
+from ..model.hf_layout import apply_vision_config, llava_config
+from ..model.layout import PROJECTOR, VISION
+from ..model.manifest import load_manifest, open_checked, part_tensors
+from ..model.quant_types import MMPROJ_OUTTYPES
+from ..model.vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+from ..run import diskspace
+from ..run.workspace import Run, atomic_path, params_vision_config, repo_root
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import machine_load as load
-from .machine import describe
-from .steps.download import hub_errors
-from .workspace import Run, atomic_path, sha256_file
+from ..run import machine_load as load
+from ..run.machine import describe
+from ..run.workspace import Run, atomic_path, sha256_file
+from ..steps.download import hub_errors
 
 log = logging.getLogger(__name__)
 

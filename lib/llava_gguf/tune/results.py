@@ -17,14 +17,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import winner
-from . import machine_load as load
-from .llama_cpp import flags, server, toolchain
-from .machine import machine_info
-from .reports import headline
-from .topology import usable_cores
-from .tune_config import SEED_TEMPLATE, TuneError, config_from_row
-from .workspace import Run, atomic_path, json_safe, write_json, write_table
+from ..llama_cpp import flags, server, toolchain
+from ..reports import headline
+from ..run import machine_load as load, winner
+from ..run.machine import machine_info
+from ..run.topology import usable_cores
+from ..run.workspace import Run, atomic_path, json_safe, write_json, write_table
+from .config import SEED_TEMPLATE, TuneError, config_from_row
 
 SYNTHETIC_NOTE = ("synthetic model (model.source: tiny): its answers are noise, so answer agreement between "
                   "configurations carries no meaning here and is not a quality measure")

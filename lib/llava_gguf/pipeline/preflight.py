@@ -23,19 +23,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import step_tools
-from .checkpoint import CheckpointError
-from .config_vit import VisionExportError
-from .layout import LayoutError
-from .llama_cpp import toolchain
-from .manifest import ManifestError
-from .steps import download, evaluate
-from .steps.surgery import analyze
-from .steps.vision_export import plan_mmproj
-from .text_model import TextExportError, plan_from_manifest
-from .tokenizer import model_problem
-from .vision_config import VisionConfigError
-from .workspace import Run, params_vision_config, resolve
+from ..llama_cpp import toolchain
+from ..model.checkpoint import CheckpointError
+from ..model.config_vit import VisionExportError
+from ..model.layout import LayoutError
+from ..model.manifest import ManifestError
+from ..model.text_model import TextExportError, plan_from_manifest
+from ..model.tokenizer import model_problem
+from ..model.vision_config import VisionConfigError
+from ..run.workspace import Run, params_vision_config, resolve
+from ..steps import download, evaluate, tools as step_tools
+from ..steps.surgery import analyze
+from ..steps.vision_export import plan_mmproj
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 `make setup` runs this file with the system Python, before any virtual environment exists, so it
 uses the standard library alone:
 
-    python3 lib/llava_gguf/platform_pins.py constraints-file   # path for this interpreter, or exit 2
-    python3 lib/llava_gguf/platform_pins.py compile [--torch-find-links DIR]   # regenerate them all
+    python3 lib/llava_gguf/run/platform_pins.py constraints-file   # path for this interpreter, or exit 2
+    python3 lib/llava_gguf/run/platform_pins.py compile [--torch-find-links DIR]   # regenerate them all
 
 Each file pins every package, transitive ones included, for one (machine, Python) pair. They are
 compiled by uv, which evaluates environment markers for the target platform; pip's `--platform`
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONSTRAINTS_DIR = ROOT / "constraints"
 REQUIREMENTS = ROOT / "requirements.txt"
 # (machine as platform.machine() says it, uv's target triple, Python version)
@@ -57,7 +57,7 @@ def constraints_file(system: str | None = None, machine: str | None = None,
         raise UnsupportedPlatform(
             f"no pinned environment for Linux {machine} with Python {python} ({path.relative_to(ROOT)} "
             f"does not exist). Supported: {supported}. Run `make setup PYTHON=python3.11` with one of "
-            "those, or add the target to TARGETS in lib/llava_gguf/platform_pins.py and run `make constraints`.")
+            "those, or add the target to TARGETS in lib/llava_gguf/run/platform_pins.py and run `make constraints`.")
     return path
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_io import open_gguf
-from .machine import usable_cores
+from ..model.gguf_io import open_gguf
+from ..run.machine import usable_cores
 
 # Bytes per element of the KV cache (ggml block sizes: q8_0 34 bytes per 32, q4_0 18 per 32, ...).
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,

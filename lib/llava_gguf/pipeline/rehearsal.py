@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .llama_cpp import limits, toolchain
-from .platform_pins import GPU_PACKAGE
-from .reports import crosscheck
-from .workspace import cache_dir, repo_root, write_json
+from ..llama_cpp import limits, toolchain
+from ..reports import crosscheck
+from ..run.platform_pins import GPU_PACKAGE
+from ..run.workspace import cache_dir, repo_root, write_json
 
 log = logging.getLogger(__name__)
 

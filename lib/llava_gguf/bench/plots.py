@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bench.procmon import GiB
-from ..bench.records import LEGACY, PROJECT, REFERENCE, TARGET_PEAK_ANON, StepRecord
-from ..workspace import Run
-from .plots import PlotFigure, save
+from .procmon import GiB
+from .records import LEGACY, PROJECT, REFERENCE, TARGET_PEAK_ANON, StepRecord
+from ..reports.plots import PlotFigure, save
+from ..run.workspace import Run
 
 # ----------------------------------------------------------------------------- plots
 _COLORS = {PROJECT: "tab:blue", LEGACY: "tab:orange", REFERENCE: "tab:gray"}

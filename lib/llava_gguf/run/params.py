@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .quant_types import MMPROJ_OUTTYPES, QUANTIZE_TYPES, TEXT_OUTTYPES
+from ..model.quant_types import MMPROJ_OUTTYPES, QUANTIZE_TYPES, TEXT_OUTTYPES
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class EvaluateParams(_Strict):
     kld_budget: float = 0.05
     timeout_s: int = Field(3600, ge=1)
     # A timed run is "under load" when other processes (steal included) kept more than this many
-    # cores busy on average during it (lib/llava_gguf/machine_load.py); such runs are marked everywhere.
+    # cores busy on average during it (lib/llava_gguf/run/machine_load.py); such runs are marked everywhere.
     load_threshold: float = Field(0.25, ge=0)
     # The machine's name in machine.json, the reports and the scripts' headers (never the host name);
     # None: the device tree model or DMI product name, else the CPU model.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from . import registry
-from .llama_cpp import toolchain
-from .params import Params
+from ..llama_cpp import toolchain
+from ..run import registry
+from ..run.params import Params
 
 
 def tools_for(params: Params, step: str) -> tuple[list[str], list[str]]:

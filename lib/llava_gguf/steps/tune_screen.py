@@ -32,14 +32,14 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import quant_types
-from .gguf_io import GGUFError
-from .llama_cpp import llama_bench, toolchain
-from .llama_cpp.toolchain import ToolFailed, ToolNotFound
-from .machine import usable_cores
-from .quant_candidates import ALWAYS_CONSIDERED, Candidate, CpuFeatures, quant_candidates, this_cpu
-from .steps import quantize
-from .tune_config import SEED_TYPE, Config
+from ..llama_cpp import llama_bench, toolchain
+from ..llama_cpp.toolchain import ToolFailed, ToolNotFound
+from ..model import quant_types
+from ..model.gguf_io import GGUFError
+from ..run.machine import usable_cores
+from . import quantize
+from ..tune.config import SEED_TYPE, Config
+from ..tune.quant_candidates import ALWAYS_CONSIDERED, Candidate, CpuFeatures, quant_candidates, this_cpu
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
-from .layout import TEXT, split_checkpoint
-from .text_model import TextHParams, read_hparams
+from ..model.checkpoint import Checkpoint
+from ..model.layout import TEXT, split_checkpoint
+from ..model.text_model import TextHParams, read_hparams
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import machine
-from .quant_types import AMX_TYPES, QUANT_TYPES, repacked_ggml_types
-from .tune_config import SEED_TYPE
+from ..model.quant_types import AMX_TYPES, QUANT_TYPES, repacked_ggml_types
+from ..run import machine
+from .config import SEED_TYPE
 
 # Always measured, repacked here or not: the 4-bit families, the seed's type and the two precise ones.
 ALWAYS_CONSIDERED = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0")

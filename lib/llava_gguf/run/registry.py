@@ -45,7 +45,7 @@ class StepDeclarationError(ValueError):
 def repo_root() -> Path:
     """The project checkout: $LLAVA_GGUF_ROOT, else the folder above lib/ (the package is editable)."""
     env = os.environ.get(ROOT_ENV)
-    return Path(env).resolve() if env else Path(__file__).resolve().parents[2]
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[3]
 
 
 def notebooks_dir() -> Path:

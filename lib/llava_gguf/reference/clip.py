@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
-from ..layout import PROJECTOR, VISION, split_checkpoint
-from ..vision_config import resolve_vision_config
+from ..model.checkpoint import Checkpoint
+from ..model.layout import PROJECTOR, VISION, split_checkpoint
+from ..model.vision_config import resolve_vision_config
 
 # Our image names -> the synthetic inputs llama-mtmd-debug generates itself (mtmd-debug.cpp).
 IMAGES = {"uniform": "gray", "pattern": "rainbow"}

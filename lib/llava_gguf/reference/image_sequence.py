@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anyres import AnyresLayout, AnyresRule, anyres_layout, anyres_rule
-from .checks.clip_reference import ReferenceModel, VisionCheckError
-from .layout import detect_layout
-from .vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+from ..model.anyres import AnyresLayout, AnyresRule, anyres_layout, anyres_rule
+from ..model.layout import detect_layout
+from ..model.vision_config import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+from .clip import ReferenceModel, VisionCheckError
 
 log = logging.getLogger(__name__)
 

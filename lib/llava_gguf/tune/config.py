@@ -12,9 +12,9 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
-from .machine import usable_cores
-from .topology import core_sets, read_topology
-from .winner import Sample, significance
+from ..run.machine import usable_cores
+from ..run.topology import core_sets, read_topology
+from ..run.winner import Sample, significance
 
 SEED_TYPE = "Q5_K_M"
 SEED_TEMPLATE = "vicuna"

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from . import quant_types
-from .checks import quality
-from .gguf_io import gguf_summary
-from .llama_cpp import corpus
-from .llama_cpp.toolchain import ToolFailed, ToolNotFound
-from .steps import quantize
-from .steps.evaluate import reference
+from ..checks import quality
+from ..llama_cpp import corpus
+from ..llama_cpp.toolchain import ToolFailed, ToolNotFound
+from ..model import quant_types
+from ..model.gguf_io import gguf_summary
+from . import quantize
+from .evaluate import reference
 
 if TYPE_CHECKING:
     from .tune_screen import TypeScreen

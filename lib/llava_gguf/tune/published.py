@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .llama_cpp import toolchain
-from .tune_config import spread
+from ..llama_cpp import toolchain
+from .config import spread
 
 log = logging.getLogger(__name__)
 

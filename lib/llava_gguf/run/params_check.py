@@ -4,7 +4,7 @@
 pydantic and PyYAML, so a misspelt key or a missing image stops the run with the key named instead
 of after a 20-minute build:
 
-    python -m llava_gguf.params_check params/x.yaml
+    python -m llava_gguf.run.params_check params/x.yaml
 
 It validates every key and type (params.load_params) and that every path the file names exists.
 What needs the full environment (a checkpoint's headers, the llama.cpp tools) is the pipeline's
@@ -55,7 +55,7 @@ def check_file(path: str | Path) -> Params:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m llava_gguf.params_check PARAMS_FILE", file=sys.stderr)
+        print("usage: python -m llava_gguf.run.params_check PARAMS_FILE", file=sys.stderr)
         return 2
     try:
         params = check_file(argv[0])

@@ -26,13 +26,14 @@ import threading
 import time
 from pathlib import Path
 
-from . import preflight, registry
-from .fingerprint import fingerprint
-from .llama_cpp import toolchain
-from .llama_cpp.runner import kill_tree
-from .reports import html
-from .reports.display import EXEC_LINE
-from .workspace import Run, forcing, resolve, write_json
+from ..llama_cpp import toolchain
+from ..llama_cpp.runner import kill_tree
+from . import preflight
+from ..reports import html
+from ..reports.display import EXEC_LINE
+from ..run import registry
+from ..run.fingerprint import fingerprint
+from ..run.workspace import Run, forcing, resolve, write_json
 
 log = logging.getLogger(__name__)
 

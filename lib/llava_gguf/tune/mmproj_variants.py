@@ -17,11 +17,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .checks import vision as vision_check
-from .checks.numeric import nmse
-from .gguf_io import read_gguf
-from .llama_cpp import toolchain
-from .workspace import Run, atomic_path
+from ..checks import vision as vision_check
+from ..checks.numeric import nmse
+from ..llama_cpp import toolchain
+from ..model.gguf_io import read_gguf
+from ..run.workspace import Run, atomic_path
 
 log = logging.getLogger(__name__)
 
