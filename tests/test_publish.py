@@ -69,6 +69,29 @@ def test_files_selection(write_params):
         publish.publish(_reopen(run, write_params, files=["Q3_K_S"]))
 
 
+def test_a_tuned_run_recommends_and_publishes_tunes_pick(write_params):
+    """The card names one winner, the index page's: 07_tune's recommendation when the run was tuned
+    (its quant type is the default file), step 06's fastest type, labelled so, when it was not."""
+    run = make_evaluated_run(write_params, "card-tuned")
+    evaluated = summary_of(run.dir)["chosen"]["variant"]
+    untuned = publish.publish(run)
+    assert set(untuned.files["variant"]) == {evaluated, "mmproj"}
+    assert f"Recommended: **{evaluated}**\n(fastest quant type in evaluate, not tuned: " in untuned.card.read_text()
+    tuned_type = next(v for v in ("Q2_K", "Q4_K_M", "Q8_0") if v != evaluated)
+    runs = [2.0, 2.1, 2.2]
+    (run.dir / "tune").mkdir(exist_ok=True)
+    (run.dir / "tune" / "recommended.json").write_text(json.dumps({
+        "recommended": {"budget": "full", "config": f"{tuned_type} t2", "settings": {"quant": tuned_type},
+                        "answer_s": 2.1, "answer_s_all": runs},
+        "baseline": {"answer_s": 4.2, "answer_s_all": [4.0, 4.2, 4.4]}, "setup": {"repetitions": 3}}))
+    tuned = publish.publish(run)
+    assert set(tuned.files["variant"]) == {tuned_type, "mmproj"}
+    assert (f"Recommended: **{tuned_type}**\n(07_tune's recommendation, {tuned_type} t2: 2.00× faster than "
+            "the seed's command)") in tuned.card.read_text()
+    card = tuned.card.read_text()
+    assert f"| {tuned_type} ★" in card and f"| {evaluated} ★" not in card
+
+
 def test_card_needs_evaluation_metrics(write_params):
     run = workspace.open_run(write_params({"run": "card-nometrics"}))
     with pytest.raises(publish.PublishError, match="make evaluate"):
@@ -192,7 +215,7 @@ def test_the_card_is_its_template_filled_with_every_value_and_nothing_else(write
     run = make_evaluated_run(write_params, "card-template")
     files = publish.write_card(run).files
     values = publish.card_values(run, files, "mmproj-model-f16.gguf")
-    template = string.Template((resources.files("llava_gguf") / "templates" / "model_card.md").read_text())
+    template = string.Template((resources.files("llava_gguf.pipeline") / "templates" / "model_card.md").read_text())
     assert set(template.get_identifiers()) == set(values)  # no placeholder unfilled, no value unused
     assert all(isinstance(v, str) for v in values.values())
     card = publish.model_card(run, files, "mmproj-model-f16.gguf")
@@ -221,6 +244,6 @@ def test_the_template_ships_in_the_wheel(tmp_path):
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "llava_gguf/templates/model_card.md" in names
-    assert zipfile.ZipFile(wheel).read("llava_gguf/templates/model_card.md").decode() == \
-        (root / "lib" / "llava_gguf" / "templates" / "model_card.md").read_text()
+    assert "llava_gguf/pipeline/templates/model_card.md" in names
+    assert zipfile.ZipFile(wheel).read("llava_gguf/pipeline/templates/model_card.md").decode() == \
+        (root / "lib" / "llava_gguf" / "pipeline" / "templates" / "model_card.md").read_text()

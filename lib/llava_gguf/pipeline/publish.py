@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from ..reports import headline
 from ..run import machine_load as load
 from ..run.machine import describe
 from ..run.workspace import Run, atomic_path, sha256_file
@@ -91,11 +92,23 @@ def _metrics(run: Run) -> tuple[dict, pd.DataFrame]:
     return _read_json(folder / "summary.json"), pd.read_csv(folder / "variants.csv")
 
 
+def recommended_variant(run: Run, summary: dict) -> tuple[str | None, str]:
+    """(the quant type the card recommends, how it was chosen): step 07's recommendation when the
+    run was tuned (the index page's one winner), else step 06's fastest type, labelled as such."""
+    tuned = _read_json(run.dir / "tune" / "recommended.json")
+    rec = tuned.get("recommended") or {}
+    quant = (rec.get("settings") or {}).get("quant")
+    if quant:
+        return quant, f"07_tune's recommendation, {rec.get('config')}: {headline.tune_claim(tuned)}"
+    variant = (summary.get("chosen") or {}).get("variant")
+    return variant, f"{headline.EVALUATE_LABEL.lower()}, not tuned: {summary.get('chosen_how', '')}"
+
+
 def chosen_files(run: Run) -> dict[str, Path]:
-    """The variants `publish.files` names (default: the evaluation's chosen one) -> their files."""
+    """The variants `publish.files` names (default: the recommended one, `recommended_variant`) -> their files."""
     variants, _ = run_files(run)
     summary, _ = _metrics(run)
-    wanted = run.params.publish.files or [(summary.get("chosen") or {}).get("variant")]
+    wanted = run.params.publish.files or [recommended_variant(run, summary)[0]]
     if wanted == ["all"]:
         return variants
     unknown = [w for w in wanted if w not in variants]
@@ -157,7 +170,7 @@ def card_values(run: Run, files: pd.DataFrame, mmproj_name: str) -> dict[str, st
     recorded = _read_json(run.dir / "machine.json")
     machine, build = recorded.get("machine") or {}, recorded.get("llama_cpp") or (run.artifacts().get("llama_cpp") or {})
     base = p.model.repo if p.model.source in ("huggingface", "modelscope", "local") else None
-    chosen = (summary.get("chosen") or {}).get("variant")
+    chosen, chosen_how = recommended_variant(run, summary)
     quant_rows, speed_rows = _variant_rows(table, chosen, set(files["variant"]))
     file_rows = [[f"`{r.file}`", str(r.variant), f"{r.bytes:,}", f"`{r.sha256}`"] for r in files.itertuples()]
     made = ("ready-made GGUF files evaluated" if p.model.format == "gguf"
@@ -170,7 +183,7 @@ def card_values(run: Run, files: pd.DataFrame, mmproj_name: str) -> dict[str, st
         "title": p.publish.repo or f"{base or p.run} GGUF", "synthetic_note": synthetic,
         "base_model": f"[{base}]({_hub_url(base, p.model.source)})" if base else f"run `{p.run}`",
         "mmproj": mmproj_name, "made": made, "run": p.run, "chosen": chosen or "–",
-        "chosen_how": summary.get("chosen_how", ""),
+        "chosen_how": chosen_how,
         "files_table": _md_table(file_rows, ["file", "variant", "bytes", "sha256"]),
         "kld_how": _kld_how(summary, table), "kld_budget": str(summary.get("kld_budget")),
         "quality_table": _md_table(quant_rows, ["variant", "bits/weight", "MiB", "mean KLD", "KLD p99",
