@@ -1,6 +1,9 @@
 """`make all` on the tiny model: every implemented step through papermill, then all skipped."""
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 
 from llava_gguf.pipeline import runner as pipeline
@@ -24,6 +27,20 @@ def test_all_steps_on_tiny_model_then_nothing_to_do(tiny_run):
     for name in steps:
         assert registry.get(name).notebook.replace(".ipynb", ".html") in index
     assert {what for _, what in pipeline.run_steps(run, steps)} == {"skipped"}
+
+
+def test_the_conversation_records_the_load_of_every_turn(tiny_run):
+    """Step 08's turns are timed runs like 06's and 07's: each carries its load (machine_load.py),
+    the summary folds them, and the index's follow-up line says what they ran under."""
+    run, _ = tiny_run
+    turns = pd.read_csv(run.dir / "conversation" / "turns.csv")
+    assert {"loadavg_start", "others_cores", "under_load"} <= set(turns.columns)
+    summary = json.loads((run.dir / "conversation" / "summary.json").read_text())
+    assert summary["load"]["runs"] == len(turns)
+    judged = turns["under_load"].notna().sum()
+    assert summary["load"]["runs_judged"] == judged and summary["load"]["runs_under_load"] == (turns["under_load"] == True).sum()  # noqa: E712
+    follow_up = (run.dir / "reports" / "index.html").read_text().split("follow-up answer in", 1)[1]
+    assert ("measured at load" if judged else "load not recorded") in follow_up.split("</p>", 1)[0]
 
 
 @pytest.mark.llama_cpp

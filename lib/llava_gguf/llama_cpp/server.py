@@ -213,6 +213,12 @@ class Server:
             raise ServerError(f"slot {slot} {action} of {filename} failed: HTTP {status}: {body}")
         return body
 
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (user + system, all its threads): a turn's load record takes
+        it out of the machine's busy time, as run_mtmd does with the tool's rusage."""
+        t = psutil.Process(self.process.pid).cpu_times()
+        return t.user + t.system
+
     def memory(self) -> dict[str, float]:
         """The server process's resident memory now (`process_memory`)."""
         return process_memory(self.process.pid)

@@ -135,6 +135,8 @@ def headline_html(run: Run) -> str | None:
                      f"tokens per follow-up instead of {s['first_prompt_n']} (median over {plural(int(s['cases']), 'case')})")
         if memory_line(s):
             parts.append("; " + memory_line(s))
+        if s.get("load"):
+            parts.append(f"; {html.escape(load.describe(s['load'], s.get('load_threshold') or load.DEFAULT_THRESHOLD))}")
     return "".join(parts) + "</p>"
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 from ..llama_cpp import chat, server, toolchain
 from ..reports import serve as serve_report
 from ..reports.tables import plural
+from ..run import machine_load as load
 from ..run.workspace import Run, write_json
 from .evaluate import case_inputs
 
@@ -167,8 +168,10 @@ def run_serve(run: Run) -> ServeResult:
         for i, (image, prompt) in enumerate(case_inputs(run)):
             conv = chat.Conversation(srv.api_url, max_tokens=e.n_predict, timeout_s=e.timeout_s)
             for question, images in [(prompt, [image]), *((q, []) for q in FOLLOW_UPS)]:
+                probe, server_cpu = load.LoadProbe().start(), srv.cpu_seconds()
                 turn = conv.ask(question, images)
-                rows.append({"case": i, **turn.to_dict(), **srv.memory()})
+                turn_load = probe.stop(srv.cpu_seconds() - server_cpu, e.load_threshold)
+                rows.append({"case": i, **turn.to_dict(), **srv.memory(), **load.row_fields(turn_load)})
         ready_s = srv.ready_s
     server_log = (folder / "server.log").read_text(errors="replace")
     cases = case_inputs(run)
@@ -189,7 +192,9 @@ def run_serve(run: Run) -> ServeResult:
         "cached_image_questions": int((turns["kind"] == CACHED_IMAGE).sum()),
         "one_shot_s": float(turns["one_shot_s"].median()), "tune_answer_s": rec.get("answer_s"),
         "one_shot_config": rec.get("config"),
-        "max_tokens": e.n_predict, "follow_ups": list(FOLLOW_UPS)}
+        "max_tokens": e.n_predict, "follow_ups": list(FOLLOW_UPS),
+        # What the turns ran under (machine_load.py), as every other timed run records it.
+        "load": load.summarize(rows), "load_threshold": e.load_threshold}
     summary["ttft_ratio"] = summary["follow_up_ttft_s"] / summary["first_ttft_s"] if summary["first_ttft_s"] else None
     summary.update(memory_summary(turns, ready_memory, server_log))
     turns.to_csv(folder / "turns.csv", index=False)
