@@ -81,13 +81,15 @@ class Supervised:
     """A started tool and its deadline: at `limit` seconds its process group is killed."""
 
     def __init__(self, proc: subprocess.Popen, limit: float):
-        self.proc, self.limit, self.expired = proc, limit, False
+        self.proc, self.limit, self.expired, self.finished = proc, limit, False, False
         self._timer = threading.Timer(limit, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def _expire(self) -> None:
-        if self.proc.poll() is None:
+        # The leader may have exited while a process it started (in its group) still holds its output
+        # pipe: the caller is then still reading, so the group is killed all the same.
+        if self.proc.poll() is None or not self.finished:
             self.expired = True
             log.error("%s ran past its limit of %s; killing its process group", Path(self.proc.args[0]).name,
                       _seconds(self.limit))
@@ -106,6 +108,7 @@ def supervised(cmd: list[str], limit: float, **popen) -> Iterator[Supervised]:
     try:
         yield run
         proc.wait()
+        run.finished = True
     except BaseException:
         kill_group(proc)
         proc.wait()
