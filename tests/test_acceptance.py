@@ -153,6 +153,9 @@ def test_tune_checks_run_the_script_and_name_what_failed(local_run):
     assert failed["budget full: its runs"] == ("1 run, 400 ms <= 500 ms <= 600 ms",
                                                "tune.repetitions = 2 runs, fastest <= median <= slowest")
     assert failed["scripts"][0] == "missing run-llava-single.sh"
+    # No recommendation at all is a failed check, not a crash.
+    none = tune_checks.acceptance_checks(run, _tune_result({}))
+    assert {c.name for c in none.failed()} >= {"image budgets", "run-llava.sh runs"}
     assert failed["run-llava.sh runs"] == (
         f"run-llava.sh -n 4 exited with status 3; full log kept at {run.dir / 'tune' / 'logs' / 'run-llava-check.log'}",
         "exit 0 with -n 4 within 600 s")

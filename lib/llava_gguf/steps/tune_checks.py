@@ -50,7 +50,7 @@ def acceptance_checks(run: Run, result) -> Checks:
                "run-llava.sh, and run-llava-<budget>.sh for each of 2 or more budgets", not missing)
     if "run-llava.sh" not in missing:
         # As written, with a short answer (the last -n wins); bounded by the slowest measured answer.
-        limit = max(600.0, 10 * max(v["answer_max_s"] for v in budgets.values()))
+        limit = max(600.0, 10 * max((v.get("answer_max_s") or 0.0 for v in budgets.values()), default=0.0))
         log_file = run.sub("tune") / "logs" / "run-llava-check.log"
         try:
             toolchain.run_tool(["bash", run.dir / "run-llava.sh", "-n", SCRIPT_CHECK_TOKENS], log_file, limit,
