@@ -93,6 +93,18 @@ def test_a_worker_holding_the_output_after_its_tool_exited_is_stopped_at_the_lim
     assert _gone(_worker(pids))
 
 
+def test_a_worker_left_behind_by_a_tool_that_exited_goes_with_it(tmp_path):
+    pids = tmp_path / "worker.pid"
+    tool = _tool(tmp_path / "bin", "llama-tokenize", DETACH.format(pids=pids))
+    log_file = tmp_path / "detach.log"  # the worker holds the log file, not a pipe: the tool's exit ends the run
+    assert "worker" in runner.run_tool([tool, "x.gguf"], log_file, timeout=60)
+    worker = _worker(pids)
+    gone = _gone(worker)
+    if not gone:
+        runner.kill_tree(worker)  # a failing test leaves nothing running either
+    assert gone
+
+
 def test_an_interrupted_caller_leaves_no_tool_running(tmp_path):
     pids = tmp_path / "worker.pid"
     tool = _tool(tmp_path / "bin", "llama-hang", HANG.format(pids=pids))

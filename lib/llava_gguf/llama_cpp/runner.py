@@ -101,14 +101,18 @@ class Supervised:
 
 @contextlib.contextmanager
 def supervised(cmd: list[str], limit: float, **popen) -> Iterator[Supervised]:
-    """Start `cmd` as the leader of a new process group; the group is killed at `limit` seconds and
-    when the block ends with an exception (an interrupted notebook leaves no tool running)."""
+    """Start `cmd` as the leader of a new process group; the group is killed at `limit` seconds, when
+    the block ends with an exception (an interrupted notebook leaves no tool running) and after the
+    tool has ended (nothing it started outlives it)."""
     proc = subprocess.Popen(cmd, process_group=0, **popen)
     run = Supervised(proc, limit)
     try:
         yield run
         proc.wait()
         run.finished = True
+        # Whatever the tool left running in its group (a worker it did not wait for) is not the caller's:
+        # it goes with the tool (the group outlives its reaped leader only through such leftovers).
+        kill_group(proc)
     except BaseException:
         kill_group(proc)
         proc.wait()
