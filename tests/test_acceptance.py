@@ -123,8 +123,8 @@ def _tune_result(budgets, base_runs=2, coverage=None, published=None, bound=None
     return Result()
 
 
-def _budget(lo=0.4, med=0.5, hi=0.6, tokens=2340):
-    return {"answer_min_s": lo, "answer_s": med, "answer_max_s": hi, "image_tokens": tokens}
+def _budget(lo=0.4, med=0.5, hi=0.6, tokens=2340, runs=2):
+    return {"answer_min_s": lo, "answer_s": med, "answer_max_s": hi, "image_tokens": tokens, "runs": runs}
 
 
 def test_tune_checks_run_the_script_and_name_what_failed(local_run):
@@ -141,19 +141,22 @@ def test_tune_checks_run_the_script_and_name_what_failed(local_run):
     script.write_text("#!/bin/bash\necho 'error: unknown argument' >&2\nexit 3\n")
     (run.dir / "run-llava-single.sh").unlink()
     bad = tune_checks.acceptance_checks(run, _tune_result(
-        {"full": _budget(med=0.7), "single": _budget(tokens=None)}, base_runs=1,
+        {"full": _budget(runs=1), "single": _budget(tokens=None)}, base_runs=1,
         coverage=[{"quant": "Q5_K", "budget": "single", "answer_s": None, "why_not": None}],
         published={"measured": False, "why_not": None}, bound={"full": {}}))
     failed = {c.name: (c.found, c.bound) for c in bad.failed()}
-    assert set(failed) == {"seed's command", "budget full: median within its runs", "budget single: image tokens",
+    assert set(failed) == {"seed's command", "budget full: its runs", "budget single: image tokens",
                            "scripts", "run-llava.sh runs", "type coverage", "published recipe", "bound per budget"}
     assert failed["type coverage"][0] == "unexplained: Q5_K at single"
     assert failed["published recipe"][0] == "neither measured nor explained"
     assert failed["bound per budget"] == ("full", "each of full, single")
     assert failed["seed's command"] == ("1.50 s over 1 run", "an answer time over tune.repetitions = 2 runs")
-    assert failed["budget full: median within its runs"] == ("400 ms <= 700 ms <= 600 ms",
-                                                             "fastest <= median <= slowest")
+    assert failed["budget full: its runs"] == ("1 run, 400 ms <= 500 ms <= 600 ms",
+                                               "tune.repetitions = 2 runs, fastest <= median <= slowest")
     assert failed["scripts"][0] == "missing run-llava-single.sh"
+    # No recommendation at all is a failed check, not a crash.
+    none = tune_checks.acceptance_checks(run, _tune_result({}))
+    assert {c.name for c in none.failed()} >= {"image budgets", "run-llava.sh runs"}
     assert failed["run-llava.sh runs"] == (
         f"run-llava.sh -n 4 exited with status 3; full log kept at {run.dir / 'tune' / 'logs' / 'run-llava-check.log'}",
         "exit 0 with -n 4 within 600 s")

@@ -91,3 +91,14 @@ def test_the_headline_page_passes_the_browser_checks(write_params, chromium, run
     run, _ = _tuned_index(write_params, f"headline-browser-{len(set(runs))}-{runs[0]}", runs, runs_under_load=1)
     found = chromium.check(run.dir / "reports" / "index.html")
     assert {check: hits for check, hits in found.items() if hits} == {}
+
+
+def test_a_file_without_the_seeds_spread_claims_nothing_against_it():
+    # A recommended.json from before the baseline entry: the seed's median only, tune.repetitions 3.
+    from llava_gguf.reports import headline
+
+    info = {"setup": {"repetitions": 3}, "seed_answer_s": 3.05,
+            "recommended": {"config": LABEL, "answer_s_all": [2.20, 2.31, 2.47], "answer_s": 2.31}}
+    text = headline.tune_headline(info)
+    assert ("no speed claim against the seed's command (3.05 s, median of 3 runs, spread not recorded): "
+            "their spread not recorded") in text and "faster" not in text

@@ -74,6 +74,37 @@ def test_a_hung_tool_with_captured_output_is_stopped_too(tmp_path):
     assert _gone(_worker(pids))
 
 
+# A tool that exits at once, leaving a worker of its group that holds its output pipe open.
+DETACH = """#!/bin/sh
+sleep 600 &
+echo $! > "{pids}"
+echo "worker $! started"
+exit 0
+"""
+
+
+@pytest.mark.parametrize("how", ["capture", "on_line"])
+def test_a_worker_holding_the_output_after_its_tool_exited_is_stopped_at_the_limit(tmp_path, how):
+    pids = tmp_path / "worker.pid"
+    tool = _tool(tmp_path / "bin", "llama-tokenize", DETACH.format(pids=pids))
+    kw = {"capture": True} if how == "capture" else {"log_file": tmp_path / "detach.log", "on_line": lambda line: None}
+    with pytest.raises(runner.ToolFailed, match="ran past its limit of 1 s"):
+        runner.run_tool([tool, "x.gguf"], timeout=1, **kw)
+    assert _gone(_worker(pids))
+
+
+def test_a_worker_left_behind_by_a_tool_that_exited_goes_with_it(tmp_path):
+    pids = tmp_path / "worker.pid"
+    tool = _tool(tmp_path / "bin", "llama-tokenize", DETACH.format(pids=pids))
+    log_file = tmp_path / "detach.log"  # the worker holds the log file, not a pipe: the tool's exit ends the run
+    assert "worker" in runner.run_tool([tool, "x.gguf"], log_file, timeout=60)
+    worker = _worker(pids)
+    gone = _gone(worker)
+    if not gone:
+        runner.kill_tree(worker)  # a failing test leaves nothing running either
+    assert gone
+
+
 def test_an_interrupted_caller_leaves_no_tool_running(tmp_path):
     pids = tmp_path / "worker.pid"
     tool = _tool(tmp_path / "bin", "llama-hang", HANG.format(pids=pids))

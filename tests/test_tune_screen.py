@@ -184,6 +184,11 @@ def test_published_baseline_modes(tmp_path, monkeypatch):
         raise RuntimeError("llama.cpp build failed (exit 2); see build.log")
     cli, why = tune_published.find_or_build("build", build=failing)
     assert cli is None and why.startswith("not measured: the unpatched llama.cpp build failed (llama.cpp build failed")
+
+    def broken(**kw):
+        raise KeyError("build_dir")  # a bug in the build code, not a failed build: it is not hidden
+    with pytest.raises(KeyError):
+        tune_published.find_or_build("build", build=broken)
     # The environment wins over the params, and a built tool is used without building.
     tool = tune_published.unpatched_cli()
     tool.parent.mkdir(parents=True)
@@ -221,6 +226,29 @@ def test_ratios_carry_the_spread_and_an_unmeasured_recipe_gives_none():
 def test_low_bit_types_get_the_importance_matrix_variant():
     assert [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_1", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0", "Q2_K", "F16")
             if tune_quality.low_bit(q)] == ["Q4_1", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0", "Q2_K"]
+
+
+def test_a_failed_kld_run_leaves_the_types_unmeasured_and_a_bug_is_not_hidden(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from llava_gguf.checks import quality
+    from llava_gguf.llama_cpp import toolchain
+
+    ref = tmp_path / "m-F16.gguf"
+    monkeypatch.setattr(tune_quality, "reference", lambda run, files: ("F16", ref))
+    run = SimpleNamespace(params=SimpleNamespace(evaluate=SimpleNamespace(perplexity=True)))
+    files = {"Q4_0": tmp_path / "m-Q4_0.gguf"}
+
+    def failed(*a, **kw):
+        raise toolchain.ToolFailed("llama-perplexity exited with status 1", None)
+    monkeypatch.setattr(quality, "kld_table", failed)
+    assert tune_quality.missing_kld(run, files, {}) == {}
+
+    def bug(*a, **kw):
+        raise KeyError("kld")
+    monkeypatch.setattr(quality, "kld_table", bug)
+    with pytest.raises(KeyError):
+        tune_quality.missing_kld(run, files, {})
 
 
 def test_prepare_files_reuses_the_runs_files_and_quantizes_the_rest(tmp_path, monkeypatch):

@@ -21,6 +21,11 @@ def test_sample_is_median_min_max_count():
     assert Sample.summary(3.0, 2.9, 3.1, 3) == Sample(3.0, 2.9, 3.1, 3)
     assert Sample.summary(3.0) == Sample(3.0, 3.0, 3.0, 1)  # a table without a spread: one run
     assert Sample.summary(None, n=3).n == 0
+    # Three runs whose min and max nobody recorded (a file from before them): no spread, so no claim.
+    assert Sample.summary(3.0, n=3) == Sample(3.0, None, None, 3)
+    unknown = winner.verdict(Sample.summary(2.0, n=3), Sample.summary(3.0, n=3))
+    assert unknown.relation == "no claim"
+    assert winner.claim(unknown) == "no speed claim against the seed's command: their spread not recorded"
 
 
 def test_separated_spreads_are_faster_overlapping_ones_the_same():

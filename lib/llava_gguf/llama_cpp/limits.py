@@ -43,6 +43,9 @@ LIMITS: dict[str, Limit] = {
     "cmake configure": Limit(900),
     "cmake build": Limit(4 * 3600),
     "--version": Limit(60),
+    # llama-server's chat page (webui.py): 45 s and 3.5 min here
+    "npm ci": Limit(1800),
+    "npm run build": Limit(1800),
     # llama.cpp's tools
     "llama-quantize": Limit(300, per_gib_s=300),
     "llama-imatrix": Limit(300, per_gib_s=60, per_gib_token_s=0.25),

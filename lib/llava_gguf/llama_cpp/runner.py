@@ -81,13 +81,15 @@ class Supervised:
     """A started tool and its deadline: at `limit` seconds its process group is killed."""
 
     def __init__(self, proc: subprocess.Popen, limit: float):
-        self.proc, self.limit, self.expired = proc, limit, False
+        self.proc, self.limit, self.expired, self.finished = proc, limit, False, False
         self._timer = threading.Timer(limit, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def _expire(self) -> None:
-        if self.proc.poll() is None:
+        # The leader may have exited while a process it started (in its group) still holds its output
+        # pipe: the caller is then still reading, so the group is killed all the same.
+        if self.proc.poll() is None or not self.finished:
             self.expired = True
             log.error("%s ran past its limit of %s; killing its process group", Path(self.proc.args[0]).name,
                       _seconds(self.limit))
@@ -99,13 +101,18 @@ class Supervised:
 
 @contextlib.contextmanager
 def supervised(cmd: list[str], limit: float, **popen) -> Iterator[Supervised]:
-    """Start `cmd` as the leader of a new process group; the group is killed at `limit` seconds and
-    when the block ends with an exception (an interrupted notebook leaves no tool running)."""
+    """Start `cmd` as the leader of a new process group; the group is killed at `limit` seconds, when
+    the block ends with an exception (an interrupted notebook leaves no tool running) and after the
+    tool has ended (nothing it started outlives it)."""
     proc = subprocess.Popen(cmd, process_group=0, **popen)
     run = Supervised(proc, limit)
     try:
         yield run
         proc.wait()
+        run.finished = True
+        # Whatever the tool left running in its group (a worker it did not wait for) is not the caller's:
+        # it goes with the tool (the group outlives its reaped leader only through such leftovers).
+        kill_group(proc)
     except BaseException:
         kill_group(proc)
         proc.wait()

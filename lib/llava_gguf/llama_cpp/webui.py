@@ -30,8 +30,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..run.workspace import cache_dir, cache_lock
+from . import limits
+from .runner import ToolFailed, run_tool
 from .toolchain import LLAMA_CPP_COMMIT, source_dir
-from ..run.workspace import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,15 @@ def build_ui(force: bool = False) -> Path:
     if built_ui(target) and not force:
         log.info("llama-server's chat page is up to date: %s", target)
         return target
+    # Two checkouts building at once would both replace the folder (workspace.cache_lock).
+    with cache_lock(target):
+        if built_ui(target) and not force:
+            log.info("llama-server's chat page built by another process meanwhile: %s", target)
+            return target
+        return _build(target)
+
+
+def _build(target: Path) -> Path:
     problem = node_problem()
     if problem:
         raise WebUIError(f"cannot build llama-server's chat page: {problem}. The server's API works without it.")
@@ -116,33 +127,28 @@ def build_ui(force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".llama-ui-build-") as tmp:
         work, out = Path(tmp) / "ui", Path(tmp) / "dist"
         shutil.copytree(src, work, ignore=shutil.ignore_patterns("node_modules", "dist"))
-        env = {**os.environ,
-               # The packages' own test browsers (playwright) are not needed to build, and not reachable.
-               "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
-               "npm_config_update_notifier": "false",
-               # Where svelte.config.js and the vite plugins write the page (what CMake passes them).
-               "LLAMA_UI_OUT_DIR": str(out), "LLAMA_BUILD_NUMBER": LLAMA_CPP_COMMIT}
+        env = {  # added to the environment (run_tool)
+            # The packages' own test browsers (playwright) are not needed to build, and not reachable.
+            "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
+            "npm_config_update_notifier": "false",
+            # Where svelte.config.js and the vite plugins write the page (what CMake passes them).
+            "LLAMA_UI_OUT_DIR": str(out), "LLAMA_BUILD_NUMBER": LLAMA_CPP_COMMIT}
         seconds: dict[str, float] = {}
-        with open(logfile, "w") as logf:
-            log.info("building llama-server's chat page from %s (log: %s)", src, logfile)
-            bar = tqdm(total=len(STAGES), desc="llama-server chat page", unit="stage")
+        log.info("building llama-server's chat page from %s (log: %s)", src, logfile)
+        logfile.write_text("")
+        with tqdm(total=len(STAGES), desc="llama-server chat page", unit="stage") as bar:
             for name, cmd, expect in STAGES:
                 bar.set_postfix_str(f"{name} ({expect} on 2 cores)")
-                logf.write(f"$ {' '.join(cmd)}\n")
-                logf.flush()
                 t0 = time.perf_counter()
-                rc = subprocess.run(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT).returncode
+                try:
+                    # A limit like every tool's: npm waits on an unreachable registry for a long time.
+                    run_tool(cmd, logfile, limits.seconds(name), f"{name} (llama-server's chat page)", env=env,
+                             cwd=work, append=True)
+                except ToolFailed as err:
+                    raise WebUIError(str(err)) from None
                 seconds[name] = round(time.perf_counter() - t0, 1)
-                if rc != 0:
-                    bar.close()
-                    logf.flush()
-                    tail = "\n".join(logfile.read_text(errors="replace").strip().splitlines()[-12:])
-                    raise WebUIError(f"{name} failed (exit {rc}) building llama-server's chat page; log {logfile}\n"
-                                     f"last lines:\n{tail}")
                 log.info("%s: %.0f s", name, seconds[name])
                 bar.update()
-            bar.close()
         if not (out / "index.html").is_file():
             raise WebUIError(f"npm run build finished without {out / 'index.html'}; log {logfile}")
         info = {"commit": LLAMA_CPP_COMMIT, "node": ".".join(map(str, _node_version() or ())),

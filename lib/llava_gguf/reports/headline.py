@@ -37,6 +37,8 @@ def spread_parts(entry: Mapping[str, Any] | None, repetitions: Any = None) -> tu
         return "–", "not measured"
     if s.n < 2:
         return format_seconds(s.median), "one run"
+    if s.lo is None or s.hi is None:
+        return format_seconds(s.median), f"median of {plural(s.n, 'run')}, spread not recorded"
     return format_seconds(s.median), f"median of {plural(s.n, 'run')}, {format_seconds(s.lo)} .. {format_seconds(s.hi)}"
 
 

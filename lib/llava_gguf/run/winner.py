@@ -58,11 +58,14 @@ class Sample:
 
     @classmethod
     def summary(cls, median: Any, lo: Any = None, hi: Any = None, n: Any = 1) -> "Sample":
-        """From a table's median/min/max/count columns (min and max unknown: the median's)."""
+        """From a table's median/min/max/count columns. Min and max unknown: the median's for one run;
+        for more they stay unknown (None), and no claim is made from a spread nobody recorded."""
         m = _finite(median)
         lo, hi = _finite(lo), _finite(hi)
         count = int(n) if _finite(n) is not None else (1 if m is not None else 0)
-        return cls(m, m if lo is None else lo, m if hi is None else hi, count if m is not None else 0)
+        if count <= 1:
+            lo, hi = (m if lo is None else lo), (m if hi is None else hi)
+        return cls(m, lo, hi, count if m is not None else 0)
 
 
 def significance(a: Sample, b: Sample) -> str:
@@ -100,8 +103,8 @@ def claim(v: Verdict, against: str = "the seed's command") -> str:
     if v.relation == SAME:
         return f"same speed as {against}, within the spread"
     few = min(v.runs, v.reference_runs)
-    why = "not measured" if few == 0 else ("one run each" if max(v.runs, v.reference_runs) < MIN_RUNS
-                                           else f"fewer than {MIN_RUNS} runs on one side")
+    why = ("not measured" if few == 0 else "one run each" if max(v.runs, v.reference_runs) < MIN_RUNS
+           else f"fewer than {MIN_RUNS} runs on one side" if few < MIN_RUNS else "their spread not recorded")
     return f"no speed claim against {against}: {why}"
 
 

@@ -17,7 +17,9 @@
    over the budget, or dominated: another type within the budget, at least as precise (lower or equal
    KLD; bits per weight where KLD is unknown), that prefills *and* generates faster by more than
    `tune.screen_margin`. Such a type is slower at every image budget, whatever the budget's share
-   of prefill and generation. The seed's type is never screened out: it is the baseline.
+   of prefill and generation. The seed's type is never screened out as dominated: it is the
+   baseline, timed whatever its screen says (a failed llama-bench or a KLD over the budget is still
+   shown as its reason).
 
 `coverage` then says, for every type and image budget, the screened answer time or why there is none.
 """
@@ -218,11 +220,6 @@ def screen_out(screens: list[TypeScreen], allowed: set[str] | None, kld_budget: 
                     f"({b['tg_tokens_per_s']:.4g} vs {a['tg_tokens_per_s']:.4g} t/s) by more than "
                     f"tune.screen_margin {margin:.0%}")
     return [s.quant for s in screens if s.status == KEPT]
-
-
-def _precision(s: TypeScreen) -> tuple[int, float]:
-    """Lower is more precise: the KLD where measured, else minus the bits per weight."""
-    return (0, s.kld) if s.kld is not None else (1, -quant_types.bits_per_weight(s.quant, 0.0))
 
 
 def _dominates(o: TypeScreen, s: TypeScreen, margin: float) -> bool:

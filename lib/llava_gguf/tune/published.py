@@ -68,7 +68,7 @@ def find_or_build(configured: str | None, build: Callable[..., Path] | None = No
              toolchain.LLAMA_CPP_COMMIT)
     try:
         bin_dir = build(unpatched=True)
-    except Exception as err:  # noqa: BLE001 - any build failure means: not measured, and why
+    except (RuntimeError, OSError) as err:  # a failed tool (ToolFailed), a check, the disk: not measured, and why
         log.warning("the unpatched llama.cpp build failed: %s", err)
         return None, (f"not measured: the unpatched llama.cpp build failed ({str(err).splitlines()[0]}; log: "
                       f"{toolchain.default_build_dir(unpatched=True) / 'build.log'})")
