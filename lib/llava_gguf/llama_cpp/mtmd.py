@@ -8,7 +8,8 @@ The stdout stream of a single-turn run is
 
 so reading the stdout pipe in small unbuffered reads, each read is one token piece (a read
 holding several pieces only happens if this reader falls behind by a whole token; it is
-detected by the count check below). Each piece is stamped with `time.perf_counter()`.
+detected by the count check below). Each piece is stamped with `time.perf_counter()` (the
+spawn and the read loop are mtmd_stream.py's).
 
 Count check: the tool's `eval time = ... / N runs` counts decodes that a later sampling
 synchronized. The last generated token is decoded, but when generation stops at `n_predict`
@@ -25,14 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import selectors
 import signal
 import statistics
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +36,10 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from . import flags
-from .runner import kill_group
+from .mtmd_stream import Streamed, stream_run
 from .timings import Timings, parse_timings
 from ..model.gguf_io import GGUFError, open_gguf
-from ..run.machine_load import LoadProbe, row_fields
+from ..run.machine_load import row_fields
 from ..run.params import EvaluateParams
 
 log = logging.getLogger(__name__)
@@ -54,7 +50,6 @@ DEFAULT_IMAGE = "tools/mtmd/test-1.jpeg"
 READABLE_IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TGA", "PSD", "PPM")
 # The tool's log when it could not decode an image (it then tries video, "is ffprobe in PATH?").
 _UNREADABLE_IMAGE = re.compile(r"failed to decode .*image|ffprobe failed|failed to load image|unable to load image", re.I)
-_READ_SIZE = 65536
 
 
 class EvaluationError(RuntimeError):
@@ -180,97 +175,63 @@ def run_mtmd(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, im
              prompt: str, opts: MtmdOptions | None = None, log_path: str | Path = "mtmd.log") -> EvalRun:
     """Run llama-mtmd-cli once; the full log (stdout and stderr as they arrived) goes to log_path."""
     opts = opts or MtmdOptions()
-    n_predict, timeout_s = opts.evaluate.n_predict, opts.evaluate.timeout_s
+    cmd = _checked_command(cli_path, text_gguf, mmproj, image, prompt, opts)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("llama-mtmd-cli %s on %s (log %s)", Path(text_gguf).name, Path(image).name, log_path)
+    streamed = stream_run(cmd, log_path, opts.evaluate)
+    if streamed.timed_out:
+        raise _timed_out(opts.evaluate.timeout_s, log_path)
+    _raise_for_status(streamed.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)},
+                      Path(image))
+    return _eval_run(cmd, log_path, streamed, opts.evaluate.n_predict)
+
+
+def _checked_command(cli_path: str | Path, text_gguf: str | Path, mmproj: str | Path, image: str | Path,
+                     prompt: str, opts: MtmdOptions) -> list[str]:
+    """The run's argv, once its four files are known to exist: a missing one is named here, as what
+    it is (the image with its params key), before a process is started."""
     check_input(Path(image), "image (params evaluate.cases[].image)")
     check_input(Path(text_gguf), "text GGUF")
     check_input(Path(mmproj), "mmproj GGUF")
     check_input(Path(cli_path), "llama-mtmd-cli")
-    cmd = opts.command(cli_path, text_gguf, mmproj, image, prompt)
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("llama-mtmd-cli %s on %s (log %s)", Path(text_gguf).name, Path(image).name, log_path)
+    return opts.command(cli_path, text_gguf, mmproj, image, prompt)
 
-    out_chunks: list[tuple[float, bytes]] = []
-    loaded_at: float | None = None
-    timed_out = False
-    with open(log_path, "wb") as logf:
-        t0, probe = time.perf_counter(), LoadProbe().start()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=True)
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(proc.stderr, selectors.EVENT_READ, "err")
-        err_partial = b""
-        open_streams = 2
-        try:
-            while open_streams:
-                for key, _ in sel.select(timeout=0.5):
-                    data = os.read(key.fd, _READ_SIZE)
-                    now = time.perf_counter() - t0
-                    if not data:
-                        sel.unregister(key.fileobj)
-                        open_streams -= 1
-                        if key.data == "err" and err_partial:
-                            logf.write(err_partial)
-                            err_partial = b""
-                        continue
-                    if key.data == "out":
-                        out_chunks.append((now, data))
-                        logf.write(data)
-                    else:
-                        # Whole stderr lines only, so a token piece never lands inside one.
-                        err_partial += data
-                        cut = err_partial.rfind(b"\n") + 1
-                        if cut:
-                            lines, err_partial = err_partial[:cut], err_partial[cut:]
-                            if loaded_at is None and b"main: loading model" in lines:
-                                loaded_at = now
-                            logf.write(lines)
-                logf.flush()
-                if timeout_s and time.perf_counter() - t0 > timeout_s and not timed_out:
-                    timed_out = True
-                    log.error("llama-mtmd-cli ran past %ss; killing it", timeout_s)
-                    kill_group(proc)
-        except BaseException:  # an interrupted notebook must not leave the tool running
-            kill_group(proc)
-            proc.wait()
-            raise
-        finally:
-            sel.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        load = probe.stop(usage.ru_utime + usage.ru_stime, opts.evaluate.load_threshold)
-    proc.stdout.close()
-    proc.stderr.close()
 
-    # ru_maxrss: kilobytes on Linux, bytes on macOS.
-    peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    if timed_out:
-        raise EvaluationError(f"llama-mtmd-cli ran past its limit of {timeout_s} s (evaluate.timeout_s) and was "
-                              f"stopped (its process group killed); log kept at {log_path}\nlast lines:\n"
-                              + "\n".join(log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-8:]))
-    _raise_for_status(proc.returncode, cmd, log_path, {"text GGUF": Path(text_gguf), "mmproj": Path(mmproj)},
-                      Path(image))
+def _eval_run(cmd: list[str], log_path: Path, streamed: Streamed, n_predict: int) -> EvalRun:
+    """A successful run's record, from its log and its stamped stdout reads.
 
-    text = log_path.read_text(encoding="utf-8", errors="replace")
-    timings = parse_timings(text)
+    The tool's own timings come from the log; the pieces and their times from the reads, split by how
+    generation stopped (`_split_pieces`). The piece count is checked against the log's eval runs
+    (`_check_count`): a mismatch means some read held more than one token, so the per-token times
+    are only approximate, which the record says (token_check_ok) rather than hides.
+    """
+    timings = parse_timings(log_path.read_text(encoding="utf-8", errors="replace"))
     for u in timings.unparsed:
         log.warning("%s:%d: looks like a timing but did not parse: %s", log_path, u["line"], u["text"])
-    pieces, times, stop = _split_pieces(out_chunks, n_predict,
+    pieces, times, stop = _split_pieces(streamed.chunks, n_predict,
                                         timings.eval["runs"] if timings.eval else None)
     answer = b"".join(pieces).decode("utf-8", errors="replace").strip()
     ok, check = _check_count(len(pieces), stop, timings, n_predict)
     if not ok:
         log.warning("%s: %s", log_path, check)
     itl = [1000.0 * (b - a) for a, b in zip(times, times[1:])]
+    loaded_at = streamed.loaded_at
     return EvalRun(
-        command=cmd, log_path=str(log_path), returncode=proc.returncode, answer=answer, timings=timings,
-        wall_s=wall, peak_rss_mib=peak, token_times_s=times,
+        command=cmd, log_path=str(log_path), returncode=streamed.returncode, answer=answer, timings=timings,
+        wall_s=streamed.wall_s, peak_rss_mib=streamed.peak_rss_mib, token_times_s=times,
         pieces=[p.decode("utf-8", errors="replace") for p in pieces],
         ttft_ms=1000.0 * times[0] if times else None,
         ttft_after_load_ms=1000.0 * (times[0] - loaded_at) if times and loaded_at is not None else None,
-        itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok, load=load)
+        itl_ms=itl, stop=stop, token_check=check, token_check_ok=ok, load=streamed.load)
+
+
+def _timed_out(timeout_s: float, log_path: Path) -> EvaluationError:
+    """The error for a run killed at its limit, with the log's last lines: they show where it hung."""
+    tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-8:]
+    return EvaluationError(f"llama-mtmd-cli ran past its limit of {timeout_s} s (evaluate.timeout_s) and was "
+                           f"stopped (its process group killed); log kept at {log_path}\nlast lines:\n"
+                           + "\n".join(tail))
 
 
 def _error_lines(log_path: Path, n: int = 6) -> str:
