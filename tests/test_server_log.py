@@ -1,9 +1,10 @@
 """The memory figures step 08 reads from llama-server's own log (llama_cpp/server.py `kv_cache`,
 `prompt_cache`), on recorded logs of the pinned build (tests/data/logs/README.md), and the memory
-table and headline line the report shows (reports/serve.py)."""
+table and headline line the report shows (reports/serve.py); the threads' malloc arenas from smaps."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -91,8 +92,6 @@ def test_thread_arenas_of_an_smaps_text():
 
 
 def test_the_arenas_of_a_process_with_a_thread_that_allocates():
-    import threading
-
     keep = []
     # A thread's allocations come from its own arena (below the 128 KiB mmap threshold); bytearray
     # zero-fills them, so all 16 MiB are resident there while kept, whatever the arena held before.
