@@ -1,9 +1,10 @@
 """The memory figures step 08 reads from llama-server's own log (llama_cpp/server.py `kv_cache`,
 `prompt_cache`), on recorded logs of the pinned build (tests/data/logs/README.md), and the memory
-table and headline line the report shows (reports/serve.py)."""
+table and headline line the report shows (reports/serve.py); the threads' malloc arenas from smaps."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -65,3 +66,46 @@ def test_memory_summary_table_and_headline():
 def test_process_memory_of_this_process():
     m = server.process_memory(os.getpid())
     assert m["rss_mib"] > 10 and 0 < m["rss_anon_mib"] <= m["rss_mib"] and m["peak_rss_mib"] >= m["rss_mib"] - 1
+
+
+# A /proc/<pid>/smaps excerpt: a thread arena (anonymous, writable, 64 MiB-aligned, with its PROT_NONE
+# rest), an anonymous mapping off that boundary, a file mapped at one, and an arena never touched.
+SMAPS = """\
+7f0000000000-7f0001100000 rw-p 00000000 00:00 0 
+Rss:               17408 kB
+7f0001100000-7f0004000000 ---p 00000000 00:00 0 
+Rss:                   0 kB
+7f0004200000-7f0004400000 rw-p 00000000 00:00 0 
+Rss:                2048 kB
+7f0008000000-7f0008200000 rw-p 00000000 fe:00 1234                       /tmp/model.gguf
+Rss:                2048 kB
+7f000c000000-7f000c021000 rw-p 00000000 00:00 0 
+Rss:                   0 kB
+7f0010000000-7f0010001000 rw-p 00000000 00:00 0                          [stack:42]
+Rss:                   4 kB
+"""
+
+
+def test_thread_arenas_of_an_smaps_text():
+    assert server.thread_arenas(SMAPS) == {"rss_arenas_mib": 17.0, "arenas": 1}
+    assert server.thread_arenas("") == {"rss_arenas_mib": 0.0, "arenas": 0}
+
+
+def test_the_arenas_of_a_process_with_a_thread_that_allocates():
+    keep = []
+    # A thread's allocations come from its own arena (below the 128 KiB mmap threshold); bytearray
+    # zero-fills them, so all 16 MiB are resident there while kept, whatever the arena held before.
+    t = threading.Thread(target=lambda: keep.append([bytearray(64 << 10) for _ in range(256)]))
+    t.start()
+    t.join()
+    m = server.process_memory(os.getpid())
+    assert 16 <= m["rss_arenas_mib"] <= m["rss_anon_mib"] and m["arenas"] >= 1, m
+
+
+def test_the_summary_and_table_carry_the_arenas_of_the_first_conversation():
+    turns = pd.DataFrame({"case": [0, 0, 0, 1], "rss_mib": [90.0, 107.0, 125.0, 212.0],
+                          "rss_arenas_mib": [17.0, 34.5, 52.0, 140.0]})
+    s = memory_summary(turns, {"rss_mib": 49.0}, "")
+    assert s["server_rss_arenas_mib"] == 52.0  # case 0's last turn, like server_rss_mib
+    table = serve_report.memory_table(s)
+    assert table.set_index("what")["MiB"]["... of it in malloc's thread arenas"] == 52.0

@@ -287,10 +287,34 @@ def prompt_cache(log_text: str) -> dict[str, Any] | None:
             "prompt_cache_limit_mib": float(states[-1]["limit_mib"])}
 
 
+# glibc gives each thread that allocates its own malloc arena: a heap reserved as 64 MiB (HEAP_MAX_SIZE
+# on 64-bit) at a 64 MiB-aligned address. Their resident part is what llama-server's HTTP threads keep
+# of the requests they served, one arena per thread, hence its growth per turn (README, server memory).
+# A ggml buffer that happened to be mmap-ed at such an address would be counted too (not seen).
+ARENA_BYTES = 64 << 20
+_SMAPS_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(\S*)$")
+
+
+def thread_arenas(smaps: str) -> dict[str, float]:
+    """From a /proc/<pid>/smaps text: the resident MiB of glibc's thread arenas (anonymous writable
+    mappings of at most 64 MiB at a 64 MiB boundary) and how many have resident pages."""
+    kib, count, arena = 0, 0, False
+    for line in smaps.splitlines():
+        m = _SMAPS_MAPPING.match(line)
+        if m:
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            arena = (m.group(4) == "0" and not m.group(5) and m.group(3).startswith("rw")
+                     and start % ARENA_BYTES == 0 and end - start <= ARENA_BYTES)
+        elif arena and line.startswith("Rss:"):
+            rss = int(line.split()[1])
+            kib, count = kib + rss, count + (rss > 0)
+    return {"rss_arenas_mib": kib / 1024, "arenas": count}
+
+
 def process_memory(pid: int) -> dict[str, float]:
     """A process's resident memory now (psutil): in all, and the part not backed by files (the model's
     mmap-ed weights are file-backed; the KV cache, compute buffers and prompt cache are not), plus the
-    peak resident size where /proc has it (Linux: VmHWM). MiB."""
+    peak resident size and the threads' malloc arenas where /proc has them (Linux: VmHWM, smaps). MiB."""
     info = psutil.Process(pid).memory_info()
     out = {"rss_mib": info.rss / 2**20}
     if getattr(info, "shared", None) is not None:
@@ -299,6 +323,7 @@ def process_memory(pid: int) -> dict[str, float]:
         m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
         if m:
             out["peak_rss_mib"] = int(m.group(1)) / 1024
+        out.update(thread_arenas(Path(f"/proc/{pid}/smaps").read_text()))
     except OSError:
         pass
     return out

@@ -47,6 +47,7 @@ def memory_table(summary: dict) -> pd.DataFrame:
     rows = (("server_rss_ready_mib", "resident, ready (no request yet)"),
             ("server_rss_mib", f"resident after case 0's {s.get('conversation_turns')} turns"),
             ("server_rss_anon_mib", "... of it not file-backed (not the weights)"),
+            ("server_rss_arenas_mib", "... of it in malloc's thread arenas"),
             ("server_peak_rss_mib", "peak resident over the step"),
             ("kv_cache_mib", f"KV cache: {s.get('kv_cache_cells')} cells, K {s.get('kv_cache_type_k')}, "
                              f"V {s.get('kv_cache_type_v')}"),

@@ -7,7 +7,8 @@ through the `openai` client (llama_cpp/chat.py). Per turn, from the server's own
 tokens processed and taken from the cache; measured by the client: time to the first token and in all.
 
 Memory, per turn: the server's resident memory after the answer (psutil: in all, and the part not
-backed by the model's mmap-ed files), its peak, the KV cache it allocated at load and its host-memory
+backed by the model's mmap-ed files, the part in glibc's per-thread malloc arenas: what grows per
+turn, up to one arena per HTTP thread), its peak, the KV cache it allocated at load and its host-memory
 prompt cache, the last two from its own log lines (llama_cpp/server.py `kv_cache`, `prompt_cache`),
 which the pinned server prints at log level 4: the script is started with `-lv 4` (its only change to
 the user's command; the level adds log lines per request, not per token).
@@ -138,13 +139,16 @@ def one_shot(run: Run, image: Path, question: str, log_path: Path, timeout_s: fl
 
 
 def memory_summary(turns: pd.DataFrame, ready: dict, server_log: str) -> dict:
-    """The server's memory: resident at ready, after the first case's conversation (its last turn) and
-    at its peak; the KV cache and the prompt cache from its log (None where the log lacks the lines)."""
+    """The server's memory: resident at ready, after the first case's conversation (its last turn), the
+    part of it in malloc's thread arenas, and at its peak; the KV cache and the prompt cache from its log
+    (None where the log lacks the lines)."""
     first = turns[turns["case"] == turns["case"].min()]
     out = {"server_rss_ready_mib": ready.get("rss_mib"), "server_rss_anon_ready_mib": ready.get("rss_anon_mib"),
            "conversation_turns": len(first),
            "server_rss_mib": float(first["rss_mib"].iloc[-1]),
            "server_rss_anon_mib": float(first["rss_anon_mib"].iloc[-1]) if "rss_anon_mib" in first else None,
+           # glibc's per-thread arenas: the part that grows per turn, up to one per HTTP thread
+           "server_rss_arenas_mib": float(first["rss_arenas_mib"].iloc[-1]) if "rss_arenas_mib" in first else None,
            "server_peak_rss_mib": float(turns["peak_rss_mib"].max()) if "peak_rss_mib" in turns else None}
     kv = server.kv_cache(server_log)
     if kv is None:
