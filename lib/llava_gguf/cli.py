@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", str(err) if "to resume:" in str(err) else f"interrupted ({str(err) or 'SIGINT'})")
         return 130
     except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError,
-            KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:
+            KeyError, workspace.RunBusy, workspace.CacheBusy, workspace.RunStateError,
+            registry.StepDeclarationError) as err:
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2
 
