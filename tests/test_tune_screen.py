@@ -251,6 +251,16 @@ def test_a_failed_kld_run_leaves_the_types_unmeasured_and_a_bug_is_not_hidden(tm
         tune_quality.missing_kld(run, files, {})
 
 
+def test_no_quant_type_is_the_tune_steps_error_naming_the_keys(tmp_path):
+    from types import SimpleNamespace
+
+    from llava_gguf.tune.config import TuneError
+
+    run = SimpleNamespace(dir=tmp_path, artifacts=lambda: {}, resolve=lambda p: p)  # no step 06 metrics
+    with pytest.raises(TuneError, match=r"tune\.quant_types.*quantize\.types"):
+        tune_quality.quality_inputs(run, [], 0.05)
+
+
 def test_prepare_files_reuses_the_runs_files_and_quantizes_the_rest(tmp_path, monkeypatch):
     """Step 05's quantize_file makes what the run lacks (a simulated one here), repacked and small types first;
     a type that cannot be made says why; without an unquantized export nothing can be made."""
