@@ -22,3 +22,26 @@ def test_a_second_holder_gives_up_naming_the_lock_file(tmp_path, caplog):
     assert len(waits) == 1 and waits[0].levelno == logging.INFO
     with workspace.cache_lock(target, timeout=0.2):  # released by the first holder: free again
         pass
+
+
+def test_a_build_waits_for_another_as_long_as_a_build_may_take_here(tmp_path, monkeypatch):
+    """The build's wait follows the tools' limits, so a board with $LLAVA_GGUF_TIMEOUT_SCALE does not
+    give up on another process's build that is still within its own limit."""
+    from llava_gguf.llama_cpp import limits, toolchain
+
+    waits = []
+
+    class Stop(Exception):
+        pass
+
+    def lock(target, timeout):
+        waits.append(timeout)
+        raise Stop
+
+    monkeypatch.setattr(toolchain, "cache_lock", lock)
+    for factor in ("1", "20"):
+        monkeypatch.setenv(limits.SCALE_ENV, factor)
+        with pytest.raises(Stop):
+            toolchain.build_llama_cpp(tmp_path / f"build-{factor}", force=True)
+    assert waits[0] == workspace.CACHE_LOCK_TIMEOUT_S
+    assert waits[1] > 20 * (limits.LIMITS["cmake configure"].base_s + limits.LIMITS["cmake build"].base_s)
