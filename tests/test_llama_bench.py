@@ -29,7 +29,8 @@ def test_jsonl_lines_are_read_from_amid_the_verbose_log():
     # test's best repetition, since other load only ever slows a run down.
     assert pp1.best_tokens_per_s == 28427.0
     assert run.best("pp").threads == 2 and run.best("pp").best_tokens_per_s == 35941.3 and run.best("tg").threads == 1
-    assert run.rate("tg", 2) == pytest.approx(308.888057) and run.rate("pg", 1) is None
+    assert run.best("tg").best_tokens_per_s == 667.84 and run.best("tg").tokens_per_s == pytest.approx(610.130505)
+    assert run.best("pg") is None  # no -pg test was asked for
     # The same log says what the load repacked: Q4_0's matrices into q4_0_8x8 on x86.
     assert run.load.repacked is True and run.load.final.layouts() == {"q4_0_8x8": 14}
 
@@ -55,6 +56,12 @@ def test_a_json_array_and_garbage():
     assert pg[0].test == "pp512+tg32" and pg[0].kind == "pg"
     with pytest.raises(llama_bench.BenchParseError, match="jsonl"):
         llama_bench.parse_bench_output("llama_model_loader: loaded meta data\nerror: failed to load model\n")
+
+
+def test_an_empty_json_array_is_no_result():
+    # llama-bench that ran no test prints `[]` under -o json: a failure, not an empty screen row.
+    with pytest.raises(llama_bench.BenchParseError, match="ran no test"):
+        llama_bench.parse_bench_output("[]\n")
 
 
 def test_bench_command_has_every_thread_count_in_one_call():

@@ -3,6 +3,7 @@ follows the diffs (not the prose), and a check that reports per patch and hunk w
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from llava_gguf import cli
 from llava_gguf.run import registry
-from llava_gguf.llama_cpp import patches, toolchain
+from llava_gguf.llama_cpp import limits, patches, toolchain
 
 ROOT = registry.repo_root()
 
@@ -193,6 +194,22 @@ def test_dry_run_checks_in_the_tree_each_patch_against_the_unpatched_files(fake)
 def test_a_missing_tree_is_named(tmp_path, fake):
     with pytest.raises(FileNotFoundError, match="no such llama.cpp tree"):
         patches.check(tmp_path / "nowhere", fake[1])
+
+
+def test_a_patch_that_hangs_is_stopped_at_its_limit_and_named(tmp_path, fake, monkeypatch):
+    tree, files = fake
+    # A `patch` that never answers, first on PATH, under a limit scaled down to a fraction of a second.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "patch").write_text("#!/bin/sh\nexec sleep 600\n")
+    (fake_bin / "patch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv(limits.SCALE_ENV, "0.005")
+    with pytest.raises(patches.PatchCheckError, match=r"0001-demo.patch: GNU patch on src/a.c of the llama.cpp "
+                                                      rf"tree {re.escape(str(tree))} ran past its limit of 0.6 s"):
+        patches.check(tree, files)
+    args = ["patches", "check", "--tree", str(tree)] + [a for f in files for a in ("--patch", str(f))]
+    assert cli.main(args) == 2  # neither "applies" (0) nor "fails" (1): no verdict
 
 
 def test_the_cli_and_make_report_and_fail_on_a_failing_hunk(fake, capsys):

@@ -134,6 +134,9 @@ def test_every_tool_has_a_declared_limit_scaled_to_the_work(tmp_path, monkeypatc
     (tmp_path / "d" / "a").write_bytes(b"x" * 2**20)
     (tmp_path / "d" / "b").symlink_to(tmp_path / "d" / "a")
     assert limits.gib([tmp_path / "d", tmp_path / "d" / "a"]) == pytest.approx(1 / 1024)
+    # A missing model is an error naming it, not 0 GiB and so the shortest limit.
+    with pytest.raises(FileNotFoundError, match=r"missing\.gguf: no such file"):
+        limits.gib([tmp_path / "d" / "a", tmp_path / "missing.gguf"])
 
 
 def test_a_hung_quantize_fails_the_step_and_leaves_no_file(local_run, tiny_ggufs, tmp_path, monkeypatch):

@@ -118,6 +118,27 @@ def test_coverage_gives_every_type_and_budget_an_answer_or_a_reason():
     assert cov.loc[("Q6_K", "full"), "why_not"] == cov.loc[("Q6_K", "single"), "why_not"] == "dominated by Q8_0"
 
 
+def test_coverage_says_this_budgets_own_reason_before_a_failure_elsewhere():
+    screens = [_screen("Q4_K_M", 1, 1), _screen("Q4_0", 1, 1)]
+    rows = [{"phase": "screen-quant types", "quant": "Q4_K_M", "budget": "full", "status": "failed",
+             "error": "llama-mtmd-cli exited with status 1\nlast lines: ...", "config": "a"},
+            {"phase": "screen-quant types", "quant": "Q4_0", "budget": "single", "status": "failed",
+             "error": "llama-mtmd-cli crashed (SIGSEGV)", "config": "b"},
+            {"phase": "screen-quant types", "quant": "Q4_0", "budget": "full", "status": "failed",
+             "error": "llama-mtmd-cli ran past its limit", "config": "c"}]
+    skipped = [{"config": "d", "quant": "Q4_K_M", "budget": "single", "why": "over tune.budget_minutes"},
+               {"config": "e", "quant": "Q4_0", "budget": "single", "why": "over tune.budget_minutes"}]
+    cov = tune_screen.coverage(rows, screens, ["full", "single", "half"], skipped).set_index(["quant", "budget"])
+    assert cov.loc[("Q4_K_M", "full"), "why_not"] == "failed: llama-mtmd-cli exited with status 1"
+    # The full budget's failure is not why the single budget has no answer: the time ran out there.
+    assert cov.loc[("Q4_K_M", "single"), "why_not"] == "over tune.budget_minutes"
+    # Neither a failure nor a skip here: the failure elsewhere, said to be elsewhere.
+    assert cov.loc[("Q4_K_M", "half"), "why_not"] == "failed at budget full: llama-mtmd-cli exited with status 1"
+    # This budget's own failure first, before its skip and before the other budget's failure.
+    assert cov.loc[("Q4_0", "single"), "why_not"] == "failed: llama-mtmd-cli crashed (SIGSEGV)"
+    assert cov.loc[("Q4_0", "full"), "why_not"] == "failed: llama-mtmd-cli ran past its limit"
+
+
 # ----------------------------------------------------------------------------- the bound
 def test_weight_bytes_skip_the_gathered_embedding_unless_tied():
     tensors = {"token_embd.weight": 100, "output.weight": 100, "blk.0.attn_q.weight": 50}
@@ -249,6 +270,16 @@ def test_a_failed_kld_run_leaves_the_types_unmeasured_and_a_bug_is_not_hidden(tm
     monkeypatch.setattr(quality, "kld_table", bug)
     with pytest.raises(KeyError):
         tune_quality.missing_kld(run, files, {})
+
+
+def test_no_quant_type_is_the_tune_steps_error_naming_the_keys(tmp_path):
+    from types import SimpleNamespace
+
+    from llava_gguf.tune.config import TuneError
+
+    run = SimpleNamespace(dir=tmp_path, artifacts=lambda: {}, resolve=lambda p: p)  # no step 06 metrics
+    with pytest.raises(TuneError, match=r"tune\.quant_types.*quantize\.types"):
+        tune_quality.quality_inputs(run, [], 0.05)
 
 
 def test_prepare_files_reuses_the_runs_files_and_quantizes_the_rest(tmp_path, monkeypatch):

@@ -99,8 +99,12 @@ def _cmd_patches_check(args) -> int:
     from .llama_cpp import patches
 
     tree = args.tree or toolchain.source_dir()
-    report = patches.check(tree, [Path(p) for p in args.patch] or toolchain.patch_files(),
-                           dry_run=args.dry_run)
+    try:
+        report = patches.check(tree, [Path(p) for p in args.patch] or toolchain.patch_files(),
+                               dry_run=args.dry_run)
+    except patches.PatchCheckError as err:  # no verdict at all: neither "applies" (0) nor "fails" (1)
+        log.error("%s", err)
+        return 2
     sys.stdout.write(report.text() + "\n")
     return 0 if report.ok else 1
 
@@ -306,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", str(err) if "to resume:" in str(err) else f"interrupted ({str(err) or 'SIGINT'})")
         return 130
     except (ParamsError, CheckpointError, toolchain.ToolNotFound, FileNotFoundError, ValueError, DiskFullError,
-            KeyError, workspace.RunBusy, workspace.RunStateError, registry.StepDeclarationError) as err:
+            KeyError, workspace.RunBusy, workspace.CacheBusy, workspace.RunStateError,
+            registry.StepDeclarationError) as err:
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2
 

@@ -87,9 +87,15 @@ def seconds(tool: str, gib: float = 0.0, tokens: int = 0) -> float:
 
 
 def gib(paths: Iterable[str | Path]) -> float:
-    """GiB of the files named (a folder counts its top-level files; links count their targets once)."""
+    """GiB of the files named (a folder counts its top-level files; links count their targets once).
+
+    A named path that is missing raises FileNotFoundError: counted as 0 GiB it would silently give the
+    tool reading it the shortest limit. A caller whose arguments name outputs too filters them first."""
     seen: dict[Path, int] = {}
     for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file, so no time limit can be scaled to its size; check the "
+                                    "path, or that the step that makes it has run")
         for f in (sorted(p.iterdir()) if p.is_dir() else [p]):
             if f.is_file():
                 seen.setdefault(f.resolve(), f.stat().st_size)

@@ -81,6 +81,10 @@ def _result(obj: dict[str, Any]) -> BenchTest:
                      obj.get("repack"))
 
 
+_NO_RESULT = ("no llama-bench result in the output (expected `-o jsonl` lines with avg_ts): llama-bench ran no "
+              "test; check the log for a model load error and that -p/-n/-t asked for at least one test")
+
+
 def parse_bench_output(text: str) -> list[BenchTest]:
     """The results in llama-bench output: `-o jsonl` lines (also amid the `-v` log lines of the same
     stream) or one `-o json` array."""
@@ -88,9 +92,13 @@ def parse_bench_output(text: str) -> list[BenchTest]:
     stripped = text.strip()
     if stripped.startswith("["):
         try:
-            return [_result(o) for o in json.loads(stripped)]
+            out = [_result(o) for o in json.loads(stripped)]
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # not a whole JSON array after all: read it line by line
+        # An empty array (llama-bench ran no test) falls through to the line scan, which finds nothing either
+        # and so raises: no test is as much a failure as no result line.
+        if out:
+            return out
     for line in text.splitlines():
         line = line.strip()
         if not (line.startswith("{") and '"avg_ts"' in line):
@@ -100,7 +108,7 @@ def parse_bench_output(text: str) -> list[BenchTest]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             log.warning("llama-bench output line not understood (%s): %.120s", err, line)
     if not out:
-        raise BenchParseError("no llama-bench result in the output (expected `-o jsonl` lines with avg_ts)")
+        raise BenchParseError(_NO_RESULT)
     return out
 
 
@@ -118,9 +126,6 @@ class BenchRun:
         """The fastest test of a kind ('pp' or 'tg') over the thread counts (by its best repetition)."""
         tests = [t for t in self.tests if t.kind == kind]
         return max(tests, key=lambda t: t.best_tokens_per_s) if tests else None
-
-    def rate(self, kind: str, threads: int) -> float | None:
-        return next((t.tokens_per_s for t in self.tests if t.kind == kind and t.threads == threads), None)
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per test."""

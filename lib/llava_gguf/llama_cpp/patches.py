@@ -27,16 +27,22 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import limits
+from .runner import supervised
+
 _HUNK = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _PURPOSE = re.compile(r"^- (?P<file>\S+?):(?P<line>\d+): (?P<purpose>\S.*)$")
 # GNU patch's verdict on one hunk (LC_ALL=C), e.g. "Hunk #2 succeeded at 5968 with fuzz 1 (offset 5 lines)."
 _VERDICT = re.compile(r"^Hunk #(\d+) (succeeded|FAILED|ignored) at (\d+)"
                       r"(?: with fuzz (\d+))?(?: \(offset (-?\d+) lines?\))?")
-PATCH_TIMEOUT_S = 60  # one file's hunks; patch takes milliseconds
 
 
 class PatchFormatError(ValueError):
     pass
+
+
+class PatchCheckError(RuntimeError):
+    """GNU patch did not give a verdict: it ran past its limit (limits.LIMITS["patch"])."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -235,8 +241,9 @@ def _patch_cmd(dry_run: bool) -> list[str]:
             *(["--dry-run"] if dry_run else [])]
 
 
-def _apply_file(fdiff: FileDiff, patch: Patch, workdir: Path, dry_run: bool) -> list[HunkResult]:
-    """One file's hunks through GNU patch in `workdir`; a result per hunk from patch's own verdicts."""
+def _apply_file(fdiff: FileDiff, patch: Patch, workdir: Path, dry_run: bool, tree: Path) -> list[HunkResult]:
+    """One file's hunks through GNU patch in `workdir` (`tree` or its copy); a result per hunk from patch's
+    own verdicts."""
     purposes = patch.purposes()
 
     def result(h: Hunk, status: str, **kw) -> HunkResult:
@@ -247,12 +254,21 @@ def _apply_file(fdiff: FileDiff, patch: Patch, workdir: Path, dry_run: bool) -> 
         return [result(h, "file missing") for h in fdiff.hunks]
     with tempfile.NamedTemporaryFile("wb", suffix=".patch", delete=False) as tmp:
         tmp.write(fdiff.text())
+    # Not runner.run_tool: a non-zero exit (a hunk that fails) is a verdict to read here, not a failure.
+    # The runner's supervision still bounds it and kills patch's process group at the limit.
+    limit = limits.seconds("patch")
     try:
-        done = subprocess.run([*_patch_cmd(dry_run), "-i", tmp.name], cwd=workdir, capture_output=True, text=True,
-                              env={**os.environ, "LC_ALL": "C"}, timeout=PATCH_TIMEOUT_S)
+        with supervised([*_patch_cmd(dry_run), "-i", tmp.name], limit, cwd=workdir, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                        env={**os.environ, "LC_ALL": "C"}) as run:
+            output, _ = run.proc.communicate()
     finally:
         os.unlink(tmp.name)
-    output = done.stdout + done.stderr
+    if run.expired:
+        raise PatchCheckError(f"{patch.path}: GNU patch on {fdiff.path} of the llama.cpp tree {tree} ran past its "
+                              f"limit of {limit:.3g} s (llama_cpp/limits.py LIMITS['patch'], times "
+                              f"${limits.SCALE_ENV}) and was stopped; check that the `patch` on PATH is GNU patch "
+                              f"(patch --version), or on a slow machine set ${limits.SCALE_ENV} above 1")
     if "Reversed (or previously applied) patch detected" in output:
         return [result(h, "already applied") for h in fdiff.hunks]
     verdicts = {}
@@ -265,7 +281,7 @@ def _apply_file(fdiff: FileDiff, patch: Patch, workdir: Path, dry_run: bool) -> 
         m = verdicts.get(h.number)
         if m is None:
             # patch names only the hunks it did not apply cleanly when not verbose; verbose names all.
-            out.append(result(h, "applies" if done.returncode == 0 else "FAILED"))
+            out.append(result(h, "applies" if run.proc.returncode == 0 else "FAILED"))
         elif m[2] == "succeeded":
             fuzz = int(m[4] or 0)
             out.append(result(h, "fuzz" if fuzz else "applies", at=int(m[3]), offset=int(m[5] or 0), fuzz=fuzz))
@@ -285,7 +301,7 @@ def check(tree: str | Path, patch_files: list[Path], dry_run: bool = False) -> C
     if dry_run:
         for p in patches:
             for f in p.files:
-                hunks += _apply_file(f, p, tree, dry_run=True)
+                hunks += _apply_file(f, p, tree, dry_run=True, tree=tree)
         return CheckReport(tree, "dry run", patches, hunks)
     with tempfile.TemporaryDirectory(prefix="llava-gguf-patch-check-") as tmp:
         work = Path(tmp)
@@ -295,5 +311,5 @@ def check(tree: str | Path, patch_files: list[Path], dry_run: bool = False) -> C
                 shutil.copy2(tree / rel, work / rel)
         for p in patches:
             for f in p.files:
-                hunks += _apply_file(f, p, work, dry_run=False)
+                hunks += _apply_file(f, p, work, dry_run=False, tree=tree)
     return CheckReport(tree, "temporary copy", patches, hunks)

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..run.topology import usable_cores
-from ..run.workspace import cache_dir, cache_lock, repo_root
+from ..run.workspace import CACHE_LOCK_TIMEOUT_S, cache_dir, cache_lock, repo_root
 from . import limits
 from .patches import diff_part
 from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)
@@ -214,7 +214,10 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     if not force and is_built(build_dir, key, tools):
         log.info("llama.cpp build up to date: %s", build_dir / "bin")
         return build_dir / "bin"
-    with cache_lock(build_dir):
+    # A second process waits at least as long as this build may take on this machine (the limits
+    # scale with $LLAVA_GGUF_TIMEOUT_SCALE; the lock's own default does not know them).
+    with cache_lock(build_dir, timeout=max(CACHE_LOCK_TIMEOUT_S, 1.2 * (limits.seconds("cmake configure")
+                                                                     + limits.seconds("cmake build")))):
         if not force and is_built(build_dir, key, tools):
             log.info("llama.cpp build made by another process meanwhile: %s", build_dir / "bin")
             return build_dir / "bin"

@@ -72,22 +72,39 @@ def cache_dir() -> Path:
     return base
 
 
+# How long cache_lock waits for another holder: above the longest work done under a cache lock, a
+# llama.cpp build (llama_cpp/limits.py: "cmake configure" 900 s + "cmake build" 4 h, plus copying and
+# patching the source). run/ sits below llama_cpp/ and cannot read those limits, hence a constant.
+CACHE_LOCK_TIMEOUT_S = 6 * 3600
+
+
+class CacheBusy(RuntimeError):
+    """Another process held a shared-cache entry's lock for longer than cache_lock waits."""
+
+
 @contextlib.contextmanager
-def cache_lock(target: Path | str) -> Iterator[None]:
+def cache_lock(target: Path | str, timeout: float = CACHE_LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the lock of a shared-cache entry (the file `.<name>.lock` beside `target`).
 
     Whatever makes or replaces a folder under cache_dir() (the llama.cpp source and builds, the
     legacy venv) holds it, so that two checkouts (a user's clone and CI) never write one folder at
     once: the second waits, then finds the entry made. An flock: the kernel releases it when the
-    holder dies, and every command the holder runs has a time limit (llama_cpp/limits.py)."""
+    holder dies, and every command the holder runs has a time limit (llama_cpp/limits.py); a holder
+    still there after `timeout` seconds (stuck, or a lock a network file system kept) raises CacheBusy."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(target.parent / f".{target.name}.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("waiting for another process making %s (lock %s)", target, lock.lock_file)
-        lock.acquire()
+        log.info("waiting for another process making %s (lock %s, for up to %.0f s)", target, lock.lock_file,
+                 timeout)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise CacheBusy(f"{lock.lock_file}: another process has held this lock for over {timeout:.0f} s while "
+                            f"making {target}; wait for it to finish and rerun, or, if no other llava-gguf "
+                            "process runs, delete the lock file and rerun") from None
     try:
         yield
     finally:

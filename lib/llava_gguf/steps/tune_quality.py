@@ -23,6 +23,7 @@ from ..llama_cpp import corpus
 from ..llama_cpp.toolchain import ToolFailed, ToolNotFound
 from ..model import quant_types
 from ..model.gguf_io import gguf_summary
+from ..tune.config import TuneError
 from . import quantize
 from .evaluate import reference
 
@@ -135,6 +136,11 @@ def quality_inputs(run, quant_types: list[str], kld_budget: float,
                    measured: dict[str, float | None] | None = None) -> tuple[dict[str, float | None], set[str]]:
     """(mean KLD per quant type from step 06's metrics and `measured` (tune's own, for the types step
     06 did not measure), the types allowed by the budget)."""
+    if not quant_types:
+        # Without a type there is nothing to allow, nor a closest one to fall back to.
+        raise TuneError("no quant type to tune: tune.quant_types and the run's quantized types (step 05, "
+                        "quantize.types) give none with a text GGUF; list at least one type in tune.quant_types "
+                        "(e.g. [Q4_K_M]) or in quantize.types and rerun step 05")
     known = {**step06_kld(run), **{k: v for k, v in (measured or {}).items() if v is not None}}
     kld: dict[str, float | None] = {q: known.get(q) for q in quant_types}
     # Without a measurement (a single ready-made GGUF, evaluate.perplexity false) a type is allowed.

@@ -258,14 +258,15 @@ def repack_mismatches(screens: list[TypeScreen]) -> list[str]:
 
 # ----------------------------------------------------------------------------- coverage
 def coverage(rows: list[dict], screens: list[TypeScreen], budgets: list[str], skipped: list[dict],
-             failed_phase_prefix: str = "screen") -> pd.DataFrame:
-    """Per type and image budget: the best screened answer (s, projected to the full length) with its
-    configuration, or why that type has none at that budget."""
+             screening_phase_prefix: str = "screen") -> pd.DataFrame:
+    """Per type and image budget: the best screened answer (s, projected to the full length; from the
+    successful rows whose phase starts with `screening_phase_prefix`) with its configuration, or why that
+    type has none at that budget."""
     out = []
     for s in screens:
         for b in budgets:
             ok = [r for r in rows if r.get("quant") == s.quant and r.get("budget") == b and r.get("status") == "ok"
-                  and str(r.get("phase", "")).startswith(failed_phase_prefix) and r.get("answer_s") is not None]
+                  and str(r.get("phase", "")).startswith(screening_phase_prefix) and r.get("answer_s") is not None]
             row = {"quant": s.quant, "budget": b, "answer_s": None, "config": None, "why_not": None}
             if ok:
                 best = min(ok, key=lambda r: r["answer_s"])
@@ -273,12 +274,29 @@ def coverage(rows: list[dict], screens: list[TypeScreen], budgets: list[str], sk
             elif s.status != KEPT:
                 row["why_not"] = s.reason
             else:
-                failed = [r for r in rows if r.get("quant") == s.quant and r.get("status") == "failed"]
-                over = [k for k in skipped if k.get("quant") == s.quant and k.get("budget") == b]
-                row["why_not"] = (f"failed: {str(failed[0].get('error')).splitlines()[0]}" if failed
-                                  else over[0]["why"] if over else "not screened at this budget")
+                row["why_not"] = _why_not_screened(s.quant, b, rows, skipped)
             out.append(row)
     return pd.DataFrame(out, columns=["quant", "budget", "answer_s", "config", "why_not"])
+
+
+def _why_not_screened(quant: str, budget: str, rows: list[dict], skipped: list[dict]) -> str:
+    """Why a kept type has no screened answer at `budget`: its failure at this budget, else what skipped it
+    at this budget (a failure elsewhere may not be why: the budget ran out first), else a failure at another
+    budget, said as such."""
+    failed = [r for r in rows if r.get("quant") == quant and r.get("status") == "failed"]
+    here = [r for r in failed if r.get("budget") == budget]
+    over = [k for k in skipped if k.get("quant") == quant and k.get("budget") == budget]
+    if here:
+        return f"failed: {_first_line(here[0])}"
+    if over:
+        return over[0]["why"]
+    if failed:
+        return f"failed at budget {failed[0].get('budget')}: {_first_line(failed[0])}"
+    return "not screened at this budget"
+
+
+def _first_line(row: dict) -> str:
+    return str(row.get("error")).splitlines()[0]
 
 
 @dataclass
