@@ -30,6 +30,7 @@ from ..llama_cpp import limits, toolchain
 from ..reports import crosscheck
 from ..run.platform_pins import GPU_PACKAGE
 from ..run.workspace import cache_dir, repo_root, write_json
+from .fork_watch import run_watched
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ EMULATION_ENV = "LLAVA_GGUF_EMULATION"
 # Every tool limit (llama_cpp/limits.py) is multiplied by this inside the root: `make all` took ~5x
 # the x86 time here overall, Python included, and the tools alone (every instruction translated) more.
 QEMU_SLOWDOWN = 20
+# `make all` runs again at most this often after a qemu-user fork deadlock was broken (fork_watch.py).
+FORK_RETRIES = 2
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BIND_MOUNTS = ("proc", "sys", "dev")
 
@@ -58,6 +61,7 @@ class Phases:
     """Wall time of each phase and whether it passed, for the closing summary."""
     seconds: dict[str, float] = field(default_factory=dict)
     results: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what happened on the way (a broken qemu fork deadlock)
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -335,7 +339,9 @@ def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = F
                 if found:
                     raise RuntimeError(f"CUDA packages installed in the arm64 root: {found}")
             with phases.timed("make all (in the root)"):
-                in_root(root, f"make all PARAMS={PARAMS}", env, log_file)
+                watch = run_watched(lambda: in_root(root, f"make all PARAMS={PARAMS}", env, log_file), FORK_RETRIES)
+            phases.notes += [f"qemu-user fork deadlock broken: pid {p.pid} (fork of {p.ppid}) killed after "
+                             f"{p.age_s:.0f} s, make all run again" for p in watch.killed]
             with phases.timed("repack probe and report (in the root)"):
                 in_root(root, f".venv/bin/python -m llava_gguf repacks --params {PARAMS} && "
                         f".venv/bin/python -m llava_gguf report --params {PARAMS}", env, log_file)
@@ -369,6 +375,7 @@ def rehearse(jobs: int | None = None, record: bool = False, keep_clone: bool = F
 def _closing_summary(phases: Phases, checks: list[tuple[str, bool, str]]) -> str:
     lines = ["phases (wall time; qemu-user timings are not board speed):"]
     lines += [f"{phases.results.get(n, '?'):4}  {n}: {s:.0f} s" for n, s in phases.seconds.items()]
+    lines += [f"note: {n}" for n in phases.notes]
     lines += [f"total: {sum(phases.seconds.values()) / 60:.1f} min", "checks:",
               crosscheck.format_checks(checks) or "none ran"]
     return "\n".join(lines)
