@@ -81,6 +81,17 @@ def test_one_nmse_definition_and_no_private_names_across_modules():
     assert private_use == []
 
 
+def test_one_file_hash_helper():
+    """A file's sha256 is read in one place (run/workspace.sha256_file): a function that streams a file
+    into hashlib.sha256 elsewhere is a copy of it."""
+    copies = []
+    for p in PACKAGE.rglob("*.py"):
+        text = p.read_text()
+        for m in re.finditer(r"^def (\w+)\(.*\n(?:(?:    .*)?\n)*?    h = hashlib\.sha256\(\)\n(?:    .*\n)*?.*open\(", text, re.M):
+            copies.append(f"{p.relative_to(PACKAGE)}: {m.group(1)}")
+    assert copies == ["run/workspace.py: sha256_file"]
+
+
 def test_every_notebook_declares_a_step_with_a_real_entry_point():
     steps = registry.steps()
     assert list(steps) == ["download", "surgery", "vision", "text", "quantize", "evaluate", *list(steps)[6:]]

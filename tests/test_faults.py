@@ -319,7 +319,7 @@ def test_same_size_corruption_of_a_quantized_file_is_made_again(keep_mtime, loca
 def stamps_sha(path: Path) -> str:
     from llava_gguf.run import stamps
 
-    return stamps.sha256(path)
+    return workspace.sha256_file(path)
 
 
 @pytest.mark.llama_cpp

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from llava_gguf.run import stamps
+from llava_gguf.run import stamps, workspace
 
 
 @pytest.fixture
@@ -21,8 +21,8 @@ def product(tmp_path):
 def test_untouched_file_is_unchanged_without_reading_it(product, monkeypatch):
     record = json.loads(stamps.sidecar(product).read_text())
     assert record["tool"] == "build-1" and record["size"] == product.stat().st_size
-    assert record["sha256"] == stamps.sha256(product)
-    monkeypatch.setattr(stamps, "sha256", lambda p: pytest.fail("an untouched file must not be read"))
+    assert record["sha256"] == workspace.sha256_file(product)
+    monkeypatch.setattr(stamps, "sha256_file", lambda p: pytest.fail("an untouched file must not be read"))
     assert stamps.unchanged(product, tool="build-1") == (True, "unchanged since it was written")
 
 

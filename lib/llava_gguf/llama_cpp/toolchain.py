@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..run.topology import usable_cores
-from ..run.workspace import CACHE_LOCK_TIMEOUT_S, cache_dir, cache_lock, repo_root
+from ..run.workspace import CACHE_LOCK_TIMEOUT_S, cache_dir, cache_lock, repo_root, sha256_file
 from . import limits
 from .patches import diff_part
 from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)
@@ -119,7 +119,7 @@ def fetch_sdist() -> Path:
         with cache_lock(target):
             if not target.exists():
                 _download_sdist(target)
-    digest = _sha256(target)
+    digest = sha256_file(target)
     if digest != SDIST_SHA256:
         raise RuntimeError(f"{target}: sha256 {digest} != pinned {SDIST_SHA256}; delete the file and "
                            "rerun `make llama-cpp` (a corrupted or substituted download)")
@@ -132,14 +132,6 @@ def _download_sdist(target: Path) -> None:
         run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST_REQUIREMENT,
                   "-d", tmp], cache_dir() / "sdist-download.log", limits.seconds("pip download"), "pip download")
         os.replace(Path(tmp) / SDIST_NAME, target)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_dir() -> Path:

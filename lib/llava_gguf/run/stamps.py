@@ -10,14 +10,12 @@ intact file's new times are recorded so the next check is quick again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
-from .workspace import write_json
+from .workspace import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +31,6 @@ def sidecar(path: Path | str) -> Path:
 def _stat(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
-
-
-def sha256(path: Path | str, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, with a progress bar for big ones (a 7B quantized file is 4+ GB)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                     disable=size < 1 << 28, leave=False) as bar:
-        while block := f.read(chunk):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
 
 
 def read(path: Path | str) -> dict | None:
@@ -67,7 +52,7 @@ def record(path: Path | str, **about: str) -> dict:
     """Record a just-written file's size, times and sha256 with `about` (what made it)."""
     path = Path(path)
     before = _stat(path)
-    digest = sha256(path)
+    digest = sha256_file(path)
     if _stat(path) != before:
         raise RuntimeError(f"{path}: changed while its sha256 was computed; something else writes to it")
     data = {**about, **before, "sha256": digest}
@@ -93,7 +78,7 @@ def unchanged(path: Path | str, **about: str) -> tuple[bool, str]:
         return True, "unchanged since it was written"
     if now["size"] != data.get("size"):
         return False, f"its size changed ({data.get('size')} -> {now['size']} bytes)"
-    if sha256(path) != data["sha256"]:
+    if sha256_file(path) != data["sha256"]:
         return False, "its content changed since it was written (sha256 differs)"
     # Same bytes, new times (copied, moved to another disk, touched): remember the new times.
     write_json(sidecar(path), {**data, **now})

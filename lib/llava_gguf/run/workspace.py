@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
 
 from . import partials
 from .params import DEFAULT_PARAMS, Params, load_params, parse_params
@@ -187,10 +188,16 @@ def write_table(df, stem: Path) -> None:
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
+    """sha256 of a file (the project's one file hash), with a progress bar for big ones (a 7B
+    quantized file is 4+ GB)."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                     disable=size < 1 << 28, leave=False) as bar:
         while block := f.read(chunk):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
