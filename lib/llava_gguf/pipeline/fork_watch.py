@@ -48,7 +48,7 @@ def stuck_forks(procs: Iterable[ProcInfo], min_age_s: float = MIN_AGE_S, max_cpu
     for p in procs:
         parent = by_pid.get(p.ppid)
         if (parent is not None and p.cmdline and p.cmdline == parent.cmdline
-                and any(QEMU_INTERPRETER in part for part in p.cmdline[:1])
+                and QEMU_INTERPRETER in p.cmdline[0]
                 and p.age_s >= min_age_s and p.cpu_s <= max_cpu_s):
             out.append(p)
     return out
@@ -115,8 +115,9 @@ def run_watched(run: Callable[[], None], retries: int, watch: ForkWatch | None =
     skipped) after a failure that followed a killed stuck fork, at most `retries` times. A failure
     with no stuck fork behind it raises at once. Returns the watch (its `killed`)."""
     watch = watch or ForkWatch()
+    attempt = 0
     with watch:
-        for attempt in range(retries + 1):
+        while True:
             before = len(watch.killed)
             try:
                 run()
@@ -124,6 +125,6 @@ def run_watched(run: Callable[[], None], retries: int, watch: ForkWatch | None =
             except RuntimeError:
                 if len(watch.killed) == before or attempt == retries:
                     raise
+                attempt += 1
                 log.warning("the run failed after a qemu fork deadlock was broken; running it again (%d of %d)",
-                            attempt + 1, retries)
-    return watch
+                            attempt, retries)

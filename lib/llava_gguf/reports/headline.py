@@ -62,10 +62,11 @@ def tune_load(info: Mapping[str, Any], budget: str | None = None) -> dict[str, A
     return load.merge((rec or {}).get("load"), (info.get("baseline") or {}).get("load"))
 
 
-def tune_claim(info: Mapping[str, Any], budget: str | None = None, seed: str | None = None) -> str:
+def tune_claim(info: Mapping[str, Any], budget: str | None = None, seed: str | None = None,
+               name: str = "the seed's command") -> str:
     """'2.44× faster than the seed's command' / 'same speed as the seed's command, within the spread' ...;
-    `seed`: the seed's command's time, in parentheses after its name."""
-    return winner.claim(tune_verdict(info, budget), "the seed's command" + (f" ({seed})" if seed else ""))
+    `seed`: the seed's command's time, in parentheses after its `name`."""
+    return winner.claim(tune_verdict(info, budget), name + (f" ({seed})" if seed else ""))
 
 
 def threshold(info: Mapping[str, Any]) -> float:
@@ -99,9 +100,8 @@ def tune_headline(info: Mapping[str, Any]) -> str | None:
     reps = (info.get("setup") or {}).get("repetitions")
     seed = ", ".join(spread_parts(base, reps))
     published = published_claim(info)
-    vs_seed = tune_claim(info, seed=seed)
-    if published:
-        vs_seed = vs_seed.replace("the seed's command (", "the seed's command on this build (", 1)
+    # With the published recipe beside it, the seed's command is named by its build.
+    vs_seed = tune_claim(info, seed=seed, name="the seed's command" + (" on this build" if published else ""))
     return (f"on this machine: answer in {spread_text(rec, reps)} with {rec.get('config')}: "
             + (f"{published}; " if published else "")
             + f"{vs_seed} — {load.describe(tune_load(info), threshold(info))}")
