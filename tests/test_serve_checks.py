@@ -48,3 +48,15 @@ def test_a_conversation_cut_short_fails():
     t["kind"] = serve.turn_kinds(t)
     with pytest.raises(serve.ServeError, match="every case asked its first question and all follow-ups"):
         serve.check_turns(t)
+
+
+def restart(new, cached, first=2357, restored=2400):
+    return {"restart_first_prompt_n": first, "restored_follow_up_prompt_n": new, "restored_follow_up_cache_n": cached,
+            "slot_restored_tokens": restored}
+
+
+def test_a_restored_follow_up_passes_and_one_that_encoded_the_image_again_fails():
+    assert serve.check_restart(restart(36, 2400))["ok"]
+    failed = serve.check_restart(restart(2436, 0, restored=0))  # the file restored nothing: all processed again
+    assert not failed["ok"] and "2436 new, 0 cached after restoring 0 tokens" in failed["detail"]
+    assert not serve.check_restart(restart(None, None))["ok"]  # a server that gave no counts proves nothing

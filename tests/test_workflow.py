@@ -8,6 +8,7 @@ import pytest
 
 from llava_gguf.pipeline import runner as pipeline
 from llava_gguf.run import registry, workspace
+from llava_gguf.steps import serve
 
 
 @pytest.mark.llama_cpp
@@ -41,6 +42,18 @@ def test_the_conversation_records_the_load_of_every_turn(tiny_run):
     assert summary["load"]["runs_judged"] == judged and summary["load"]["runs_under_load"] == (turns["under_load"] == True).sum()  # noqa: E712
     follow_up = (run.dir / "reports" / "index.html").read_text().split("follow-up answer in", 1)[1]
     assert ("measured at load" if judged else "load not recorded") in follow_up.split("</p>", 1)[0]
+
+
+def test_the_conversation_outlives_a_restarted_server(tiny_run):
+    """Step 08's restart: the saved slot's file was measured and removed, the restored follow-up took
+    the image from it (the server's own counts), and the check says so."""
+    run, _ = tiny_run
+    s = json.loads((run.dir / "conversation" / "summary.json").read_text())
+    assert s["slot_restored_tokens"] == s["slot_saved_tokens"] >= s["restart_first_prompt_n"] > 2000
+    assert s["restored_follow_up_prompt_n"] < s["restart_first_prompt_n"] / 10
+    assert s["restored_follow_up_cache_n"] >= s["restart_first_prompt_n"]
+    assert s["slot_file_mib"] > 0 and s["slot_restore_ms"] is not None
+    assert not (run.dir / "conversation" / "slots" / serve.RESTART_FILE).exists()
 
 
 @pytest.mark.llama_cpp

@@ -17,6 +17,11 @@ The one-shot reference, per turn: `run-llava.sh --image <the case's image> -p <t
 (the recommended configuration, `evaluate.n_predict` tokens), timed from start to exit after the server
 has stopped: what a user pays per question without the server. 07_tune's measured median is kept in
 the summary too. Answers are capped at the same `evaluate.n_predict` tokens.
+
+A conversation that outlives the server (`restart_summary`): on the first case, a one-slot server
+with `--slot-save-path` answers the first question, saves slot 0 and stops; a new server restores
+the file and answers the first follow-up. Recorded: the file's size, the server's save and restore
+times, and the follow-up's prompt tokens and time to first token, against the fresh first answer's.
 """
 from __future__ import annotations
 
@@ -159,6 +164,47 @@ def memory_summary(turns: pd.DataFrame, ready: dict, server_log: str) -> dict:
     return out
 
 
+RESTART_FILE = "conversation.bin"
+
+
+def restart_summary(run: Run, image: Path, question: str, folder: Path, timeout_s: float, max_tokens: int) -> dict:
+    """The first question on a one-slot server with `--slot-save-path`, slot 0 saved; a new server
+    restores it and answers FOLLOW_UPS[0]. The server's own timings and token counts, the file's size."""
+    slots = folder / "slots"
+    slots.mkdir(parents=True, exist_ok=True)
+    args = ("-np", "1", "--slot-save-path", f"{slots}/")
+    with start_script(run, folder / "restart-first.log", timeout_s, args) as srv:
+        conv = chat.Conversation(srv.api_url, max_tokens=max_tokens, timeout_s=timeout_s)
+        first = conv.ask(question, [image])
+        saved = srv.slot_action("save", RESTART_FILE)
+    with start_script(run, folder / "restart-second.log", timeout_s, args) as srv:
+        restored = srv.slot_action("restore", RESTART_FILE)
+        follow = chat.Conversation(srv.api_url, max_tokens=max_tokens, timeout_s=timeout_s,
+                                   messages=list(conv.messages)).ask(FOLLOW_UPS[0])
+        ready_s = srv.ready_s
+    file = slots / RESTART_FILE
+    out = {"restart_first_ttft_s": first.ttft_s, "restart_first_prompt_n": first.prompt_n,
+           "slot_saved_tokens": saved.get("n_saved"), "slot_save_ms": saved.get("timings", {}).get("save_ms"),
+           "slot_file_mib": file.stat().st_size / 2**20, "restart_ready_s": ready_s,
+           "slot_restored_tokens": restored.get("n_restored"),
+           "slot_restore_ms": restored.get("timings", {}).get("restore_ms"),
+           "restored_follow_up_ttft_s": follow.ttft_s, "restored_follow_up_prompt_n": follow.prompt_n,
+           "restored_follow_up_cache_n": follow.cache_n}
+    file.unlink()  # the KV cache of the whole image (~1.2 GiB at 7B): measured, not kept
+    return out
+
+
+def check_restart(summary: dict) -> dict:
+    """The restarted server took the image from the restored file: the follow-up processed under 1/10
+    of the first question's prompt tokens and took the rest from the cache."""
+    first, new, cached = (summary[k] for k in ("restart_first_prompt_n", "restored_follow_up_prompt_n",
+                                               "restored_follow_up_cache_n"))
+    ok = None not in (first, new, cached) and new < first / 10 and cached >= 0.9 * first
+    return {"check": "a restarted server answered a follow-up from the saved slot without encoding the image",
+            "ok": bool(ok), "detail": f"{new} new, {cached} cached after restoring {summary['slot_restored_tokens']} "
+                                      f"tokens; the first question had {first}"}
+
+
 def run_serve(run: Run) -> ServeResult:
     """Step 08 (`conversation`): the conversations, conversation/turns.csv and summary.json, the per-turn plot."""
     e = run.params.evaluate
@@ -182,9 +228,14 @@ def run_serve(run: Run) -> ServeResult:
     for row in rows:
         row["one_shot_s"] = one_shot(run, cases[row["case"]][0], row["question"],
                                      folder / "one-shot" / f"case{row['case']}-turn{row['turn']}.log", e.timeout_s)
+    restart = restart_summary(run, *cases[0], folder, e.timeout_s, e.n_predict)
     turns = pd.DataFrame(rows)
     turns["kind"] = turn_kinds(turns)
     checks = check_turns(turns)
+    restart_check = check_restart(restart)
+    if not restart_check["ok"]:
+        raise ServeError(f"conversation checks failed:\n- {restart_check['check']}: {restart_check['detail']}")
+    checks = pd.concat([checks, pd.DataFrame([restart_check])], ignore_index=True)
     turns["images"] = turns["images"].map(", ".join)
     first, follow = turns[turns["kind"] == "first"], turns[turns["kind"] == "follow-up"]
     summary = {
@@ -201,6 +252,7 @@ def run_serve(run: Run) -> ServeResult:
         "load": load.summarize(rows), "load_threshold": e.load_threshold}
     summary["ttft_ratio"] = summary["follow_up_ttft_s"] / summary["first_ttft_s"] if summary["first_ttft_s"] else None
     summary.update(memory_summary(turns, ready_memory, server_log))
+    summary.update(restart)
     turns.to_csv(folder / "turns.csv", index=False)
     write_json(folder / "summary.json", summary)
     fig = serve_report.turn_latency(turns, summary.get("one_shot_s"), run)
