@@ -44,6 +44,25 @@ def test_a_type_slower_at_both_than_a_more_precise_one_is_screened_out():
     assert tune_screen.screen_out(screens, None, 0.05, margin=0.0) == ["Q4_K_M"]
 
 
+def test_what_is_screened_out_does_not_depend_on_the_order_of_the_types():
+    """Precision compares KLDs where both are known and bits per weight otherwise, so domination is not
+    transitive: Q6_K (no KLD) beats Q5_K_S on bits, Q5_K_S beats Q8_0 on KLD, Q6_K does not beat Q8_0.
+    Decided one type at a time, Q8_0 survived when Q5_K_S was screened out before it was looked at."""
+    def screens():
+        return [_screen("Q6_K", 100.0, 10.0, None), _screen("Q5_K_S", 50.0, 5.0, 0.004),
+                _screen("Q8_0", 25.0, 2.5, 0.005)]
+
+    results = set()
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]):
+        listed = [screens()[i] for i in order]
+        kept = tune_screen.screen_out(listed, None, 0.05, margin=0.1)
+        by = {s.quant: s for s in listed}
+        assert by["Q8_0"].reason.startswith("dominated by Q5_K_S")
+        assert by["Q5_K_S"].reason.startswith("dominated by Q6_K")
+        results.add(tuple(kept))
+    assert results == {("Q6_K",)}
+
+
 def test_the_seed_is_never_dominated_and_failures_and_missing_files_say_why():
     seed = _screen("Q5_K_M", 10.0, 1.0, 0.005)
     fast = _screen("Q8_0", 50.0, 5.0, 0.001)

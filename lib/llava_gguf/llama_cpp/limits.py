@@ -9,20 +9,22 @@ not a speed: the terms are about ten times what this project's 2-core x86-64 mac
 9.8 tokens/s on one thread, i.e. 0.027 s per GiB and token; the first llama.cpp build in 19 min 35 s
 at load 6-7, the cross build in 36 min at load 8).
 
-`scale` is $LLAVA_GGUF_TIMEOUT_SCALE (default 1): a board more than ten times slower than that
-machine raises it, and `make arm64-rehearsal` sets it for its qemu-user run (rehearsal.QEMU_SLOWDOWN).
+`scale` is $LLAVA_GGUF_TIMEOUT_SCALE (default 1, run/timeout_scale.py): a board more than ten times
+slower than that machine raises it, and `make arm64-rehearsal` sets it for its qemu-user run.
 
 The llama.cpp runs whose length the user chooses have their limit in the params:
 `evaluate.timeout_s` (llama-mtmd-cli, llama-perplexity), `bench.timeout_s` (each measured step).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-SCALE_ENV = "LLAVA_GGUF_TIMEOUT_SCALE"
+from ..run.timeout_scale import SCALE_ENV, scale
+
+__all__ = ["GiB", "LIMITS", "Limit", "LimitError", "SCALE_ENV", "gib", "scale", "seconds"]
+
 GiB = 2**30
 
 
@@ -61,19 +63,6 @@ LIMITS: dict[str, Limit] = {
 
 class LimitError(LookupError):
     """A tool has no limit in LIMITS (add its row there)."""
-
-
-def scale() -> float:
-    """The multiplier of every limit: $LLAVA_GGUF_TIMEOUT_SCALE, default 1."""
-    text = os.environ.get(SCALE_ENV, "").strip()
-    try:
-        factor = float(text) if text else 1.0
-    except ValueError:
-        raise ValueError(f"${SCALE_ENV}={text!r}: not a number; set it to a factor such as 3 "
-                         "(every tool limit is multiplied by it) or unset it") from None
-    if factor <= 0:
-        raise ValueError(f"${SCALE_ENV}={text!r}: must be above 0")
-    return factor
 
 
 def seconds(tool: str, gib: float = 0.0, tokens: int = 0) -> float:

@@ -207,8 +207,8 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
         log.info("llama.cpp build up to date: %s", build_dir / "bin")
         return build_dir / "bin"
     # A second process waits at least as long as this build may take on this machine (the limits
-    # scale with $LLAVA_GGUF_TIMEOUT_SCALE; the lock's own default does not know them).
-    with cache_lock(build_dir, timeout=max(CACHE_LOCK_TIMEOUT_S, 1.2 * (limits.seconds("cmake configure")
+    # scale with $LLAVA_GGUF_TIMEOUT_SCALE, as the lock's own default does).
+    with cache_lock(build_dir, timeout=max(CACHE_LOCK_TIMEOUT_S * limits.scale(), 1.2 * (limits.seconds("cmake configure")
                                                                      + limits.seconds("cmake build")))):
         if not force and is_built(build_dir, key, tools):
             log.info("llama.cpp build made by another process meanwhile: %s", build_dir / "bin")

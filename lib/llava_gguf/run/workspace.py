@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import partials
 from .params import DEFAULT_PARAMS, Params, load_params, parse_params
 from .registry import producer, repo_root
+from .timeout_scale import scale
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ def cache_dir() -> Path:
     return base
 
 
-# How long cache_lock waits for another holder: above the longest work done under a cache lock, a
-# llama.cpp build (llama_cpp/limits.py: "cmake configure" 900 s + "cmake build" 4 h, plus copying and
-# patching the source). run/ sits below llama_cpp/ and cannot read those limits, hence a constant.
+# How long cache_lock waits for another holder, times $LLAVA_GGUF_TIMEOUT_SCALE: above the longest
+# work done under a cache lock, a llama.cpp build (llama_cpp/limits.py: "cmake configure" 900 s +
+# "cmake build" 4 h, plus copying and patching the source). run/ sits below llama_cpp/ and cannot
+# read those limits, hence a constant.
 CACHE_LOCK_TIMEOUT_S = 6 * 3600
 
 
@@ -84,14 +86,17 @@ class CacheBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def cache_lock(target: Path | str, timeout: float = CACHE_LOCK_TIMEOUT_S) -> Iterator[None]:
+def cache_lock(target: Path | str, timeout: float | None = None) -> Iterator[None]:
     """Hold the lock of a shared-cache entry (the file `.<name>.lock` beside `target`).
 
     Whatever makes or replaces a folder under cache_dir() (the llama.cpp source and builds, the
     legacy venv) holds it, so that two checkouts (a user's clone and CI) never write one folder at
     once: the second waits, then finds the entry made. An flock: the kernel releases it when the
     holder dies, and every command the holder runs has a time limit (llama_cpp/limits.py); a holder
-    still there after `timeout` seconds (stuck, or a lock a network file system kept) raises CacheBusy."""
+    still there after `timeout` seconds (default CACHE_LOCK_TIMEOUT_S, scaled like every tool limit:
+    run/timeout_scale.py; stuck, or a lock a network file system kept) raises CacheBusy."""
+    if timeout is None:
+        timeout = CACHE_LOCK_TIMEOUT_S * scale()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(target.parent / f".{target.name}.lock")

@@ -207,11 +207,14 @@ def screen_out(screens: list[TypeScreen], allowed: set[str] | None, kld_budget: 
         elif over:
             _out(s, f"KL divergence {s.kld:.4g} over tune.kld_budget {kld_budget:g}" if s.kld is not None
                  else "not within tune.kld_budget")
+    # Dominators are found among the types kept so far before any is screened out: otherwise a type
+    # screened out early could no longer screen out another (with a margin, domination is not
+    # transitive), and what survives would depend on the order the types are listed in.
     kept = [s for s in screens if s.status == KEPT]
+    dominated_by = {id(s): [o for o in kept if o is not s and o.bench and _dominates(o, s, margin)]
+                    for s in kept if s.quant != seed and s.bench}
     for s in kept:
-        if s.quant == seed or not s.bench:
-            continue
-        better = [o for o in kept if o is not s and o.status == KEPT and o.bench and _dominates(o, s, margin)]
+        better = dominated_by.get(id(s))
         if better:
             o = max(better, key=lambda o: o.rates()["pp_tokens_per_s"])
             a, b = s.rates(), o.rates()
