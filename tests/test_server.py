@@ -109,6 +109,14 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(srv, tmp_pa
         assert status == 400 and says in body["error"]["message"].lower(), body
         status, body = srv.post("/v1/chat/completions", good)
         assert status == 200 and body["usage"]["prompt_tokens"] > 500, body  # still serving, image encoded
+    # A raw prompt that ends in an image: the pinned server aborted on it; patch 0004 refuses it.
+    marker = srv.get("/props")[1]["media_marker"]
+    ends_in_image = {"prompt": {"prompt_string": "Describe " + marker, "multimodal_data": [
+        base64.b64encode((tmp_path / "g.png").read_bytes()).decode()]}, "n_predict": 1}
+    status, body = srv.post("/completion", ends_in_image)
+    assert status == 400 and "the prompt ends with an image or audio" in body["error"]["message"], body
+    status, body = srv.post("/v1/chat/completions", good)
+    assert status == 200 and body["usage"]["prompt_tokens"] > 500, body
     # As a user's client sees it: an exception carrying the server's message.
     client = OpenAI(base_url=srv.api_url, api_key="none", max_retries=0)
     with pytest.raises(BadRequestError, match="exceeds the available context size"):
@@ -131,7 +139,7 @@ def test_the_server_counts_as_many_image_tokens_as_mtmd_cli(srv, tiny_ggufs, lla
         assert status == 200, body
         return len(body["tokens"])
 
-    # Text after the image: the pinned server aborts on a prompt that ends in an image (see the report).
+    # Text after the image: a prompt that ends in one is refused (patch 0004; it aborted the pinned server).
     marker = srv.get("/props")[1]["media_marker"]  # where the image's tokens go (random per server)
     before, after = "Describe ", " now."
     text = text_tokens(before, True) + text_tokens(after, False)
