@@ -102,21 +102,19 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(srv, tmp_pa
         "url": "data:image/png;base64," + base64.b64encode(b"this is not a picture " * 40).decode()}},
         {"type": "text", "text": "What is this?"}])
     too_long = _chat_body("hello " * (CTX + 500))
+    # A raw prompt that ends in an image: the pinned server aborted on it; patch 0004 refuses it.
+    ends_in_image = {"prompt": {"prompt_string": "Describe " + srv.get("/props")[1]["media_marker"],
+                                "multimodal_data": [base64.b64encode((tmp_path / "g.png").read_bytes()).decode()]},
+                     "n_predict": 1}
     status, body = srv.post("/v1/chat/completions", no_image)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")  # answered, no image needed
-    for bad, says in ((not_an_image, "failed to load image"), (too_long, "exceeds the available context size")):
-        status, body = srv.post("/v1/chat/completions", bad)
+    for path, bad, says in (("/v1/chat/completions", not_an_image, "failed to load image"),
+                            ("/v1/chat/completions", too_long, "exceeds the available context size"),
+                            ("/completion", ends_in_image, "the prompt ends with an image or audio")):
+        status, body = srv.post(path, bad)
         assert status == 400 and says in body["error"]["message"].lower(), body
         status, body = srv.post("/v1/chat/completions", good)
         assert status == 200 and body["usage"]["prompt_tokens"] > 500, body  # still serving, image encoded
-    # A raw prompt that ends in an image: the pinned server aborted on it; patch 0004 refuses it.
-    marker = srv.get("/props")[1]["media_marker"]
-    ends_in_image = {"prompt": {"prompt_string": "Describe " + marker, "multimodal_data": [
-        base64.b64encode((tmp_path / "g.png").read_bytes()).decode()]}, "n_predict": 1}
-    status, body = srv.post("/completion", ends_in_image)
-    assert status == 400 and "the prompt ends with an image or audio" in body["error"]["message"], body
-    status, body = srv.post("/v1/chat/completions", good)
-    assert status == 200 and body["usage"]["prompt_tokens"] > 500, body
     # As a user's client sees it: an exception carrying the server's message.
     client = OpenAI(base_url=srv.api_url, api_key="none", max_retries=0)
     with pytest.raises(BadRequestError, match="exceeds the available context size"):

@@ -207,9 +207,9 @@ def screen_out(screens: list[TypeScreen], allowed: set[str] | None, kld_budget: 
         elif over:
             _out(s, f"KL divergence {s.kld:.4g} over tune.kld_budget {kld_budget:g}" if s.kld is not None
                  else "not within tune.kld_budget")
-    # Dominators are found among the types kept so far before any is screened out: otherwise a type
-    # screened out early could no longer screen out another (with a margin, domination is not
-    # transitive), and what survives would depend on the order the types are listed in.
+    # Dominators are found among the types kept so far before any is screened out: precision is the
+    # KLD where both types have one and bits per weight otherwise, so domination is not transitive, and
+    # a type screened out early could no longer screen out another: what survived depended on the order.
     kept = [s for s in screens if s.status == KEPT]
     dominated_by = {id(s): [o for o in kept if o is not s and o.bench and _dominates(o, s, margin)]
                     for s in kept if s.quant != seed and s.bench}
