@@ -26,8 +26,12 @@ def test_a_signal_to_the_group_stops_the_kernel_and_its_tools(declare_step, tmp_
     declare_step("sleeper", f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\ntime.sleep(600)")
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"run": f"sleeper-{int(sig)}", "model": {"source": "tiny"}}))
+    # As a terminal's foreground job: SIGINT at its default. A shell without job control starts a
+    # background job (`make test &`) with SIGINT ignored, the child inherits that, and Python then
+    # installs no KeyboardInterrupt handler: the run would rightly ignore the SIGINT sent below.
     proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", "run", "sleeper", "--params", str(params)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not _processes(f"sleep {marker}") and time.time() < deadline:
