@@ -178,9 +178,15 @@ def test_search_respects_the_time_budget(tmp_path):
     m = _measurer(tmp_path, calls)
     per_budget, skipped = tune.screen(m, tune_config.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M"], {"Q5_K_M"},
                                       n_predict=4, deadline=0.0)
-    assert calls == [] and per_budget == {b: [] for b in TuneParams().image_budgets}
+    # Past the deadline only each smaller budget's one run is made, at the seed's settings: every
+    # budget needs a recommendation (under qemu a 5-minute budget once left two budgets unmeasured).
+    assert [(c[1], c[2]) for c in calls] == [("mmproj-f16-wide-tall.gguf", None), ("mmproj-f16-single.gguf", None)]
+    assert {b: [r["config"] for r in rows] for b, rows in per_budget.items()} == {
+        "full": [], "wide-tall": [tune_config.Config("Q5_K_M", budget="wide-tall").label],
+        "single": [tune_config.Config("Q5_K_M", budget="single").label]}
     over = [s for s in skipped if "budget_minutes" in s["why"]]
-    assert len(over) == 2 + (8 - 2) + 5  # threads, runtime grid minus the 2 pruned, mmproj x budget minus the base
+    assert len(over) == 2 + (8 - 2) + 3  # threads, runtime grid minus the 2 pruned, the q8_0 mmproj at each budget
+    assert {s["budget"] for s in over if s.get("budget") != "full"} == {"wide-tall", "single"}
 
 
 def test_confirm_and_choose_apply_the_rule(tmp_path):

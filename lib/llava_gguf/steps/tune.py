@@ -23,7 +23,8 @@ The search is staged, not a cartesian product (each stage keeps the winner of th
 
 Screening runs are single short runs (`tune.screen_n_predict` tokens, ranked by the answer time
 projected to `evaluate.n_predict` tokens) and stop when
-`tune.budget_minutes` is spent. Then, per image budget, the best `tune.finalists` screened
+`tune.budget_minutes` is spent, but for one run per image budget (the best configuration so far, at
+that budget): each budget gets a recommendation. Then, per image budget, the best `tune.finalists` screened
 configurations and the baseline are confirmed with full runs (`evaluate.n_predict` tokens): a
 warm-up run plus `tune.repetitions` measured runs each; a confirmation run taken under load
 (machine_load.py: other processes over `evaluate.load_threshold` cores) is dropped and run again, at
@@ -168,15 +169,18 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
     skipped: list[dict] = []
     durations: list[float] = []
 
-    def stage(name: str, configs: list[Config]) -> list[dict]:
+    def stage(name: str, configs: list[Config], required: frozenset[Config] = frozenset()) -> list[dict]:
         rows = []
         for cfg in tqdm(configs, desc=f"screen: {name}", unit="run"):
             left = deadline - time.monotonic()
             est = statistics.median(durations) if durations else 0.0
-            if left < est:
+            if left < est and cfg not in required:
                 skipped.append({"config": cfg.label, "quant": cfg.quant, "budget": cfg.budget,
                                 "why": f"over tune.budget_minutes (needs ~{est:.0f} s, {left:.0f} s left)"})
                 continue
+            if left < est:
+                log.info("%s: over tune.budget_minutes (~%.0f s, %.0f s left), run anyway: image budget %s has "
+                         "no screened configuration without it", cfg.label, est, left, cfg.budget)
             t0 = time.monotonic()
             row = m.measure(cfg, f"screen-{name}", n_predict, answer_tokens=answer_tokens)
             durations.append(time.monotonic() - t0)
@@ -205,9 +209,13 @@ def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[st
     # full budget every allowed quant type is tried again with the runtime flags found above.
     broken = {r["quant"] for r in m.rows if r.get("status") == "failed" and r["phase"] == "screen-quant types"}
     quants = [q for q in dict.fromkeys([cur.quant, *within]) if q not in broken]
-    configs = [replace(cur, mmproj=t, budget=b, quant=q) for b in p.image_budgets for t in p.mmproj_types
-               for q in (quants if b != base.budget else [cur.quant])]
-    for row in stage("mmproj x budget", [c for c in dict.fromkeys(configs) if c != cur]) + ([best] if best else []):
+    # Each budget's first run is the winner so far at that budget: every budget is recommended for
+    # (tune_checks requires it), so the time budget skips only the variations after it.
+    required = [replace(cur, budget=b) for b in p.image_budgets if b != cur.budget]
+    configs = required + [replace(cur, mmproj=t, budget=b, quant=q) for b in p.image_budgets for t in p.mmproj_types
+                          for q in (quants if b != base.budget else [cur.quant])]
+    for row in stage("mmproj x budget", [c for c in dict.fromkeys(configs) if c != cur],
+                     frozenset(required)) + ([best] if best else []):
         if row["quant"] in allowed:
             per_budget.setdefault(row["budget"], []).append(row)
     # Every screened row of the full budget competes too (the runtime stages ran at the full budget).
