@@ -134,7 +134,7 @@ def test_staged_search_finds_the_fastest_and_skips_failures(tmp_path):
     base = tune_config.Config("Q5_K_M")
     types = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"]
     per_budget, skipped = tune.screen(m, base, p, types, allowed=set(types) - {"Q8_0"}, n_predict=4,
-                                      deadline=float("inf"))
+                                      budget_s=float("inf"))
     best_full = per_budget["full"][0]
     assert (best_full["threads"], best_full["quant"], best_full["flash_attn"]) == (2, "Q4_K_M", "on")
     assert per_budget["single"][0]["answer_s"] < per_budget["wide-tall"][0]["answer_s"] < best_full["answer_s"]
@@ -168,7 +168,7 @@ def test_smaller_budgets_try_the_quant_types_again(tmp_path):
     p = TuneParams(threads=[2], flash_attn=["off"], cache_type=["f16"], ubatch_size=[None], mmproj_types=["f16"],
                    image_budgets={"full": None, "single": []})
     per_budget, _ = tune.screen(m, tune_config.Config("Q5_K_M"), p, ["Q5_K_M", "Q4_K_M"], {"Q5_K_M", "Q4_K_M"},
-                                n_predict=4, deadline=float("inf"), answer_tokens=135)
+                                n_predict=4, budget_s=float("inf"), answer_tokens=135)
     assert per_budget["full"][0]["quant"] == "Q5_K_M" and per_budget["single"][0]["quant"] == "Q4_K_M"
     assert ("Q4_K_M", "single") in calls and ("Q5_K_M", "single") in calls
 
@@ -177,7 +177,7 @@ def test_search_respects_the_time_budget(tmp_path):
     calls = []
     m = _measurer(tmp_path, calls)
     per_budget, skipped = tune.screen(m, tune_config.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M"], {"Q5_K_M"},
-                                      n_predict=4, deadline=0.0)
+                                      n_predict=4, budget_s=0.0)
     # Past the deadline only each smaller budget's one run is made, at the seed's settings: every
     # budget needs a recommendation (under qemu a 5-minute budget once left two budgets unmeasured).
     assert [(c[1], c[2]) for c in calls] == [("mmproj-f16-wide-tall.gguf", None), ("mmproj-f16-single.gguf", None)]
@@ -187,6 +187,17 @@ def test_search_respects_the_time_budget(tmp_path):
     over = [s for s in skipped if "budget_minutes" in s["why"]]
     assert len(over) == 2 + (8 - 2) + 3  # threads, runtime grid minus the 2 pruned, the q8_0 mmproj at each budget
     assert {s["budget"] for s in over if s.get("budget") != "full"} == {"wide-tall", "single"}
+
+
+def test_the_time_budget_counts_from_the_first_screening_run(tmp_path):
+    """At 7B the type screen before the screening (quantizing, KLD, llama-bench) outlasts
+    tune.budget_minutes; the budget is the screening's own, however late it starts."""
+    calls = []
+    m = _measurer(tmp_path, calls)
+    _, skipped = tune.screen(m, tune_config.Config("Q5_K_M"), TuneParams(threads=[1, 2]), ["Q5_K_M", "Q4_K_M"],
+                             {"Q5_K_M", "Q4_K_M"}, n_predict=4, budget_s=60.0)
+    assert not [s for s in skipped if "budget_minutes" in s["why"]]
+    assert ("Q4_K_M.gguf", "mmproj-f16.gguf") in {c[:2] for c in calls}
 
 
 def test_confirm_and_choose_apply_the_rule(tmp_path):

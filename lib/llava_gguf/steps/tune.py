@@ -164,8 +164,13 @@ def _best(rows: list[dict | None]) -> dict | None:
 
 
 def screen(m: Measurer, base: Config, p, quant_types: list[str], allowed: set[str],
-           n_predict: int, deadline: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
-    """The staged screening; returns (best screened rows per budget, skipped configurations)."""
+           n_predict: int, budget_s: float, answer_tokens: int | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The staged screening; returns (best screened rows per budget, skipped configurations).
+
+    `budget_s` (tune.budget_minutes) counts from here: at 7B the type screen before it (quantizing,
+    KLD, llama-bench) takes longer than the whole budget, and a deadline set at the step's start had
+    expired before the first screening run."""
+    deadline = time.monotonic() + budget_s
     skipped: list[dict] = []
     durations: list[float] = []
 
@@ -343,8 +348,8 @@ def run_tune(run: Run) -> TuneResult:
     # The baseline must run: it is the yardstick (a failure here is the step's failure).
     if m.measure(base, "screen-baseline", p.screen_n_predict, answer_tokens=e.n_predict) is None:
         raise TuneError(f"the seed's command failed on this machine: {m.failed[base]}")
-    deadline = started + 60.0 * p.budget_minutes
-    per_budget, skipped = screen(m, base, p, types.kept, allowed, p.screen_n_predict, deadline, e.n_predict)
+    per_budget, skipped = screen(m, base, p, types.kept, allowed, p.screen_n_predict, 60.0 * p.budget_minutes,
+                                 e.n_predict)
     finalists = [base] + [config_from_row(r) for b in p.image_budgets for r in per_budget.get(b, [])[:p.finalists]]
     finalists = list(dict.fromkeys(finalists))
     screen_s = statistics.median([r["answer_s"] for r in m.rows if r.get("answer_s")] or [0.0])
