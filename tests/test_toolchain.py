@@ -232,12 +232,15 @@ def test_the_legacy_venv_is_made_once_when_two_ask_at_once(tmp_path, monkeypatch
 
 
 def test_the_unpatched_build_sits_beside_the_patched_one(tmp_path, monkeypatch):
-    """One build function: `unpatched=True` keys the folder by the commit alone and wants llama-mtmd-cli only."""
+    """One build function: `unpatched=True` keys the folder by the commit and its build fixes alone
+    and wants llama-mtmd-cli only."""
     monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
     key = toolchain.build_key(unpatched=True)
-    assert key == f"{toolchain.LLAMA_CPP_COMMIT}-unpatched"
+    fixes = toolchain.patch_files(unpatched=True)
+    assert [p.name[:4] for p in fixes] == ["0005"]  # the AMX tile config: the published build crashes without it
+    assert key.startswith(f"{toolchain.LLAMA_CPP_COMMIT}-unpatched-") and key != toolchain.build_key()
     unpatched = toolchain.default_build_dir(unpatched=True)
-    assert unpatched == tmp_path / "llama.cpp-0c1e570-unpatched"
+    assert unpatched == tmp_path / f"llama.cpp-{key}"
     assert unpatched.parent == toolchain.default_build_dir().parent != unpatched
     # A finished unpatched build (its stamp and its one tool) is used as it is: nothing is copied or built.
     (unpatched / "bin").mkdir(parents=True)
@@ -246,6 +249,19 @@ def test_the_unpatched_build_sits_beside_the_patched_one(tmp_path, monkeypatch):
     monkeypatch.setattr(toolchain, "source_dir", lambda: pytest.fail("the cached build was rebuilt"))
     assert toolchain.build_llama_cpp(unpatched=True) == unpatched / "bin"
     assert toolchain.UNPATCHED_TOOLS == ("llama-mtmd-cli",)
+
+
+def test_an_unpatched_build_applies_only_the_build_fixes(fake_toolchain):
+    cache, calls = fake_toolchain
+    patches = toolchain.patches_dir()
+    (patches / "0002-fix.patch").write_text("ggml : a build fix\n\nBuild fix: every build\n\n"
+                                           "--- a/hello.c\n+++ b/hello.c\n@@ -1 +1 @@\n-int x = 0;\n+int x = 2;\n")
+    assert [p.name for p in toolchain.patch_files(unpatched=True)] == ["0002-fix.patch"]
+    key = toolchain.build_key(unpatched=True)
+    assert key.startswith("0c1e570-unpatched-") and key != toolchain.build_key()
+    bin_dir = toolchain.build_llama_cpp(unpatched=True, jobs=1)
+    assert bin_dir == cache / f"llama.cpp-{key}" / "bin"
+    assert (bin_dir.parent / "src" / "hello.c").read_text() == "int x = 2;\n"  # the fix, not 0001
 
 
 def test_an_unpatched_build_applies_no_patch(fake_toolchain):

@@ -37,6 +37,10 @@ _VERDICT = re.compile(r"^Hunk #(\d+) (succeeded|FAILED|ignored) at (\d+)"
                       r"(?: with fuzz (\d+))?(?: \(offset (-?\d+) lines?\))?")
 
 
+# The header line that marks a patch every build gets, the published recipe's (unpatched) one included.
+BUILD_FIX = "Build fix:"
+
+
 class PatchFormatError(ValueError):
     pass
 
@@ -115,6 +119,12 @@ class Patch:
 
     def subject(self) -> str:
         return next((line for line in self.header.splitlines() if line.strip()), "")
+
+    @property
+    def build_fix(self) -> bool:
+        """The header says `Build fix: ...`: a patch that changes no result and lets the pinned source
+        build or run at all on some machines, so the published recipe's build gets it too."""
+        return any(line.startswith(BUILD_FIX) for line in self.header.splitlines())
 
 
 def _strip_p1(name: bytes) -> str:

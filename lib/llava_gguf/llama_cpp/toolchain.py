@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..run.topology import usable_cores
 from ..run.workspace import CACHE_LOCK_TIMEOUT_S, cache_dir, cache_lock, repo_root, sha256_file
 from . import limits
-from .patches import diff_part
+from .patches import diff_part, read_patch
 from .runner import ToolFailed, run_tool  # noqa: F401 (the steps call toolchain.run_tool)
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,12 @@ def patches_dir() -> Path:
     return repo_root() / "patches" / "llama.cpp"
 
 
-def patch_files() -> list[Path]:
-    return sorted(patches_dir().glob("*.patch"))
+def patch_files(unpatched: bool = False) -> list[Path]:
+    """The patches a build applies, in order: all of them, or for the published recipe's build
+    (`unpatched`) only the build fixes (`Build fix:` in the header: they change no result, and
+    without them the pinned source crashes on some CPUs)."""
+    files = sorted(patches_dir().glob("*.patch"))
+    return [p for p in files if read_patch(p).build_fix] if unpatched else files
 
 
 def build_key(unpatched: bool = False) -> str:
@@ -69,14 +73,16 @@ def build_key(unpatched: bool = False) -> str:
     Only each patch's diff counts (`patches.diff_part`): its header, which `patch` skips, and its
     file name can be edited without rebuilding.
 
-    The unpatched build's key is the commit and the word `unpatched`: nothing else can change it.
+    The unpatched build's key is the commit and the word `unpatched`, plus the hash of its build
+    fixes when there are any.
     """
-    if unpatched:
-        return f"{LLAMA_CPP_COMMIT}-unpatched"
     h = hashlib.sha256()
-    for p in patch_files():
+    files = patch_files(unpatched)
+    for p in files:
         diff = diff_part(p.read_bytes())
         h.update(b"%d\0" % len(diff) + diff)
+    if unpatched:
+        return f"{LLAMA_CPP_COMMIT}-unpatched" + (f"-{h.hexdigest()[:10]}" if files else "")
     return f"{LLAMA_CPP_COMMIT}-{h.hexdigest()[:10]}"
 
 
@@ -194,13 +200,14 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
 
     With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). With
-    `unpatched`, the pinned source is built as published, without the project's patches, and only
+    `unpatched`, the pinned source is built as published, without the project's patches (but its build
+    fixes, `patch_files`), and only
     llama-mtmd-cli (the published recipe's tool), into `llama.cpp-<commit>-unpatched` beside the
     patched build. A process that finds another one building the same folder waits for it, then
     uses its build.
     """
     key = build_key(unpatched)
-    patches = [] if unpatched else patch_files()
+    patches = patch_files(unpatched)
     tools = UNPATCHED_TOOLS if unpatched else TOOLS
     build_dir = Path(build_dir or default_build_dir(cross, unpatched))
     if not force and is_built(build_dir, key, tools):

@@ -1,11 +1,11 @@
 """07_tune's second baseline: the published recipe, i.e. the seed's command on the *unpatched* pinned llama.cpp.
 
-The first baseline is the seed's command on the project's build (patches 0001-0004): the same
+The first baseline is the seed's command on the project's build (every patch): the same
 files and flags, with LLaVA 1.6's faithful image sequence (2,340 tokens on test-1.jpeg). What a user
 of the recipe as published waits for is the same command on upstream llama.cpp at the pinned commit,
-which feeds the flat 2,880-token sequence. That build (llama-mtmd-cli only) is made once and cached
-beside the patched one (`toolchain.build_llama_cpp(unpatched=True)`,
-`~/.cache/llava-gguf/llama.cpp-0c1e570-unpatched`).
+which feeds the flat 2,880-token sequence. That build (llama-mtmd-cli only, with the build fixes
+alone: 0005, without which it crashes on an AMX CPU) is made once and cached beside the patched one
+(`toolchain.build_llama_cpp(unpatched=True)`, `~/.cache/llava-gguf/llama.cpp-0c1e570-unpatched-<hash>`).
 
 Whether tune measures it: `tune.published_baseline` (or the environment's
 `LLAVA_GGUF_PUBLISHED_BASELINE`, which wins):
