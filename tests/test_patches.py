@@ -267,10 +267,10 @@ def test_every_hunk_of_0002_has_its_one_line_purpose():
 
 
 @pytest.mark.parametrize("prefix", ["0001-", "0003-", "0004-", "0005-"])
-def test_0001_0003_and_0004_are_laid_out_as_upstream_pull_requests(prefix):
+def test_every_patch_but_0002_is_laid_out_as_an_upstream_pull_request(prefix):
     patch = patches.read_patch(next(p for p in toolchain.patch_files() if p.name.startswith(prefix)))
     lines = patch.header.splitlines()
-    assert re.match(r"^[a-z]+ : \S", lines[0]) and len(lines[0]) <= 100 and lines[1] == "", lines[0]
+    assert re.match(r"^[a-z][a-z0-9-]* : \S", lines[0]) and len(lines[0]) <= 100 and lines[1] == "", lines[0]
     sections = [line for line in lines if line in ("Motivation", "What changes", "How it was tested")]
     assert sections == ["Motivation", "What changes", "How it was tested"]
 
