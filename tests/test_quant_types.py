@@ -165,7 +165,7 @@ def test_an_amx_build_takes_its_types_before_cpu_repack():
     """Flags of an AMX-capable Xeon (a hand-picked subset, not a recorded list)."""
     cpu = quant_candidates.from_cpuinfo(["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"])
     got = cpu.repacked_ggml_types()
-    assert got["q4_K"] == got["q6_K"] == "amx" and got["iq4_nl"] == "iq4_nl_8x8" and got["q2_K"] == "q2_K_8x8"
+    assert (got["q4_K"], got["q6_K"]) == ("q4_K_amx", "q6_K_amx") and got["iq4_nl"] == "iq4_nl_8x8" and got["q2_K"] == "q2_K_8x8"
 
 
 def test_loader_names_are_the_model_loaders_own():

@@ -101,6 +101,8 @@ def _cpu(name: str, sve_bytes: int | None = None) -> quant_candidates.CpuFeature
     ("bench-0c1e570-x86-Q4_0-jsonl-v.log", ("epyc-avx512-vnni.cpuinfo", None), {"q4_0_8x8": 14}),
     ("bench-0c1e570-x86-Q5_K_M-jsonl-v.log", ("epyc-avx512-vnni.cpuinfo", None), {}),
     ("bench-0c1e570-x86-Q4_K_M-v.log", ("ryzen7-1700-avx2.cpuinfo", None), {"q4_K_8x8": 12}),
+    # x86 with AMX (a Xeon VM, 2026-12-08, patch 0005): the AMX buffer takes the q4_K and q6_K matrices first.
+    ("bench-0c1e570-x86-amx-Q4_K_M-jsonl-v.log", ("xeon-amx.cpuinfo", None), {"q4_K_amx": 12, "q6_K_amx": 3}),
     # Arm i8mm (the O6's cross build under qemu-user, 128-bit SVE): Q4_0 takes the NEON 4x8 path, and
     # the heavier q6_K matrices are repacked too.
     ("bench-0c1e570-arm64-i8mm-qemu-Q4_0-jsonl-v.log", ("cix-p1-i8mm.cpuinfo", 16), {"q4_0_4x8": 14, "q6_K_8x8": 1}),

@@ -8,7 +8,7 @@ import pytest
 
 from llava_gguf.steps import tune_quality, tune_screen
 from llava_gguf.tune import bound as tune_bound, published as tune_published
-from llava_gguf.llama_cpp import llama_bench
+from llava_gguf.llama_cpp import llama_bench, toolchain
 from llava_gguf.llama_cpp.repack_log import parse_repack_log
 from llava_gguf.reports import tables
 from llava_gguf.tune.config import Config
@@ -213,7 +213,8 @@ def test_bounds_per_budget_from_the_tiny_gguf(tiny_ggufs):
 def test_published_baseline_modes(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
     monkeypatch.delenv(tune_published.ENV, raising=False)
-    assert tune_published.unpatched_cli() == tmp_path / "llama.cpp-0c1e570-unpatched" / "bin" / "llama-mtmd-cli"
+    key = toolchain.build_key(unpatched=True)  # 0c1e570-unpatched-<hash of the build fixes>
+    assert tune_published.unpatched_cli() == tmp_path / f"llama.cpp-{key}" / "bin" / "llama-mtmd-cli"
     cli, why = tune_published.find_or_build("off")
     assert cli is None and why == "not measured: tune.published_baseline is off"
     cli, why = tune_published.find_or_build("if-built")

@@ -12,6 +12,8 @@ The lines, as the pinned source (0c1e570) prints them:
   mid-2025); `CPU_Mapped`/`CPU` the rest; `CPU_KLEIDIAI` and `AMX` are the other extra buffers.
 * `repack: repack tensor blk.0.attn_q.weight with q4_0_8x8` (DEBUG, ggml-cpu/repack.cpp
   `"%s: repack tensor %s with %s_%dx%d"`): one per repacked matrix, with `-v` (llama-bench `-v`).
+  An AMX build's matrices: `ggml_backend_amx_buffer_set_tensor: amx repack tensor blk.0.attn_q.weight
+  of type q5_K` (DEBUG, ggml-cpu/amx/amx.cpp), read as the layout `q5_K_amx`.
 * `done_getting_tensors: tensor 'token_embd.weight' (q4_0) (and 6 others) cannot be used with
   preferred buffer type CPU_REPACK, using CPU instead` (DEBUG, llama-model-loader.cpp).
 
@@ -38,6 +40,9 @@ _FTYPE = re.compile(r"print_info: file type\s*=\s*(?P<ftype>.+?)$")
 _BUFFER = re.compile(rf"(?:load_tensors|llm_load_tensors):\s+(?P<buf>\S+) model buffer size =\s*(?P<mib>{NUM}) MiB$",
                      re.I)
 _REPACK = re.compile(r"repack: repack tensor (?P<tensor>\S+) with (?P<layout>(?P<type>\w+?)_\d+x\d+)$")
+# The AMX buffer's own line (DEBUG, ggml-cpu/amx/amx.cpp): the type, no layout; its layout is `<type>_amx`.
+_AMX = re.compile(r"amx repack tensor (?P<tensor>\S+) of type (?P<type>\w+)$")
+_LAYOUT_SUFFIX = re.compile(r"_(?:\d+x\d+|amx)$")
 _MOVED = re.compile(r"done_getting_tensors: tensor '(?P<tensor>[^']+)' \((?P<type>\w+)\) \(and (?P<others>\d+) others\) "
                     r"cannot be used with preferred buffer type (?P<preferred>\S+), using (?P<used>\S+) instead$")
 
@@ -80,7 +85,7 @@ class ModelLoad:
 
     def repacked_types(self) -> list[str]:
         """The ggml types repacked: from the -v lines' layouts (q4_K_8x8 -> q4_K)."""
-        return sorted({re.sub(r"_\d+x\d+$", "", layout) for layout in self.repacked.values()})
+        return sorted({_LAYOUT_SUFFIX.sub("", layout) for layout in self.repacked.values()})
 
 
 @dataclass
@@ -142,6 +147,8 @@ def parse_repack_log(text: str) -> RepackLog:
             load.buffers[m["buf"]] = load.buffers.get(m["buf"], 0.0) + float(m["mib"])
         elif m := _REPACK.search(line):
             current().repacked[m["tensor"]] = m["layout"]
+        elif m := _AMX.search(line):
+            current().repacked[m["tensor"]] = f"{m['type']}_amx"
         elif m := _MOVED.search(line):
             current().not_repacked = {"tensor": m["tensor"], "type": m["type"], "others": int(m["others"]),
                                       "preferred": m["preferred"], "used": m["used"]}

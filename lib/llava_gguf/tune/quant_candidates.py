@@ -49,10 +49,10 @@ class CpuFeatures:
 
     def repacked_ggml_types(self) -> dict[str, str]:
         """ggml type -> layout for every type this build repacks (CPU_REPACK's none when built without
-        it; "amx" for the types an AMX build's buffer takes first)."""
+        it; `<type>_amx` for the types an AMX build's buffer takes first)."""
         out = {} if self.repack_built is False else repacked_ggml_types(self.features, self.sve_bytes, self.rvv_bits)
         if AMX_TYPES["needs"] <= self.features:
-            out.update({t: "amx" for t in AMX_TYPES["types"]})
+            out.update({t: f"{t}_amx" for t in AMX_TYPES["types"]})
         return out
 
 
