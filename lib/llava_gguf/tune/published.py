@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 ENV = "LLAVA_GGUF_PUBLISHED_BASELINE"
 MODES = ("build", "if-built", "off")
 NAME = "the published recipe"
+# The build fixes (`Build fix:` patches) the published recipe's build carries, by number: it says so.
+_FIXES = [p.name.split("-", 1)[0] for p in toolchain.patch_files(unpatched=True)]
 DESCRIPTION = (f"the seed's command on llama.cpp {toolchain.LLAMA_CPP_COMMIT} as published, without this "
-               "project's patches")
+               "project's patches" + (f" but its build fix{'es' if len(_FIXES) > 1 else ''} {', '.join(_FIXES)}"
+                                      if _FIXES else ""))
 PHASES = {"warmup": "published-warmup", "confirm": "published"}
 
 
