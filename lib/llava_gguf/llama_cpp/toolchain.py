@@ -200,10 +200,9 @@ def build_llama_cpp(build_dir: Path | None = None, jobs: int | None = None, forc
     """Build the tools from the pinned, patched source; returns the bin/ folder. Idempotent.
 
     With `cross`, the tools are cross-compiled for that CPU (into their own cache folder). With
-    `unpatched`, the pinned source is built as published, without the project's patches (but its build
-    fixes, `patch_files`), and only
-    llama-mtmd-cli (the published recipe's tool), into `llama.cpp-<commit>-unpatched` beside the
-    patched build. A process that finds another one building the same folder waits for it, then
+    `unpatched`, the pinned source is built as published, without the project's patches but its build
+    fixes (`patch_files`), and only llama-mtmd-cli (the published recipe's tool), into
+    `llama.cpp-<commit>-unpatched-<fixes hash>` beside the patched build. A process that finds another one building the same folder waits for it, then
     uses its build.
     """
     key = build_key(unpatched)
