@@ -214,6 +214,9 @@ def test_published_baseline_modes(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_GGUF_CACHE", str(tmp_path))
     monkeypatch.delenv(tune_published.ENV, raising=False)
     key = toolchain.build_key(unpatched=True)  # 0c1e570-unpatched-<hash of the build fixes>
+    # The description names each build fix the published recipe's build carries (0005, the AMX fix).
+    fixes = [p.name.split("-", 1)[0] for p in toolchain.patch_files(unpatched=True)]
+    assert fixes == ["0005"] and tune_published.DESCRIPTION.endswith("but its build fix 0005")
     assert tune_published.unpatched_cli() == tmp_path / f"llama.cpp-{key}" / "bin" / "llama-mtmd-cli"
     cli, why = tune_published.find_or_build("off")
     assert cli is None and why == "not measured: tune.published_baseline is off"
